@@ -1,0 +1,53 @@
+"""Verdicts: the value the guard returns for one statement and the session acts on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class StatementInfo:
+    """What the audit records about a statement (never literal values unless asked)."""
+
+    kind: str = "unknown"  # statement class: select, insert, ..., ddl, admin, transaction, set
+    fingerprint: str = ""  # pglast fingerprint (hex), "" when unparseable
+    normalized_sql: str = ""  # literals replaced by $n placeholders
+    relations: tuple[str, ...] = ()  # schema.name of every relation read or written
+    columns: tuple[str, ...] = ()  # schema.table.column read
+    masks: tuple[str, ...] = ()  # schema.table.column:protection applied
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Forward `sql` unchanged."""
+
+    sql: str
+    info: StatementInfo = field(default_factory=StatementInfo)
+    decision = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """Forward the rewritten `sql` in place of what the client sent."""
+
+    sql: str
+    info: StatementInfo = field(default_factory=StatementInfo)
+    decision = "rewrite"
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Do not forward; answer with SQLSTATE `sqlstate` and `pgveil: <rule>: <message>`."""
+
+    rule: str
+    message: str
+    info: StatementInfo = field(default_factory=StatementInfo)
+    sqlstate: str = "42501"
+    decision = "refuse"
+
+    @property
+    def text(self) -> str:
+        return f"pgveil: {self.rule}: {self.message}"
+
+
+Verdict = Allow | Rewrite | Refuse

