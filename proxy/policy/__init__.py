@@ -1,0 +1,1 @@
+"""Policy: the model of policy format v1, loading and validation."""
