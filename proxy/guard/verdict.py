@@ -15,6 +15,7 @@ class StatementInfo:
     relations: tuple[str, ...] = ()  # schema.name of every relation read or written
     columns: tuple[str, ...] = ()  # schema.table.column read
     masks: tuple[str, ...] = ()  # schema.table.column:protection applied
+    findings: tuple[str, ...] = ()  # firewall rules that matched but did not refuse ("alert" mode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,6 +104,9 @@ class Role:
     row_filters: dict[str, str] = field(default_factory=dict)
     injection: Literal["enforce", "alert", "off"] = "enforce"
     fingerprints: Literal["off", "learn", "enforce"] = "off"
+    # The role's SQL is built by application code (not typed by people): the firewall then also
+    # applies the rules for shapes only injected SQL has (stacked statements, catalog probing, ...).
+    application: bool = False
 
     def matches(self, login: str) -> bool:
         return any(fnmatch.fnmatchcase(login, pattern) for pattern in self.members)
