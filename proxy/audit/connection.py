@@ -1,0 +1,175 @@
+"""AuditedConnection: writes the access record before a verdict is acted on; refuses if it cannot."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from proxy.audit.sink import AuditError, AuditRecord, AuditSink
+from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome
+from proxy.guard.verdict import Refuse, Verdict
+
+log = logging.getLogger("pgveil.audit")
+
+OnAuditFailure = Literal["refuse", "allow"]
+
+AUDIT_UNAVAILABLE = "audit-unavailable"
+
+
+class AuditEventSource(Protocol):
+    """Something with audit records of its own to write (elevation grants, uses, expiries)."""
+
+    def take_events(self) -> list[dict[str, Any]]: ...
+
+
+class AuditTimer(Protocol):
+    """Where audit write latency and failures are counted (proxy.metrics.Metrics fits)."""
+
+    def audit_written(self, record_type: str, seconds: float) -> None: ...
+
+    def audit_failed(self, record_type: str) -> None: ...
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class AuditedConnection:
+    """Decorates a ConnectionPolicy: every verdict is audited before the session may act on it.
+
+    The access record is durable (as the sink's fsync setting defines) before `on_query`,
+    `on_parse` or `on_function_call` returns, so nothing reaches PostgreSQL unaudited. If the sink
+    fails, the statement is refused with rule `audit-unavailable` (unless `on_audit_failure` is
+    'allow', which serves it and only logs). Refused statements are audited too.
+    """
+
+    def __init__(self, inner: ConnectionPolicy, sink: AuditSink, client: ClientInfo | None = None, *,
+                 on_audit_failure: OnAuditFailure = "refuse", include_literals: bool = False,
+                 events: AuditEventSource | None = None, timer: AuditTimer | None = None,
+                 clock: Callable[[], str] = now_iso) -> None:
+        self.inner = inner
+        self.sink = sink
+        self.client = client
+        self.on_audit_failure = on_audit_failure
+        self.include_literals = include_literals
+        self.events = events
+        self.timer = timer
+        self.clock = clock
+        self.requests = 0
+
+    @property
+    def role_name(self) -> str | None:
+        role = getattr(self.inner, "role_name", None)
+        return role if isinstance(role, str) else None
+
+    @property
+    def policy_version(self) -> str | None:
+        version = getattr(self.inner, "policy_version", None)
+        return version if isinstance(version, str) else None
+
+    def _who(self) -> dict[str, Any]:
+        client = self.client
+        return {
+            "time": self.clock(),
+            "connection_id": client.connection_id if client else None,
+            "client_address": client.address if client else None,
+            "login": client.user if client else None,
+            "database": client.database if client else None,
+            "application_name": client.application_name if client else None,
+            "role": self.role_name,
+            "policy_version": self.policy_version,
+        }
+
+    async def _write(self, record: AuditRecord) -> None:
+        record_type = str(record.get("type"))
+        started = time.perf_counter()
+        try:
+            await self.sink.write(record)
+        except AuditError:
+            if self.timer:
+                self.timer.audit_failed(record_type)
+            raise
+        if self.timer:
+            self.timer.audit_written(record_type, time.perf_counter() - started)
+
+    async def _write_pending_events(self) -> None:
+        if self.events is None:
+            return
+        for event in self.events.take_events():
+            await self._write({"time": self.clock(), **event})
+
+    async def _audited(self, verdict: Verdict, protocol: str, extra: dict[str, Any]) -> Verdict:
+        self.requests += 1
+        info = verdict.info
+        record = {
+            "type": "access",
+            **self._who(),
+            "request": self.requests,
+            "protocol": protocol,
+            "statement_kind": info.kind,
+            "fingerprint": info.fingerprint,
+            "normalized_sql": info.normalized_sql,
+            "relations": list(info.relations),
+            "columns": list(info.columns),
+            "masks": list(info.masks),
+            "decision": verdict.decision,
+            "rule": verdict.rule if isinstance(verdict, Refuse) else None,
+            **extra,
+        }
+        try:
+            await self._write_pending_events()
+            await self._write(record)
+        except AuditError as exc:
+            if self.on_audit_failure == "allow":
+                log.error("audit write failed, statement served UNAUDITED (on_audit_failure: allow): %s", exc)
+                return verdict
+            log.error("audit write failed, statement refused: %s", exc)
+            if isinstance(verdict, Refuse):
+                return verdict
+            return Refuse(AUDIT_UNAVAILABLE, "the audit log cannot be written, so the statement was not "
+                          "run; retry later or ask the operator to fix the audit sink", info=info)
+        return verdict
+
+    async def on_startup(self, params: Mapping[str, str], client: ClientInfo) -> Refuse | None:
+        self.client = client
+        refusal = await self.inner.on_startup(params, client)
+        record = {"type": "connect", **self._who(),
+                  "decision": "refuse" if refusal else "allow",
+                  "rule": refusal.rule if refusal else None}
+        try:
+            await self._write_pending_events()
+            await self._write(record)
+        except AuditError as exc:
+            if self.on_audit_failure == "allow" or refusal is not None:
+                return refusal
+            log.error("audit write failed, connection refused: %s", exc)
+            return Refuse(AUDIT_UNAVAILABLE, "the audit log cannot be written, so no connection is "
+                          "accepted; retry later or ask the operator to fix the audit sink")
+        return refusal
+
+    async def on_query(self, sql: str) -> Verdict:
+        verdict = await self.inner.on_query(sql)
+        return await self._audited(verdict, "query", {"sql": sql} if self.include_literals else {})
+
+    async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
+        verdict = await self.inner.on_parse(statement_name, sql, param_types)
+        extra: dict[str, Any] = {"statement_name": statement_name}
+        if self.include_literals:
+            extra["sql"] = sql
+        return await self._audited(verdict, "parse", extra)
+
+    async def on_function_call(self, function_oid: int) -> Verdict:
+        verdict = await self.inner.on_function_call(function_oid)
+        return await self._audited(verdict, "function_call", {"function_oid": function_oid})
+
+    async def on_complete(self, outcome: Outcome) -> None:
+        await self.inner.on_complete(outcome)
+        record = {"type": "completion", **self._who(), "request": self.requests, "rows": outcome.rows,
+                  "upstream_seconds": round(outcome.upstream_seconds, 6), "sqlstate": outcome.sqlstate}
+        try:
+            await self._write(record)
+        except AuditError as exc:  # the statement already ran; the next one will meet the same sink
+            log.error("audit completion record lost: %s", exc)

@@ -1,0 +1,192 @@
+"""JSON-lines audit file: hash-chained, rotated by size, fsync always | batch | never."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from proxy.audit.chain import ChainState, HashChain, state_after
+from proxy.audit.sink import AuditError, AuditRecord, GroupCommit
+
+FsyncMode = Literal["always", "batch", "never"]
+FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "batch", "never")
+
+_TAIL_BYTES = 1 << 20
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """Rotated siblings of an audit file (`audit.jsonl.1`, `.2`, ...), oldest first."""
+    pattern = re.compile(re.escape(path.name) + r"\.(\d+)$")
+    found: list[tuple[int, Path]] = []
+    if path.parent.is_dir():
+        for sibling in path.parent.iterdir():
+            match = pattern.match(sibling.name)
+            if match:
+                found.append((int(match.group(1)), sibling))
+    return [p for _, p in sorted(found)]
+
+
+def _last_sealed_line(path: Path) -> tuple[ChainState | None, bool]:
+    """Chain state after the last sealed record of a regular file, and whether it ends mid-line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None, False
+    with path.open("rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - _TAIL_BYTES))
+        tail = handle.read()
+    ends_mid_line = not tail.endswith(b"\n")
+    for raw in reversed(tail.split(b"\n")):
+        if raw.strip():
+            state = state_after(raw.decode(errors="replace"))
+            if state is not None:
+                return state, ends_mid_line
+    return None, ends_mid_line
+
+
+class JsonLinesFileSink:
+    """Appends sealed records to `path`; rotates to `path.N` before a write would pass `max_bytes`.
+
+    `fsync`: `always` syncs every record on its own; `batch` lets concurrent writers share one
+    write and one fsync (group commit); `never` leaves durability to the OS (a crash of the
+    machine can lose the last records, a crash of pgveil cannot). After a failed fsync the sink
+    refuses every later write, since the kernel may have dropped the unsynced data.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fsync: FsyncMode = "batch",
+                 max_bytes: int | None = 100 * 1024 * 1024, key: bytes | None = None) -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
+        self.path = Path(path)
+        self.fsync = fsync
+        self.max_bytes = max_bytes
+        self._fd: int | None = None
+        self._size = 0
+        self._broken: str | None = None
+        self._appended = 0
+        self.chain = HashChain(self._resume(), key)
+        self._open()  # fail at start-up, not at the first statement
+        self._committer = GroupCommit(self._commit, max_batch=1 if fsync == "always" else 1024)
+
+    def _resume(self) -> ChainState:
+        """Continue the chain of what is already on disk (this file, else its newest rotation)."""
+        state, ends_mid_line = _last_sealed_line(self.path)
+        if ends_mid_line:  # a torn last line stays as evidence; the next record starts a new line
+            self._open()
+            self._write_all(b"\n")
+        if state is None:
+            for older in reversed(rotated_files(self.path)):
+                state, _ = _last_sealed_line(older)
+                if state is not None:
+                    break
+        return state or ChainState()
+
+    def _open(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                info = os.fstat(self._fd)
+            except OSError as exc:
+                raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from exc
+            self._size = info.st_size
+        return self._fd
+
+    def _write_all(self, data: bytes) -> None:
+        fd = self._open()
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        self._size += len(data)
+
+    def _rotate(self) -> None:
+        """Close the full file and start a new one; the chain simply continues into it."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        existing = rotated_files(self.path)
+        next_index = int(existing[-1].name.rsplit(".", 1)[1]) + 1 if existing else 1
+        os.rename(self.path, self.path.with_name(f"{self.path.name}.{next_index}"))
+        self._open()
+        if self.fsync != "never":
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+    def _write_segment(self, data: bytes) -> None:
+        fd = self._open()
+        before = self._size
+        try:
+            self._write_all(data)
+        except OSError:
+            self._size = before
+            with contextlib.suppress(OSError):  # do not leave a torn record behind
+                os.ftruncate(fd, before)
+            raise
+        if self.fsync != "never":
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                self._broken = f"fsync of {self.path} failed ({exc.strerror}); restart pgveil"
+                raise
+
+    def _append(self, lines: list[bytes]) -> None:
+        """Write lines, rotating between them; runs in a worker thread unless fsync is `never`.
+
+        `self._appended` counts the lines that reached the file, also when a later one fails.
+        """
+        self._appended = 0
+        self._open()
+        limit = self.max_bytes if self.max_bytes is not None and os.path.isfile(self.path) else None
+        segment: list[bytes] = []
+        pending = 0
+        for line in lines:
+            if limit is not None and self._size + pending > 0 and self._size + pending + len(line) > limit:
+                if segment:
+                    self._write_segment(b"".join(segment))
+                    self._appended += len(segment)
+                    segment, pending = [], 0
+                self._rotate()
+            segment.append(line)
+            pending += len(line)
+        self._write_segment(b"".join(segment))
+        self._appended += len(segment)
+
+    async def _commit(self, records: list[AuditRecord]) -> None:
+        if self._broken:
+            raise AuditError(self._broken)
+        state = self.chain.state
+        states = []
+        lines = []
+        for record in records:
+            line, state = self.chain.seal(record, state)
+            lines.append((line + "\n").encode())
+            states.append(state)
+        try:
+            if self.fsync == "never":
+                self._append(lines)
+            else:
+                await asyncio.to_thread(self._append, lines)
+        except OSError as exc:
+            if self._appended:
+                self.chain.state = states[self._appended - 1]
+            raise AuditError(f"cannot write audit log {self.path}: {exc.strerror or exc}") from exc
+        self.chain.state = state
+
+    async def write(self, record: AuditRecord) -> None:
+        await self._committer.submit(record)
+
+    async def flush(self) -> None:
+        await self._committer.wait_idle()
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,68 @@
+"""The AuditSink protocol, its error, and group commit: many concurrent writers, one durable write."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, Protocol, TypeVar
+
+AuditRecord = Mapping[str, Any]
+"""One audit record: JSON-able values only (str, int, float, bool, None, lists of those)."""
+
+
+class AuditError(Exception):
+    """The sink could not make a record durable; the statement it describes must not run."""
+
+
+class AuditSink(Protocol):
+    """Where audit records go. `write` returns only once the record is as durable as configured."""
+
+    async def write(self, record: AuditRecord) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+Item = TypeVar("Item")
+
+
+class GroupCommit(Generic[Item]):
+    """Collects items from concurrent writers and commits them in batches, one commit at a time.
+
+    A writer's `submit` returns when the batch holding its item is committed, or raises what the
+    commit raised. While one commit runs, newly submitted items wait and form the next batch.
+    """
+
+    def __init__(self, commit: Callable[[list[Item]], Awaitable[None]], max_batch: int = 1024) -> None:
+        self._commit = commit
+        self._max_batch = max_batch
+        self._pending: list[tuple[Item, asyncio.Future[None]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
+        await future
+
+    async def wait_idle(self) -> None:
+        """Return once everything submitted so far has been committed (or failed)."""
+        while self._worker is not None and not self._worker.done():
+            await asyncio.shield(self._worker)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            try:
+                await self._commit([item for item, _ in batch])
+            except Exception as exc:  # every writer of the batch learns of the failure
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)

@@ -1,0 +1,44 @@
+"""Audit records as hash-chained JSON lines on standard output (for container log collectors)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from proxy.audit.chain import HashChain
+from proxy.audit.sink import AuditError, AuditRecord, GroupCommit
+
+
+class StdoutSink:
+    """Writes each batch of sealed records to a file descriptor (1 by default) before returning."""
+
+    def __init__(self, fd: int = 1, key: bytes | None = None) -> None:
+        self.fd = fd
+        self.chain = HashChain(key=key)
+        self._committer = GroupCommit(self._commit)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    async def _commit(self, records: list[AuditRecord]) -> None:
+        state = self.chain.state
+        lines = []
+        for record in records:
+            line, state = self.chain.seal(record, state)
+            lines.append(line)
+        try:
+            await asyncio.to_thread(self._write_all, ("\n".join(lines) + "\n").encode())
+        except OSError as exc:
+            raise AuditError(f"cannot write audit records to fd {self.fd}: {exc.strerror}") from exc
+        self.chain.state = state
+
+    async def write(self, record: AuditRecord) -> None:
+        await self._committer.submit(record)
+
+    async def flush(self) -> None:
+        await self._committer.wait_idle()
+
+    async def close(self) -> None:
+        await self.flush()

@@ -1,0 +1,42 @@
+"""`pgveil audit verify PATH`: check an audit log's integrity chain."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DESCRIPTION = "Audit log tools. `verify` checks the hash chain of a JSON-lines audit log."
+EPILOG = """examples:
+  pgveil audit verify /var/log/pgveil/audit.jsonl      # the file and its rotations (.1, .2, ...)
+  pgveil audit verify /var/log/pgveil/                 # every *.jsonl log in a directory
+  PGVEIL_AUDIT_KEY=... pgveil audit verify --key-env PGVEIL_AUDIT_KEY audit.jsonl
+
+exit status: 0 when the chain is intact, 1 with one "file:line: what is wrong" per problem."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    verify = actions.add_parser("verify", help="check the integrity chain of an audit log")
+    verify.add_argument("path", metavar="PATH",
+                        help="audit log file (its rotations are included) or directory")
+    verify.add_argument("--key-env", metavar="NAME",
+                        help="environment variable holding the HMAC key the log was written with")
+
+
+def run(args: argparse.Namespace) -> int:
+    from proxy.audit.verify import verify
+
+    key = None
+    if args.key_env:
+        value = os.environ.get(args.key_env)
+        if not value:
+            print(f"pgveil audit verify: environment variable {args.key_env} is not set", file=sys.stderr)
+            return 2
+        key = value.encode()
+    problems = verify(args.path, key=key)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"{args.path}: audit chain intact")
+    return 1 if problems else 0

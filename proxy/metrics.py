@@ -1,0 +1,225 @@
+"""Every Prometheus metric of pgveil, the per-statement metering decorator, and the HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome
+from proxy.guard.verdict import Refuse, Verdict
+
+_PGVEIL_SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_UPSTREAM_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
+_AUDIT_SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
+
+
+class Metrics:
+    """All metrics, registered in their own registry (so tests and workers never share state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.statements = Counter(
+            "pgveil_statements", "Statements decided, by role, statement kind and decision",
+            ["role", "kind", "decision"], registry=r)
+        self.refusals = Counter(
+            "pgveil_refusals", "Statements refused, by the rule that refused them", ["rule"], registry=r)
+        self.pgveil_seconds = Histogram(
+            "pgveil_statement_pgveil_seconds",
+            "pgveil's own time per statement: decision, rewrite and audit write",
+            buckets=_PGVEIL_SECONDS, registry=r)
+        self.upstream_seconds = Histogram(
+            "pgveil_statement_upstream_seconds",
+            "Time from forwarding a statement to PostgreSQL's ReadyForQuery",
+            buckets=_UPSTREAM_SECONDS, registry=r)
+        self.statement_errors = Counter(
+            "pgveil_statement_errors", "Forwarded statements that PostgreSQL answered with an error, "
+            "by SQLSTATE class (first two characters)", ["sqlstate_class"], registry=r)
+        self.verdict_cache = Counter(
+            "pgveil_verdict_cache", "Verdict cache lookups by result (hit, miss)", ["result"], registry=r)
+        self.connections_open = Gauge(
+            "pgveil_connections_open", "Client connections currently open", registry=r)
+        self.connections = Counter(
+            "pgveil_connections", "Client connections accepted, by outcome of the startup decision",
+            ["result"], registry=r)
+        self.bytes_relayed = Counter(
+            "pgveil_bytes_relayed", "Bytes relayed, by direction (client_to_server, server_to_client)",
+            ["direction"], registry=r)
+        self.audit_write_seconds = Histogram(
+            "pgveil_audit_write_seconds", "Time to make one audit record durable", ["type"],
+            buckets=_AUDIT_SECONDS, registry=r)
+        self.audit_failures = Counter(
+            "pgveil_audit_failures", "Audit records the sink could not write", ["type"], registry=r)
+        self.reloads = Counter(
+            "pgveil_policy_reloads", "Policy reloads by result (ok, invalid)", ["result"], registry=r)
+        self.policy = Info("pgveil_policy", "The loaded policy: version (content hash) and file",
+                           registry=r)
+        self.policy_loaded = Gauge(
+            "pgveil_policy_loaded_timestamp_seconds", "Unix time the current policy was loaded",
+            registry=r)
+        self.upstream_errors = Counter(
+            "pgveil_upstream_errors", "Failures talking to PostgreSQL (connect, io), not SQL errors",
+            ["kind"], registry=r)
+        self.elevations = Counter(
+            "pgveil_elevation_events", "Elevation grant events (granted, used, expired, rejected)",
+            ["event"], registry=r)
+
+    # Hooks for the session and server, which own sockets and policy loading.
+
+    def connection_opened(self) -> None:
+        self.connections_open.inc()
+
+    def connection_closed(self) -> None:
+        self.connections_open.dec()
+
+    def relayed(self, direction: str, nbytes: int) -> None:
+        self.bytes_relayed.labels(direction).inc(nbytes)
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream_errors.labels(kind).inc()
+
+    def policy_reloaded(self, ok: bool) -> None:
+        self.reloads.labels("ok" if ok else "invalid").inc()
+
+    def policy_loaded_now(self, version: str, source: str) -> None:
+        self.policy.info({"version": version, "source": source})
+        self.policy_loaded.set(time.time())
+
+    def audit_written(self, record_type: str, seconds: float) -> None:
+        self.audit_write_seconds.labels(record_type).observe(seconds)
+
+    def audit_failed(self, record_type: str) -> None:
+        self.audit_failures.labels(record_type).inc()
+
+    def verdict_cache_lookup(self, hit: bool) -> None:
+        self.verdict_cache.labels("hit" if hit else "miss").inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def role_of(policy: object) -> str:
+    """The role a connection policy acts as right now, if it says (attribute `role_name`)."""
+    role = getattr(policy, "role_name", None)
+    return role if isinstance(role, str) and role else "unknown"
+
+
+class MeteredConnection:
+    """Counts each statement (role, kind, decision, refusal rule) and times pgveil and upstream."""
+
+    def __init__(self, inner: ConnectionPolicy, metrics: Metrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self._last_refused = False
+
+    @property
+    def role_name(self) -> str | None:
+        role = getattr(self.inner, "role_name", None)
+        return role if isinstance(role, str) else None
+
+    @property
+    def policy_version(self) -> str | None:
+        version = getattr(self.inner, "policy_version", None)
+        return version if isinstance(version, str) else None
+
+    def _count(self, verdict: Verdict, started: float) -> Verdict:
+        self.metrics.pgveil_seconds.observe(time.perf_counter() - started)
+        self.metrics.statements.labels(role_of(self.inner), verdict.info.kind, verdict.decision).inc()
+        self._last_refused = isinstance(verdict, Refuse)
+        if isinstance(verdict, Refuse):
+            self.metrics.refusals.labels(verdict.rule).inc()
+        return verdict
+
+    async def on_startup(self, params: Mapping[str, str], client: ClientInfo) -> Refuse | None:
+        refusal = await self.inner.on_startup(params, client)
+        self.metrics.connections.labels("refused" if refusal else "accepted").inc()
+        if refusal is not None:
+            self.metrics.refusals.labels(refusal.rule).inc()
+        return refusal
+
+    async def on_query(self, sql: str) -> Verdict:
+        started = time.perf_counter()
+        return self._count(await self.inner.on_query(sql), started)
+
+    async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
+        started = time.perf_counter()
+        return self._count(await self.inner.on_parse(statement_name, sql, param_types), started)
+
+    async def on_function_call(self, function_oid: int) -> Verdict:
+        started = time.perf_counter()
+        return self._count(await self.inner.on_function_call(function_oid), started)
+
+    async def on_complete(self, outcome: Outcome) -> None:
+        if not self._last_refused:
+            self.metrics.upstream_seconds.observe(outcome.upstream_seconds)
+        if outcome.sqlstate and not self._last_refused:
+            self.metrics.statement_errors.labels(outcome.sqlstate[:2]).inc()
+        await self.inner.on_complete(outcome)
+
+
+Readiness = Callable[[], Awaitable[bool]]
+
+
+class MetricsServer:
+    """`/metrics`, `/healthz` and `/readyz` over plain HTTP/1.1 on the event loop (no thread)."""
+
+    def __init__(self, metrics: Metrics, ready: Readiness) -> None:
+        self.metrics = metrics
+        self.ready = ready
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        bound = self._server.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _respond(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
+        if path == "/healthz":
+            return 200, "text/plain", b"ok\n"
+        if path == "/readyz":
+            try:
+                ready = await asyncio.wait_for(self.ready(), timeout=5.0)
+            except Exception:
+                ready = False
+            return (200, "text/plain", b"ready\n") if ready else (503, "text/plain", b"not ready\n")
+        return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), timeout=10.0)
+            while (await asyncio.wait_for(reader.readline(), timeout=10.0)) not in (b"\r\n", b"\n", b""):
+                pass  # headers are not needed
+            parts = request_line.decode("latin-1").split()
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                status, content_type, body = 405, "text/plain", b"only GET\n"
+            else:
+                status, content_type, body = await self._respond(parts[1].split("?", 1)[0])
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+            head = (f"HTTP/1.1 {status} {reason[status]}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode() + (body if parts and parts[0] == "GET" else b""))
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+def metrics_port_for_worker(port: int, worker_index: int) -> int:
+    """With --workers N, worker i serves its own metrics on PORT+i (each is its own process)."""
+    return port + worker_index if port else 0
