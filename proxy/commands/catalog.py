@@ -1,0 +1,189 @@
+"""`pgveil catalog`: print the policy's dataset registry (metadata, sensitivity, protection) as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.policy.model import (
+    ColumnPolicy,
+    Constant,
+    Dataset,
+    Email,
+    Generalize,
+    Hash,
+    Partial,
+    Policy,
+    Protection,
+    Redact,
+)
+
+DESCRIPTION = """\
+Print the dataset registry of a policy as JSON: for each dataset its name, registration time,
+who registered it, description, version and originating source, and for each column its name,
+description, mode, type, originating source, sensitivity and protection (what a role that may
+not see the column unmasked gets instead), plus whether it is a quasi-identifier and joinable.
+
+Column types come from the live schema when --upstream is given (and mode becomes REQUIRED for
+NOT NULL columns); without it "type" is null. Columns that exist upstream but are not listed in
+the policy are included with the defaults that apply to them (internal, redacted when masked)."""
+
+EPILOG = """\
+examples:
+  pgveil catalog --policy policies/reviews.yaml
+  pgveil catalog --policy policies/reviews.yaml --upstream postgresql://postgres@127.0.0.1:5432/reviews
+  pgveil catalog --policy policies/reviews.yaml | jq '.[] | select(.name == "public.users")'"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", required=True, metavar="FILE", help="policy file (format v1)")
+    parser.add_argument("--upstream", metavar="DSN",
+                        help="PostgreSQL to read column types and NOT NULL from (optional)")
+
+
+@dataclass(frozen=True, slots=True)
+class LiveColumn:
+    """A column as the upstream catalog describes it."""
+
+    name: str
+    type_sql: str
+    not_null: bool
+
+
+def run(args: argparse.Namespace) -> int:
+    from proxy.policy.loader import PolicyError, load_policy
+
+    _supply_unused_hash_key(args.policy)
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        for line in getattr(exc, "errors", None) or [str(exc)]:
+            print(line, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.policy}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    live: dict[str, list[LiveColumn]] | None = None
+    if args.upstream:
+        import asyncio
+
+        import asyncpg
+
+        try:
+            live = asyncio.run(read_live_columns(args.upstream, list(policy.datasets)))
+        except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            print(f"pgveil catalog: cannot read the schema from the upstream: {exc}", file=sys.stderr)
+            return 1
+    json.dump(registry(policy, live), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _supply_unused_hash_key(policy_path: str) -> None:
+    """The loader refuses a policy using `hash` without its key; the catalog never hashes, so it
+    must not need the secret: give this process a throw-away key when none is set."""
+    import yaml
+
+    try:
+        with open(policy_path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        return  # the loader reports it properly
+    settings = document.get("settings") if isinstance(document, dict) else None
+    env_name = settings.get("hash_key_env") if isinstance(settings, dict) else None
+    os.environ.setdefault(env_name if isinstance(env_name, str) and env_name else "PGVEIL_HASH_KEY",
+                          secrets.token_hex(32))
+
+
+def registry(policy: Policy, live: dict[str, list[LiveColumn]] | None = None) -> list[dict[str, Any]]:
+    """The registry in the article's shape, one entry per dataset in policy order."""
+    return [_dataset_entry(dataset, None if live is None else live.get(name, []))
+            for name, dataset in policy.datasets.items()]
+
+
+def _dataset_entry(dataset: Dataset, live: list[LiveColumn] | None) -> dict[str, Any]:
+    columns: list[dict[str, Any]] = []
+    if live:
+        live_names = {column.name for column in live}
+        columns = [_column_entry(column.name, dataset.column(column.name), column) for column in live]
+        columns.extend(_column_entry(name, policy, None)
+                       for name, policy in dataset.columns.items() if name not in live_names)
+    else:
+        columns = [_column_entry(name, policy, None) for name, policy in dataset.columns.items()]
+    return {
+        "name": dataset.name,
+        "registrationTime": dataset.registered_at,
+        "registeredBy": dataset.registered_by,
+        "description": dataset.description,
+        "version": dataset.version,
+        "originatingSource": dataset.originating_source,
+        "schema": columns,
+    }
+
+
+def _column_entry(name: str, column: ColumnPolicy, live: LiveColumn | None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "description": column.description,
+        "mode": "REQUIRED" if live is not None and live.not_null else column.mode,
+        "type": live.type_sql if live is not None else None,
+        "originatingSource": column.originating_source,
+        "sensitivity": column.sensitivity.name.lower(),
+        "protection": describe_protection(column.effective_protection),
+        "quasiIdentifier": column.quasi_identifier,
+        "joinable": column.joinable,
+    }
+
+
+def describe_protection(protection: Protection) -> str:
+    """One readable string per protection, e.g. `partial(keep_first=1, keep_last=0, mask_char='*')`."""
+    match protection:
+        case Partial(keep_first, keep_last, mask_char):
+            return f"partial(keep_first={keep_first}, keep_last={keep_last}, mask_char={mask_char!r})"
+        case Email():
+            return "email"
+        case Hash():
+            return "hash"
+        case Generalize(unit=unit, bucket=bucket) if unit is not None:
+            return f"generalize({unit})"
+        case Generalize(bucket=bucket):
+            size = int(bucket) if bucket is not None and float(bucket).is_integer() else bucket
+            return f"generalize(bucket={size})"
+        case Redact():
+            return "redact"
+        case Constant(value):
+            return f"constant({value!r})"
+    raise AssertionError(f"unknown protection {protection!r}")
+
+
+async def read_live_columns(dsn: str, dataset_names: list[str]) -> dict[str, list[LiveColumn]]:
+    """Columns (attnum order) with their SQL type and NOT NULL flag, for each listed relation."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT n.nspname || '.' || c.relname AS relation, a.attname,
+                   format_type(a.atttypid, a.atttypmod) AS type_sql, a.attnotnull
+            FROM pg_catalog.pg_attribute AS a
+            JOIN pg_catalog.pg_class AS c ON c.oid = a.attrelid
+            JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+            WHERE a.attnum > 0 AND NOT a.attisdropped
+              AND n.nspname || '.' || c.relname = ANY($1::text[])
+            ORDER BY relation, a.attnum
+            """,
+            dataset_names,
+        )
+    finally:
+        await conn.close()
+    live: dict[str, list[LiveColumn]] = {}
+    for row in rows:
+        live.setdefault(row["relation"], []).append(
+            LiveColumn(row["attname"], row["type_sql"], row["attnotnull"]))
+    return live
