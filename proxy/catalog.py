@@ -1,0 +1,407 @@
+"""The upstream schema as pgveil needs it: relations, columns, ancestry, view and function reads."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from proxy.policy.model import Dataset, Policy
+
+RelationKind = Literal["table", "view", "matview", "partitioned", "foreign", "sequence"]
+
+SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+PGVEIL_SCHEMA = "pgveil"
+_RELKINDS: dict[str, RelationKind] = {
+    "r": "table", "v": "view", "m": "matview", "p": "partitioned", "f": "foreign", "S": "sequence",
+}
+# Languages whose body pgveil can read as SQL text; any other body (C, internal, plpython...) is opaque.
+_READABLE_LANGUAGES = frozenset({"sql", "plpgsql"})
+_IDENTIFIER = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_\x80-\uffff][A-Za-z0-9_$\x80-\uffff]*)')
+_DYNAMIC_SQL = re.compile(r"\bexecute\b", re.IGNORECASE)
+
+_RELATIONS_SQL = """
+SELECT c.oid, n.nspname, c.relname, c.relkind::text
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')
+  AND n.nspname !~ '^pg_toast' AND n.nspname !~ '^pg_temp_'
+ORDER BY n.nspname, c.relname
+"""
+_COLUMNS_SQL = """
+SELECT a.attrelid, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid
+FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')
+  AND n.nspname !~ '^pg_toast' AND n.nspname !~ '^pg_temp_'
+ORDER BY a.attrelid, a.attnum
+"""
+_INHERITS_SQL = "SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits ORDER BY inhrelid, inhseqno"
+_VIEW_READS_SQL = """
+SELECT DISTINCT r.ev_class, d.refobjid
+FROM pg_catalog.pg_rewrite r
+JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
+WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> r.ev_class
+ORDER BY 1, 2
+"""
+_FUNCTIONS_SQL = """
+SELECT p.oid, n.nspname, p.proname, l.lanname, p.prosecdef,
+       CASE WHEN p.prosqlbody IS NOT NULL THEN pg_catalog.pg_get_function_sqlbody(p.oid)
+            ELSE p.prosrc END AS body,
+       ARRAY(SELECT d.refobjid FROM pg_catalog.pg_depend d
+             WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
+               AND d.refclassid = 'pg_catalog.pg_class'::regclass) AS depends_on
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgveil')
+  AND n.nspname !~ '^pg_toast' AND n.nspname !~ '^pg_temp_'
+ORDER BY n.nspname, p.proname, p.oid
+"""
+_ROLE_SETTINGS_SQL = """
+SELECT COALESCE(d.datname, ''), COALESCE(r.rolname, ''), s.setconfig
+FROM pg_catalog.pg_db_role_setting s
+LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase
+LEFT JOIN pg_catalog.pg_roles r ON r.oid = s.setrole
+ORDER BY 1, 2
+"""
+_SERVER_SEARCH_PATH_SQL = """
+SELECT setting, source, boot_val, pg_catalog.current_database()
+FROM pg_catalog.pg_settings WHERE name = 'search_path'
+"""
+_FILE_SEARCH_PATH_SQL = """
+SELECT setting FROM pg_catalog.pg_file_settings
+WHERE name = 'search_path' AND applied ORDER BY seqno DESC LIMIT 1
+"""
+# Sources of pg_settings.setting that are the catalog connection's own, not the server default.
+_SESSION_SOURCES = frozenset({"database", "user", "database user", "client", "session"})
+
+
+class CatalogError(RuntimeError):
+    """The upstream catalog could not be read (pgveil then refuses what depends on it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type_sql: str  # format_type(): 'text', 'character varying(100)', 'numeric(10,2)', ...
+    type_oid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    schema: str
+    name: str
+    kind: RelationKind
+    columns: tuple[Column, ...]  # attnum order, no dropped or system columns
+    parents: tuple[str, ...] = ()  # inheritance/partition ancestors, nearest first
+    depends_on: tuple[str, ...] = ()  # views and matviews: the relations their query reads
+    oid: int = 0
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def column(self, name: str) -> Column | None:
+        return next((column for column in self.columns if column.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionInfo:
+    """A user-defined function (all overloads of one schema.name merged, conservatively).
+
+    `reads` lists user relations the body mentions: pg_depend for SQL-standard bodies, and for
+    other bodies a search of the body text for relation names (may list too many, never
+    deliberately too few). `opaque_body` is true when the text cannot tell what it reads:
+    non-SQL languages, or PL/pgSQL with EXECUTE (dynamic SQL)."""
+
+    schema: str
+    name: str
+    language: str  # of the first overload; opaque_body covers mixed languages
+    security_definer: bool
+    reads: tuple[str, ...]
+    opaque_body: bool
+    overloads: int = 1
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def reads_relations(self) -> bool:
+        return bool(self.reads) or self.opaque_body
+
+
+@dataclass(frozen=True, eq=False)
+class CatalogSnapshot:
+    """One consistent read of the upstream catalog; equal `generation` means equal content."""
+
+    database: str
+    relations: dict[str, Relation]
+    functions: dict[str, FunctionInfo]
+    role_settings: dict[tuple[str, str], dict[str, str]]  # (database|'', role|'') -> settings
+    server_search_path: tuple[str, ...]
+    generation: str
+    _by_parts: dict[tuple[str, str], Relation] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self._by_parts:
+            self._by_parts.update(
+                ((relation.schema, relation.name), relation) for relation in self.relations.values())
+
+    def __hash__(self) -> int:
+        return hash(self.generation)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CatalogSnapshot) and other.generation == self.generation
+
+    def resolve(self, parts: tuple[str, ...], search_path: Sequence[str],
+                user: str | None = None) -> Relation | None:
+        """The relation a (possibly qualified) name means, with PostgreSQL's lookup rules.
+
+        `parts` are identifiers as PostgreSQL folded them. pg_catalog is searched first unless
+        the path lists it; `$user` means `user` (skipped without one); pg_temp is skipped (pgveil
+        never resolves to temporary tables). A three-part name ignores its database part: the
+        caller checks it is the current database."""
+        if len(parts) == 3:
+            parts = parts[1:]
+        if len(parts) == 2:
+            return self._by_parts.get((parts[0], parts[1]))
+        if len(parts) != 1:
+            return None
+        for schema in effective_search_path(search_path, user):
+            relation = self._by_parts.get((schema, parts[0]))
+            if relation is not None:
+                return relation
+        return None
+
+    def default_search_path(self, user: str, database: str) -> tuple[str, ...]:
+        """search_path a new session of `user` in `database` starts with, `$user` expanded.
+
+        Precedence as in PostgreSQL: ALTER ROLE ... IN DATABASE, then ALTER ROLE, then
+        ALTER DATABASE, then the server's configuration."""
+        for key in ((database, user), ("", user), (database, "")):
+            value = self.role_settings.get(key, {}).get("search_path")
+            if value is not None:
+                return tuple(user if entry == "$user" else entry for entry in parse_search_path(value))
+        return tuple(user if entry == "$user" else entry for entry in self.server_search_path)
+
+    def ancestors(self, relation: Relation) -> tuple[Relation, ...]:
+        return tuple(self.relations[name] for name in relation.parents if name in self.relations)
+
+    def base_relations(self, relation: Relation) -> frozenset[str]:
+        """Every relation a view or matview reads, through other views, transitively."""
+        seen: set[str] = set()
+        pending = list(relation.depends_on)
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            read = self.relations.get(name)
+            if read is not None:
+                pending.extend(read.depends_on)
+        return frozenset(seen)
+
+    def user_relations(self) -> Iterable[Relation]:
+        """Relations outside pg_catalog, information_schema and pgveil's own schema."""
+        return (relation for relation in self.relations.values()
+                if relation.schema not in SYSTEM_SCHEMAS and relation.schema != PGVEIL_SCHEMA)
+
+
+def effective_search_path(search_path: Sequence[str], user: str | None) -> tuple[str, ...]:
+    schemas: list[str] = []
+    for entry in search_path:
+        if entry == "$user":
+            if user is not None:
+                schemas.append(user)
+        elif entry != "pg_temp" and not entry.startswith("pg_temp_"):
+            schemas.append(entry)
+    if "pg_catalog" not in schemas:
+        schemas.insert(0, "pg_catalog")
+    return tuple(schemas)
+
+
+def effective_dataset(policy: Policy, relation: Relation) -> Dataset | None:
+    """The policy entry that governs a relation: its own, else its nearest listed ancestor's.
+
+    Partitions and inheritance children are governed by their parent's protections; the
+    returned Dataset's `name` says which entry applies."""
+    own = policy.datasets.get(relation.qualified_name)
+    if own is not None:
+        return own
+    for ancestor in relation.parents:
+        dataset = policy.datasets.get(ancestor)
+        if dataset is not None:
+            return dataset
+    return None
+
+
+def parse_search_path(value: str) -> tuple[str, ...]:
+    """Split a search_path setting like PostgreSQL: unquoted names fold to lower case."""
+    entries: list[str] = []
+    for match in re.finditer(r'\s*(?:"((?:[^"]|"")*)"|([^,]+?))\s*(?:,|$)', value):
+        quoted, plain = match.groups()
+        if quoted is not None:
+            entries.append(quoted.replace('""', '"'))
+        elif plain:
+            entries.append(plain.strip().lower())
+    return tuple(entries)
+
+
+async def load_catalog(dsn: str, timeout: float = 10.0) -> CatalogSnapshot:
+    """Read the upstream catalog through one asyncpg connection; raise CatalogError on failure."""
+    import asyncpg
+
+    try:
+        connection = await asyncpg.connect(dsn, timeout=timeout)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise CatalogError(f"cannot connect to the upstream to read its catalog: {exc}") from exc
+    try:
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            relations = await connection.fetch(_RELATIONS_SQL)
+            columns = await connection.fetch(_COLUMNS_SQL)
+            inherits = await connection.fetch(_INHERITS_SQL)
+            view_reads = await connection.fetch(_VIEW_READS_SQL)
+            functions = await connection.fetch(_FUNCTIONS_SQL)
+            role_settings = await connection.fetch(_ROLE_SETTINGS_SQL)
+            search_path_row = await connection.fetchrow(_SERVER_SEARCH_PATH_SQL)
+            server_search_path = await _server_search_path(connection, search_path_row)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise CatalogError(f"cannot read the upstream catalog: {exc}") from exc
+    finally:
+        await connection.close()
+    return build_snapshot(
+        database=search_path_row[3],
+        relation_rows=relations,
+        column_rows=columns,
+        inherit_rows=inherits,
+        view_read_rows=view_reads,
+        function_rows=functions,
+        role_setting_rows=role_settings,
+        server_search_path=server_search_path,
+    )
+
+
+async def _server_search_path(connection: Any, row: Any) -> tuple[str, ...]:
+    setting, source, boot_value = row[0], row[1], row[2]
+    if source not in _SESSION_SOURCES:
+        return parse_search_path(setting)
+    try:  # needs pg_read_all_settings; the compiled-in default is the fallback
+        async with connection.transaction():
+            from_file = await connection.fetchval(_FILE_SEARCH_PATH_SQL)
+    except Exception:  # any failure means: not readable, use the compiled-in default
+        from_file = None
+    return parse_search_path(from_file if from_file is not None else boot_value)
+
+
+def build_snapshot(
+    *,
+    database: str,
+    relation_rows: Sequence[Sequence[Any]],
+    column_rows: Sequence[Sequence[Any]],
+    inherit_rows: Sequence[Sequence[Any]],
+    view_read_rows: Sequence[Sequence[Any]],
+    function_rows: Sequence[Sequence[Any]],
+    role_setting_rows: Sequence[Sequence[Any]],
+    server_search_path: tuple[str, ...],
+) -> CatalogSnapshot:
+    """Assemble a snapshot from catalog query rows (in the column order of the queries above)."""
+    names: dict[int, str] = {row[0]: f"{row[1]}.{row[2]}" for row in relation_rows}
+    columns_of: dict[int, list[Column]] = {}
+    for relid, name, type_sql, type_oid in column_rows:
+        columns_of.setdefault(relid, []).append(Column(name, type_sql, type_oid))
+    direct_parents: dict[int, list[int]] = {}
+    for child, parent in inherit_rows:
+        if child in names and parent in names:
+            direct_parents.setdefault(child, []).append(parent)
+    reads_of: dict[int, list[str]] = {}
+    for view, read in view_read_rows:
+        if view in names and read in names:
+            reads_of.setdefault(view, []).append(names[read])
+
+    relations: dict[str, Relation] = {}
+    for oid, schema, name, relkind in relation_rows:
+        relations[f"{schema}.{name}"] = Relation(
+            schema=schema,
+            name=name,
+            kind=_RELKINDS[relkind],
+            columns=tuple(columns_of.get(oid, ())),
+            parents=tuple(names[parent] for parent in _ancestors(oid, direct_parents)),
+            depends_on=tuple(reads_of.get(oid, ())),
+            oid=oid,
+        )
+    user_relations_by_name: dict[str, list[str]] = {}
+    for relation in relations.values():
+        if relation.schema not in SYSTEM_SCHEMAS and relation.schema != PGVEIL_SCHEMA:
+            user_relations_by_name.setdefault(relation.name, []).append(relation.qualified_name)
+    functions = _functions(function_rows, names, user_relations_by_name)
+    role_settings: dict[tuple[str, str], dict[str, str]] = {}
+    for database_name, role_name, config in role_setting_rows:
+        settings = dict(entry.split("=", 1) for entry in config or () if "=" in entry)
+        role_settings[(database_name, role_name)] = settings
+
+    digest = hashlib.sha256()
+    for part in (database, relations, functions, role_settings, server_search_path):
+        digest.update(repr(part).encode("utf-8"))
+    return CatalogSnapshot(
+        database=database,
+        relations=relations,
+        functions=functions,
+        role_settings=role_settings,
+        server_search_path=server_search_path,
+        generation=digest.hexdigest()[:16],
+    )
+
+
+def _ancestors(oid: int, direct_parents: Mapping[int, list[int]]) -> list[int]:
+    """Breadth-first: parents, then grandparents; each once."""
+    found: list[int] = []
+    frontier = list(direct_parents.get(oid, ()))
+    while frontier:
+        following: list[int] = []
+        for parent in frontier:
+            if parent not in found and parent != oid:
+                found.append(parent)
+                following.extend(direct_parents.get(parent, ()))
+        frontier = following
+    return found
+
+
+def _functions(rows: Sequence[Sequence[Any]], names: Mapping[int, str],
+               user_relations_by_name: Mapping[str, list[str]]) -> dict[str, FunctionInfo]:
+    functions: dict[str, FunctionInfo] = {}
+    for _oid, schema, name, language, security_definer, body, depends_on in rows:
+        reads = {names[relid] for relid in depends_on or () if relid in names}
+        if language in _READABLE_LANGUAGES:
+            for identifier in _identifiers(body or ""):
+                reads.update(user_relations_by_name.get(identifier, ()))
+        opaque = language not in _READABLE_LANGUAGES or (
+            language == "plpgsql" and _DYNAMIC_SQL.search(body or "") is not None)
+        key = f"{schema}.{name}"
+        previous = functions.get(key)
+        if previous is not None:
+            reads.update(previous.reads)
+            functions[key] = FunctionInfo(
+                schema=schema,
+                name=name,
+                language=previous.language,
+                security_definer=previous.security_definer or security_definer,
+                reads=tuple(sorted(reads)),
+                opaque_body=previous.opaque_body or opaque or previous.language != language,
+                overloads=previous.overloads + 1,
+            )
+        else:
+            functions[key] = FunctionInfo(schema, name, language, security_definer,
+                                          tuple(sorted(reads)), opaque)
+    return functions
+
+
+def _identifiers(body: str) -> set[str]:
+    """Identifiers in SQL text as PostgreSQL would fold them (quoted kept, unquoted lowered)."""
+    found: set[str] = set()
+    for quoted, plain in _IDENTIFIER.findall(body):
+        found.add(quoted.replace('""', '"') if quoted else plain.lower())
+    return found

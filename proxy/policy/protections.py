@@ -1,0 +1,222 @@
+"""Turns a column protection into the PostgreSQL expression that masks the column's values."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import uuid
+from decimal import Decimal
+
+from proxy.policy.model import Constant, Email, Generalize, Hash, Partial, Protection, Redact
+
+MASK_HASH_FUNCTION = "pgveil.mask_hash"
+
+_TEXT_TYPES = frozenset({"text", "character varying", "character", "name", "citext", "bpchar", "varchar"})
+_INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
+_FLOAT_TYPES = frozenset({"real", "double precision"})
+_DATETIME_TYPES = frozenset({
+    "date", "timestamp without time zone", "timestamp with time zone",
+})
+_INTEGER_RANGES = {
+    "smallint": (-(2**15), 2**15 - 1),
+    "integer": (-(2**31), 2**31 - 1),
+    "bigint": (-(2**63), 2**63 - 1),
+}
+_TYPMOD = re.compile(r"\(([^)]*)\)")
+
+
+class ProtectionError(ValueError):
+    """The protection does not fit the column's type (say which and what would)."""
+
+
+def mask_expression(column_sql: str, column_type: str, protection: Protection) -> str:
+    """SQL expression (no alias) that yields the masked value of `column_sql`.
+
+    `column_type` is `format_type()` of the column. NULL stays NULL for every protection."""
+    family, typmods, is_array = _type_family(column_type)
+    value = f"({column_sql})"
+    if isinstance(protection, Redact):
+        return f"NULL::{column_type}"
+    if isinstance(protection, Hash):
+        return f"{MASK_HASH_FUNCTION}({value}::text)"
+    if isinstance(protection, Partial):
+        return _partial(value if family == "text" and not is_array else f"{value}::text", protection)
+    if isinstance(protection, Email):
+        if family != "text" or is_array:
+            raise ProtectionError(f"'email' needs a text column, not {column_type} (use partial or hash)")
+        return _email(value)
+    if isinstance(protection, Generalize):
+        return _generalize(value, column_type, family, is_array, protection)
+    if isinstance(protection, Constant):
+        return _constant(value, column_type, family, typmods, is_array, protection.value)
+    raise ProtectionError(f"unknown protection {protection!r}")
+
+
+def sql_text_literal(text: str) -> str:
+    """A string literal that PostgreSQL reads the same whatever standard_conforming_strings says."""
+    quoted = text.replace("'", "''")
+    if "\\" in text:
+        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    return f"'{quoted}'"
+
+
+def _type_family(column_type: str) -> tuple[str, tuple[str, ...], bool]:
+    """('text'|'integer'|..., typmods, is_array) of a format_type() string."""
+    is_array = column_type.endswith("[]")
+    base = column_type[:-2] if is_array else column_type
+    match = _TYPMOD.search(base)
+    typmods = tuple(part.strip() for part in match.group(1).split(",")) if match else ()
+    name = _TYPMOD.sub("", base).strip().removeprefix("public.").removeprefix("pg_catalog.")
+    name = " ".join(name.split())
+    if name in _TEXT_TYPES:
+        return "text", typmods, is_array
+    if name in _INTEGER_TYPES:
+        return name, typmods, is_array
+    if name == "numeric":
+        return "numeric", typmods, is_array
+    if name in _FLOAT_TYPES:
+        return "float", typmods, is_array
+    if name in _DATETIME_TYPES:
+        return ("date" if name == "date" else "timestamp"), typmods, is_array
+    return name, typmods, is_array
+
+
+def _partial(value: str, protection: Partial) -> str:
+    keep = protection.keep_first + protection.keep_last
+    mask = sql_text_literal(protection.mask_char)
+    length = f"char_length({value})"
+    # A value no longer than what would be kept is masked whole: showing it all is not masking.
+    return (
+        f"CASE WHEN {length} <= {keep} THEN repeat({mask}, {length}) "
+        f"ELSE left({value}, {protection.keep_first}) || repeat({mask}, {length} - {keep}) "
+        f"|| right({value}, {protection.keep_last}) END"
+    )
+
+
+def _email(value: str) -> str:
+    text = f"{value}::text"
+    return (
+        f"CASE WHEN strpos({text}, '@') = 0 THEN left({text}, 1) || '***' "
+        f"ELSE left(split_part({text}, '@', 1), 1) || '***@' || split_part({text}, '@', -1) END"
+    )
+
+
+def _generalize(value: str, column_type: str, family: str, is_array: bool, protection: Generalize) -> str:
+    if protection.unit is not None:
+        if family == "date" and not is_array:
+            return f"date_trunc('{protection.unit}', {value}::timestamp)::date"
+        if family == "timestamp" and not is_array:
+            return f"date_trunc('{protection.unit}', {value})::{column_type}"
+        raise ProtectionError(
+            f"'generalize: {protection.unit}' needs a date or timestamp column, not {column_type} "
+            "(use generalize: {bucket: N} for numbers, or redact)"
+        )
+    bucket = protection.bucket
+    if bucket is None or bucket <= 0:
+        raise ProtectionError("'generalize' needs year, month or {bucket: N} with N > 0")
+    step = _number_literal(bucket)
+    if family in _INTEGER_TYPES and not is_array:
+        if Decimal(step) != Decimal(step).to_integral_value():
+            raise ProtectionError(
+                f"'generalize: {{bucket: {step}}}' on an {column_type} column needs a whole-number bucket"
+            )
+        return f"(floor({value}::numeric / {step}) * {step})::{column_type}"
+    if family == "numeric" and not is_array:
+        return f"(floor({value} / {step}) * {step})::{column_type}"
+    if family == "float" and not is_array:
+        return f"(floor({value} / {step}::double precision) * {step}::double precision)::{column_type}"
+    raise ProtectionError(
+        f"'generalize: {{bucket: {step}}}' needs a numeric column, not {column_type} "
+        "(use generalize: year/month for dates, or redact)"
+    )
+
+
+def _number_literal(number: int | float) -> str:
+    if isinstance(number, int):
+        return str(number)
+    text = format(Decimal(repr(number)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _constant(value: str, column_type: str, family: str, typmods: tuple[str, ...], is_array: bool,
+              constant: str | int | float | bool | None) -> str:
+    if constant is None:
+        return f"NULL::{column_type}"
+    literal = _typed_literal(column_type, family, typmods, is_array, constant)
+    if literal is None:
+        literal = f"{sql_text_literal(_constant_text(constant))}::text"
+        return f"CASE WHEN {value} IS NULL THEN NULL::text ELSE {literal} END"
+    return f"CASE WHEN {value} IS NULL THEN NULL::{column_type} ELSE {literal} END"
+
+
+def _constant_text(constant: str | int | float | bool) -> str:
+    if isinstance(constant, bool):
+        return "true" if constant else "false"
+    if isinstance(constant, float):
+        return _number_literal(constant)
+    return str(constant)
+
+
+def _typed_literal(column_type: str, family: str, typmods: tuple[str, ...], is_array: bool,
+                   constant: str | int | float | bool) -> str | None:
+    """The constant as a literal of the column's type, or None when it does not fit that type."""
+    if is_array:
+        return None
+    if family == "boolean":
+        return f"{_constant_text(constant)}::boolean" if isinstance(constant, bool) else None
+    if isinstance(constant, bool):
+        return None
+    if family in _INTEGER_RANGES:
+        low, high = _INTEGER_RANGES[family]
+        if isinstance(constant, int) and low <= constant <= high:
+            return f"{constant}::{column_type}"
+        return None
+    if family in ("numeric", "float"):
+        if not isinstance(constant, int | float):
+            return None
+        if family == "numeric" and typmods and not _fits_numeric(constant, typmods):
+            return None
+        return f"{sql_text_literal(_constant_text(constant))}::{column_type}"
+    if not isinstance(constant, str):
+        return f"{sql_text_literal(_constant_text(constant))}::{column_type}" if family == "text" else None
+    if family == "text":
+        if typmods and typmods[0].isdigit() and len(constant) > int(typmods[0]):
+            return None
+        return f"{sql_text_literal(constant)}::{column_type}"
+    if _parses_as(family, constant):
+        return f"{sql_text_literal(constant)}::{column_type}"
+    return None
+
+
+def _fits_numeric(constant: int | float, typmods: tuple[str, ...]) -> bool:
+    """Whether numeric(precision, scale) holds the constant exactly (no rounding, no overflow)."""
+    try:
+        precision = int(typmods[0])
+        scale = int(typmods[1]) if len(typmods) > 1 else 0
+    except ValueError:
+        return False
+    number = Decimal(repr(constant)) if isinstance(constant, float) else Decimal(constant)
+    exponent = number.as_tuple().exponent
+    if not isinstance(exponent, int) or max(0, -exponent) > scale:
+        return False
+    whole = abs(int(number))
+    return (len(str(whole)) if whole else 0) <= precision - scale
+
+
+def _parses_as(family: str, constant: str) -> bool:
+    """Whether a text constant is surely a valid input for these types (others fall back to text)."""
+    try:
+        if family == "date":
+            datetime.date.fromisoformat(constant)
+        elif family == "timestamp":
+            datetime.datetime.fromisoformat(constant)
+        elif family == "uuid":
+            uuid.UUID(constant)
+        elif family in ("json", "jsonb"):
+            json.loads(constant)
+        else:
+            return False
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,60 @@
+"""Installs what masking needs in the upstream database: the keyed hash function and its secret."""
+
+from __future__ import annotations
+
+import hashlib
+
+import asyncpg
+
+_BLOCK_SIZE = 64  # SHA-256 block size in bytes (RFC 2104)
+
+_INSTALL = """
+CREATE SCHEMA IF NOT EXISTS pgveil;
+REVOKE ALL ON SCHEMA pgveil FROM PUBLIC;
+GRANT USAGE ON SCHEMA pgveil TO PUBLIC;
+CREATE TABLE IF NOT EXISTS pgveil.hash_key (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    inner_pad bytea NOT NULL,
+    outer_pad bytea NOT NULL
+);
+REVOKE ALL ON TABLE pgveil.hash_key FROM PUBLIC;
+CREATE OR REPLACE FUNCTION pgveil.mask_hash(value text) RETURNS text
+    LANGUAGE sql STABLE STRICT SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $body$
+    SELECT encode(sha256(k.outer_pad || sha256(k.inner_pad || convert_to(value, 'UTF8'))), 'hex')
+    FROM pgveil.hash_key AS k
+$body$;
+REVOKE ALL ON FUNCTION pgveil.mask_hash(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgveil.mask_hash(text) TO PUBLIC;
+"""
+
+_STORE_KEY = """
+INSERT INTO pgveil.hash_key (singleton, inner_pad, outer_pad) VALUES (true, $1, $2)
+ON CONFLICT (singleton) DO UPDATE SET inner_pad = EXCLUDED.inner_pad, outer_pad = EXCLUDED.outer_pad
+"""
+
+
+def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
+    """(key XOR ipad, key XOR opad) of HMAC-SHA256, so SQL needs only sha256()."""
+    if len(key) > _BLOCK_SIZE:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK_SIZE, b"\x00")
+    return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
+
+
+async def install_masking_functions(dsn: str, hash_key: bytes) -> None:
+    """Create or update schema `pgveil`, its key table and `pgveil.mask_hash(text)`; idempotent.
+
+    Running it again with another key rotates the key. The key travels only as bound parameters,
+    so it is never part of any SQL text the server could show."""
+    inner_pad, outer_pad = hmac_pads(hash_key)
+    connection = await asyncpg.connect(dsn)
+    try:
+        async with connection.transaction():
+            # Concurrent installers (several pgveil processes) would race on CREATE ... IF NOT EXISTS.
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext('pgveil.install'))")
+            await connection.execute(_INSTALL)
+            await connection.execute(_STORE_KEY, inner_pad, outer_pad)
+    finally:
+        await connection.close()
