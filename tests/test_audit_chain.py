@@ -102,7 +102,9 @@ async def test_an_hmac_keyed_log_cannot_be_verified_or_resealed_without_the_key(
     assert len(verify(log)) == 3
 
 
-def test_audit_verify_command_exit_status_and_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_verify_command_exit_status_and_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     log = tmp_path / "audit.jsonl"
     asyncio.run(write_records(log, 3))
     assert pgveil(["audit", "verify", str(log)]) == 0
