@@ -42,7 +42,7 @@ _TOP_KEYS = ("version", "settings", "roles", "datasets", "elevations")
 _SETTINGS_KEYS = ("default_role", "hash_key_env")
 _ROLE_KEYS = (
     "members", "description", "statements", "tables", "reveal", "max_quasi_identifiers",
-    "row_filters", "injection", "fingerprints",
+    "row_filters", "injection", "fingerprints", "application",
 )
 _DATASET_KEYS = (
     "description", "version", "registered_by", "registered_at", "originating_source", "columns",
@@ -106,8 +106,11 @@ _PolicyYamlLoader.add_implicit_resolver(
 )
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file; raise PolicyError listing every problem found."""
+def load_policy(path: str | Path, *, require_hash_key: bool = True) -> Policy:
+    """Read and validate a policy file; raise PolicyError listing every problem found.
+
+    `require_hash_key=False` is for tools that never mask (catalog export): a policy using `hash`
+    then loads even when its secret is not set."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -115,10 +118,10 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError([f"{source}: cannot read the policy file: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
         raise PolicyError([f"{source}: the policy file is not UTF-8 text (save it as UTF-8)"]) from None
-    return parse_policy(text, source)
+    return parse_policy(text, source, require_hash_key=require_hash_key)
 
 
-def parse_policy(text: str, source: str = "<string>") -> Policy:
+def parse_policy(text: str, source: str = "<string>", *, require_hash_key: bool = True) -> Policy:
     """Validate policy YAML text; `source` names it in error messages."""
     loader = _PolicyYamlLoader(text)
     loader.duplicate_keys = []
@@ -133,7 +136,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         loader.dispose()
     if loader.duplicate_keys:
         raise PolicyError([f"{source}: {problem}" for problem in loader.duplicate_keys])
-    return _PolicyBuilder(source).build(document)
+    return _PolicyBuilder(source, require_hash_key).build(document)
 
 
 def hash_key(policy: Policy) -> bytes:
@@ -234,8 +237,9 @@ class _Invalid(Exception):
 class _PolicyBuilder:
     """Walks the YAML document, records every problem with its path, and builds the model."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, require_hash_key: bool) -> None:
         self.source = source
+        self.require_hash_key = require_hash_key
         self.errors: list[str] = []
 
     def fail(self, path: str, message: str) -> NoReturn:
@@ -367,7 +371,7 @@ class _PolicyBuilder:
             elevations=elevations,
             source=self.source,
         )
-        if policy_uses_hash(policy):
+        if self.require_hash_key and policy_uses_hash(policy):
             problem = _hash_key_problem(settings.hash_key_env)
             if problem:
                 self.error("settings.hash_key_env", problem)
@@ -414,6 +418,8 @@ class _PolicyBuilder:
             spec.get("injection"), _join(path, "injection"), INJECTION_MODES, "enforce"))
         fingerprints = self.attempt(lambda: self.choice(
             spec.get("fingerprints"), _join(path, "fingerprints"), FINGERPRINT_MODES, "off"))
+        application = self.attempt(
+            lambda: self.flag(spec.get("application"), _join(path, "application"), False))
         return Role(
             name=name,
             members=members or (),
@@ -425,6 +431,7 @@ class _PolicyBuilder:
             row_filters=row_filters or {},
             injection=cast(Literal["enforce", "alert", "off"], injection or "enforce"),
             fingerprints=cast(Literal["off", "learn", "enforce"], fingerprints or "off"),
+            application=application is True,
         )
 
     def check_statement_class(self, item: str, path: str) -> None:
