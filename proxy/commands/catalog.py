@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -58,15 +56,11 @@ class LiveColumn:
 def run(args: argparse.Namespace) -> int:
     from proxy.policy.loader import PolicyError, load_policy
 
-    _supply_unused_hash_key(args.policy)
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(args.policy, require_hash_key=False)  # the catalog never hashes
     except PolicyError as exc:
-        for line in getattr(exc, "errors", None) or [str(exc)]:
+        for line in exc.errors:
             print(line, file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{args.policy}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     live: dict[str, list[LiveColumn]] | None = None
     if args.upstream:
@@ -82,22 +76,6 @@ def run(args: argparse.Namespace) -> int:
     json.dump(registry(policy, live), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
-
-
-def _supply_unused_hash_key(policy_path: str) -> None:
-    """The loader refuses a policy using `hash` without its key; the catalog never hashes, so it
-    must not need the secret: give this process a throw-away key when none is set."""
-    import yaml
-
-    try:
-        with open(policy_path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-    except (OSError, yaml.YAMLError):
-        return  # the loader reports it properly
-    settings = document.get("settings") if isinstance(document, dict) else None
-    env_name = settings.get("hash_key_env") if isinstance(settings, dict) else None
-    os.environ.setdefault(env_name if isinstance(env_name, str) and env_name else "PGVEIL_HASH_KEY",
-                          secrets.token_hex(32))
 
 
 def registry(policy: Policy, live: dict[str, list[LiveColumn]] | None = None) -> list[dict[str, Any]]:
