@@ -24,6 +24,8 @@ class AuditEventSource(Protocol):
 
     def take_events(self) -> list[dict[str, Any]]: ...
 
+    def return_events(self, events: list[dict[str, Any]]) -> None: ...
+
 
 class AuditTimer(Protocol):
     """Where audit write latency and failures are counted (proxy.metrics.Metrics fits)."""
@@ -98,8 +100,13 @@ class AuditedConnection:
     async def _write_pending_events(self) -> None:
         if self.events is None:
             return
-        for event in self.events.take_events():
-            await self._write({"time": self.clock(), **event})
+        events = self.events.take_events()
+        for index, event in enumerate(events):
+            try:
+                await self._write({"time": self.clock(), **event})
+            except AuditError:
+                self.events.return_events(events[index:])
+                raise
 
     async def _audited(self, verdict: Verdict, protocol: str, extra: dict[str, Any]) -> Verdict:
         self.requests += 1
