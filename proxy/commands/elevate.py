@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pgveil elevate: set {args.key_env} to the grant key the proxy uses", file=sys.stderr)
         return 2
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(args.policy, require_hash_key=False)
     except (PolicyError, OSError) as exc:
         print(f"pgveil elevate: {exc}", file=sys.stderr)
         return 2
