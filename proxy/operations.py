@@ -1,0 +1,262 @@
+"""Operations wiring for `pgveil serve`: audit sink and elevation from settings, the decorated
+connection-policy factory, policy reload accounting, readiness, and the metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from proxy.audit import (
+    FSYNC_MODES,
+    AuditError,
+    AuditRecord,
+    AuditSink,
+    FsyncMode,
+    JsonLinesFileSink,
+    StdoutSink,
+)
+from proxy.audit.connection import AuditedConnection, OnAuditFailure
+from proxy.connection_policy import ClientInfo, ConnectionPolicy
+from proxy.elevation import GRANT_KEY_ENV, GrantBook
+from proxy.metrics import MeteredConnection, Metrics, MetricsServer, metrics_port_for_worker
+from proxy.policy.model import Policy
+
+log = logging.getLogger("pgveil.operations")
+
+ConnectionPolicyFactory = Callable[[ClientInfo], ConnectionPolicy]
+
+
+class OperationsSettingsError(ValueError):
+    """An `audit:` or `elevation:` setting that cannot be used; one line saying what to fix."""
+
+
+def _key_from_env(name: str | None, what: str) -> bytes | None:
+    if not name:
+        return None
+    value = os.environ.get(name)
+    if not value:
+        raise OperationsSettingsError(f"{what}: environment variable {name} is not set")
+    return value.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """Where and how audit records are written (`--audit-log` plus the `audit:` config section)."""
+
+    log: str | None = None  # file path; "-" means standard output
+    fsync: FsyncMode = "batch"
+    max_bytes: int | None = 100 * 1024 * 1024
+    key_env: str | None = None
+    postgres_dsn: str | None = None
+    postgres_table: str = "pgveil_audit"
+    on_failure: OnAuditFailure = "refuse"
+    include_literals: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.log or self.postgres_dsn)
+
+    @classmethod
+    def from_settings(cls, audit_log: str | None, extra: Mapping[str, Any]) -> AuditSettings:
+        section = extra.get("audit") or {}
+        if not isinstance(section, Mapping):
+            raise OperationsSettingsError("audit: must be a mapping of setting: value")
+        known = {"fsync", "max_bytes", "key_env", "postgres_dsn", "postgres_table", "on_failure",
+                 "include_literals", "log"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise OperationsSettingsError(
+                f"audit.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
+        fsync = section.get("fsync", "batch")
+        if fsync not in FSYNC_MODES:
+            raise OperationsSettingsError(
+                f"audit.fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
+        on_failure = section.get("on_failure", "refuse")
+        if on_failure not in ("refuse", "allow"):
+            raise OperationsSettingsError(f"audit.on_failure must be refuse or allow, not {on_failure!r}")
+        max_bytes = section.get("max_bytes", 100 * 1024 * 1024)
+        if not isinstance(max_bytes, int) or max_bytes < 0:
+            raise OperationsSettingsError("audit.max_bytes must be a byte count (0: never rotate)")
+        return cls(
+            log=audit_log or section.get("log"),
+            fsync=cast(FsyncMode, fsync),
+            max_bytes=max_bytes or None,
+            key_env=section.get("key_env"),
+            postgres_dsn=section.get("postgres_dsn") or os.environ.get("PGVEIL_AUDIT_POSTGRES_DSN"),
+            postgres_table=str(section.get("postgres_table", "pgveil_audit")),
+            on_failure=cast(OnAuditFailure, on_failure),
+            include_literals=bool(section.get("include_literals", False)),
+        )
+
+
+class FanOutSink:
+    """Writes each record to every sink; the record counts as written only when all have it."""
+
+    def __init__(self, sinks: list[AuditSink]) -> None:
+        self.sinks = sinks
+
+    async def write(self, record: AuditRecord) -> None:
+        results = await asyncio.gather(*(sink.write(record) for sink in self.sinks), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result if isinstance(result, AuditError) else AuditError(str(result))
+
+    async def flush(self) -> None:
+        await asyncio.gather(*(sink.flush() for sink in self.sinks))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(sink.close() for sink in self.sinks))
+
+
+def open_audit_sink(audit: AuditSettings) -> AuditSink | None:
+    """The sink `audit` describes, opened (a file that cannot be opened fails here), or None."""
+    key = _key_from_env(audit.key_env, "audit.key_env")
+    sinks: list[AuditSink] = []
+    if audit.log == "-":
+        sinks.append(StdoutSink(key=key))
+    elif audit.log:
+        try:
+            sinks.append(JsonLinesFileSink(audit.log, fsync=audit.fsync, max_bytes=audit.max_bytes, key=key))
+        except AuditError as exc:
+            raise OperationsSettingsError(str(exc)) from exc
+    if audit.postgres_dsn:
+        from proxy.audit.postgres import PostgresSink
+
+        sinks.append(PostgresSink(audit.postgres_dsn, table=audit.postgres_table, key=key))
+    if not sinks:
+        return None
+    return sinks[0] if len(sinks) == 1 else FanOutSink(sinks)
+
+
+@dataclass(frozen=True, slots=True)
+class ElevationSettings:
+    """The `elevation:` config section: which grants file the proxy watches, and its key."""
+
+    grants_file: str | None = None
+    key_env: str = GRANT_KEY_ENV
+
+    @classmethod
+    def from_settings(cls, extra: Mapping[str, Any]) -> ElevationSettings:
+        section = extra.get("elevation") or {}
+        if not isinstance(section, Mapping):
+            raise OperationsSettingsError("elevation: must be a mapping of setting: value")
+        unknown = sorted(set(section) - {"grants_file", "key_env"})
+        if unknown:
+            raise OperationsSettingsError(
+                f"elevation.{unknown[0]}: unknown setting (known: grants_file, key_env)")
+        grants_file = section.get("grants_file") or os.environ.get("PGVEIL_GRANTS_FILE")
+        return cls(grants_file=str(grants_file) if grants_file else None,
+                   key_env=str(section.get("key_env", GRANT_KEY_ENV)))
+
+
+def open_grant_book(elevation: ElevationSettings, policy: Callable[[], Policy | None],
+                    metrics: Metrics | None = None) -> GrantBook | None:
+    """The GrantBook to hand the guard (its `active_role`) and the audit (its events), or None."""
+    if not elevation.grants_file:
+        return None
+    key = os.environ.get(elevation.key_env)
+    if not key:
+        log.warning("elevation.grants_file is set but %s is not: every grant will be rejected",
+                    elevation.key_env)
+    on_event = (lambda event: metrics.elevations.labels(event).inc()) if metrics else None
+    return GrantBook(elevation.grants_file, policy, key.encode() if key else None, on_event)
+
+
+def active_role_of(grants: GrantBook | None) -> Callable[[str], str | None] | None:
+    """What the guard's `active_role` parameter takes: login -> elevated role now, or None."""
+    if grants is None:
+        return None
+    return lambda login: grants.active_role(login, time.time())
+
+
+def build_connection_policy_factory(
+    inner: ConnectionPolicyFactory,
+    sink: AuditSink | None,
+    metrics: Metrics | None,
+    audit: AuditSettings = AuditSettings(),
+    grants: GrantBook | None = None,
+) -> ConnectionPolicyFactory:
+    """Wrap the guard's per-connection policy: MeteredConnection(AuditedConnection(inner(client))).
+
+    Without a sink nothing is audited; without metrics nothing is counted. Elevation events are
+    written to the audit log ahead of the access record of the statement that triggered them.
+    """
+
+    def factory(client: ClientInfo) -> ConnectionPolicy:
+        policy = inner(client)
+        if sink is not None:
+            policy = AuditedConnection(policy, sink, client, on_audit_failure=audit.on_failure,
+                                       include_literals=audit.include_literals, events=grants, timer=metrics)
+        if metrics is not None:
+            policy = MeteredConnection(policy, metrics)
+        return policy
+
+    return factory
+
+
+async def reload_policy(reload: Callable[[], Awaitable[Policy]], metrics: Metrics | None) -> Policy | None:
+    """Run one reload (SIGHUP): count it, log it; an invalid policy leaves the old one in force.
+
+    `reload` loads and validates the file and swaps it in atomically, raising when invalid.
+    """
+    try:
+        policy = await reload()
+    except Exception as exc:
+        log.error("policy reload refused, the previous policy stays in force: %s", exc)
+        if metrics:
+            metrics.policy_reloaded(ok=False)
+        return None
+    log.info("policy reloaded: version %s from %s", policy.version, policy.source)
+    if metrics:
+        metrics.policy_reloaded(ok=True)
+        metrics.policy_loaded_now(policy.version, policy.source)
+    return policy
+
+
+async def upstream_answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when a PostgreSQL server answers an SSLRequest at host:port (no credentials needed)."""
+    try:
+        if host.startswith("/"):
+            opened = asyncio.open_unix_connection(os.path.join(host, f".s.PGSQL.{port}"))
+        else:
+            opened = asyncio.open_connection(host, port)
+        reader, writer = await asyncio.wait_for(opened, timeout)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(struct.pack("!II", 8, 80877103))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readexactly(1), timeout)
+        return answer in (b"S", b"N")
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def readiness(policy: Callable[[], Policy | None], host: str, port: int) -> Callable[[], Awaitable[bool]]:
+    """The /readyz check: a policy is loaded and the upstream answers."""
+
+    async def ready() -> bool:
+        return policy() is not None and await upstream_answers(host, port)
+
+    return ready
+
+
+async def start_metrics_server(metrics: Metrics, listen: tuple[str, int],
+                               ready: Callable[[], Awaitable[bool]], worker_index: int = 0) -> MetricsServer:
+    """Serve /metrics, /healthz, /readyz; worker i of --workers N listens on PORT+i."""
+    host, port = listen
+    server = MetricsServer(metrics, ready)
+    bound = await server.start(host, metrics_port_for_worker(port, worker_index))
+    log.info("metrics on http://%s:%d/metrics", *bound)
+    return server
