@@ -1,0 +1,314 @@
+"""The guard's own rules over an analysed statement: statement classes, table allow-list, side doors,
+views and functions that read protected data, DDL and DML that would expose it."""
+
+from __future__ import annotations
+
+from pglast import ast
+
+from proxy.catalog import PGVEIL_SCHEMA, SYSTEM_SCHEMAS, effective_search_path
+from proxy.guard.classify import ALWAYS_ALLOWED, required_classes
+from proxy.guard.protected import relation_masks
+from proxy.guard.statement import GuardContext, GuardStatement
+from proxy.guard.verdict import Refuse
+
+VALUE_EXPOSING_CATALOGS = frozenset({
+    "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext",
+    "pg_statistic_ext_data", "pg_stat_statements", "pg_stat_statements_info", "pg_authid",
+    "pg_shadow", "pg_user_mapping", "pg_user_mappings", "pg_largeobject", "pg_largeobject_metadata",
+})
+"""Relations (any schema: extensions install where they like) that expose data values or secrets."""
+
+SIDE_DOOR_FUNCTIONS = frozenset({
+    "current_query", "ts_stat", "ts_rewrite", "pg_stat_file", "pg_current_logfile", "loread",
+    "lowrite", "connectby", "pg_stat_statements", "pg_stat_statements_info",
+})
+SIDE_DOOR_PREFIXES = (
+    "query_to_xml", "table_to_xml", "schema_to_xml", "database_to_xml", "cursor_to_xml", "dblink",
+    "pg_read_", "pg_ls_", "pg_file_", "lo_", "pg_logical_slot_", "pg_replication_slot", "crosstab",
+)
+"""Functions that run SQL given as text, read whole tables/schemas/files, or large objects."""
+
+
+def statement_class_allowed(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    for statement_class in sorted(required_classes(statement)):
+        if statement_class in ALWAYS_ALLOWED or context.role.may_run(statement_class):
+            continue
+        return Refuse(
+            "statement-class",
+            f"role {context.role.name} may not run {statement_class} statements; "
+            "ask for a role whose 'statements' include it",
+        )
+    return None
+
+
+def table_allow_list(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    for ref in statement.relations:
+        if ref.cte:
+            continue
+        if ref.qualified is None:
+            if ref.position == "other" or context.role.may_touch("*"):
+                continue
+            return Refuse(
+                "table-not-allowed",
+                f"relation {'.'.join(ref.parts)} is unknown to pgveil and role {context.role.name} "
+                "may only use the tables its policy lists",
+            )
+        assert ref.relation is not None
+        if ref.relation.schema in SYSTEM_SCHEMAS or ref.relation.schema == PGVEIL_SCHEMA:
+            continue
+        if not context.role.may_touch(ref.qualified):
+            return Refuse(
+                "table-not-allowed",
+                f"role {context.role.name} may not use {ref.qualified}; "
+                "ask for it to be added to the role's 'tables'",
+            )
+    return None
+
+
+def catalog_side_doors(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    if not context.masked:
+        return None
+    for ref in statement.relations:
+        name = ref.relation.name if ref.relation is not None else ref.parts[-1]
+        if not ref.cte and name in VALUE_EXPOSING_CATALOGS:
+            return Refuse(
+                "value-exposing-catalog",
+                f"{name} exposes data values or secrets and role {context.role.name} has masked data; "
+                "query the tables themselves",
+            )
+    return None
+
+
+def pgveil_schema(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    if not context.masked:
+        return None
+    touches = any(
+        (ref.relation is not None and ref.relation.schema == PGVEIL_SCHEMA)
+        or (len(ref.parts) > 1 and ref.parts[-2] == PGVEIL_SCHEMA)
+        for ref in statement.relations
+    ) or any(function.schema == PGVEIL_SCHEMA for function in statement.functions)
+    if touches or _names_schema(statement.node, PGVEIL_SCHEMA):
+        return Refuse(
+            "pgveil-schema",
+            "schema pgveil holds pgveil's masking functions and is not for direct use; "
+            "select the columns and pgveil masks them",
+        )
+    return None
+
+
+def function_side_doors(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    if not context.masked:
+        return None
+    for function in statement.functions:
+        name = function.name
+        if name in SIDE_DOOR_FUNCTIONS or name.startswith(SIDE_DOOR_PREFIXES):
+            return Refuse(
+                "side-door-function",
+                f"{name}() runs SQL text or reads whole tables, files or large objects, which "
+                f"would bypass masking for role {context.role.name}; query the tables directly",
+            )
+    return None
+
+
+def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """User-defined functions whose bodies read protected relations (or cannot be read) run with
+    raw data inside; a masked role may call them only when the policy lists them as datasets."""
+    if not context.masked:
+        return None
+    catalog = context.catalog
+    path = effective_search_path(context.search_path, context.user)
+    candidates: list[str] = []
+    for function in statement.functions:
+        candidates.extend(_user_functions(function.parts, path, catalog.functions))
+    function_names = {info.name for info in catalog.functions.values()}
+    for column_ref in statement.column_refs:  # functional notation: row.f is f(row)
+        fields = [f.sval for f in column_ref.fields if isinstance(f, ast.String)]
+        if len(fields) >= 2 and fields[-1] in function_names:
+            candidates.extend(_user_functions((fields[-1],), path, catalog.functions))
+    for qualified in dict.fromkeys(candidates):
+        if qualified in context.policy.datasets:
+            continue
+        info = catalog.functions[qualified]
+        if info.opaque_body:
+            return Refuse(
+                "unlisted-function",
+                f"{qualified}() has a body pgveil cannot analyse and role {context.role.name} has "
+                "masked data; list the function under 'datasets' once it is reviewed",
+            )
+        for read in info.reads:
+            relation = catalog.relations.get(read)
+            if relation is not None and relation_masks(context.policy, context.role, relation).protected:
+                return Refuse(
+                    "unlisted-function",
+                    f"{qualified}() reads {read}, which has data masked for role {context.role.name}; "
+                    "list the function under 'datasets' once it is reviewed",
+                )
+    return None
+
+
+def _user_functions(parts: tuple[str, ...], path: tuple[str, ...], functions: dict[str, object]) -> list[str]:
+    if len(parts) >= 2:
+        key = f"{parts[-2]}.{parts[-1]}"
+        return [key] if key in functions else []
+    return [f"{schema}.{parts[0]}" for schema in path if f"{schema}.{parts[0]}" in functions]
+
+
+def unlisted_views(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    if not context.masked:
+        return None
+    for ref in statement.relations:
+        relation = ref.relation
+        if relation is None or relation.kind not in ("view", "matview"):
+            continue
+        if relation.schema in SYSTEM_SCHEMAS or ref.qualified in context.policy.datasets:
+            continue
+        for read in sorted(context.catalog.base_relations(relation)):
+            base = context.catalog.relations.get(read)
+            if base is not None and relation_masks(context.policy, context.role, base).protected:
+                return Refuse(
+                    "unlisted-view",
+                    f"{ref.qualified} reads {read}, which has data masked for role {context.role.name}; "
+                    "list the view under 'datasets' with its own column policies",
+                )
+    return None
+
+
+def tablesample_on_protected(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    for ref in statement.relations:
+        if ref.position == "sample" and _protected(ref, context):
+            return Refuse(
+                "tablesample-on-masked-table",
+                f"TABLESAMPLE cannot be applied to {ref.qualified}, which is masked for role "
+                f"{context.role.name}; use ORDER BY random() LIMIT n",
+            )
+    return None
+
+
+def ddl_over_protected_data(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    if not context.masked or statement.statement_class not in ("ddl", "admin"):
+        return None
+    for ref in statement.relations:
+        if _protected(ref, context):
+            return Refuse(
+                "ddl-over-protected-data",
+                f"{statement.node_type} touches {ref.qualified}, which has data masked for role "
+                f"{context.role.name}; such DDL could copy or expose raw values",
+            )
+    return None
+
+
+def procedural_code(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    if not context.masked:
+        return None
+    node = statement.node
+    if isinstance(node, ast.DoStmt | ast.CreateFunctionStmt | ast.CreateTrigStmt | ast.RuleStmt
+                  | ast.CreateEventTrigStmt | ast.CreatePolicyStmt | ast.AlterFunctionStmt):
+        return Refuse(
+            "procedural-code",
+            f"{statement.node_type} runs or defines code pgveil cannot analyse, and role "
+            f"{context.role.name} has masked data",
+        )
+    return None
+
+
+def dml_target_reads(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """A DML target cannot be replaced by a masked derived table: refuse reading its masked columns."""
+    if not context.masked:
+        return None
+    for ref in statement.relations:
+        if ref.position != "target" or ref.relation is None:
+            continue
+        masks = relation_masks(context.policy, context.role, ref.relation)
+        if not masks.protected:
+            continue
+        if masks.row_filter is not None:
+            return Refuse(
+                "row-filtered-target",
+                f"role {context.role.name} sees only some rows of {ref.qualified}; "
+                "it cannot modify that table through pgveil",
+            )
+        target = _target_statement(statement.node, ref.node)
+        if target is None or isinstance(target, ast.MergeStmt):
+            return Refuse(
+                "masked-column-in-dml",
+                f"MERGE into {ref.qualified} would read columns masked for role {context.role.name}",
+            )
+        alias = ref.alias or ref.node.relname
+        for clause in _reading_clauses(target):
+            refusal = _reads_masked(clause, set(masks.masks), alias, ref.qualified or "")
+            if refusal is not None:
+                return refusal
+    return None
+
+
+def locking_clause_on_protected(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    # PostgreSQL applies FOR UPDATE/SHARE of a derived table to the tables inside it, so the
+    # substituted relation is locked exactly as written; nothing to refuse.
+    return None
+
+
+def _protected(ref: object, context: GuardContext) -> bool:
+    relation = getattr(ref, "relation", None)
+    return relation is not None and relation_masks(context.policy, context.role, relation).protected
+
+
+def _target_statement(root: ast.Node, target: ast.RangeVar) -> ast.Node | None:
+    for node in _walk(root):
+        if isinstance(node, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt) and (
+            node.relation is target
+        ):
+            return node
+    return None
+
+
+def _reading_clauses(node: ast.Node) -> list[object]:
+    if isinstance(node, ast.InsertStmt):
+        return [node.returningList, node.onConflictClause]
+    if isinstance(node, ast.UpdateStmt):
+        return [node.targetList, node.whereClause, node.returningList]
+    if isinstance(node, ast.DeleteStmt):
+        return [node.whereClause, node.returningList]
+    return []
+
+
+def _reads_masked(clause: object, masked: set[str], alias: str, qualified: str) -> Refuse | None:
+    for node in _walk(clause):
+        if not isinstance(node, ast.ColumnRef):
+            continue
+        fields = node.fields or ()
+        names = [f.sval for f in fields if isinstance(f, ast.String)]
+        star = any(isinstance(f, ast.A_Star) for f in fields)
+        if (names and names[-1] in masked) or star or names == [alias]:
+            shown = ".".join(names) + (".*" if star and names else "*" if star else "")
+            return Refuse(
+                "masked-column-in-dml",
+                f"{shown} reads a column of {qualified} that is masked for this role; a DML target "
+                "cannot be masked, so name only unmasked columns in WHERE, SET, RETURNING and ON CONFLICT",
+            )
+    return None
+
+
+def _walk(root: object) -> list[ast.Node]:
+    found: list[ast.Node] = []
+    stack: list[object] = [root]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple | list):
+            stack.extend(item)
+        elif isinstance(item, ast.Node):
+            found.append(item)
+            stack.extend(getattr(item, slot, None) for slot in item.__slots__)
+    return found
+
+
+def _names_schema(root: ast.Node, schema: str) -> bool:
+    """Any qualified name (type, operator, function, column) whose schema part is `schema`."""
+    for node in _walk(root):
+        names = None
+        if isinstance(node, ast.TypeName):
+            names = node.names
+        elif isinstance(node, ast.A_Expr):
+            names = node.name
+        if names and len(names) > 1 and isinstance(names[0], ast.String) and names[0].sval == schema:
+            return True
+    return False
