@@ -282,3 +282,14 @@ def test_dockerfile_copies_only_files_that_exist_and_are_not_ignored() -> None:
         for source in args.split()[:-1]:
             assert (ROOT / source).exists(), source
             assert source.split("/")[0] not in ignored, source
+
+
+def test_container_config_uses_only_settings_pgveil_serve_knows() -> None:
+    from proxy.config import load_settings
+
+    settings = load_settings({"config": str(ROOT / "deploy" / "config.yaml")},
+                             environ={"PGVEIL_UPSTREAM": "postgresql://catalog@db:5432/app"})
+    assert settings.extra == {}
+    assert settings.listen == "0.0.0.0:6432"
+    assert settings.policy == "/etc/pgveil/policy/policy.yaml"
+    assert settings.upstream == "postgresql://catalog@db:5432/app"
