@@ -47,7 +47,7 @@ class Metrics:
         self.connections = Counter(
             "pgveil_connections", "Client connections accepted, by outcome of the startup decision",
             ["result"], registry=r)
-        self.bytes_relayed = Counter(
+        self.bytes_relayed_total = Counter(
             "pgveil_bytes_relayed", "Bytes relayed, by direction (client_to_server, server_to_client)",
             ["direction"], registry=r)
         self.audit_write_seconds = Histogram(
@@ -63,25 +63,31 @@ class Metrics:
             "pgveil_policy_loaded_timestamp_seconds", "Unix time the current policy was loaded",
             registry=r)
         self.upstream_errors = Counter(
-            "pgveil_upstream_errors", "Failures talking to PostgreSQL (connect, io), not SQL errors",
+            "pgveil_upstream_errors",
+            "Failures talking to PostgreSQL (connect, lost, tls, protocol), not SQL errors",
             ["kind"], registry=r)
         self.elevations = Counter(
             "pgveil_elevation_events", "Elevation grant events (granted, used, expired, rejected)",
             ["event"], registry=r)
 
-    # Hooks for the session and server, which own sockets and policy loading.
+    # The session's RelayObserver (proxy/session/observer.py): connections, bytes, upstream failures.
 
-    def connection_opened(self) -> None:
+    def connection_opened(self, connection_id: int) -> None:
         self.connections_open.inc()
 
-    def connection_closed(self) -> None:
+    def connection_closed(self, connection_id: int, reason: str) -> None:
         self.connections_open.dec()
 
-    def relayed(self, direction: str, nbytes: int) -> None:
-        self.bytes_relayed.labels(direction).inc(nbytes)
+    def bytes_relayed(self, to_upstream: int, to_client: int) -> None:
+        if to_upstream:
+            self.bytes_relayed_total.labels("client_to_server").inc(to_upstream)
+        if to_client:
+            self.bytes_relayed_total.labels("server_to_client").inc(to_client)
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind).inc()
+
+    # Policy loading and the guard's verdict cache.
 
     def policy_reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "invalid").inc()

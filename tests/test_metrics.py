@@ -88,3 +88,17 @@ def test_every_metric_is_documented_in_operations_guide() -> None:
     names = {metric.name for metric in Metrics().registry.collect()}
     missing = sorted(name for name in names if name not in guide)
     assert missing == []
+
+
+def test_metrics_observe_the_relay_connections_bytes_and_upstream_errors() -> None:
+    metrics = Metrics()
+    metrics.connection_opened(1)
+    metrics.connection_opened(2)
+    metrics.connection_closed(1, "client closed")
+    metrics.bytes_relayed(to_upstream=100, to_client=0)
+    metrics.bytes_relayed(to_upstream=0, to_client=2500)
+    metrics.upstream_error("connect")
+    assert sample(metrics, "pgveil_connections_open") == 1
+    assert sample(metrics, "pgveil_bytes_relayed_total", {"direction": "client_to_server"}) == 100
+    assert sample(metrics, "pgveil_bytes_relayed_total", {"direction": "server_to_client"}) == 2500
+    assert sample(metrics, "pgveil_upstream_errors_total", {"kind": "connect"}) == 1
