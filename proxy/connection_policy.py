@@ -28,6 +28,7 @@ class Outcome:
     rows: int
     sqlstate: str | None  # None on success
     upstream_seconds: float
+    verdicts: int = 1  # how many verdicts (Query/Parse/FunctionCall) this request covered
 
 
 class ConnectionPolicy(Protocol):

@@ -153,3 +153,19 @@ async def test_postgres_sink_failure_refuses_statements(upstream: Upstream) -> N
     audited = AuditedConnection(GuardStandIn(), sink, CLIENT)
     verdict = await audited.on_query("SELECT 1")
     assert isinstance(verdict, Refuse) and verdict.rule == "audit-unavailable"
+
+
+async def test_pipelined_requests_get_completions_in_decision_order(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    sink = JsonLinesFileSink(log)
+    audited = AuditedConnection(GuardStandIn(), sink, CLIENT)
+    await audited.on_query("SELECT 1")
+    await audited.on_query("SELECT 2")
+    await audited.on_parse("", "SELECT 3", ())
+    await audited.on_parse("", "SELECT 4", ())
+    await audited.on_complete(Outcome(rows=1, sqlstate=None, upstream_seconds=0.001))
+    await audited.on_complete(Outcome(rows=1, sqlstate=None, upstream_seconds=0.001))
+    await audited.on_complete(Outcome(rows=2, sqlstate=None, upstream_seconds=0.001, verdicts=2))
+    completions = [r for r in records(log) if r["type"] == "completion"]
+    assert [(c["request"], c.get("requests")) for c in completions] == [(1, None), (2, None), (3, [3, 4])]
+    await sink.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -61,6 +62,7 @@ class AuditedConnection:
         self.timer = timer
         self.clock = clock
         self.requests = 0
+        self._unfinished: deque[int] = deque()  # access records whose completion is still to come
 
     @property
     def role_name(self) -> str | None:
@@ -110,6 +112,7 @@ class AuditedConnection:
 
     async def _audited(self, verdict: Verdict, protocol: str, extra: dict[str, Any]) -> Verdict:
         self.requests += 1
+        self._unfinished.append(self.requests)
         info = verdict.info
         record = {
             "type": "access",
@@ -174,8 +177,15 @@ class AuditedConnection:
 
     async def on_complete(self, outcome: Outcome) -> None:
         await self.inner.on_complete(outcome)
-        record = {"type": "completion", **self._who(), "request": self.requests, "rows": outcome.rows,
-                  "upstream_seconds": round(outcome.upstream_seconds, 6), "sqlstate": outcome.sqlstate}
+        # Requests finish in the order they were decided (pipelining included); one request of the
+        # extended protocol can cover several Parse verdicts.
+        covered = [self._unfinished.popleft() for _ in range(max(1, outcome.verdicts)) if self._unfinished]
+        record: dict[str, Any] = {
+            "type": "completion", **self._who(), "request": covered[0] if covered else self.requests,
+            "rows": outcome.rows, "upstream_seconds": round(outcome.upstream_seconds, 6),
+            "sqlstate": outcome.sqlstate}
+        if len(covered) > 1:
+            record["requests"] = covered
         try:
             await self._write(record)
         except AuditError as exc:  # the statement already ran; the next one will meet the same sink
