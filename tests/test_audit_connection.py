@@ -169,3 +169,18 @@ async def test_pipelined_requests_get_completions_in_decision_order(tmp_path: Pa
     completions = [r for r in records(log) if r["type"] == "completion"]
     assert [(c["request"], c.get("requests")) for c in completions] == [(1, None), (2, None), (3, [3, 4])]
     await sink.close()
+
+
+async def test_audit_verify_checks_the_chains_of_a_postgres_table(upstream: Upstream) -> None:
+    from proxy.audit.postgres import verify_table
+
+    upstream.execute("DROP TABLE IF EXISTS ops_audit_verified")
+    sink = PostgresSink(upstream.dsn(), table="ops_audit_verified")
+    for n in range(3):
+        await sink.write({"type": "access", "request": n})
+    await sink.close()
+    assert await verify_table(upstream.dsn(), "ops_audit_verified") == []
+    upstream.execute("UPDATE ops_audit_verified SET line = replace(line, '\"request\":1', '\"request\":7')")
+    assert await verify_table(upstream.dsn(), "ops_audit_verified") == [
+        f"ops_audit_verified:{sink.chain_id}:seq 1: record seq 1 does not match its hash: it was edited "
+        "(or the log was written with an HMAC key: pass it)"]

@@ -77,3 +77,25 @@ class PostgresSink:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+
+
+async def verify_table(dsn: str, table: str = "pgveil_audit", key: bytes | None = None) -> list[str]:
+    """Problems in every chain stored in `table` ([] when all are intact), each as `table:chain:row`."""
+    from proxy.audit.verify import verify_lines
+
+    if not _TABLE_NAME.match(table):
+        raise ValueError(f"audit table must be a plain [schema.]name, not {table!r}")
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(f"SELECT chain, seq, line FROM {table} ORDER BY chain, seq")
+    finally:
+        await connection.close()
+    problems: list[str] = []
+    chains: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        chains.setdefault(row["chain"], []).append((f"{table}:{row['chain']}:seq {row['seq']}", row["line"]))
+    for chain, lines in chains.items():
+        problems.extend(verify_lines(lines, key, f"{table}:{chain}"))
+    if not chains:
+        problems.append(f"{table}: the table holds no records")
+    return problems

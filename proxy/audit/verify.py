@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from proxy.audit.chain import GENESIS, unseal
@@ -29,37 +30,45 @@ def verify(path: str | Path, key: bytes | None = None) -> list[str]:
     files = files_of(path)
     if not files:
         return [f"{path}: no audit log found"]
+
+    def lines() -> Iterator[tuple[str, str]]:
+        for file in files:
+            with file.open("rb") as handle:
+                for number, raw in enumerate(handle, start=1):
+                    yield f"{file}:{number}", raw.rstrip(b"\n").decode(errors="replace")
+
+    return verify_lines(lines(), key, str(path))
+
+
+def verify_lines(lines: Iterable[tuple[str, str]], key: bytes | None, name: str) -> list[str]:
+    """Check one chain given as (where, sealed line) pairs in order; `where` prefixes each problem."""
     problems: list[str] = []
     expected_prev, expected_seq = GENESIS, 0
     records = 0
-    for file in files:
-        with file.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                where = f"{file}:{number}"
-                text = raw.rstrip(b"\n").decode(errors="replace")
-                if not text.strip():
-                    continue
-                try:
-                    record, intact = unseal(text, key)
-                except ValueError:
-                    problems.append(f"{where}: not a JSON record (torn or edited line)")
-                    continue
-                records += 1
-                seq = record.get("seq")
-                if not intact:
-                    hint = "" if key else " (or the log was written with an HMAC key: pass it)"
-                    problems.append(f"{where}: record seq {seq} does not match its hash: it was edited{hint}")
-                if record.get("prev") != expected_prev:
-                    if records == 1:
-                        problems.append(f"{where}: the chain starts at seq {seq}, not 0: earlier records "
-                                        "or files are missing")
-                    else:
-                        problems.append(f"{where}: record seq {seq} does not follow seq {expected_seq - 1}: "
-                                        "a record before it was removed, inserted or reordered")
-                elif seq != expected_seq:
-                    problems.append(f"{where}: record seq {seq} where seq {expected_seq} was expected")
-                expected_prev = str(record.get("hash"))
-                expected_seq = seq + 1 if isinstance(seq, int) else expected_seq + 1
+    for where, text in lines:
+        if not text.strip():
+            continue
+        try:
+            record, intact = unseal(text, key)
+        except ValueError:
+            problems.append(f"{where}: not a JSON record (torn or edited line)")
+            continue
+        records += 1
+        seq = record.get("seq")
+        if not intact:
+            hint = "" if key else " (or the log was written with an HMAC key: pass it)"
+            problems.append(f"{where}: record seq {seq} does not match its hash: it was edited{hint}")
+        if record.get("prev") != expected_prev:
+            if records == 1:
+                problems.append(f"{where}: the chain starts at seq {seq}, not 0: earlier records "
+                                "or files are missing")
+            else:
+                problems.append(f"{where}: record seq {seq} does not follow seq {expected_seq - 1}: "
+                                "a record before it was removed, inserted or reordered")
+        elif seq != expected_seq:
+            problems.append(f"{where}: record seq {seq} where seq {expected_seq} was expected")
+        expected_prev = str(record.get("hash"))
+        expected_seq = seq + 1 if isinstance(seq, int) else expected_seq + 1
     if records == 0:
-        problems.append(f"{path}: the log holds no records")
+        problems.append(f"{name}: the log holds no records")
     return problems

@@ -11,6 +11,7 @@ EPILOG = """examples:
   pgveil audit verify /var/log/pgveil/audit.jsonl      # the file and its rotations (.1, .2, ...)
   pgveil audit verify /var/log/pgveil/                 # every *.jsonl log in a directory
   PGVEIL_AUDIT_KEY=... pgveil audit verify --key-env PGVEIL_AUDIT_KEY audit.jsonl
+  pgveil audit verify postgresql://auditor@audit-db/audit --table pgveil_audit   # the table sink
 
 exit status: 0 when the chain is intact, 1 with one "file:line: what is wrong" per problem."""
 
@@ -19,7 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     verify = actions.add_parser("verify", help="check the integrity chain of an audit log")
     verify.add_argument("path", metavar="PATH",
-                        help="audit log file (its rotations are included) or directory")
+                        help="audit log file (its rotations are included), directory, or the "
+                             "postgresql:// DSN of a table sink")
+    verify.add_argument("--table", default="pgveil_audit",
+                        help="table of a PostgreSQL sink (default %(default)s)")
     verify.add_argument("--key-env", metavar="NAME",
                         help="environment variable holding the HMAC key the log was written with")
 
@@ -34,9 +38,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"pgveil audit verify: environment variable {args.key_env} is not set", file=sys.stderr)
             return 2
         key = value.encode()
-    problems = verify(args.path, key=key)
+    if args.path.startswith(("postgresql://", "postgres://")):
+        import asyncio
+
+        from proxy.audit.postgres import verify_table
+
+        problems = asyncio.run(verify_table(args.path, args.table, key=key))
+        name = args.table  # never echo a DSN: it may hold a password
+    else:
+        problems = verify(args.path, key=key)
+        name = args.path
     for problem in problems:
         print(problem)
     if not problems:
-        print(f"{args.path}: audit chain intact")
+        print(f"{name}: audit chain intact")
     return 1 if problems else 0
