@@ -1,0 +1,121 @@
+"""One TCP leg (client or upstream): buffers bytes while setting up, hands them straight on while relaying."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+from proxy.wire import ReceiveBuffer
+
+
+class ConnectionClosed(Exception):
+    """The peer went away."""
+
+
+class Endpoint(asyncio.Protocol):
+    """asyncio protocol for one side of a session.
+
+    Until `relay` is set, incoming bytes collect in `buffer` for the startup and authentication
+    code to read message by message; afterwards every chunk goes to `relay` as it arrives.
+    """
+
+    def __init__(self, max_message_size: int) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = ReceiveBuffer(max_message_size)
+        self.relay: Callable[[bytes], None] | None = None
+        self.on_lost: Callable[[Exception | None], None] | None = None
+        self.on_write_paused: Callable[[bool], None] | None = None
+        self.connected: Callable[[Endpoint], None] | None = None
+        self.lost = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    # ---- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        if self.connected is not None:
+            self.connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay(data)
+            return
+        self.buffer.feed(data)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake()
+        if self.on_lost is not None:
+            self.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.on_write_paused is not None:
+            self.on_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.on_write_paused is not None:
+            self.on_write_paused(False)
+
+    # ---- used while setting up ---------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        if self.lost:
+            raise ConnectionClosed()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def read_startup_packet(self) -> bytes:
+        while True:
+            packet = self.buffer.next_startup_packet()
+            if packet is not None:
+                return packet
+            await self._wait()
+
+    async def read_message(self) -> tuple[int, bytes]:
+        while True:
+            message = self.buffer.next_message()
+            if message is not None:
+                return message
+            await self._wait()
+
+    async def read_byte(self) -> int:
+        while not len(self.buffer):
+            await self._wait()
+        return self.buffer.take_byte()
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def peer(self) -> str:
+        if self.transport is None:
+            return "?"
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return f"{peer[0]}:{peer[1]}"
+        return "unix"

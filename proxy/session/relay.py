@@ -1,0 +1,507 @@
+"""The relay phase of a session: bytes both ways, with Query/Parse/FunctionCall put to the policy first.
+
+Only a few message types are ever decoded. From the client: Query, Parse and FunctionCall (for
+the policy), Sync, Terminate, CopyDone and CopyFail (request boundaries). From PostgreSQL:
+CommandComplete (rows), ErrorResponse (SQLSTATE, refusal markers), ReadyForQuery (request end)
+and CopyInResponse. Everything else passes through as raw bytes, even split across reads.
+
+A refused message is replaced by one that fails at parse time with a unique marker
+(`Query("pgveil_refused_...")`, `Parse(name, "pgveil_refused_...")`), and PostgreSQL's
+ErrorResponse naming that marker is replaced by the refusal. So the protocol stays in step
+exactly as PostgreSQL keeps it: skip-until-Sync, implicit-transaction rollback, the 'E'
+transaction status and pipelining all come from PostgreSQL itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.connection_policy import ConnectionPolicy, Outcome
+from proxy.guard.verdict import Refuse, Verdict
+from proxy.session.eager import Answered, start_eagerly
+from proxy.session.endpoint import Endpoint
+from proxy.session.observer import RelayObserver
+from proxy.wire import (
+    BACKEND_TAGS,
+    FRONTEND_TAGS,
+    POSTGRES_MAX_MESSAGE_SIZE,
+    ErrorResponse,
+    FunctionCall,
+    MessageScanner,
+    Parse,
+    ProtocolViolation,
+    Query,
+    Terminate,
+    rows_in_command_tag,
+)
+
+log = logging.getLogger("pgveil.session")
+
+_Q, _P, _F, _S, _X, _COPY_DONE, _COPY_FAIL = b"QPFSXcf"
+_COMPLETE, _ERROR, _READY, _COPY_IN = b"CEZG"
+_CLIENT_WATCHED = b"QPFSXcf"
+_CLIENT_ALLOWED = bytes(t for t in FRONTEND_TAGS if t != ord("p"))
+_UPSTREAM_WATCHED = b"CEZG"
+_TERMINATE = Terminate().encode()
+
+Guarded = Query | Parse | FunctionCall
+"""The client messages the policy sees before they are forwarded."""
+
+INTERNAL_ERROR = Refuse(
+    "internal-error", "pgveil could not decide about this statement; the pgveil log says why"
+)
+
+
+@dataclass(slots=True)
+class Request:
+    """One unit PostgreSQL answers with one ReadyForQuery: a Query, a FunctionCall, or the
+    extended-protocol messages up to a Sync."""
+
+    extended: bool
+    consulted: bool = False  # the policy gave a verdict for something in it
+    markers: list[bytes] = field(default_factory=list)
+    rows: int = 0
+    sqlstate: str | None = None
+    sent_at: float = 0.0
+
+
+def error_sqlstate(body: bytes) -> tuple[str | None, bool]:
+    """(SQLSTATE, is fatal) of an ErrorResponse body, read without building the message."""
+    sqlstate = None
+    fatal = False
+    pos = 0
+    n = len(body)
+    while pos < n and body[pos] != 0:
+        end = body.find(b"\x00", pos + 1)
+        if end < 0:
+            break
+        code = body[pos]
+        if code == 0x43:  # 'C'
+            sqlstate = body[pos + 1 : end].decode("ascii", "replace")
+        elif code == 0x56 or (code == 0x53 and not fatal):  # 'V' (or 'S' from old servers)
+            fatal = body[pos + 1 : end] in (b"FATAL", b"PANIC")
+        pos = end + 1
+    return sqlstate, fatal
+
+
+class Relay:
+    """Relays one authenticated connection; `on_finished(reason)` is called once when it ends."""
+
+    def __init__(
+        self,
+        *,
+        client: Endpoint,
+        upstream: Endpoint,
+        policy: ConnectionPolicy,
+        observer: RelayObserver,
+        max_message_size: int,
+        marker_prefix: str,
+        cancel_upstream: Callable[[], None],
+        on_finished: Callable[[str], None],
+        label: str,
+    ) -> None:
+        self._client = client
+        self._upstream = upstream
+        self._policy = policy
+        self._observer = observer
+        self._marker_prefix = marker_prefix
+        self._cancel_upstream = cancel_upstream
+        self._on_finished = on_finished
+        self._label = label
+        self._client_scanner = MessageScanner(_CLIENT_WATCHED, _CLIENT_ALLOWED, max_message_size)
+        self._upstream_scanner = MessageScanner(_UPSTREAM_WATCHED, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE)
+        self._loop = asyncio.get_running_loop()
+        self._requests: deque[Request] = deque()
+        self._open_batch: Request | None = None
+        self._markers: dict[bytes, Refuse] = {}
+        self._marker_count = 0
+        self._lane: asyncio.Future[Any] | None = None  # the policy call still running, if any
+        self._blocked = False  # waiting for a verdict; client bytes wait in _backlog
+        self._backlog: deque[bytes] = deque()
+        self._upstream_full = False
+        self._client_paused = False
+        self._client_copy = False  # the client is sending COPY data
+        self._absorb_syncs = 0  # Syncs PostgreSQL will not answer (sent before COPY FROM STDIN began)
+        self._last_completion = 0.0
+        self._draining = False
+        self._upstream_sent_fatal = False
+        self.finished = False
+
+    # ---- wiring ------------------------------------------------------------------------------
+
+    def start(self, client_pending: bytes, upstream_pending: bytes) -> None:
+        self._client.relay = self.from_client
+        self._upstream.relay = self.from_upstream
+        self._client.on_lost = self._client_lost
+        self._upstream.on_lost = self._upstream_lost
+        self._client.on_write_paused = self._client_write_paused
+        self._upstream.on_write_paused = self._upstream_write_paused
+        if upstream_pending:
+            self.from_upstream(upstream_pending)
+        if client_pending:
+            self.from_client(client_pending)
+        if self._client.lost:
+            self._client_lost(None)
+        elif self._upstream.lost:
+            self._upstream_lost(None)
+
+    # ---- client -> PostgreSQL ------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        if self.finished:
+            return
+        if self._blocked:
+            self._backlog.append(data)
+            return
+        try:
+            emit, spans = self._client_scanner.feed(data)
+        except ProtocolViolation as exc:
+            self.fail_client(exc)
+            return
+        if not spans:
+            if emit:
+                self._observer.bytes_relayed(len(emit), 0)
+                self._upstream.write(emit)
+            return
+        self._process_client(emit, spans, 0, 0)
+
+    def _process_client(self, emit: bytes, spans: list[tuple[int, int, int]], index: int, pos: int) -> None:
+        """Forward emit[pos:], acting on the watched messages spans[index:]."""
+        parts: list[bytes] = []
+        count = len(spans)
+        while index < count:
+            tag, start, end = spans[index]
+            index += 1
+            if tag in (_Q, _P, _F):
+                try:
+                    message, answer = self._ask(tag, emit[start + 5 : end])
+                except ProtocolViolation as exc:
+                    self._send_upstream(parts)
+                    self.fail_client(exc)
+                    return
+                if not isinstance(answer, Answered):
+                    parts.append(emit[pos:start])
+                    self._send_upstream(parts)
+                    self._wait_for_verdict(answer, tag, message, emit, spans, index, start, end)
+                    return
+                replacement = self._apply(tag, message, answer.value)
+                if replacement is not None:
+                    parts.append(emit[pos:start])
+                    parts.append(replacement)
+                    pos = end
+            elif tag == _S:
+                self._on_sync()
+            elif tag == _X:
+                parts.append(emit[pos:end])
+                self._send_upstream(parts)
+                self.finish("client terminated the session")
+                return
+            else:  # CopyDone, CopyFail
+                self._client_copy = False
+        parts.append(emit[pos:])
+        self._send_upstream(parts)
+
+    def _send_upstream(self, parts: list[bytes]) -> None:
+        data = b"".join(parts) if len(parts) != 1 else parts[0]
+        parts.clear()
+        if data:
+            self._observer.bytes_relayed(len(data), 0)
+            self._upstream.write(data)
+
+    def _ask(self, tag: int, body: bytes) -> tuple[Guarded, Answered[Verdict] | asyncio.Future[Verdict]]:
+        policy = self._policy
+        message: Guarded
+        if tag == _Q:
+            message = Query.decode(body)
+            sql = message.sql
+            return message, self._call(lambda: policy.on_query(sql))
+        if tag == _P:
+            message = Parse.decode(body)
+            parse = message
+            return message, self._call(lambda: policy.on_parse(parse.statement, parse.sql, parse.param_types))
+        message = FunctionCall.decode(body)
+        oid = message.function_oid
+        return message, self._call(lambda: policy.on_function_call(oid))
+
+    def _call(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Answered[Any] | asyncio.Future[Any]:
+        """Policy calls run one at a time, in order; an answer that is ready costs no task."""
+        lane = self._lane
+        if lane is not None and not lane.done():
+            future: asyncio.Future[Any] = asyncio.ensure_future(self._after(lane, make))
+            self._lane = future
+            return future
+        try:
+            result = start_eagerly(make())
+        except Exception:
+            log.exception("%s: the policy raised; refusing", self._label)
+            return Answered(INTERNAL_ERROR)
+        if not isinstance(result, Answered):
+            self._lane = result
+        return result
+
+    @staticmethod
+    async def _after(lane: asyncio.Future[Any], make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        await asyncio.wait([lane])
+        return await make()
+
+    def _wait_for_verdict(
+        self, future: asyncio.Future[Verdict], tag: int, message: Guarded,
+        emit: bytes, spans: list[tuple[int, int, int]], index: int, start: int, end: int,
+    ) -> None:
+        self._blocked = True
+        self._update_client_reading()
+
+        def resume(done: asyncio.Future[Verdict]) -> None:
+            if self.finished:
+                return
+            if done.cancelled() or done.exception() is not None:
+                if not done.cancelled():
+                    log.error("%s: the policy raised; refusing", self._label, exc_info=done.exception())
+                verdict: Verdict = INTERNAL_ERROR
+            else:
+                verdict = done.result()
+            replacement = self._apply(tag, message, verdict)
+            self._blocked = False
+            self._send_upstream([replacement if replacement is not None else emit[start:end]])
+            self._process_client(emit, spans, index, end)
+            while self._backlog and not self._blocked and not self.finished:
+                self.from_client(self._backlog.popleft())
+            self._update_client_reading()
+
+        future.add_done_callback(resume)
+
+    def _apply(self, tag: int, message: Guarded, verdict: Verdict) -> bytes | None:
+        """Record the request and return what to forward instead of the message (None: as is)."""
+        now = self._loop.time()
+        if tag == _P:
+            assert isinstance(message, Parse)
+            request = self._open_batch
+            if request is None:
+                request = self._open_batch = Request(extended=True, sent_at=now)
+            request.consulted = True
+            if isinstance(verdict, Refuse):
+                return Parse(message.statement, self._marker(request, verdict)).encode()
+            if verdict.sql != message.sql:
+                return Parse(message.statement, verdict.sql, message.param_types).encode()
+            return None
+        request = Request(extended=False, consulted=True, sent_at=now)
+        self._requests.append(request)
+        if isinstance(verdict, Refuse):
+            return Query(self._marker(request, verdict)).encode()
+        if tag == _Q:
+            assert isinstance(message, Query)
+            if verdict.sql != message.sql:
+                return Query(verdict.sql).encode()
+        return None
+
+    def _marker(self, request: Request, refusal: Refuse) -> str:
+        self._marker_count += 1
+        marker = f"{self._marker_prefix}_{self._marker_count}"
+        key = marker.encode()
+        self._markers[key] = refusal
+        request.markers.append(key)
+        return marker
+
+    def _on_sync(self) -> None:
+        if self._client_copy:
+            return  # PostgreSQL ignores Sync during COPY FROM STDIN
+        if self._absorb_syncs:
+            self._absorb_syncs -= 1
+            batch = self._open_batch
+            if batch is not None and self._requests:
+                head = self._requests[-1]
+                head.consulted = head.consulted or batch.consulted
+                head.markers.extend(batch.markers)
+            self._open_batch = None
+            return
+        request = self._open_batch
+        self._open_batch = None
+        if request is None:
+            request = Request(extended=True, sent_at=self._loop.time())
+        self._requests.append(request)
+
+    # ---- PostgreSQL -> client ------------------------------------------------------------------
+
+    def from_upstream(self, data: bytes) -> None:
+        if self.finished:
+            return
+        try:
+            emit, spans = self._upstream_scanner.feed(data)
+        except ProtocolViolation as exc:
+            log.warning("%s: PostgreSQL broke the protocol: %s", self._label, exc.reason)
+            self._observer.upstream_error("protocol")
+            self.finish(f"upstream protocol violation: {exc.reason}", _upstream_lost_error())
+            return
+        close_after = False
+        if spans:
+            emit, close_after = self._inspect(emit, spans)
+        if emit:
+            self._observer.bytes_relayed(0, len(emit))
+            self._client.write(emit)
+        if close_after:
+            self.finish("drained", _shutdown_error())
+
+    def _current(self) -> Request | None:
+        if self._requests:
+            return self._requests[0]
+        return self._open_batch
+
+    def _inspect(self, emit: bytes, spans: list[tuple[int, int, int]]) -> tuple[bytes, bool]:
+        parts: list[bytes] | None = None
+        pos = 0
+        close_after = False
+        for tag, start, end in spans:
+            if tag == _COMPLETE:
+                request = self._current()
+                if request is not None:
+                    request.rows += rows_in_command_tag(emit[start + 5 : end])
+            elif tag == _ERROR:
+                body = emit[start + 5 : end]
+                sqlstate, fatal = error_sqlstate(body)
+                if self._markers:
+                    for marker, refusal in self._markers.items():
+                        if marker in body:
+                            if parts is None:
+                                parts = []
+                            parts.append(emit[pos:start])
+                            refused = ErrorResponse.build("ERROR", refusal.sqlstate, refusal.text)
+                            parts.append(refused.encode())
+                            pos = end
+                            sqlstate = refusal.sqlstate
+                            del self._markers[marker]
+                            break
+                request = self._current()
+                if request is not None and request.sqlstate is None:
+                    request.sqlstate = sqlstate
+                if fatal:
+                    self._upstream_sent_fatal = True
+            elif tag == _READY:
+                self._client_copy = False
+                if self._requests:
+                    self._complete(self._requests.popleft())
+                if self._draining and self._idle():
+                    close_after = True
+            else:  # CopyInResponse
+                self._client_copy = True
+                request = self._current()
+                if request is not None and request.extended:
+                    self._absorb_syncs += 1
+        if parts is not None:
+            parts.append(emit[pos:])
+            emit = b"".join(parts)
+        return emit, close_after
+
+    def _complete(self, request: Request) -> None:
+        for marker in request.markers:
+            self._markers.pop(marker, None)
+        now = self._loop.time()
+        started = max(request.sent_at, self._last_completion)
+        self._last_completion = now
+        if not request.consulted:
+            return
+        outcome = Outcome(rows=request.rows, sqlstate=request.sqlstate,
+                          upstream_seconds=max(0.0, now - started))
+        policy = self._policy
+        try:
+            answer = self._call(lambda: policy.on_complete(outcome))
+        except Exception:
+            log.exception("%s: on_complete raised", self._label)
+            return
+        if not isinstance(answer, Answered):
+            answer.add_done_callback(self._log_failure)
+
+    def _log_failure(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("%s: on_complete raised", self._label, exc_info=future.exception())
+
+    # ---- flow control and the end ----------------------------------------------------------------
+
+    def _update_client_reading(self) -> None:
+        transport = self._client.transport
+        if transport is None or self.finished:
+            return
+        pause = self._blocked or self._upstream_full
+        if pause != self._client_paused:
+            self._client_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _upstream_write_paused(self, paused: bool) -> None:
+        self._upstream_full = paused
+        self._update_client_reading()
+
+    def _client_write_paused(self, paused: bool) -> None:
+        transport = self._upstream.transport
+        if transport is None or self.finished:
+            return
+        if paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _idle(self) -> bool:
+        return not self._requests and self._open_batch is None and not self._blocked and not self._client_copy
+
+    def _running(self) -> bool:
+        return bool(self._requests) or self._open_batch is not None or self._blocked or self._client_copy
+
+    def drain(self) -> None:
+        """Close at the end of the current request (now, if there is none)."""
+        self._draining = True
+        if self._idle() and not self.finished:
+            self.finish("drained", _shutdown_error())
+
+    def fail_client(self, exc: ProtocolViolation) -> None:
+        log.warning("%s: client broke the protocol: %s", self._label, exc.reason)
+        self.finish(f"client protocol violation: {exc.reason}",
+                    ErrorResponse.build("FATAL", exc.sqlstate, f"pgveil: protocol: {exc.reason}"))
+
+    def _client_lost(self, exc: Exception | None) -> None:
+        if not self.finished:
+            self.finish("client disconnected" + (" during a statement" if self._running() else ""))
+
+    def _upstream_lost(self, exc: Exception | None) -> None:
+        if self.finished:
+            return
+        if self._upstream_sent_fatal:
+            self.finish("PostgreSQL ended the session")
+            return
+        log.warning("%s: lost the connection to PostgreSQL", self._label)
+        self._observer.upstream_error("lost")
+        self.finish("upstream connection lost", _upstream_lost_error())
+
+    def finish(self, reason: str, client_error: ErrorResponse | None = None) -> None:
+        """End the session: tell the client why (when the stream allows), release the backend."""
+        if self.finished:
+            return
+        running = self._running()
+        self.finished = True
+        if self._lane is not None and not self._lane.done():
+            self._lane.cancel()
+        if client_error is not None and not self._client.lost and not self._upstream_scanner.mid_message:
+            self._client.write(client_error.encode())
+        if not self._upstream.lost:
+            if running and reason != "client terminated the session":
+                self._cancel_upstream()  # frees the backend now instead of when it next writes
+            if not self._client_scanner.mid_message:
+                self._upstream.write(_TERMINATE)
+            self._upstream.close()
+        self._client.close()
+        self._on_finished(reason)
+
+
+def _shutdown_error() -> ErrorResponse:
+    return ErrorResponse.build("FATAL", "57P01", "pgveil: shutdown: pgveil is shutting down; reconnect")
+
+
+def _upstream_lost_error() -> ErrorResponse:
+    return ErrorResponse.build(
+        "FATAL", "08006", "pgveil: upstream: the connection to PostgreSQL was lost; reconnect"
+    )

@@ -1,0 +1,357 @@
+"""One client connection: encryption and startup, authentication passed through, then the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxy.config import Settings, UpstreamTarget
+from proxy.connection_policy import ClientInfo, ConnectionPolicy, PassThrough
+from proxy.session.cancel import CancelKeys
+from proxy.session.endpoint import ConnectionClosed, Endpoint
+from proxy.session.observer import NullObserver, RelayObserver
+from proxy.session.relay import Relay
+from proxy.session.upstream import UpstreamUnavailable, connect, send_cancel, upstream_tls_context
+from proxy.wire import (
+    NEWEST_MINOR,
+    AuthenticationOk,
+    AuthenticationSASL,
+    BackendKeyData,
+    CancelRequest,
+    ConnectionState,
+    ErrorResponse,
+    Event,
+    GSSENCRequest,
+    NegotiateProtocolVersion,
+    Phase,
+    ProtocolViolation,
+    SSLRequest,
+    StartupMessage,
+    decode_authentication,
+    decode_startup_packet,
+)
+from proxy.wire.codec import frame
+
+log = logging.getLogger("pgveil.session")
+
+PolicyFactory = Callable[[ClientInfo], ConnectionPolicy]
+"""Builds the policy of one connection, once its ClientInfo is known (before on_startup)."""
+
+SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+_FALSE_WORDS = {"false", "off", "no", "0"}
+
+
+@dataclass
+class SessionContext:
+    """What every session of one server shares."""
+
+    settings: Settings
+    policy_factory: PolicyFactory = lambda client: PassThrough()
+    observer: RelayObserver = field(default_factory=NullObserver)
+    client_tls: ssl.SSLContext | None = None
+    cancel_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    target: UpstreamTarget = field(init=False)
+    upstream_tls: ssl.SSLContext | None = field(init=False)
+    cancel_keys: CancelKeys = field(init=False)
+    marker_prefix: str = field(default_factory=lambda: f"pgveil_refused_{secrets.token_hex(6)}")
+    sessions: set[Session] = field(default_factory=set)
+    draining: bool = False
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        self.target = self.settings.upstream_target
+        self.upstream_tls = upstream_tls_context(self.target)
+        self.cancel_keys = CancelKeys(self.cancel_secret)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+
+def client_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class Session:
+    """Drives one accepted client connection from its first byte to its close."""
+
+    def __init__(self, context: SessionContext, client: Endpoint) -> None:
+        self.context = context
+        self.client = client
+        self.connection_id = context.next_id()
+        self.label = f"conn {self.connection_id} from {client.peer}"
+        self.state = ConnectionState()
+        self.upstream: Endpoint | None = None
+        self.relay: Relay | None = None
+        self.tls = False
+        self.upstream_key: BackendKeyData | None = None
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._capped_minor = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        context = self.context
+        context.sessions.add(self)
+        context.observer.connection_opened(self.connection_id)
+        reason = "closed"
+        try:
+            try:
+                async with asyncio.timeout(context.settings.startup_timeout):
+                    started = await self._start()
+            except TimeoutError:
+                reason = f"startup timed out in phase '{self.state.phase.value}'"
+                log.warning("%s: %s", self.label, reason)
+                self._fatal("08P01", "pgveil: startup: timed out waiting for the client; reconnect")
+                return
+            if not started:
+                reason = "closed during startup" if self.state.phase != Phase.CLOSED else "cancel request"
+                return
+            reason = await self.done
+        except ProtocolViolation as exc:
+            reason = f"protocol violation: {exc.reason}"
+            log.warning("%s: %s", self.label, reason)
+            self._fatal(exc.sqlstate, f"pgveil: protocol: {exc.reason}")
+        except ConnectionClosed:
+            reason = f"peer closed the connection while {self.state.phase.value}"
+            log.info("%s: %s", self.label, reason)
+        except UpstreamUnavailable as exc:
+            reason = f"upstream unavailable: {exc.reason}"
+            log.warning("%s: %s", self.label, reason)
+            context.observer.upstream_error(exc.kind)
+            self._fatal("08006", f"pgveil: upstream: {exc.reason}; check that PostgreSQL is up and reachable")
+        except Exception:
+            reason = "internal error"
+            log.exception("%s: internal error", self.label)
+            self._fatal("XX000", "pgveil: internal error; the pgveil log says more")
+        finally:
+            if self.relay is None or not self.relay.finished:
+                self._close_legs()
+            context.sessions.discard(self)
+            context.observer.connection_closed(self.connection_id, reason)
+            log.debug("%s: closed (%s)", self.label, reason)
+
+    def drain(self) -> None:
+        """Close after the current request; before relaying starts, close now."""
+        if self.relay is not None:
+            self.relay.drain()
+        else:
+            self._fatal("57P01", "pgveil: shutdown: pgveil is shutting down; reconnect")
+            self._close_legs()
+            if not self.done.done():
+                self.done.set_result("drained during startup")
+
+    def _fatal(self, sqlstate: str, message: str) -> None:
+        if self.relay is None and not self.client.lost:
+            self.client.write(ErrorResponse.build("FATAL", sqlstate, message).encode())
+
+    def _close_legs(self) -> None:
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def _finished(self, reason: str) -> None:
+        if not self.done.done():
+            self.done.set_result(reason)
+
+    # ---- startup ---------------------------------------------------------------------------------
+
+    async def _start(self) -> bool:
+        """Encryption negotiation, startup packet, authentication. False: nothing to relay."""
+        startup = await self._read_startup()
+        if startup is None:
+            return False
+        params = startup.as_dict()
+        user = params.get("user")
+        if not user:
+            raise ProtocolViolation("no PostgreSQL user name specified in startup packet", "28000")
+        replication = params.get("replication")
+        if replication is not None and replication.lower() not in _FALSE_WORDS:
+            log.warning("%s: refused a replication connection", self.label)
+            self._fatal("0A000", "pgveil: replication: replication connections are not relayed; "
+                        "connect to PostgreSQL directly for replication")
+            return False
+        info = ClientInfo(
+            connection_id=self.connection_id,
+            address=self.client.peer,
+            user=user,
+            database=params.get("database") or user,
+            application_name=params.get("application_name", ""),
+            tls=self.tls,
+        )
+        self.label = f"conn {self.connection_id} {user}@{info.database} from {info.address}"
+        policy = self.context.policy_factory(info)
+        refusal = await policy.on_startup(params, info)
+        if refusal is not None:
+            log.info("%s: refused at startup: %s", self.label, refusal.text)
+            self._fatal(refusal.sqlstate, refusal.text)
+            return False
+        context = self.context
+        settings = context.settings
+        self.upstream, _ = await connect(context.target, context.upstream_tls, settings.max_message_size)
+        if startup.minor > NEWEST_MINOR:
+            self._capped_minor = True
+            startup = StartupMessage((3 << 16) | NEWEST_MINOR, startup.parameters)
+        self.upstream.write(startup.encode())
+        await self._authenticate()
+        await self._settle()
+        self.relay = Relay(
+            client=self.client,
+            upstream=self.upstream,
+            policy=policy,
+            observer=context.observer,
+            max_message_size=context.settings.max_message_size,
+            marker_prefix=context.marker_prefix,
+            cancel_upstream=self._cancel_running_statement,
+            on_finished=self._finished,
+            label=self.label,
+        )
+        self.relay.start(self.client.buffer.take(), self.upstream.buffer.take())
+        if context.draining:
+            self.relay.drain()
+        return True
+
+    async def _read_startup(self) -> StartupMessage | None:
+        client = self.client
+        context = self.context
+        while True:
+            packet = decode_startup_packet(await client.read_startup_packet())
+            if isinstance(packet, SSLRequest):
+                if len(client.buffer):
+                    # CVE-2021-23214: bytes sent before the TLS handshake could be injected by
+                    # a man in the middle and would be read as if they came over TLS.
+                    raise ProtocolViolation("received unencrypted data after SSL request")
+                if context.client_tls is None:
+                    self.state.handle(Event.SSL_DECLINED)
+                    client.write(b"N")
+                    continue
+                self.state.handle(Event.SSL_ACCEPTED)
+                client.write(b"S")
+                await self._start_client_tls(context.client_tls)
+            elif isinstance(packet, GSSENCRequest):
+                if len(client.buffer):
+                    raise ProtocolViolation("received unencrypted data after GSSAPI encryption request")
+                self.state.handle(Event.GSSENC_DECLINED)
+                client.write(b"N")
+            elif isinstance(packet, CancelRequest):
+                self.state.handle(Event.CANCEL_REQUEST)
+                await self._forward_cancel(packet)
+                return None
+            else:
+                self.state.handle(Event.STARTUP_MESSAGE)
+                return packet
+
+    async def _start_client_tls(self, tls: ssl.SSLContext) -> None:
+        client = self.client
+        assert client.transport is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(client.transport, client, tls, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConnectionClosed(f"TLS handshake failed: {exc}") from None
+        if transport is None:
+            raise ConnectionClosed("TLS handshake failed")
+        client.transport = transport
+        self.tls = True
+
+    async def _forward_cancel(self, request: CancelRequest) -> None:
+        context = self.context
+        key = context.cancel_keys.upstream_key(request.process_id, request.secret_key)
+        try:
+            await send_cancel(context.target, context.upstream_tls, request.process_id, key)
+        except UpstreamUnavailable as exc:
+            log.warning("%s: could not forward a cancel request: %s", self.label, exc.reason)
+        self.client.close()
+
+    def _cancel_running_statement(self) -> None:
+        key = self.upstream_key
+        if key is None:
+            return
+        context = self.context
+        cancel = send_cancel(context.target, context.upstream_tls, key.process_id, key.secret_key)
+        task = asyncio.ensure_future(cancel)
+        task.add_done_callback(_ignore_result)
+
+    # ---- authentication ----------------------------------------------------------------------------
+
+    async def _authenticate(self) -> None:
+        """Relay the authentication exchange until AuthenticationOk; PostgreSQL decides."""
+        upstream = self.upstream
+        client = self.client
+        assert upstream is not None
+        first = True
+        while True:
+            tag, body = await upstream.read_message()
+            if first and self._capped_minor and tag != ord("v"):
+                client.write(NegotiateProtocolVersion(NEWEST_MINOR).encode())
+            first = False
+            if tag == ord("v"):
+                npv = NegotiateProtocolVersion.decode(body)
+                if self._capped_minor:
+                    newest = min(npv.newest_minor, NEWEST_MINOR)
+                    npv = NegotiateProtocolVersion(newest, npv.unrecognized_options)
+                client.write(npv.encode())
+                continue
+            if tag == ord("E"):
+                client.write(frame(b"E", body))
+                raise ConnectionClosed("authentication failed")
+            if tag != ord("R"):
+                unexpected = f"PostgreSQL sent message {chr(tag)!r} during authentication"
+                raise UpstreamUnavailable(unexpected, "protocol")
+            request = decode_authentication(body)
+            if isinstance(request, AuthenticationOk):
+                client.write(frame(b"R", body))
+                self.state.handle(Event.AUTHENTICATION_OK)
+                return
+            if isinstance(request, AuthenticationSASL):
+                # Channel binding (SCRAM-SHA-256-PLUS) binds the exchange to the TLS channel the
+                # client sees; that channel ends at pgveil, so PostgreSQL's check could never pass.
+                offered = tuple(m for m in request.mechanisms if m != SCRAM_PLUS)
+                client.write(AuthenticationSASL(offered).encode())
+            else:
+                client.write(frame(b"R", body))
+            if request.CODE == 12:  # SASLFinal: no answer expected, AuthenticationOk follows
+                continue
+            answer_tag, answer = await client.read_message()
+            if answer_tag != ord("p"):
+                if answer_tag == ord("X"):
+                    raise ConnectionClosed("client gave up during authentication")
+                raise ProtocolViolation(
+                    f"expected an authentication response, got message type {chr(answer_tag)!r}"
+                )
+            upstream.write(frame(b"p", answer))
+
+    async def _settle(self) -> None:
+        """After AuthenticationOk: ParameterStatus, BackendKeyData (ours), up to ReadyForQuery."""
+        upstream = self.upstream
+        assert upstream is not None
+        out: list[bytes] = []
+        while True:
+            tag, body = await upstream.read_message()
+            if tag == ord("K"):
+                key = BackendKeyData.decode(body)
+                self.upstream_key = key
+                mine = self.context.cancel_keys.client_key(key.process_id, key.secret_key)
+                out.append(BackendKeyData(key.process_id, mine).encode())
+            elif tag == ord("E"):
+                out.append(frame(b"E", body))
+                self.client.write(b"".join(out))
+                raise ConnectionClosed("PostgreSQL refused the session")
+            else:
+                out.append(frame(bytes([tag]), body))
+                if tag == ord("Z"):
+                    self.state.handle(Event.READY_FOR_QUERY)
+                    self.client.write(b"".join(out))
+                    return
+
+
+def _ignore_result(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("cancel request to PostgreSQL failed: %s", task.exception())

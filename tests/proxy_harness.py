@@ -1,0 +1,242 @@
+"""Start pgveil in front of the test PostgreSQL (the `upstream` fixture) for end-to-end tests.
+
+The proxy runs in-process on its own event loop in a background thread, so it works the same
+from sync tests (psycopg, psql, pgbench) and from async tests (asyncpg on the test's loop):
+
+    import psycopg
+    from tests.proxy_harness import running_proxy
+
+    def test_masked_email(upstream):
+        with running_proxy(upstream, policy_path="policies/reviews.yaml") as proxy:
+            with psycopg.connect(proxy.dsn("alice", "secret")) as conn:
+                ...
+
+    # relay only (no policy), any Settings field as a keyword:
+    with running_proxy(upstream, startup_timeout=0.5, max_message_size=4096) as proxy: ...
+
+    # your own ConnectionPolicy: a factory taking the ClientInfo (or taking nothing)
+    with running_proxy(upstream, policy_factory=lambda client: MyPolicy(client)) as proxy: ...
+
+    # share one proxy across a module
+    @pytest.fixture(scope="module")
+    def proxy(upstream):
+        with running_proxy(upstream) as running:
+            yield running
+
+`RunningProxy` gives `host`, `port`, `dsn(user=None, password=None, dbname="postgres")`
+(user None = the upstream superuser, as `upstream.dsn()`), `counters` (a RelayCounters
+observer: connections opened/closed, bytes, upstream errors), `server` (the ProxyServer),
+`run(coro)` (run a coroutine on the proxy's loop and return its result) and `drain()`.
+
+With `policy_path`, the per-connection policy is built exactly as `pgveil serve --policy`
+builds it (proxy.commands.serve.policy_runtime), so what the test sees is what users get.
+
+For the real command line, `spawn_serve(*args)` starts `pgveil serve ...` as a subprocess,
+waits for its `listening on HOST:PORT` line and returns a ServeProcess (`port`, `dsn()`,
+`stderr_lines`, `terminate()`, `wait()`); use it as a context manager so it is always stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from proxy.config import Settings
+from proxy.connection_policy import ConnectionPolicy
+from proxy.server import ProxyServer
+from proxy.session import RelayCounters, RelayObserver
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunningProxy:
+    host: str
+    port: int
+    server: ProxyServer
+    counters: RelayCounters
+    loop: asyncio.AbstractEventLoop
+    default_user: str
+    default_password: str | None
+    hooks: Any = None
+
+    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = "postgres") -> str:
+        if user is None:
+            user, password = self.default_user, self.default_password
+        auth = user if password is None else f"{user}:{password}"
+        return f"postgresql://{auth}@{self.host}:{self.port}/{dbname}"
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run a coroutine on the proxy's event loop (from a sync test) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def drain(self, timeout: float = 10) -> None:
+        self.run(self.server.drain(timeout), timeout + 5)
+
+    def open_sessions(self) -> int:
+        return len(self.server.sessions)
+
+
+class _LoopThread:
+    """An event loop (uvloop when available) running in a daemon thread."""
+
+    def __init__(self) -> None:
+        try:
+            import uvloop
+
+            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        except ImportError:
+            self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pgveil-test-proxy", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@contextmanager
+def running_proxy(
+    upstream: Any,
+    policy_path: str | None = None,
+    *,
+    policy_factory: Callable[..., ConnectionPolicy] | None = None,
+    observer: RelayObserver | None = None,
+    **settings: Any,
+) -> Iterator[RunningProxy]:
+    """pgveil on 127.0.0.1:<free port> in front of `upstream`; stopped (sessions closed) on exit."""
+    base = Settings(upstream=upstream.dsn(), listen="127.0.0.1:0", policy=policy_path)
+    config = replace(base, **settings).validate()
+    counters = RelayCounters()
+    thread = _LoopThread()
+
+    async def start() -> tuple[ProxyServer, Any]:
+        factory = policy_factory
+        reload = None
+        hooks = None
+        if policy_path is not None and factory is None:
+            from proxy.commands.serve import policy_runtime
+
+            hooks = await policy_runtime(config, 0)
+            factory, reload = hooks.policy_factory, hooks.reload
+        server = ProxyServer(config, factory, observer or counters, reload=reload)
+        await server.start()
+        if hooks is not None and hooks.on_started is not None:
+            await hooks.on_started(server)
+        return server, hooks
+
+    try:
+        server, hooks = thread.run(start())
+        host, port = server.address
+        yield RunningProxy(host, port, server, counters, thread.loop, upstream.superuser,
+                           upstream.superpassword, hooks)
+    finally:
+        try:
+            if "server" in locals():
+                thread.run(server.close())
+                if hooks is not None and hooks.on_stopped is not None:
+                    thread.run(hooks.on_stopped())
+        finally:
+            thread.stop()
+
+
+# ---- the real command line ----------------------------------------------------------------------
+
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen[str]
+    host: str = ""
+    port: int = 0
+    stderr_lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def dsn(self, user: str = "postgres", password: str | None = None, dbname: str = "postgres") -> str:
+        auth = user if password is None else f"{user}:{password}"
+        return f"postgresql://{auth}@{self.host}:{self.port}/{dbname}"
+
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.process.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(5)
+        return code
+
+    def wait_for_line(self, pattern: str, timeout: float = 30) -> str:
+        """Wait (polling, with a deadline) until a stderr line matches `pattern`."""
+        compiled = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            lines = list(self.stderr_lines)
+            for line in lines[seen:]:
+                if compiled.search(line):
+                    return line
+            seen = len(lines)
+            if self.process.poll() is not None and (self._reader is None or not self._reader.is_alive()):
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no line matching {pattern!r}; stderr was:\n" + "".join(self.stderr_lines))
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+def start_serve(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
+    """Start `pgveil serve ARGS` and return at once (do not wait for it to listen)."""
+    full_env = {**os.environ, **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env,
+    )
+    served = ServeProcess(process)
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            served.stderr_lines.append(line)
+
+    served._reader = threading.Thread(target=read, daemon=True)
+    served._reader.start()
+    return served
+
+
+def spawn_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> ServeProcess:
+    """Start `pgveil serve ARGS` (give --listen 127.0.0.1:0 for a free port) and wait until it listens."""
+    served = start_serve(*args, env=env)
+    try:
+        line = served.wait_for_line(_LISTENING.pattern, timeout)
+    except AssertionError:
+        served.__exit__()
+        raise
+    match = _LISTENING.search(line)
+    assert match is not None
+    served.host, served.port = match.group(1), int(match.group(2))
+    return served
