@@ -1,0 +1,1 @@
+"""The query firewall: injection rules, fingerprint allow-lists, sensitive join keys, concentration risk."""

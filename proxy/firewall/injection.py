@@ -1,0 +1,63 @@
+"""The injection rules in the order they run, and how a role's `injection:` mode applies them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.firewall.catalog_probe import find_catalog_probe
+from proxy.firewall.comments import find_comment_truncation
+from proxy.firewall.error_based import find_error_based_extraction
+from proxy.firewall.obfuscation import find_char_obfuscation
+from proxy.firewall.server_files import find_server_side_file
+from proxy.firewall.stacked import find_stacked_statements
+from proxy.firewall.statement import Finding, SubmittedSql
+from proxy.firewall.tautology import find_tautology
+from proxy.firewall.timing import find_time_based_probe
+from proxy.firewall.union import find_union_extraction
+from proxy.policy.model import Role
+
+InjectionRule = Callable[[SubmittedSql, Role], Finding | None]
+
+# Cheapest and most certain first: enforce mode stops at the first finding.
+INJECTION_RULES: tuple[InjectionRule, ...] = (
+    find_stacked_statements,
+    find_comment_truncation,
+    find_server_side_file,
+    find_time_based_probe,
+    find_char_obfuscation,
+    find_union_extraction,
+    find_error_based_extraction,
+    find_catalog_probe,
+    find_tautology,
+)
+
+# Rules whose outcome changes with a literal's value (`1=1` vs `2=2`, the size of a series): a
+# verdict cache keyed on statement shape must not reuse their verdicts across literal values.
+LITERAL_SENSITIVE_RULES = frozenset({"tautology", "time-based-probe"})
+
+
+@dataclass(frozen=True, slots=True)
+class Screening:
+    """Result of the injection rules for one submission under one role's mode."""
+
+    refusal: Finding | None = None  # set in `enforce` mode when a rule matched
+    findings: tuple[Finding, ...] = ()  # every match (in `alert` mode: all of them, nothing refused)
+
+    @property
+    def rule_names(self) -> tuple[str, ...]:
+        return tuple(finding.rule for finding in self.findings)
+
+
+def screen_injection(submitted: SubmittedSql, role: Role) -> Screening:
+    """Apply the injection rules as the role's `injection:` mode says (enforce | alert | off)."""
+    if role.injection == "off":
+        return Screening()
+    if role.injection == "enforce":
+        for rule in INJECTION_RULES:
+            finding = rule(submitted, role)
+            if finding is not None:
+                return Screening(refusal=finding, findings=(finding,))
+        return Screening()
+    findings = tuple(finding for rule in INJECTION_RULES if (finding := rule(submitted, role)) is not None)
+    return Screening(findings=findings)
