@@ -37,6 +37,8 @@ examples:
 
 DEMO_HASH_KEY = "pgveil-demo-hash-key-not-a-secret"
 """Used for the `hash` protection when PGVEIL_HASH_KEY is not set (demo only)."""
+DEMO_GRANT_KEY = "pgveil-demo-grant-key-not-a-secret"
+"""Signs elevation grants when PGVEIL_GRANT_KEY is not set (demo only)."""
 
 SIDE_BY_SIDE_QUERIES = (
     "SELECT id, full_name, email, phone, password_hash, region, created_at FROM users ORDER BY id LIMIT 1",
@@ -101,11 +103,15 @@ def _run_demo(port: int, workdir: Path, stop: threading.Event) -> int:
         metrics_port = free_port()
         log_path = workdir / "pgveil.log"
         audit_path = workdir / "audit.jsonl"
+        grants_path = workdir / "grants.jsonl"
+        grants_path.touch()
         env = dict(os.environ)
         if not env.get("PGVEIL_HASH_KEY"):
             env["PGVEIL_HASH_KEY"] = DEMO_HASH_KEY
             print("PGVEIL_HASH_KEY is not set: using a fixed demo key for the `hash` protection.",
                   flush=True)
+        env.setdefault("PGVEIL_GRANT_KEY", DEMO_GRANT_KEY)
+        env["PGVEIL_GRANTS_FILE"] = str(grants_path)
         command = [
             sys.executable, "-m", "proxy", "serve",
             "--upstream", postgres.dsn(dbname=DEMO_DATABASE),
@@ -121,6 +127,7 @@ def _run_demo(port: int, workdir: Path, stop: threading.Event) -> int:
         if not _wait_listening(proxy, log_path, stop):
             return 0  # stopped by the user while starting
         _print_intro(postgres.dsn(dbname=DEMO_DATABASE), port, metrics_port, log_path, audit_path)
+        _print_elevation_hint(grants_path, env["PGVEIL_GRANT_KEY"])
         for query in SIDE_BY_SIDE_QUERIES:
             if stop.is_set():
                 break
@@ -199,6 +206,17 @@ def _print_intro(direct_dsn: str, port: int, metrics_port: int, log_path: Path, 
     for login in DEMO_LOGINS:
         dsn = role_dsn(login.login, login.password, port, DEMO_DATABASE)
         print(f"  {login.role:<{width}}{dsn}", flush=True)
+    print(flush=True)
+
+
+def _print_elevation_hint(grants_path: Path, grant_key: str) -> None:
+    from proxy.demo import POLICY_PATH
+
+    print("sven_engineer (software_engineer) sees only mock.*; to give him 30 minutes of production\n"
+          "access as production_support, approved by sam_security, run in another terminal:", flush=True)
+    print(f"  PGVEIL_GRANT_KEY={grant_key} pgveil elevate --user sven_engineer --role production_support \\\n"
+          f"    --for 30m --reason 'demo: debug a stuck review' --approver sam_security \\\n"
+          f"    --policy {POLICY_PATH} --grants {grants_path}", flush=True)
     print(flush=True)
 
 
