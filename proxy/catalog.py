@@ -40,11 +40,12 @@ ORDER BY a.attrelid, a.attnum
 """
 _INHERITS_SQL = "SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits ORDER BY inhrelid, inhseqno"
 _VIEW_READS_SQL = """
-SELECT DISTINCT r.ev_class, d.refobjid
+SELECT DISTINCT r.ev_class, d.refclassid = 'pg_catalog.pg_proc'::regclass AS is_function, d.refobjid
 FROM pg_catalog.pg_rewrite r
 JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
-WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> r.ev_class
-ORDER BY 1, 2
+WHERE (d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> r.ev_class)
+   OR d.refclassid = 'pg_catalog.pg_proc'::regclass
+ORDER BY 1, 2, 3
 """
 _FUNCTIONS_SQL = """
 SELECT p.oid, n.nspname, p.proname, l.lanname, p.prosecdef,
@@ -52,7 +53,10 @@ SELECT p.oid, n.nspname, p.proname, l.lanname, p.prosecdef,
             ELSE p.prosrc END AS body,
        ARRAY(SELECT d.refobjid FROM pg_catalog.pg_depend d
              WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
-               AND d.refclassid = 'pg_catalog.pg_class'::regclass) AS depends_on
+               AND d.refclassid = 'pg_catalog.pg_class'::regclass) AS depends_on,
+       ARRAY(SELECT d.refobjid FROM pg_catalog.pg_depend d
+             WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
+               AND d.refclassid = 'pg_catalog.pg_proc'::regclass) AS calls
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
@@ -99,6 +103,7 @@ class Relation:
     parents: tuple[str, ...] = ()  # inheritance/partition ancestors, nearest first
     depends_on: tuple[str, ...] = ()  # views and matviews: the relations their query reads
     oid: int = 0
+    calls: tuple[str, ...] = ()  # views and matviews: user functions their query calls
 
     @property
     def qualified_name(self) -> str:
@@ -112,10 +117,12 @@ class Relation:
 class FunctionInfo:
     """A user-defined function (all overloads of one schema.name merged, conservatively).
 
-    `reads` lists user relations the body mentions: pg_depend for SQL-standard bodies, and for
-    other bodies a search of the body text for relation names (may list too many, never
-    deliberately too few). `opaque_body` is true when the text cannot tell what it reads:
-    non-SQL languages, or PL/pgSQL with EXECUTE (dynamic SQL)."""
+    `reads` lists user relations the body mentions, directly or through the user functions it
+    calls (transitively): pg_depend for SQL-standard bodies (BEGIN ATOMIC), and for other bodies
+    a search of the body text for relation and function names, so it may list too many, never
+    knowingly too few. `opaque_body` is true when the text cannot tell what it reads: non-SQL
+    languages (C, internal, plpython, ...), PL/pgSQL with EXECUTE (dynamic SQL), or a call to
+    such a function. `calls` are the user functions the body itself names."""
 
     schema: str
     name: str
@@ -124,6 +131,7 @@ class FunctionInfo:
     reads: tuple[str, ...]
     opaque_body: bool
     overloads: int = 1
+    calls: tuple[str, ...] = ()
 
     @property
     def qualified_name(self) -> str:
@@ -192,17 +200,30 @@ class CatalogSnapshot:
         return tuple(self.relations[name] for name in relation.parents if name in self.relations)
 
     def base_relations(self, relation: Relation) -> frozenset[str]:
-        """Every relation a view or matview reads, through other views, transitively."""
+        """Every relation a view or matview may read: through other views and through the user
+        functions their queries call, transitively. A call to a function whose body pgveil cannot
+        read (FunctionInfo.opaque_body) means it may read anything: every user relation."""
         seen: set[str] = set()
         pending = list(relation.depends_on)
-        while pending:
-            name = pending.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            read = self.relations.get(name)
-            if read is not None:
-                pending.extend(read.depends_on)
+        calls = list(relation.calls)
+        while pending or calls:
+            for called in calls:
+                function = self.functions.get(called)
+                if function is None:
+                    continue
+                if function.opaque_body:
+                    return frozenset(seen | {r.qualified_name for r in self.user_relations()})
+                pending.extend(function.reads)
+            calls = []
+            while pending:
+                name = pending.pop()
+                if name in seen:
+                    continue
+                seen.add(name)
+                read = self.relations.get(name)
+                if read is not None:
+                    pending.extend(read.depends_on)
+                    calls.extend(read.calls)
         return frozenset(seen)
 
     def user_relations(self) -> Iterable[Relation]:
@@ -317,9 +338,13 @@ def build_snapshot(
     for child, parent in inherit_rows:
         if child in names and parent in names:
             direct_parents.setdefault(child, []).append(parent)
+    function_names = {row[0]: f"{row[1]}.{row[2]}" for row in function_rows}
     reads_of: dict[int, list[str]] = {}
-    for view, read in view_read_rows:
-        if view in names and read in names:
+    calls_of: dict[int, list[str]] = {}
+    for view, is_function, read in view_read_rows:
+        if view in names and is_function and read in function_names:
+            calls_of.setdefault(view, []).append(function_names[read])
+        elif view in names and not is_function and read in names:
             reads_of.setdefault(view, []).append(names[read])
 
     relations: dict[str, Relation] = {}
@@ -332,12 +357,13 @@ def build_snapshot(
             parents=tuple(names[parent] for parent in _ancestors(oid, direct_parents)),
             depends_on=tuple(reads_of.get(oid, ())),
             oid=oid,
+            calls=tuple(dict.fromkeys(calls_of.get(oid, ()))),
         )
     user_relations_by_name: dict[str, list[str]] = {}
     for relation in relations.values():
         if relation.schema not in SYSTEM_SCHEMAS and relation.schema != PGVEIL_SCHEMA:
             user_relations_by_name.setdefault(relation.name, []).append(relation.qualified_name)
-    functions = _functions(function_rows, names, user_relations_by_name)
+    functions = _functions(function_rows, names, function_names, user_relations_by_name)
     role_settings: dict[tuple[str, str], dict[str, str]] = {}
     for database_name, role_name, config in role_setting_rows:
         settings = dict(entry.split("=", 1) for entry in config or () if "=" in entry)
@@ -370,33 +396,60 @@ def _ancestors(oid: int, direct_parents: Mapping[int, list[int]]) -> list[int]:
     return found
 
 
-def _functions(rows: Sequence[Sequence[Any]], names: Mapping[int, str],
+def _functions(rows: Sequence[Sequence[Any]], names: Mapping[int, str], function_names: Mapping[int, str],
                user_relations_by_name: Mapping[str, list[str]]) -> dict[str, FunctionInfo]:
-    functions: dict[str, FunctionInfo] = {}
-    for _oid, schema, name, language, security_definer, body, depends_on in rows:
+    by_simple_name: dict[str, list[str]] = {}
+    for qualified in dict.fromkeys(function_names.values()):
+        by_simple_name.setdefault(qualified.split(".", 1)[1], []).append(qualified)
+    direct: dict[str, FunctionInfo] = {}
+    for _oid, schema, name, language, security_definer, body, depends_on, calls in rows:
         reads = {names[relid] for relid in depends_on or () if relid in names}
+        called = {function_names[oid] for oid in calls or () if oid in function_names}
         if language in _READABLE_LANGUAGES:
             for identifier in _identifiers(body or ""):
                 reads.update(user_relations_by_name.get(identifier, ()))
+                called.update(by_simple_name.get(identifier, ()))
         opaque = language not in _READABLE_LANGUAGES or (
             language == "plpgsql" and _DYNAMIC_SQL.search(body or "") is not None)
         key = f"{schema}.{name}"
-        previous = functions.get(key)
+        called.discard(key)
+        previous = direct.get(key)
         if previous is not None:
             reads.update(previous.reads)
-            functions[key] = FunctionInfo(
-                schema=schema,
-                name=name,
-                language=previous.language,
-                security_definer=previous.security_definer or security_definer,
-                reads=tuple(sorted(reads)),
-                opaque_body=previous.opaque_body or opaque or previous.language != language,
-                overloads=previous.overloads + 1,
-            )
-        else:
-            functions[key] = FunctionInfo(schema, name, language, security_definer,
-                                          tuple(sorted(reads)), opaque)
-    return functions
+            called.update(previous.calls)
+            security_definer = previous.security_definer or security_definer
+            opaque = previous.opaque_body or opaque or previous.language != language
+            language = previous.language
+        direct[key] = FunctionInfo(
+            schema=schema,
+            name=name,
+            language=language,
+            security_definer=security_definer,
+            reads=tuple(sorted(reads)),
+            opaque_body=opaque,
+            overloads=1 if previous is None else previous.overloads + 1,
+            calls=tuple(sorted(called)),
+        )
+    return {key: _with_callees(info, direct) for key, info in direct.items()}
+
+
+def _with_callees(function: FunctionInfo, functions: Mapping[str, FunctionInfo]) -> FunctionInfo:
+    """`function` with the reads and opacity of every user function it calls, transitively."""
+    reads = set(function.reads)
+    opaque = function.opaque_body
+    seen = {function.qualified_name}
+    pending = list(function.calls)
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        callee = functions[name]
+        reads.update(callee.reads)
+        opaque = opaque or callee.opaque_body
+        pending.extend(callee.calls)
+    return FunctionInfo(function.schema, function.name, function.language, function.security_definer,
+                        tuple(sorted(reads)), opaque, function.overloads, function.calls)
 
 
 def _identifiers(body: str) -> set[str]:

@@ -44,6 +44,11 @@ CREATE FUNCTION cat_a.atomic_salary() RETURNS numeric LANGUAGE sql
 CREATE FUNCTION cat_a.dynamic(t text) RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE n bigint; BEGIN EXECUTE 'SELECT count(*) FROM ' || t INTO n; RETURN n; END $$;
 CREATE FUNCTION cat_a.pure(x integer) RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT x + 1';
+CREATE FUNCTION cat_a.wrapper() RETURNS bigint LANGUAGE plpgsql
+    AS $$ BEGIN RETURN cat_a.count_people(); END $$;
+CREATE FUNCTION cat_a.calls_dynamic() RETURNS bigint LANGUAGE sql AS 'SELECT cat_a.dynamic(''x'')';
+CREATE VIEW cat_a.counted AS SELECT cat_a.wrapper() AS n, cat_a.pure(1) AS p;
+CREATE VIEW cat_a.opaque_view AS SELECT cat_a.dynamic('cat_b.people') AS n;
 """
 
 
@@ -121,6 +126,21 @@ def test_functions_say_what_their_bodies_read(catalog: CatalogSnapshot) -> None:
     pure = catalog.functions["cat_a.pure"]
     assert (pure.reads, pure.opaque_body, pure.reads_relations) == ((), False, False)
     assert not any(name.startswith("pg_catalog.") for name in catalog.functions)
+
+
+def test_function_reads_follow_the_functions_they_call(catalog: CatalogSnapshot) -> None:
+    wrapper = catalog.functions["cat_a.wrapper"]
+    assert wrapper.calls == ("cat_a.count_people",)
+    assert "cat_a.people" in wrapper.reads and not wrapper.opaque_body
+    assert catalog.functions["cat_a.calls_dynamic"].opaque_body
+
+
+def test_views_that_call_functions_read_what_the_functions_read(catalog: CatalogSnapshot) -> None:
+    counted = catalog.relations["cat_a.counted"]
+    assert set(counted.calls) == {"cat_a.wrapper", "cat_a.pure"} and counted.depends_on == ()
+    assert "cat_a.people" in catalog.base_relations(counted)
+    everything = {relation.qualified_name for relation in catalog.user_relations()}
+    assert catalog.base_relations(catalog.relations["cat_a.opaque_view"]) == everything
 
 
 def test_resolve_follows_postgresql_search_path_rules(catalog: CatalogSnapshot) -> None:
