@@ -36,8 +36,8 @@ def parsers_agree(statement: GuardStatement) -> Refuse | None:
             return _disagreement("sqlglot cannot analyse this kind of statement")
         for table in tree.find_all(exp.Table):
             identifier = table.this
-            if not isinstance(identifier, exp.Identifier):
-                continue
+            if not isinstance(identifier, exp.Identifier) or table.find_ancestor(exp.Lock) is not None:
+                continue  # FOR UPDATE OF x names a FROM item, not a relation
             found.add(identifier.name if identifier.quoted else identifier.name.lower())
     if found != expected:
         return _disagreement(
@@ -57,7 +57,7 @@ def _analysable_text(statement: GuardStatement) -> str:
     if not isinstance(node, ast.DeclareCursorStmt | ast.PrepareStmt | ast.ExplainStmt):
         return statement.text
     text = statement.text
-    tokens = parser.scan(text)
+    tokens = [token for token in parser.scan(text) if token.name not in ("C_COMMENT", "SQL_COMMENT")]
     marker = {ast.DeclareCursorStmt: "FOR", ast.PrepareStmt: "AS"}.get(type(node))
     index = 1
     if marker is not None:

@@ -19,6 +19,9 @@ from proxy.guard.verdict import Refuse
 from proxy.policy.protections import ProtectionError, mask_expression
 
 
+_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
+
+
 @dataclass(frozen=True, slots=True)
 class Edit:
     """Replace `sql[start:end]` with `text`; `substitutes` names the relation a derived table replaced."""
@@ -55,7 +58,7 @@ class _Splicer:
     def __init__(self, sql: str, context: GuardContext) -> None:
         self.sql = sql
         self.context = context
-        self.tokens = parser.scan(sql)
+        self.tokens = [token for token in parser.scan(sql) if token.name not in _COMMENTS]
         self.by_start = {token.start: index for index, token in enumerate(self.tokens)}
         self.edits: list[Edit] = []
         self.masks: list[str] = []

@@ -1,7 +1,7 @@
 """The guard pipeline: the ordered passes one Query/Parse message goes through, listed in one place.
 
-    gate (pglast parse) -> classify -> resolve (catalog + search_path) -> agreement (sqlglot)
-    -> RULES, in order -> mask rewrite (table substitution) -> re-gate -> verdict
+    gate (pglast parse) -> classify -> resolve (catalog + search_path) -> RULES, in order
+    -> agreement (sqlglot, masked roles) -> mask rewrite (table substitution) -> re-gate -> verdict
 
 Every pass is a plain function in its own module. A rule is `Rule = Callable[[GuardStatement,
 GuardContext], Refuse | None]` (see `proxy.guard.statement`); to add one, append it to `RULES`.
@@ -68,13 +68,13 @@ def analyse(sql: str, context: GuardContext) -> Analysis:
     for statement in statements:
         classify(statement)
         refusal = resolve(statement, context)
-        if refusal is None and context.masked:
-            refusal = parsers_agree(statement)
         if refusal is None:
             for rule in RULES:
                 refusal = rule(statement, context)
                 if refusal is not None:
                     break
+        if refusal is None and context.masked:
+            refusal = parsers_agree(statement)
         literal_dependent = literal_dependent or statement.literal_dependent
         if refusal is not None:
             return Analysis(

@@ -263,11 +263,11 @@ def _target_statement(root: ast.Node, target: ast.RangeVar) -> ast.Node | None:
 
 def _reading_clauses(node: ast.Node) -> list[object]:
     if isinstance(node, ast.InsertStmt):
-        return [node.returningList, node.onConflictClause]
+        return [node.returningClause, node.onConflictClause]
     if isinstance(node, ast.UpdateStmt):
-        return [node.targetList, node.whereClause, node.returningList]
+        return [node.targetList, node.whereClause, node.returningClause]
     if isinstance(node, ast.DeleteStmt):
-        return [node.whereClause, node.returningList]
+        return [node.whereClause, node.returningClause]
     return []
 
 
