@@ -32,10 +32,6 @@ INJECTION_RULES: tuple[InjectionRule, ...] = (
     find_tautology,
 )
 
-# Rules whose outcome changes with a literal's value (`1=1` vs `2=2`, the size of a series): a
-# verdict cache keyed on statement shape must not reuse their verdicts across literal values.
-LITERAL_SENSITIVE_RULES = frozenset({"tautology", "time-based-probe"})
-
 
 @dataclass(frozen=True, slots=True)
 class Screening:

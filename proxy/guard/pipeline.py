@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from pglast import parser
 
+from proxy.firewall import passes as firewall
 from proxy.guard import rules, settings
 from proxy.guard.agreement import parsers_agree
 from proxy.guard.classify import classify
@@ -40,6 +41,7 @@ RULES: list[Rule] = [
     rules.dml_target_reads,
     rules.locking_clause_on_protected,
     settings.session_settings,
+    firewall.injection_rules,
 ]
 """Checks run on every statement, in order; the first Refuse wins."""
 
@@ -120,6 +122,7 @@ def statement_info(statement: GuardStatement, masks: tuple[str, ...]) -> Stateme
         relations=relations,
         columns=statement.columns_read,
         masks=masks,
+        findings=tuple(statement.findings),
     )
 
 
@@ -134,4 +137,5 @@ def _message_info(statements: tuple[GuardStatement, ...], masks: tuple[str, ...]
         relations=tuple(dict.fromkeys(r for info in infos for r in info.relations)),
         columns=tuple(dict.fromkeys(c for info in infos for c in info.columns)),
         masks=masks,
+        findings=tuple(dict.fromkeys(f for info in infos for f in info.findings)),
     )

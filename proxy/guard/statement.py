@@ -73,6 +73,7 @@ class GuardStatement:
     cte_names: frozenset[str] = frozenset()
     columns_read: tuple[str, ...] = ()  # schema.table.column referenced (filled by the mask pass)
     literal_dependent: bool = False
+    findings: list[str] = field(default_factory=list)  # firewall rules that matched (`alert`: not refused)
 
     @property
     def text(self) -> str:

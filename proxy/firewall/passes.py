@@ -1,0 +1,51 @@
+"""The firewall's rules as guard passes (`Rule = Callable[[GuardStatement, GuardContext], Refuse | None]`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pglast import ast
+
+from proxy.firewall.injection import screen_injection
+from proxy.firewall.statement import SubmittedSql
+from proxy.firewall.tree import function_name, is_comparison, is_row_independent
+from proxy.guard.statement import GuardContext, GuardStatement
+from proxy.guard.verdict import Refuse
+
+
+@lru_cache(maxsize=64)
+def _submitted(sql: str) -> SubmittedSql:
+    """The whole message parsed once: stacked statements and comments are properties of the message."""
+    return SubmittedSql.parse(sql)
+
+
+def injection_rules(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """Screens the whole message at its first statement under the role's `injection:` mode.
+
+    `enforce` refuses with the first rule that matched; `alert` lets the message through and
+    records the rule names in `statement.findings` (audit and metrics read them from StatementInfo).
+    """
+    if context.role.injection == "off":
+        return None
+    submitted = _submitted(statement.sql)
+    if not submitted.statements or statement.start != (submitted.statements[0].stmt_location or 0):
+        return None
+    screening = screen_injection(submitted, context.role)
+    if screening.findings or _depends_on_literals(submitted):
+        statement.mark_literal_dependent()
+    statement.findings.extend(screening.rule_names)
+    if screening.refusal is None:
+        return None
+    return Refuse(screening.refusal.rule, screening.refusal.message)
+
+
+def _depends_on_literals(submitted: SubmittedSql) -> bool:
+    """Could other literal values (or comments, which fingerprints ignore) change the screening?"""
+    if any(token.name in ("SQL_COMMENT", "C_COMMENT") for token in submitted.tokens):
+        return True
+    for node in submitted.nodes:
+        if isinstance(node, ast.A_Expr) and is_comparison(node) and is_row_independent(node.lexpr):
+            return True  # `1=1` is the builder idiom, `2=2` a tautology (rule tautology)
+        if isinstance(node, ast.FuncCall) and function_name(node) in ("generate_series", "repeat"):
+            return True  # the size of the series decides (rule time-based-probe)
+    return False
