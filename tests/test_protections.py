@@ -11,6 +11,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.policy.model import Constant, Email, Generalize, Hash, Partial, Protection, Redact
 from proxy.policy.protections import ProtectionError, mask_expression
@@ -185,3 +187,35 @@ def test_protection_that_does_not_fit_the_type_is_refused(type_sql: str, protect
     with pytest.raises(ProtectionError) as raised:
         mask_expression("c", type_sql, protection)
     assert message in str(raised.value)
+
+
+def partial_reference(value: str, keep_first: int, keep_last: int, mask_char: str) -> str:
+    hidden = len(value) - keep_first - keep_last
+    if hidden < 0 or len(value) <= keep_first + keep_last:
+        return mask_char * len(value)
+    return value[:keep_first] + mask_char * hidden + value[len(value) - keep_last:]
+
+
+def email_reference(value: str) -> str:
+    if "@" not in value:
+        return value[:1] + "***"
+    return value.split("@")[0][:1] + "***@" + value.split("@")[-1]
+
+
+TEXTS = st.lists(st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=30), max_size=25)
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=TEXTS, keep_first=st.integers(0, 4), keep_last=st.integers(0, 4),
+       mask_char=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)))
+def test_text_protections_match_their_definition_on_any_unicode_text(
+        masking_db: str, values: list[str], keep_first: int, keep_last: int, mask_char: str) -> None:
+    partial = mask_expression("v", "text", Partial(keep_first, keep_last, mask_char))
+    email = mask_expression("v", "text", Email())
+    hashed = mask_expression("v", "text", Hash())
+    with psycopg.connect(masking_db, autocommit=True) as conn:
+        rows = conn.execute(
+            f"SELECT {partial}, {email}, {hashed} FROM unnest(%s::text[]) WITH ORDINALITY AS t(v, n) "
+            "ORDER BY n", [values]).fetchall()
+    assert rows == [(partial_reference(v, keep_first, keep_last, mask_char), email_reference(v), hmac_hex(v))
+                    for v in values]
