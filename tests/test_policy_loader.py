@@ -330,3 +330,9 @@ def test_missing_file_is_a_policy_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as raised:
         load_policy(tmp_path / "nope.yaml")
     assert str(raised.value).startswith(f"{tmp_path / 'nope.yaml'}: cannot read the policy file")
+
+
+def test_a_role_that_does_not_reveal_internal_has_masked_data_even_without_listed_columns() -> None:
+    policy = parse_policy("version: 1\nroles:\n  outsider: {reveal: [public]}\n  insider: {}\n")
+    assert policy.has_masked_columns(policy.roles["outsider"])
+    assert not policy.has_masked_columns(policy.roles["insider"])

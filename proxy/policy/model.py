@@ -159,7 +159,10 @@ class Policy:
         return None
 
     def has_masked_columns(self, role: Role) -> bool:
-        """True when some listed column is hidden from this role (fail-closed rules apply)."""
+        """True when some column is hidden from this role (fail-closed rules apply). Unlisted
+        columns are `internal`, so a role that does not reveal `internal` has masked data everywhere."""
+        if not role.sees_unmasked(ColumnPolicy()):
+            return True
         return any(
             not role.sees_unmasked(column)
             for dataset in self.datasets.values()
