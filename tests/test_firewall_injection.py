@@ -37,7 +37,7 @@ CAUGHT = [
     ("tautology", ANALYST, "SELECT * FROM users ORDER BY (CASE WHEN 7=7 THEN name ELSE email END)"),
     ("tautology", ANALYST,
      "SELECT * FROM users WHERE id = 1 AND ASCII(SUBSTRING((SELECT usename FROM pg_user "
-                           "LIMIT 1) FROM 1 FOR 1)) > 64"),
+     "LIMIT 1) FROM 1 FOR 1)) > 64"),
     ("union-extraction", ANALYST, "SELECT id, name FROM items UNION ALL SELECT NULL, NULL"),
     ("union-extraction", ANALYST, "SELECT id, name FROM items UNION SELECT oid::int, relname FROM pg_class"),
     ("union-extraction", APP, "SELECT id, name FROM items UNION SELECT 1, 'x'"),
@@ -52,7 +52,7 @@ CAUGHT = [
      "SELECT * FROM items WHERE 1 = CAST((SELECT password FROM users LIMIT 1) AS int)"),
     ("error-based-extraction", ANALYST,
      "SELECT CAST('q' || (SELECT usename FROM pg_user LIMIT 1)::text || 'q' "
-                                        "AS numeric)"),
+     "AS numeric)"),
     ("error-based-extraction", ANALYST, "SELECT (SELECT relname FROM pg_class LIMIT 1)::regclass"),
     ("error-based-extraction", ANALYST, "SELECT ('x' || version())::int"),
     ("catalog-probe", APP, "SELECT name FROM items WHERE id = 1 AND version() LIKE 'PostgreSQL%'"),
@@ -78,7 +78,7 @@ CAUGHT = [
     ("char-obfuscation", ANALYST, "SELECT * FROM items WHERE name = concat(chr(97), chr(100))"),
     ("char-obfuscation", ANALYST,
      "SELECT * FROM items WHERE name = convert_from(decode('7573657273', 'hex'), "
-                                  "'UTF8')"),
+     "'UTF8')"),
 ]
 
 LET_THROUGH = [
