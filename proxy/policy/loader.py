@@ -502,10 +502,8 @@ class _PolicyBuilder:
         spec = self.mapping(value, path, _COLUMN_KEYS)
         level = self.attempt(lambda: self.choice(
             spec.get("sensitivity"), _join(path, "sensitivity"), tuple(SENSITIVITY_NAMES), "internal"))
-        protection = (self.attempt(lambda: self.protection(spec["protection"], _join(path, "protection")))
-                      if spec.get("protection") is not None else None)
-        if spec.get("protection") is not None and protection is None:
-            raise _Invalid
+        raw = spec.get("protection")
+        protection = None if raw is None else self.protection(raw, _join(path, "protection"))
         return ColumnPolicy(
             sensitivity=SENSITIVITY_NAMES[level or "internal"],
             protection=protection,
