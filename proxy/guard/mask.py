@@ -18,7 +18,6 @@ from proxy.guard.statement import GuardContext, GuardStatement, RelationRef
 from proxy.guard.verdict import Refuse
 from proxy.policy.protections import ProtectionError, mask_expression
 
-
 _COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
 
 

@@ -1,0 +1,296 @@
+"""The policy runtime `pgveil serve --policy` uses: policy + catalog + verdict cache, one
+GuardedConnection per client, reload on SIGHUP and catalog refresh after DDL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from pglast import ast
+from pglast.enums import VariableSetKind
+
+from proxy.catalog import CatalogSnapshot, load_catalog, parse_search_path
+from proxy.connection_policy import ClientInfo, Outcome
+from proxy.guard.cache import VerdictCache
+from proxy.guard.pipeline import Analysis, analyse
+from proxy.guard.settings import setting_refusal
+from proxy.guard.statement import GuardContext, role_is_masked
+from proxy.guard.verdict import Allow, Refuse, Verdict
+from proxy.policy.loader import hash_key, load_policy, policy_uses_hash
+from proxy.policy.model import Policy, Role
+from proxy.upstream_setup import install_masking_functions
+
+log = logging.getLogger("pgveil.enforcement")
+
+_UNKNOWN_RELATION_REFRESH_SECONDS = 2.0
+# Startup parameters every driver sends that do not change how SQL is read or who runs it.
+_HARMLESS_STARTUP = frozenset({
+    "user", "database", "application_name", "fallback_application_name", "datestyle", "timezone",
+    "extra_float_digits", "intervalstyle", "geqo", "lc_monetary", "lc_numeric", "lc_time",
+    "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout", "bytea_output",
+    "_pq_.protocol_managed_params",
+})
+
+
+class EnforcementError(RuntimeError):
+    """The policy or the upstream catalog cannot be used (one line: what and how to fix it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    policy: Policy
+    catalog: CatalogSnapshot
+
+
+class Enforcement:
+    """Shared by every connection of one serving process; swapped atomically on reload."""
+
+    def __init__(self, policy_path: str, upstream_dsn: str, state: _State,
+                 active_role: Callable[[str], str | None] | None = None) -> None:
+        self.policy_path = policy_path
+        self.upstream_dsn = upstream_dsn
+        self.state = state
+        self.active_role = active_role
+        self.cache = VerdictCache()
+        self._refreshing: asyncio.Task[None] | None = None
+        self._last_refresh = time.monotonic()
+
+    @classmethod
+    async def create(cls, policy_path: str, upstream_dsn: str,
+                     active_role: Callable[[str], str | None] | None = None) -> Enforcement:
+        """Load the policy, install the masking functions it needs, read the catalog."""
+        return cls(policy_path, upstream_dsn, await cls._load(policy_path, upstream_dsn), active_role)
+
+    @staticmethod
+    async def _load(policy_path: str, upstream_dsn: str) -> _State:
+        from proxy.catalog import CatalogError
+        from proxy.policy.loader import PolicyError
+
+        try:
+            policy = load_policy(policy_path)
+        except PolicyError as exc:
+            raise EnforcementError(str(exc).splitlines()[0] if str(exc) else "invalid policy") from None
+        try:
+            if policy_uses_hash(policy):
+                await install_masking_functions(upstream_dsn, hash_key(policy))
+            catalog = await load_catalog(upstream_dsn)
+        except (PolicyError, CatalogError) as exc:
+            raise EnforcementError(str(exc).splitlines()[0]) from None
+        except OSError as exc:
+            raise EnforcementError(f"cannot reach the upstream to install masking functions: {exc}") from None
+        return _State(policy, catalog)
+
+    @property
+    def policy(self) -> Policy:
+        return self.state.policy
+
+    def connection_policy(self, client: ClientInfo | None = None) -> GuardedConnection:
+        return GuardedConnection(self)
+
+    async def reload(self) -> Policy:
+        """Validate the policy file again; invalid -> raise and keep the old one; valid -> swap."""
+        state = await self._load(self.policy_path, self.upstream_dsn)
+        self.state = state
+        self.cache.clear()
+        log.info("policy %s loaded from %s", state.policy.version, self.policy_path)
+        return state.policy
+
+    async def refresh_catalog(self) -> None:
+        """Read the catalog again (after DDL); concurrent callers share one refresh."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
+        try:
+            catalog = await load_catalog(self.upstream_dsn)
+        except Exception as exc:  # the old catalog stays; a stale catalog only ever refuses more
+            log.warning("catalog refresh failed, keeping the previous one: %s", exc)
+            return
+        self._last_refresh = time.monotonic()
+        self.state = _State(self.state.policy, catalog)
+
+    def may_refresh_for_unknown_relation(self) -> bool:
+        return time.monotonic() - self._last_refresh > _UNKNOWN_RELATION_REFRESH_SECONDS
+
+
+@dataclass
+class _Session:
+    user: str = ""
+    database: str = ""
+    search_path: tuple[str, ...] | None = None  # None: the role's default from the catalog
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+class GuardedConnection:
+    """One client connection: role selection at startup, the guard on every statement."""
+
+    def __init__(self, enforcement: Enforcement) -> None:
+        self.enforcement = enforcement
+        self.session = _Session()
+        self._pending_effects: tuple[tuple[str, str], ...] = ()
+        self._pending_ddl = False
+        self._ddl_in_transaction = False
+
+    # -- role and context -------------------------------------------------------------------
+    def role(self) -> Role | None:
+        policy = self.enforcement.policy
+        active = self.enforcement.active_role
+        if active is not None:
+            elevated = active(self.session.user)
+            if elevated is not None and elevated in policy.roles:
+                return policy.roles[elevated]
+        return policy.role_for_user(self.session.user)
+
+    def context(self, role: Role) -> GuardContext:
+        state = self.enforcement.state
+        search_path = self.session.search_path
+        if search_path is None:
+            search_path = state.catalog.default_search_path(self.session.user, self.session.database)
+        return GuardContext(
+            policy=state.policy, role=role, catalog=state.catalog, user=self.session.user,
+            search_path=search_path, settings=dict(self.session.settings),
+            catalog_generation=0,
+        )
+
+    # -- ConnectionPolicy -------------------------------------------------------------------
+    async def on_startup(self, params: Mapping[str, str], client: ClientInfo) -> Refuse | None:
+        self.session.user = params.get("user") or client.user
+        self.session.database = params.get("database") or client.database or self.session.user
+        role = self.role()
+        if role is None:
+            return Refuse(
+                "no-role",
+                f"no role for user {self.session.user} in the policy; ask for the login to be added "
+                "to a role's members",
+                sqlstate="28000",
+            )
+        if not role_is_masked(self.enforcement.policy, role):
+            return None
+        if self.session.database != self.enforcement.state.catalog.database:
+            return Refuse(
+                "wrong-database",
+                f"pgveil guards database {self.enforcement.state.catalog.database}; role {role.name} "
+                "has masked data and cannot connect to another database through it",
+                sqlstate="28000",
+            )
+        for name, value in _startup_settings(params):
+            if name in _HARMLESS_STARTUP:
+                continue
+            if name == "options":
+                return Refuse("session-setting", f"startup option {value!r} is not a setting pgveil can check; "
+                              "pass settings as -c name=value", sqlstate="28000")
+            if name == "replication" and value.lower() not in ("false", "off", "0", "no"):
+                return Refuse("session-setting", "replication connections stream raw data and role "
+                              f"{role.name} has masked data", sqlstate="28000")
+            refusal = setting_refusal(name, [value], role.name)
+            if refusal is not None:
+                return Refuse(refusal.rule, refusal.message, sqlstate="28000")
+        return None
+
+    async def on_query(self, sql: str) -> Verdict:
+        return await self._judge(sql)
+
+    async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
+        return await self._judge(sql)
+
+    async def on_function_call(self, function_oid: int) -> Verdict:
+        role = self.role()
+        if role is None or role_is_masked(self.enforcement.policy, role):
+            return Refuse("function-call-message", "the fast-path FunctionCall message cannot be checked; "
+                          "call the function in a SELECT")
+        return Allow("")
+
+    async def on_complete(self, outcome: Outcome) -> None:
+        effects, self._pending_effects = self._pending_effects, ()
+        ddl, self._pending_ddl = self._pending_ddl, False
+        if outcome.sqlstate is not None:
+            return
+        for name, value in effects:
+            if name == "search_path":
+                self.session.search_path = parse_search_path(value) if value else None
+            elif name == "commit" and self._ddl_in_transaction:
+                self._ddl_in_transaction = False
+                await self.enforcement.refresh_catalog()
+        if ddl:
+            self._ddl_in_transaction = True
+            await self.enforcement.refresh_catalog()
+
+    # -- the guard --------------------------------------------------------------------------
+    async def _judge(self, sql: str) -> Verdict:
+        role = self.role()
+        if role is None:
+            return Refuse("no-role", f"no role for user {self.session.user} any more; reconnect")
+        context = self.context(role)
+        key = (context.policy.version, role.name, context.user, context.search_path,
+               tuple(sorted(context.settings.items())), context.catalog.generation)
+        hit = self.enforcement.cache.lookup(sql, key)
+        if hit is not None:
+            self._pending_effects = hit.effects
+            self._pending_ddl = hit.verdict.info.kind == "ddl"
+            return hit.verdict
+        analysis = analyse(sql, context)
+        verdict = analysis.verdict
+        if (isinstance(verdict, Refuse) and verdict.rule == "unknown-relation"
+                and self.enforcement.may_refresh_for_unknown_relation()):
+            await self.enforcement.refresh_catalog()
+            context = self.context(role)
+            key = key[:-1] + (context.catalog.generation,)
+            analysis = analyse(sql, context)
+            verdict = analysis.verdict
+        effects = _effects(analysis)
+        self.enforcement.cache.store(sql, key, analysis, effects)
+        self._pending_effects = effects
+        self._pending_ddl = not isinstance(verdict, Refuse) and any(
+            s.statement_class == "ddl" for s in analysis.statements)
+        return verdict
+
+
+def _effects(analysis: Analysis) -> tuple[tuple[str, str], ...]:
+    """Session state the statements change when they succeed: search_path, transaction end."""
+    if isinstance(analysis.verdict, Refuse):
+        return ()
+    effects: list[tuple[str, str]] = []
+    for statement in analysis.statements:
+        node = statement.node
+        if isinstance(node, ast.VariableSetStmt) and (node.name or "").lower() == "search_path":
+            values = [getattr(getattr(arg, "val", None), "sval", None) for arg in node.args or ()]
+            if node.kind == VariableSetKind.VAR_SET_VALUE and all(isinstance(v, str) for v in values):
+                effects.append(("search_path", ", ".join(f'"{v}"' for v in values if v is not None)))
+            else:
+                effects.append(("search_path", ""))
+        elif isinstance(node, ast.VariableSetStmt) and node.kind == VariableSetKind.VAR_RESET_ALL:
+            effects.append(("search_path", ""))
+        elif isinstance(node, ast.TransactionStmt):
+            effects.append(("commit", ""))
+    return tuple(effects)
+
+
+def _startup_settings(params: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Every setting a startup packet makes: its own keys and `-c name=value` in `options`."""
+    found = [(name.lower(), value) for name, value in params.items() if name.lower() != "options"]
+    options = params.get("options", "")
+    try:
+        words = shlex.split(options.replace("\\ ", "\x00"))
+    except ValueError:
+        return [*found, ("options", options)]
+    words = [word.replace("\x00", " ") for word in words]
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word == "-c" and index + 1 < len(words):
+            word = "--" + words[index + 1]
+            index += 1
+        elif word.startswith("-c"):
+            word = "--" + word[2:]
+        if word.startswith("--") and "=" in word:
+            name, value = word[2:].split("=", 1)
+            found.append((name.replace("-", "_").lower(), value))
+        else:
+            found.append(("options", word))
+        index += 1
+    return found
