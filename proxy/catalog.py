@@ -30,7 +30,17 @@ WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')
 ORDER BY n.nspname, c.relname
 """
 _COLUMNS_SQL = """
-SELECT a.attrelid, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid
+WITH RECURSIVE domain_base(oid, base, typmod) AS (
+    SELECT t.oid, t.typbasetype, t.typtypmod FROM pg_catalog.pg_type t WHERE t.typtype = 'd'
+  UNION ALL
+    SELECT d.oid, t.typbasetype, CASE WHEN d.typmod = -1 THEN t.typtypmod ELSE d.typmod END
+    FROM domain_base d JOIN pg_catalog.pg_type t ON t.oid = d.base AND t.typtype = 'd'
+)
+SELECT a.attrelid, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid,
+       COALESCE((SELECT pg_catalog.format_type(d.base, d.typmod) FROM domain_base d
+                 JOIN pg_catalog.pg_type b ON b.oid = d.base AND b.typtype <> 'd'
+                 WHERE d.oid = a.atttypid),
+                pg_catalog.format_type(a.atttypid, a.atttypmod))
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -92,6 +102,13 @@ class Column:
     name: str
     type_sql: str  # format_type(): 'text', 'character varying(100)', 'numeric(10,2)', ...
     type_oid: int
+    base_type_sql: str = ""  # for a domain: format_type of its underlying base type
+
+    @property
+    def mask_type_sql(self) -> str:
+        """The type to give mask_expression(): a domain's base type (masked values need not
+        satisfy the domain's constraints, and redacting a NOT NULL domain must not fail)."""
+        return self.base_type_sql or self.type_sql
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,14 +299,17 @@ async def load_catalog(dsn: str, timeout: float = 10.0) -> CatalogSnapshot:
         raise CatalogError(f"cannot connect to the upstream to read its catalog: {exc}") from exc
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
+            search_path_row = await connection.fetchrow(_SERVER_SEARCH_PATH_SQL)
+            server_search_path = await _server_search_path(connection, search_path_row)
+            # format_type() leaves out the schema of types visible on the search_path; with only
+            # pg_catalog on it, every other type is schema-qualified, whatever the client's path.
+            await connection.execute("SET LOCAL search_path = pg_catalog")
             relations = await connection.fetch(_RELATIONS_SQL)
             columns = await connection.fetch(_COLUMNS_SQL)
             inherits = await connection.fetch(_INHERITS_SQL)
             view_reads = await connection.fetch(_VIEW_READS_SQL)
             functions = await connection.fetch(_FUNCTIONS_SQL)
             role_settings = await connection.fetch(_ROLE_SETTINGS_SQL)
-            search_path_row = await connection.fetchrow(_SERVER_SEARCH_PATH_SQL)
-            server_search_path = await _server_search_path(connection, search_path_row)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise CatalogError(f"cannot read the upstream catalog: {exc}") from exc
     finally:
@@ -332,8 +352,9 @@ def build_snapshot(
     """Assemble a snapshot from catalog query rows (in the column order of the queries above)."""
     names: dict[int, str] = {row[0]: f"{row[1]}.{row[2]}" for row in relation_rows}
     columns_of: dict[int, list[Column]] = {}
-    for relid, name, type_sql, type_oid in column_rows:
-        columns_of.setdefault(relid, []).append(Column(name, type_sql, type_oid))
+    for relid, name, type_sql, type_oid, base_type_sql in column_rows:
+        columns_of.setdefault(relid, []).append(
+            Column(name, type_sql, type_oid, "" if base_type_sql == type_sql else base_type_sql))
     direct_parents: dict[int, list[int]] = {}
     for child, parent in inherit_rows:
         if child in names and parent in names:

@@ -20,6 +20,9 @@ SCHEMA = f"""
 CREATE SCHEMA cat_a;
 CREATE SCHEMA cat_b;
 CREATE SCHEMA {USER};
+CREATE DOMAIN cat_a.email_address AS character varying(200) NOT NULL CHECK (VALUE LIKE '%@%');
+CREATE DOMAIN cat_a.work_email AS cat_a.email_address;
+CREATE TABLE cat_a.contacts (id integer, email cat_a.work_email, plain text);
 CREATE TABLE cat_a.people (id integer PRIMARY KEY, dropped text, email text, salary numeric(10,2),
                            born date, note character varying(40));
 ALTER TABLE cat_a.people DROP COLUMN dropped;
@@ -81,6 +84,19 @@ def test_tables_list_columns_in_order_with_types_and_without_dropped_ones(catalo
     assert people.columns[0].type_oid == 23
     assert people.column("salary") is not None and people.column("dropped") is None
     assert catalog.database == DATABASE
+
+
+def test_types_outside_pg_catalog_are_schema_qualified_whatever_the_search_path(
+        catalog: CatalogSnapshot) -> None:
+    # the database's search_path (cat_a first) makes cat_a's types visible to the catalog's session
+    assert catalog.relations["cat_a.contacts"].columns[1].type_sql == "cat_a.work_email"
+
+
+def test_domain_columns_know_their_base_type_for_masking(catalog: CatalogSnapshot) -> None:
+    email, plain = catalog.relations["cat_a.contacts"].columns[1:]
+    assert (email.type_sql, email.base_type_sql, email.mask_type_sql) == (
+        "cat_a.work_email", "character varying(200)", "character varying(200)")
+    assert (plain.type_sql, plain.base_type_sql, plain.mask_type_sql) == ("text", "", "text")
 
 
 def test_every_relation_kind_is_known(catalog: CatalogSnapshot) -> None:

@@ -79,10 +79,10 @@ def _dataset_findings(policy: Policy, catalog: CatalogSnapshot) -> list[Finding]
                                                      f"(its columns: {known})"))
                 continue
             try:
-                mask_expression(f'"{column.name}"', column.type_sql, column_policy.effective_protection)
+                mask_expression(f'"{column.name}"', column.mask_type_sql, column_policy.effective_protection)
             except ProtectionError as exc:
                 findings.append(Finding(f"{column_path}.protection",
-                                        f"does not fit type {column.type_sql}: {exc}"))
+                                        f"does not fit type {column.mask_type_sql}: {exc}"))
     return findings
 
 
