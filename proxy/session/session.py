@@ -311,10 +311,7 @@ class Session:
                 self.state.handle(Event.AUTHENTICATION_OK)
                 return
             if isinstance(request, AuthenticationSASL):
-                # Channel binding (SCRAM-SHA-256-PLUS) binds the exchange to the TLS channel the
-                # client sees; that channel ends at pgveil, so PostgreSQL's check could never pass.
-                offered = tuple(m for m in request.mechanisms if m != SCRAM_PLUS)
-                client.write(AuthenticationSASL(offered).encode())
+                client.write(sasl_mechanisms_for_client(request).encode())
             else:
                 client.write(frame(b"R", body))
             if request.CODE == 12:  # SASLFinal: no answer expected, AuthenticationOk follows
@@ -350,6 +347,12 @@ class Session:
                     self.state.handle(Event.READY_FOR_QUERY)
                     self.client.write(b"".join(out))
                     return
+
+
+def sasl_mechanisms_for_client(request: AuthenticationSASL) -> AuthenticationSASL:
+    """Drop SCRAM-SHA-256-PLUS: channel binding binds SCRAM to the TLS channel the client sees,
+    which ends at pgveil, so PostgreSQL's check against its own channel could never pass."""
+    return AuthenticationSASL(tuple(m for m in request.mechanisms if m != SCRAM_PLUS))
 
 
 def _ignore_result(task: asyncio.Future[None]) -> None:
