@@ -176,7 +176,7 @@ def test_gssenc_request_is_declined_and_startup_continues(plain_proxy):
 
 
 def test_replication_connections_are_refused_with_a_clear_error(plain_proxy):
-    with pytest.raises(psycopg.OperationalError, match="pgveil: replication") as caught:
+    with pytest.raises(psycopg.OperationalError, match="pgveil: replication"):
         psycopg.connect(plain_proxy.dsn("relay_scram", "scram-secret") + "?replication=database")
 
 
