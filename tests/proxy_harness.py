@@ -240,3 +240,82 @@ def spawn_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 
     assert match is not None
     served.host, served.port = match.group(1), int(match.group(2))
     return served
+
+
+# ---- a protocol-level client ---------------------------------------------------------------------
+
+
+class RawClient:
+    """A bare PostgreSQL protocol client over a blocking socket, for tests that need exact messages
+    (FunctionCall, hand-made pipelines, malformed bytes). Logs in with trust auth (the superuser).
+
+        with RawClient.connect(proxy.host, proxy.port) as client:
+            client.send(Query("select 1"))
+            messages = client.until_ready()     # decoded backend messages up to ReadyForQuery
+    """
+
+    def __init__(self, sock: Any) -> None:
+        from proxy.wire import ReceiveBuffer
+
+        self.sock = sock
+        self.buffer = ReceiveBuffer(1 << 30)
+        self.startup_messages: list[Any] = []
+
+    @classmethod
+    def connect(cls, host: str, port: int, user: str = "postgres", database: str = "postgres",
+                protocol: int = 3 << 16, timeout: float = 20, **params: str) -> RawClient:
+        import socket
+
+        from proxy.wire import StartupMessage
+
+        client = cls(socket.create_connection((host, port), timeout=timeout))
+        parameters = (("user", user), ("database", database), *params.items())
+        client.sock.sendall(StartupMessage(protocol, parameters).encode())
+        client.startup_messages = client.until_ready()
+        return client
+
+    def send(self, *messages: Any) -> None:
+        self.sock.sendall(b"".join(m if isinstance(m, bytes) else m.encode() for m in messages))
+
+    def receive(self) -> Any:
+        """The next backend message (raises EOFError when the server closed the connection)."""
+        from proxy.wire import decode_backend
+
+        while True:
+            framed = self.buffer.next_message()
+            if framed is not None:
+                return decode_backend(*framed)
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("server closed the connection")
+            self.buffer.feed(data)
+
+    def until_ready(self) -> list[Any]:
+        from proxy.wire import ErrorResponse, ReadyForQuery
+
+        messages = []
+        while True:
+            message = self.receive()
+            messages.append(message)
+            if isinstance(message, ReadyForQuery):
+                return messages
+            if isinstance(message, ErrorResponse) and message.get("S") == "FATAL":
+                return messages
+
+    def read_to_end(self) -> list[Any]:
+        """Every message until the server closes the connection."""
+        messages = []
+        try:
+            while True:
+                messages.append(self.receive())
+        except (EOFError, ConnectionResetError):
+            return messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
