@@ -33,7 +33,9 @@ class ProtectionError(ValueError):
 def mask_expression(column_sql: str, column_type: str, protection: Protection) -> str:
     """SQL expression (no alias) that yields the masked value of `column_sql`.
 
-    `column_type` is `format_type()` of the column. NULL stays NULL for every protection."""
+    `column_type` is `format_type()` of the column (for a domain: of its base type,
+    `Column.mask_type_sql`). NULL stays NULL for every protection. Functions are called
+    schema-qualified, so user functions of the same name cannot stand in for them."""
     family, typmods, is_array = _type_family(column_type)
     value = f"({column_sql})"
     if isinstance(protection, Redact):
@@ -85,29 +87,31 @@ def _type_family(column_type: str) -> tuple[str, tuple[str, ...], bool]:
 def _partial(value: str, protection: Partial) -> str:
     keep = protection.keep_first + protection.keep_last
     mask = sql_text_literal(protection.mask_char)
-    length = f"char_length({value})"
+    length = f"pg_catalog.char_length({value})"
     # A value no longer than what would be kept is masked whole: showing it all is not masking.
     return (
-        f"CASE WHEN {length} <= {keep} THEN repeat({mask}, {length}) "
-        f"ELSE left({value}, {protection.keep_first}) || repeat({mask}, {length} - {keep}) "
-        f"|| right({value}, {protection.keep_last}) END"
+        f"CASE WHEN {length} <= {keep} THEN pg_catalog.repeat({mask}, {length}) "
+        f"ELSE pg_catalog.left({value}, {protection.keep_first}) "
+        f"|| pg_catalog.repeat({mask}, {length} - {keep}) "
+        f"|| pg_catalog.right({value}, {protection.keep_last}) END"
     )
 
 
 def _email(value: str) -> str:
     text = f"{value}::text"
     return (
-        f"CASE WHEN strpos({text}, '@') = 0 THEN left({text}, 1) || '***' "
-        f"ELSE left(split_part({text}, '@', 1), 1) || '***@' || split_part({text}, '@', -1) END"
+        f"CASE WHEN pg_catalog.strpos({text}, '@') = 0 THEN pg_catalog.left({text}, 1) || '***' "
+        f"ELSE pg_catalog.left(pg_catalog.split_part({text}, '@', 1), 1) || '***@' "
+        f"|| pg_catalog.split_part({text}, '@', -1) END"
     )
 
 
 def _generalize(value: str, column_type: str, family: str, is_array: bool, protection: Generalize) -> str:
     if protection.unit is not None:
         if family == "date" and not is_array:
-            return f"date_trunc('{protection.unit}', {value}::timestamp)::date"
+            return f"pg_catalog.date_trunc('{protection.unit}', {value}::timestamp)::date"
         if family == "timestamp" and not is_array:
-            return f"date_trunc('{protection.unit}', {value})::{column_type}"
+            return f"pg_catalog.date_trunc('{protection.unit}', {value})::{column_type}"
         raise ProtectionError(
             f"'generalize: {protection.unit}' needs a date or timestamp column, not {column_type} "
             "(use generalize: {bucket: N} for numbers, or redact)"
@@ -121,11 +125,12 @@ def _generalize(value: str, column_type: str, family: str, is_array: bool, prote
             raise ProtectionError(
                 f"'generalize: {{bucket: {step}}}' on an {column_type} column needs a whole-number bucket"
             )
-        return f"(floor({value}::numeric / {step}) * {step})::{column_type}"
+        return f"(pg_catalog.floor({value}::numeric / {step}) * {step})::{column_type}"
     if family == "numeric" and not is_array:
-        return f"(floor({value} / {step}) * {step})::{column_type}"
+        return f"(pg_catalog.floor({value} / {step}) * {step})::{column_type}"
     if family == "float" and not is_array:
-        return f"(floor({value} / {step}::double precision) * {step}::double precision)::{column_type}"
+        step = f"{step}::double precision"
+        return f"(pg_catalog.floor({value} / {step}) * {step})::{column_type}"
     raise ProtectionError(
         f"'generalize: {{bucket: {step}}}' needs a numeric column, not {column_type} "
         "(use generalize: year/month for dates, or redact)"
