@@ -219,3 +219,14 @@ def test_text_protections_match_their_definition_on_any_unicode_text(
             "ORDER BY n", [values]).fetchall()
     assert rows == [(partial_reference(v, keep_first, keep_last, mask_char), email_reference(v), hmac_hex(v))
                     for v in values]
+
+
+def test_user_functions_named_like_builtins_cannot_stand_in_for_them(masking_db: str) -> None:
+    with psycopg.connect(masking_db, autocommit=True) as conn:
+        conn.execute("CREATE OR REPLACE FUNCTION public.left(text, integer) RETURNS text "
+                     "LANGUAGE sql AS $$ SELECT 'HIJACKED' $$")
+        conn.execute("SET search_path = public, pg_catalog")
+        row = conn.execute(f"SELECT {mask_expression('card', 'text', Partial(keep_first=2))} "
+                           "FROM protected_values WHERE id = 1").fetchone()
+        conn.execute("DROP FUNCTION public.left(text, integer)")
+    assert row == ("41" + "*" * 17,)
