@@ -182,8 +182,8 @@ class GuardedConnection:
             if name in _HARMLESS_STARTUP:
                 continue
             if name == "options":
-                return Refuse("session-setting", f"startup option {value!r} is not a setting pgveil can check; "
-                              "pass settings as -c name=value", sqlstate="28000")
+                return Refuse("session-setting", f"startup option {value!r} is not a setting pgveil can "
+                              "check; pass settings as -c name=value", sqlstate="28000")
             if name == "replication" and value.lower() not in ("false", "off", "0", "no"):
                 return Refuse("session-setting", "replication connections stream raw data and role "
                               f"{role.name} has masked data", sqlstate="28000")
@@ -239,7 +239,7 @@ class GuardedConnection:
                 and self.enforcement.may_refresh_for_unknown_relation()):
             await self.enforcement.refresh_catalog()
             context = self.context(role)
-            key = key[:-1] + (context.catalog.generation,)
+            key = (*key[:-1], context.catalog.generation)
             analysis = analyse(sql, context)
             verdict = analysis.verdict
         effects = _effects(analysis)

@@ -1,4 +1,4 @@
-"""`pgveil explain`: show the guard's decision, rule and rewritten SQL for one statement, without running it."""
+"""`pgveil explain`: the guard's decision, rule and rewritten SQL for one statement, not executed."""
 
 from __future__ import annotations
 

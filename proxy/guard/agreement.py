@@ -16,7 +16,9 @@ from proxy.guard.statement import GuardStatement
 from proxy.guard.verdict import Refuse
 
 _DATA_POSITIONS = frozenset({"from", "target", "copy", "sample"})
-_QUERY_STARTS = frozenset({"SELECT", "WITH", "VALUES", "TABLE", "INSERT", "UPDATE", "DELETE", "MERGE", "ASCII_40"})
+_QUERY_STARTS = frozenset(
+    {"SELECT", "WITH", "VALUES", "TABLE", "INSERT", "UPDATE", "DELETE", "MERGE", "ASCII_40"}
+)
 
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
 

@@ -109,7 +109,9 @@ class VerdictCache:
         verdict = entry.verdict
         if entry.template is not None:
             pieces = entry.template
-            text = pieces[0] + "".join(literal + piece for literal, piece in zip(literals, pieces[1:], strict=True))
+            text = pieces[0] + "".join(
+                literal + piece for literal, piece in zip(literals, pieces[1:], strict=True)
+            )
             verdict = Rewrite(text, verdict.info)
         elif isinstance(verdict, Allow):
             verdict = Allow(sql, verdict.info)

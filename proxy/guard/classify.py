@@ -61,7 +61,7 @@ def statement_class(node: ast.Node) -> str:
             return "admin"
         return "copy_in" if node.is_from else "copy_out"
     if isinstance(node, ast.ExplainStmt | ast.PrepareStmt):
-        return statement_class(node.query)
+        return statement_class(node.query) if node.query is not None else "admin"
     if isinstance(node, ast.CreateTableAsStmt):
         return "ddl"
     if name in _SIMPLE:
@@ -84,8 +84,12 @@ def required_classes(statement: GuardStatement) -> frozenset[str]:
     if isinstance(statement.node, ast.MergeStmt):
         for clause in statement.node.mergeWhenClauses or ():
             kind = getattr(clause, "commandType", None)
-            classes.add({2: "update", 3: "insert", 4: "delete"}.get(int(kind) if kind is not None else 0, "update"))
+            command = int(kind) if kind is not None else 0
+            classes.add({2: "update", 3: "insert", 4: "delete"}.get(command, "update"))
     return frozenset(classes)
+
+
+_MODIFICATIONS = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
 
 def _nested_modifications(node: ast.Node) -> list[ast.Node]:
@@ -98,8 +102,8 @@ def _nested_modifications(node: ast.Node) -> list[ast.Node]:
             continue
         if not isinstance(item, ast.Node):
             continue
-        if item is not node and isinstance(item, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt):
+        if item is not node and isinstance(item, _MODIFICATIONS):
             found.append(item)
-        for slot in item.__slots__:
+        for slot in getattr(type(item), "__slots__", ()):
             stack.append(getattr(item, slot, None))
     return found

@@ -15,11 +15,13 @@ def gate(sql: str) -> list[GuardStatement] | Refuse:
     try:
         raw_statements = parse_sql(sql)
     except parser.ParseError as exc:
-        return Refuse("unparseable", f"PostgreSQL's grammar rejects this statement ({exc.args[0]}); fix the SQL")
+        return Refuse("unparseable", f"PostgreSQL's grammar rejects this ({exc.args[0]}); fix the SQL")
     except Exception as exc:  # libpg_query signals a few limits (nesting depth) with other errors
         return Refuse("unparseable", f"the statement cannot be analysed ({type(exc).__name__}); simplify it")
     statements: list[GuardStatement] = []
     for raw in raw_statements:
+        if raw.stmt is None:
+            continue
         start = raw.stmt_location or 0
         end = start + raw.stmt_len if raw.stmt_len else len(sql)
         statement = GuardStatement(sql=sql, start=start, end=end, node=raw.stmt)

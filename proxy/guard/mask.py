@@ -9,6 +9,7 @@ quoting and escapes reach PostgreSQL exactly as they were analysed."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from pglast import ast, parser
@@ -82,6 +83,7 @@ class _Splicer:
         relation = ref.relation
         if ref.cte or relation is None:
             return None
+        relname = ref.node.relname or ""
         span = self.name_span(ref.node.location, len(ref.parts))
         if span is None:
             return Refuse("rewrite-failed", f"pgveil could not locate {'.'.join(ref.parts)} in the text; "
@@ -105,7 +107,7 @@ class _Splicer:
         qualified = f"{relation.schema}.{relation.name}"
         self.masks.extend(f"{qualified}.{name}:{type(p).__name__.lower()}" for name, p in masks.masks.items())
         alias = ref.alias
-        self.aliases.setdefault(qualified, set()).add(alias or ref.node.relname)
+        self.aliases.setdefault(qualified, set()).add(alias or relname)
         start, end = self.tokens[first].start, self.tokens[last].end + 1
         if ref.position == "copy":
             if self.token(last + 1) == "ASCII_40":  # COPY t (a, b) TO
@@ -116,11 +118,12 @@ class _Splicer:
                 end = self.tokens[close].end + 1
             else:
                 columns_sql = "*"
-            text = f"(SELECT {columns_sql} FROM {derived} AS {quote_identifier(ref.node.relname)})"
+            text = f"(SELECT {columns_sql} FROM {derived} AS {quote_identifier(relname)})"
             self.add(start, end, text, qualified)
             return None
         before = first - 1
-        if self.token(before) == "ASCII_40" and self.token(before - 1) == "ONLY" and self.token(last + 1) == "ASCII_41":
+        parenthesised = self.token(before) == "ASCII_40" and self.token(last + 1) == "ASCII_41"
+        if parenthesised and self.token(before - 1) == "ONLY":
             start, end = self.tokens[before - 1].start, self.tokens[last + 1].end + 1
             before -= 2
         elif self.token(before) == "ONLY":
@@ -128,10 +131,10 @@ class _Splicer:
             before -= 1
         if self.token(last + 1) == "ASCII_42":  # legacy `tbl *`: children included anyway
             end = self.tokens[last + 1].end + 1
-        text = derived if alias else f"{derived} AS {quote_identifier(ref.node.relname)}"
+        text = derived if alias else f"{derived} AS {quote_identifier(relname)}"
         if self.token(before) == "TABLE":
             start = self.tokens[before].start
-            text = f"SELECT * FROM {derived} AS {quote_identifier(ref.node.relname)}"
+            text = f"SELECT * FROM {derived} AS {quote_identifier(relname)}"
         self.add(start, end, text, qualified)
         return None
 
@@ -147,7 +150,7 @@ class _Splicer:
 
     def column_ref(self, node: ast.ColumnRef) -> Refuse | None:
         fields = node.fields or ()
-        names = [f.sval for f in fields if isinstance(f, ast.String)]
+        names = [f.sval or "" for f in fields if isinstance(f, ast.String)]
         star = bool(fields) and isinstance(fields[-1], ast.A_Star)
         table_parts = names if star else names[:-1]
         if len(table_parts) < 2:
@@ -193,9 +196,9 @@ def rewrite_statements(
                 return refusal
         statement.columns_read = _columns_read(statement)
     edits = sorted(splicer.edits, key=lambda edit: edit.start)
-    for previous, following in zip(edits, edits[1:], strict=False):
+    for previous, following in itertools.pairwise(edits):
         if following.start < previous.end:
-            return Refuse("rewrite-failed", "pgveil could not rewrite this statement unambiguously; simplify it")
+            return Refuse("rewrite-failed", "pgveil could not rewrite this unambiguously; simplify it")
     return edits, tuple(dict.fromkeys(splicer.masks))
 
 
@@ -209,7 +212,7 @@ def _columns_read(statement: GuardStatement) -> tuple[str, ...]:
         if fields and isinstance(fields[-1], ast.A_Star):
             found.extend(f"{r.schema}.{r.name}.{c.name}" for r in relations for c in r.columns)
             continue
-        names = [f.sval for f in fields if isinstance(f, ast.String)]
+        names = [f.sval or "" for f in fields if isinstance(f, ast.String)]
         if not names:
             continue
         for relation in relations:

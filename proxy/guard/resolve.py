@@ -50,7 +50,7 @@ class _Collector:
         if isinstance(with_clause, ast.WithClause):
             scope = self._with(with_clause, scope)
         kind = type(node).__name__
-        for slot in node.__slots__:
+        for slot in getattr(type(node), "__slots__", ()):
             if slot == "withClause":
                 continue
             child = getattr(node, slot, None)
@@ -60,7 +60,7 @@ class _Collector:
 
     def _with(self, clause: ast.WithClause, outer: frozenset[str]) -> frozenset[str]:
         ctes = [cte for cte in clause.ctes or () if isinstance(cte, ast.CommonTableExpr)]
-        names = [cte.ctename for cte in ctes]
+        names = [cte.ctename or "" for cte in ctes]
         self.cte_names.update(names)
         for index, cte in enumerate(ctes):
             visible = names if clause.recursive else names[:index]
@@ -82,7 +82,7 @@ def _name_parts(names: object) -> tuple[str, ...]:
     parts: list[str] = []
     for item in names if isinstance(names, tuple | list) else ():
         if isinstance(item, ast.String):
-            parts.append(item.sval)
+            parts.append(item.sval or "")
     return tuple(parts)
 
 

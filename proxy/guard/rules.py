@@ -3,6 +3,8 @@ views and functions that read protected data, DDL and DML that would expose it."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pglast import ast
 
 from proxy.catalog import PGVEIL_SCHEMA, SYSTEM_SCHEMAS, effective_search_path
@@ -122,7 +124,7 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
         candidates.extend(_user_functions(function.parts, path, catalog.functions))
     function_names = {info.name for info in catalog.functions.values()}
     for column_ref in statement.column_refs:  # functional notation: row.f is f(row)
-        fields = [f.sval for f in column_ref.fields if isinstance(f, ast.String)]
+        fields = [f.sval or "" for f in column_ref.fields or () if isinstance(f, ast.String)]
         if len(fields) >= 2 and fields[-1] in function_names:
             candidates.extend(_user_functions((fields[-1],), path, catalog.functions))
     for qualified in dict.fromkeys(candidates):
@@ -146,7 +148,9 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
     return None
 
 
-def _user_functions(parts: tuple[str, ...], path: tuple[str, ...], functions: dict[str, object]) -> list[str]:
+def _user_functions(
+    parts: tuple[str, ...], path: tuple[str, ...], functions: Mapping[str, object]
+) -> list[str]:
     if len(parts) >= 2:
         key = f"{parts[-2]}.{parts[-1]}"
         return [key] if key in functions else []
@@ -233,7 +237,7 @@ def dml_target_reads(statement: GuardStatement, context: GuardContext) -> Refuse
                 "masked-column-in-dml",
                 f"MERGE into {ref.qualified} would read columns masked for role {context.role.name}",
             )
-        alias = ref.alias or ref.node.relname
+        alias = ref.alias or (ref.node.relname or "")
         for clause in _reading_clauses(target):
             refusal = _reads_masked(clause, set(masks.masks), alias, ref.qualified or "")
             if refusal is not None:
@@ -276,7 +280,7 @@ def _reads_masked(clause: object, masked: set[str], alias: str, qualified: str) 
         if not isinstance(node, ast.ColumnRef):
             continue
         fields = node.fields or ()
-        names = [f.sval for f in fields if isinstance(f, ast.String)]
+        names = [f.sval or "" for f in fields if isinstance(f, ast.String)]
         star = any(isinstance(f, ast.A_Star) for f in fields)
         if (names and names[-1] in masked) or star or names == [alias]:
             shown = ".".join(names) + (".*" if star and names else "*" if star else "")
@@ -297,7 +301,7 @@ def _walk(root: object) -> list[ast.Node]:
             stack.extend(item)
         elif isinstance(item, ast.Node):
             found.append(item)
-            stack.extend(getattr(item, slot, None) for slot in item.__slots__)
+            stack.extend(getattr(item, slot, None) for slot in getattr(type(item), "__slots__", ()))
     return found
 
 

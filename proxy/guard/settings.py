@@ -16,7 +16,9 @@ from proxy.guard.verdict import Refuse
 
 _RESETS = (VariableSetKind.VAR_RESET, VariableSetKind.VAR_RESET_ALL, VariableSetKind.VAR_SET_DEFAULT)
 IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
-READING_SETTINGS = frozenset({"search_path", "standard_conforming_strings", "client_encoding", "backslash_quote"})
+READING_SETTINGS = frozenset(
+    {"search_path", "standard_conforming_strings", "client_encoding", "backslash_quote"}
+)
 SAFE_VALUES = {
     "standard_conforming_strings": frozenset({"on", "true", "yes", "1"}),
     "client_encoding": frozenset({"utf8", "utf-8", "unicode"}),
@@ -28,7 +30,8 @@ def setting_refusal(name: str, values: Iterable[str], role_name: str) -> Refuse 
     """The refusal for setting `name` to `values` by a masked role, or None when it is harmless."""
     name = name.lower()
     if name.startswith("pgveil."):
-        return Refuse("session-setting", f"settings under pgveil.* belong to pgveil and cannot be changed by role {role_name}")
+        return Refuse("session-setting",
+                      f"settings under pgveil.* belong to pgveil and cannot be changed by role {role_name}")
     if name in IDENTITY_SETTINGS:
         return Refuse(
             "session-setting",
@@ -59,7 +62,8 @@ def session_settings(statement: GuardStatement, context: GuardContext) -> Refuse
         values = [_constant_text(arg) for arg in node.args or ()]
         if node.kind != VariableSetKind.VAR_SET_VALUE:
             values = ["<default>"]
-        return setting_refusal(node.name, [v if v is not None else "<expression>" for v in values], context.role.name)
+        shown = [v if v is not None else "<expression>" for v in values]
+        return setting_refusal(node.name, shown, context.role.name)
     for function in statement.functions:
         if function.name != "set_config" or function.schema not in (None, "pg_catalog"):
             continue
