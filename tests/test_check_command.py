@@ -177,3 +177,36 @@ def test_the_installed_command_runs_and_documents_itself() -> None:
     assert ok.returncode == 0 and "valid (2 roles, 1 datasets" in ok.stdout
     helped = subprocess.run([*command, "--help"], capture_output=True, text=True, check=False)
     assert helped.returncode == 0 and "examples:" in helped.stdout and "--upstream" in helped.stdout
+
+
+def test_entries_that_never_apply_are_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = """
+version: 1
+roles:
+  analyst:
+    members: [alice, "bi_*"]
+    tables: ["app.*"]
+    row_filters:
+      sales.orders: "region = 'eu'"
+  auditor:
+    members: ["bi_*"]
+    tables: ["*"]
+    reveal: [public, internal]
+datasets:
+  app.customers:
+    columns:
+      nickname: {sensitivity: internal, protection: {partial: {keep_first: 1}}}
+      email: {sensitivity: confidential, protection: email}
+"""
+    status, lines = check(tmp_path, capsys, policy)
+    assert status == 0
+    assert lines[:3] == [
+        "roles.analyst.row_filters.sales.orders: warning: role analyst may not read sales.orders "
+        "(not in its tables:), so the filter never applies",
+        "roles.auditor.members[0]: warning: 'bi_*' is already a member pattern of role analyst, which "
+        "comes first: this entry never applies (a login gets the first role that matches)",
+        "datasets.app.customers.columns.nickname.protection: warning: never applies: every role "
+        "reveals sensitivity 'internal' (raise the column's sensitivity, or remove the level from "
+        "some role's reveal:)",
+    ]
+    assert lines[3].endswith("; 3 warnings)")

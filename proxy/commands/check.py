@@ -6,10 +6,13 @@ import argparse
 
 DESCRIPTION = """\
 Validate a policy file: every key of policy format v1, row filters, protections, roles and the
-hash key's presence. With --upstream, also check it against the live schema: every dataset and
-column exists, each protection fits its column's type, each row filter plans on its table; and
-warn about table patterns that match nothing, views over protected data that the policy does
-not list, and columns whose names look sensitive but have no policy entry.
+hash key's presence; warn about entries that never apply (a member pattern an earlier role
+already claims, a row filter on a table the role may not read, a protection every role reveals).
+
+With --upstream, also check it against the live schema: every dataset and column exists, each
+protection fits its column's type, each row filter plans on its table; and warn about table
+patterns that match nothing, views over protected data that the policy does not list, and
+columns whose names look sensitive but have no policy entry.
 
 Prints one line per problem (`FILE: PATH: what is wrong (what to do)`; warnings say
 `warning:`), then a summary. Exit status: 0 valid (warnings allowed), 1 invalid."""
@@ -33,7 +36,12 @@ def run(args: argparse.Namespace) -> int:
 
     from proxy.catalog import CatalogError, load_catalog
     from proxy.policy.loader import PolicyError, load_policy
-    from proxy.policy.schema_check import Finding, check_policy_against_catalog, check_row_filters
+    from proxy.policy.schema_check import (
+        Finding,
+        check_policy_against_catalog,
+        check_row_filters,
+        lint_policy,
+    )
 
     source = args.policy
     try:
@@ -43,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         print(f"{source}: invalid ({len(exc.errors)} problem{'s' * (len(exc.errors) != 1)})")
         return 1
-    findings: list[Finding] = []
+    findings: list[Finding] = lint_policy(policy)
     if args.upstream:
         try:
             catalog = asyncio.run(load_catalog(args.upstream))
-            findings = check_policy_against_catalog(policy, catalog)
+            findings += check_policy_against_catalog(policy, catalog)
             findings += asyncio.run(check_row_filters(args.upstream, policy, catalog))
         except (CatalogError, OSError) as exc:
             print(f"{source}: cannot check against the upstream: {exc} (check --upstream and that "

@@ -46,6 +46,40 @@ def looks_sensitive(column_name: str) -> bool:
     return bool(words & _SENSITIVE_WORDS) or any(part in name for part in _SENSITIVE_PARTS)
 
 
+def lint_policy(policy: Policy) -> list[Finding]:
+    """Warnings about a valid policy that does not do what it seems to: entries that never apply."""
+    findings: list[Finding] = []
+    claimed: dict[str, str] = {}
+    for role in policy.roles.values():
+        for index, pattern in enumerate(role.members):
+            if pattern in claimed:
+                findings.append(Finding(
+                    f"roles.{role.name}.members[{index}]",
+                    f"'{pattern}' is already a member pattern of role {claimed[pattern]}, which comes first: "
+                    "this entry never applies (a login gets the first role that matches)",
+                    "warning"))
+            else:
+                claimed[pattern] = role.name
+        for table in role.row_filters:
+            if not role.may_touch(table):
+                findings.append(Finding(
+                    f"roles.{role.name}.row_filters.{table}",
+                    f"role {role.name} may not read {table} (not in its tables:), "
+                    "so the filter never applies",
+                    "warning"))
+    if policy.roles:
+        for name, dataset in policy.datasets.items():
+            for column_name, column in dataset.columns.items():
+                if column.protection is not None and all(
+                        role.sees_unmasked(column) for role in policy.roles.values()):
+                    findings.append(Finding(
+                        f"datasets.{name}.columns.{column_name}.protection",
+                        f"never applies: every role reveals sensitivity '{column.sensitivity.name.lower()}' "
+                        "(raise the column's sensitivity, or remove the level from some role's reveal:)",
+                        "warning"))
+    return findings
+
+
 def check_policy_against_catalog(policy: Policy, catalog: CatalogSnapshot) -> list[Finding]:
     """Every dataset and column exists and each protection fits its column's type; plus warnings:
     table patterns that match nothing, unlisted views over protected data, and columns whose
