@@ -482,9 +482,7 @@ class Relay:
         if self.finished:
             return
         running = self._running()
-        self.finished = True
-        if self._lane is not None and not self._lane.done():
-            self._lane.cancel()
+        self.finished = True  # a policy call still running (e.g. an audit write) is left to finish
         if client_error is not None and not self._client.lost and not self._upstream_scanner.mid_message:
             self._client.write(client_error.encode())
         if not self._upstream.lost:
