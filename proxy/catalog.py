@@ -330,7 +330,7 @@ async def _server_search_path(connection: Any, row: Any) -> tuple[str, ...]:
     setting, source, boot_value = row[0], row[1], row[2]
     if source not in _SESSION_SOURCES:
         return parse_search_path(setting)
-    try:  # needs pg_read_all_settings; the compiled-in default is the fallback
+    try:  # pg_file_settings needs superuser; the compiled-in default is the fallback
         async with connection.transaction():
             from_file = await connection.fetchval(_FILE_SEARCH_PATH_SQL)
     except Exception:  # any failure means: not readable, use the compiled-in default
