@@ -6,8 +6,16 @@ from functools import lru_cache
 
 from pglast import ast
 
+from proxy.catalog import CatalogSnapshot
 from proxy.firewall.injection import screen_injection
-from proxy.firewall.statement import SubmittedSql
+from proxy.firewall.lineage import LineageAnalysis
+from proxy.firewall.sensitive import (
+    SensitiveColumns,
+    find_join_on_sensitive_key,
+    find_quasi_identifier_concentration,
+    trace,
+)
+from proxy.firewall.statement import Finding, SubmittedSql
 from proxy.firewall.tree import function_name, is_comparison, is_row_independent
 from proxy.guard.statement import GuardContext, GuardStatement
 from proxy.guard.verdict import Refuse
@@ -49,3 +57,40 @@ def _depends_on_literals(submitted: SubmittedSql) -> bool:
         if isinstance(node, ast.FuncCall) and function_name(node) in ("generate_series", "repeat"):
             return True  # the size of the series decides (rule time-based-probe)
     return False
+
+
+def join_on_sensitive_key(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """Refuses statements that correlate rows on a `joinable: false` column (every role)."""
+    columns = SensitiveColumns(context.policy, context.catalog)
+    if not columns.any_not_joinable:
+        return None
+    return _refusal(find_join_on_sensitive_key(_lineage(statement, context, columns), columns))
+
+
+def quasi_identifier_concentration(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """Refuses statements returning more `quasi_identifier` columns than the role's limit."""
+    if context.role.max_quasi_identifiers is None:
+        return None
+    columns = SensitiveColumns(context.policy, context.catalog)
+    if not columns.any_quasi_identifier:
+        return None
+    analysis = _lineage(statement, context, columns)
+    return _refusal(find_quasi_identifier_concentration(analysis, columns, context.role))
+
+
+_last_lineage: list[tuple[ast.Node, CatalogSnapshot, tuple[str, ...], str, LineageAnalysis]] = []
+
+
+def _lineage(statement: GuardStatement, context: GuardContext, columns: SensitiveColumns) -> LineageAnalysis:
+    """One lineage trace per statement, shared by the two rules that run one after the other."""
+    for node, catalog, search_path, user, analysis in _last_lineage:
+        if (node is statement.node and catalog is context.catalog and search_path == context.search_path
+                and user == context.user):
+            return analysis
+    analysis = trace(statement.node, columns, context.search_path, context.user)
+    _last_lineage[:] = [(statement.node, context.catalog, context.search_path, context.user, analysis)]
+    return analysis
+
+
+def _refusal(finding: Finding | None) -> Refuse | None:
+    return Refuse(finding.rule, finding.message) if finding is not None else None

@@ -42,6 +42,8 @@ RULES: list[Rule] = [
     rules.locking_clause_on_protected,
     settings.session_settings,
     firewall.injection_rules,
+    firewall.join_on_sensitive_key,
+    firewall.quasi_identifier_concentration,
 ]
 """Checks run on every statement, in order; the first Refuse wins."""
 
