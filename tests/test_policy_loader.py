@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.policy.loader import PolicyError, hash_key, load_policy, parse_policy
 from proxy.policy.model import (
@@ -336,3 +339,30 @@ def test_a_role_that_does_not_reveal_internal_has_masked_data_even_without_liste
     policy = parse_policy("version: 1\nroles:\n  outsider: {reveal: [public]}\n  insider: {}\n")
     assert policy.has_masked_columns(policy.roles["outsider"])
     assert not policy.has_masked_columns(policy.roles["insider"])
+
+
+KEY_NAMES = ["version", "settings", "roles", "datasets", "elevations", "default_role", "hash_key_env",
+             "members", "statements", "tables", "reveal", "row_filters", "injection", "fingerprints",
+             "columns", "sensitivity", "protection", "partial", "generalize", "bucket", "keep_first",
+             "mask_char", "constant", "role", "users", "max_duration", "public.users", "analyst", "ssn"]
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True),
+                    st.sampled_from(["select", "public", "email", "hash", "year", "*", "30m", "deny", "off",
+                                     "restricted", "x = 1", "public.*", ""]), st.text(max_size=5))
+KEYS = st.one_of(st.sampled_from(KEY_NAMES), st.integers(0, 2), st.text(max_size=3))
+DOCUMENTS = st.recursive(
+    SCALARS,
+    lambda children: st.one_of(st.lists(children, max_size=3),
+                               st.dictionaries(KEYS, children, max_size=4)),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=DOCUMENTS)
+def test_any_document_either_loads_or_raises_policy_error(document: object) -> None:
+    text = yaml.safe_dump({"version": 1, **document} if isinstance(document, dict) else document)
+    try:
+        parse_policy(text, "fuzz.yaml")
+    except PolicyError as error:
+        assert error.errors and all(line.startswith("fuzz.yaml: ") for line in error.errors)
+        assert "\n" not in str(error)

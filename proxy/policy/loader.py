@@ -56,6 +56,7 @@ _PARTIAL_KEYS = ("keep_first", "keep_last", "mask_char")
 _PROTECTION_NAMES = ("partial", "email", "hash", "generalize", "redact", "constant")
 
 T = TypeVar("T")
+_ONE_LINE = {ord("\n"): "\\n", ord("\r"): "\\r"}  # every problem stays one line, whatever the names
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -69,7 +70,7 @@ class PolicyError(ValueError):
     """A policy that cannot be loaded; `errors` holds one `FILE: PATH: what (what to do)` line each."""
 
     def __init__(self, errors: list[str]) -> None:
-        self.errors = list(errors)
+        self.errors = [line.translate(_ONE_LINE) for line in errors]
         first = self.errors[0] if self.errors else "invalid policy"
         more = len(self.errors) - 1
         super().__init__(first if more == 0 else f"{first} (and {more} more problem{'s' * (more > 1)})")
@@ -363,7 +364,15 @@ class _PolicyBuilder:
             self.error("settings.default_role",
                        f"no role named '{settings.default_role}' (use 'deny' or one of the roles: "
                        f"{', '.join(raw_roles) or 'none defined'})")
-        policy = Policy(
+        uses_hash = any(isinstance(column.protection, Hash)
+                        for dataset in datasets.values() for column in dataset.columns.values())
+        if self.require_hash_key and uses_hash:
+            problem = _hash_key_problem(settings.hash_key_env)
+            if problem:
+                self.error("settings.hash_key_env", problem)
+        if self.errors:
+            raise PolicyError(self.errors)
+        return Policy(
             version=self.content_version(document),
             settings=settings,
             roles=roles,
@@ -371,17 +380,11 @@ class _PolicyBuilder:
             elevations=elevations,
             source=self.source,
         )
-        if self.require_hash_key and policy_uses_hash(policy):
-            problem = _hash_key_problem(settings.hash_key_env)
-            if problem:
-                self.error("settings.hash_key_env", problem)
-        if self.errors:
-            raise PolicyError(self.errors)
-        return policy
 
     @staticmethod
     def content_version(document: object) -> str:
-        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                               default=repr)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
     def settings(self, value: object) -> Settings:
