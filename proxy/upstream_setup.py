@@ -29,10 +29,26 @@ REVOKE ALL ON FUNCTION pgveil.mask_hash(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgveil.mask_hash(text) TO PUBLIC;
 """
 
+# The key goes only into objects this session's user owns and nobody else was granted: a schema
+# or table planted beforehand by another role would otherwise receive the secret.
+_OWNERSHIP = """
+SELECT
+  (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgveil') = r.oid,
+  (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = 'pgveil.hash_key'::regclass) = r.oid,
+  (SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid = 'pgveil.mask_hash(text)'::regprocedure) = r.oid,
+  (SELECT count(*) FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+   WHERE c.oid = 'pgveil.hash_key'::regclass AND a.grantee <> c.relowner) = 0
+FROM pg_catalog.pg_roles r WHERE r.rolname = current_user
+"""
+
 _STORE_KEY = """
 INSERT INTO pgveil.hash_key (singleton, inner_pad, outer_pad) VALUES (true, $1, $2)
 ON CONFLICT (singleton) DO UPDATE SET inner_pad = EXCLUDED.inner_pad, outer_pad = EXCLUDED.outer_pad
 """
+
+
+class UpstreamSetupError(RuntimeError):
+    """pgveil's objects in the upstream cannot be trusted with the key (say why and what to do)."""
 
 
 def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
@@ -47,7 +63,8 @@ async def install_masking_functions(dsn: str, hash_key: bytes) -> None:
     """Create or update schema `pgveil`, its key table and `pgveil.mask_hash(text)`; idempotent.
 
     Running it again with another key rotates the key. The key travels only as bound parameters,
-    so it is never part of any SQL text the server could show."""
+    so it is never part of any SQL text the server could show. Raises UpstreamSetupError, before
+    the key is sent, when the objects belong to another role or the key table is granted to one."""
     inner_pad, outer_pad = hmac_pads(hash_key)
     connection = await asyncpg.connect(dsn)
     try:
@@ -55,6 +72,15 @@ async def install_masking_functions(dsn: str, hash_key: bytes) -> None:
             # Concurrent installers (several pgveil processes) would race on CREATE ... IF NOT EXISTS.
             await connection.execute("SELECT pg_advisory_xact_lock(hashtext('pgveil.install'))")
             await connection.execute(_INSTALL)
+            owns_schema, owns_table, owns_function, private = await connection.fetchrow(_OWNERSHIP)
+            if not (owns_schema and owns_table and owns_function):
+                raise UpstreamSetupError(
+                    "schema pgveil (or its hash_key table or mask_hash function) belongs to another role; "
+                    "pgveil will not store its hash key there (drop schema pgveil, or use its owner's DSN)")
+            if not private:
+                raise UpstreamSetupError(
+                    "table pgveil.hash_key is granted to other roles; pgveil will not store its hash key "
+                    "there (REVOKE those grants or drop the table)")
             await connection.execute(_STORE_KEY, inner_pad, outer_pad)
     finally:
         await connection.close()

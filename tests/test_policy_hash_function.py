@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from proxy.upstream_setup import hmac_pads, install_masking_functions
+from proxy.upstream_setup import UpstreamSetupError, hmac_pads, install_masking_functions
 from tests.conftest import Upstream
 
 DATABASE = "policy_hash_function"
@@ -103,3 +103,32 @@ def test_concurrent_installs_do_not_collide(upstream: Upstream) -> None:
         assert mask_hash(dsn, "v") == hmac.new(KEY, b"v", hashlib.sha256).hexdigest()
     finally:
         upstream.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def test_a_schema_planted_by_another_role_never_receives_the_key(hash_db: str, upstream: Upstream) -> None:
+    database = "policy_hash_planted"
+    upstream.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    upstream.execute(f"CREATE DATABASE {database}")
+    upstream.execute(f"CREATE SCHEMA pgveil AUTHORIZATION {READER}", dbname=database)
+    dsn = upstream.dsn(dbname=database)
+    try:
+        with pytest.raises(UpstreamSetupError) as raised:
+            asyncio.run(install_masking_functions(dsn, KEY))
+        assert "belongs to another role" in str(raised.value)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT to_regclass('pgveil.hash_key')").fetchone() == (None,)
+    finally:
+        upstream.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def test_a_key_table_granted_to_other_roles_is_refused(hash_db: str) -> None:
+    with psycopg.connect(hash_db, autocommit=True) as conn:
+        conn.execute(f"GRANT SELECT ON pgveil.hash_key TO {READER}")
+    try:
+        with pytest.raises(UpstreamSetupError) as raised:
+            asyncio.run(install_masking_functions(hash_db, LONG_KEY))
+        assert "granted to other roles" in str(raised.value)
+        assert mask_hash(hash_db, "v") == hmac.new(KEY, b"v", hashlib.sha256).hexdigest()  # unchanged
+    finally:
+        with psycopg.connect(hash_db, autocommit=True) as conn:
+            conn.execute(f"REVOKE SELECT ON pgveil.hash_key FROM {READER}")
