@@ -289,12 +289,14 @@ def parse_search_path(value: str) -> tuple[str, ...]:
     return tuple(entries)
 
 
-async def load_catalog(dsn: str, timeout: float = 10.0) -> CatalogSnapshot:
-    """Read the upstream catalog through one asyncpg connection; raise CatalogError on failure."""
+async def load_catalog(dsn: str, timeout: float = 10.0, database: str | None = None) -> CatalogSnapshot:
+    """Read the upstream catalog through one asyncpg connection; raise CatalogError on failure.
+
+    The catalog is per database: `database` overrides the DSN's (clients may connect to others)."""
     import asyncpg
 
     try:
-        connection = await asyncpg.connect(dsn, timeout=timeout)
+        connection = await asyncpg.connect(dsn, timeout=timeout, database=database)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         raise CatalogError(f"cannot connect to the upstream to read its catalog: {exc}") from exc
     try:

@@ -59,14 +59,15 @@ def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
     return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
 
 
-async def install_masking_functions(dsn: str, hash_key: bytes) -> None:
+async def install_masking_functions(dsn: str, hash_key: bytes, database: str | None = None) -> None:
     """Create or update schema `pgveil`, its key table and `pgveil.mask_hash(text)`; idempotent.
 
     Running it again with another key rotates the key. The key travels only as bound parameters,
     so it is never part of any SQL text the server could show. Raises UpstreamSetupError, before
-    the key is sent, when the objects belong to another role or the key table is granted to one."""
+    the key is sent, when the objects belong to another role or the key table is granted to one.
+    `database` overrides the DSN's: every database whose columns are hashed needs the function."""
     inner_pad, outer_pad = hmac_pads(hash_key)
-    connection = await asyncpg.connect(dsn)
+    connection = await asyncpg.connect(dsn, database=database)
     try:
         async with connection.transaction():
             # Concurrent installers (several pgveil processes) would race on CREATE ... IF NOT EXISTS.

@@ -217,6 +217,11 @@ def test_generation_is_stable_until_the_schema_changes(catalog_db: str, catalog:
         upstream.execute("ALTER TABLE cat_b.people DROP COLUMN added", dbname=DATABASE)
 
 
+def test_the_database_can_be_chosen_apart_from_the_dsn(upstream: Upstream, catalog_db: str) -> None:
+    other = asyncio.run(load_catalog(upstream.dsn(dbname="postgres"), database=DATABASE))
+    assert other.database == DATABASE and "cat_a.people" in other.relations
+
+
 def test_an_unreachable_upstream_is_a_catalog_error() -> None:
     with pytest.raises(CatalogError) as raised:
         asyncio.run(load_catalog(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", timeout=5))
