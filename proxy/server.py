@@ -217,7 +217,8 @@ class StartupFailed(Exception):
 
 
 def _bind_error(settings: Settings, exc: OSError) -> StartupFailed:
-    return StartupFailed(f"cannot listen on {settings.listen}: {exc.strerror or exc}")
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return StartupFailed(f"cannot listen on {settings.listen}: {reason}")
 
 
 async def _serve_one(
