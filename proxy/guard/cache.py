@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pglast import parser
 
 from proxy.guard.mask import Edit
 from proxy.guard.pipeline import Analysis
-from proxy.guard.verdict import Allow, Refuse, Rewrite, Verdict
+from proxy.guard.verdict import Allow, Rewrite, Verdict
 
-_UNSHAPEABLE = re.compile(r"""\\|--|/\*|\$(?!\d)|[A-Za-z0-9_]'|&\s*["']""")
+_UNSHAPEABLE = re.compile(r"""\\|--|/\*|\$(?!\d)""")
+_PREFIX_CHARACTERS = frozenset("&$_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # One alternation, three captures: double-quoted identifier (kept), string literal, number literal.
 _PIECES = re.compile(
     r"""("(?:[^"]|"")*")"""
@@ -43,9 +44,12 @@ def shape(sql: str) -> tuple[str, list[str], list[tuple[int, int]]] | None:
     spans: list[tuple[int, int]] = []
     cursor = 0
     for match in _PIECES.finditer(sql):
+        start, end = match.span()
+        if match.group(3) is None and start > 0 and (sql[start - 1] in _PREFIX_CHARACTERS
+                                                       or not sql[start - 1].isascii()):
+            return None  # E'', U&'', B'', X'', N'', U&"": read differently from a plain literal
         if match.group(1) is not None:
             continue
-        start, end = match.span()
         skeleton.append(sql[cursor:start])
         literals.append(match.group())
         spans.append((start, end))
@@ -63,11 +67,58 @@ def _scanner_agrees(sql: str, spans: list[tuple[int, int]]) -> bool:
     return literal_spans == spans
 
 
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NUMBER_NEIGHBOURS = frozenset("0123456789.$_eE") | _PREFIX_CHARACTERS
+
+
+def bucket(sql: str) -> bytes:
+    """A cheap (C-speed) hash bucket for a statement's shape: string contents and digits dropped.
+    Different shapes can share a bucket; `_Entry.extract` decides which, if any, matches."""
+    return "'".join(sql.split("'")[::2]).encode("utf-8", "surrogatepass").translate(None, b"0123456789")
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     verdict: Verdict
+    skeleton: tuple[str, ...]  # the statement's text around its literals
+    kinds: str  # one letter per literal: s (string) or n (number)
     template: tuple[str, ...] | None  # rewritten text around the literals (None: Allow / Refuse)
     effects: tuple[tuple[str, str], ...]
+
+    def extract(self, sql: str) -> list[str] | None:
+        """The literals of `sql` when it is this entry's skeleton with other literals, else None.
+
+        Equal skeleton text and well-formed literal tokens of the same kinds mean PostgreSQL's
+        scanner reads `sql` exactly as it read the stored statement, literal for literal."""
+        skeleton = self.skeleton
+        if not sql.startswith(skeleton[0]):
+            return None
+        position = len(skeleton[0])
+        literals: list[str] = []
+        for kind, piece in zip(self.kinds, skeleton[1:], strict=True):
+            if kind == "s":
+                if sql[position : position + 1] != "'":
+                    return None
+                end = sql.find("'", position + 1)
+                while end != -1 and sql[end + 1 : end + 2] == "'":
+                    end = sql.find("'", end + 2)
+                if end == -1:
+                    return None
+                end += 1
+                literal = sql[position:end]
+                if "\\" in literal:
+                    return None
+            else:
+                match = _NUMBER.match(sql, position)
+                if match is None:
+                    return None
+                end = match.end()
+                literal = match.group()
+            if not sql.startswith(piece, end):
+                return None
+            literals.append(literal)
+            position = end + len(piece)
+        return literals if position == len(sql) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,62 +132,67 @@ class VerdictCache:
 
     def __init__(self, max_entries: int = 20000) -> None:
         self.max_entries = max_entries
-        self._entries: dict[tuple[Hashable, str, str], _Entry] = {}
+        self._exact: dict[tuple[Hashable, str], _Entry] = {}
+        self._shapes: dict[tuple[Hashable, bytes], list[_Entry]] = {}
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._exact) + sum(len(entries) for entries in self._shapes.values())
 
     def clear(self) -> None:
-        self._entries.clear()
+        self._exact.clear()
+        self._shapes.clear()
 
     def lookup(self, sql: str, context_key: Hashable) -> CacheHit | None:
-        entry = self._entries.get((context_key, "exact", sql))
+        entry = self._exact.get((context_key, sql))
         if entry is not None:
             self.hits += 1
             return CacheHit(entry.verdict, entry.effects)
-        shaped = shape(sql)
-        if shaped is None:
-            self.misses += 1
-            return None
-        key, literals, _ = shaped
-        entry = self._entries.get((context_key, "shape", key))
-        if entry is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        verdict = entry.verdict
-        if entry.template is not None:
-            pieces = entry.template
-            text = pieces[0] + "".join(
-                literal + piece for literal, piece in zip(literals, pieces[1:], strict=True)
-            )
-            verdict = Rewrite(text, verdict.info)
-        elif isinstance(verdict, Allow):
-            verdict = Allow(sql, verdict.info)
-        return CacheHit(verdict, entry.effects)
+        for entry in self._shapes.get((context_key, bucket(sql)), ()):
+            literals = entry.extract(sql)
+            if literals is None:
+                continue
+            self.hits += 1
+            verdict = entry.verdict
+            if entry.template is not None:
+                pieces = entry.template
+                text = pieces[0] + "".join(
+                    literal + piece for literal, piece in zip(literals, pieces[1:], strict=True)
+                )
+                verdict = Rewrite(text, verdict.info)
+            elif isinstance(verdict, Allow):
+                verdict = Allow(sql, verdict.info)
+            return CacheHit(verdict, entry.effects)
+        self.misses += 1
+        return None
 
     def store(self, sql: str, context_key: Hashable, analysis: Analysis,
               effects: tuple[tuple[str, str], ...] = ()) -> None:
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()  # crude but bounded; a full cache refills from the hot shapes
+        if len(self._exact) + len(self._shapes) >= self.max_entries:
+            self.clear()  # crude but bounded; a full cache refills from the hot shapes
         verdict = analysis.verdict
         if analysis.literal_dependent:
-            self._entries[(context_key, "exact", sql)] = _Entry(verdict, None, effects)
+            self._exact[(context_key, sql)] = _Entry(verdict, (sql,), "", None, effects)
             return
         shaped = shape(sql)
         if shaped is None or not _scanner_agrees(sql, shaped[2]):
             return
-        key, _, spans = shaped
+        key, literals, spans = shaped
+        for (start, end), literal in zip(spans, literals, strict=True):
+            if literal[0] != "'" and (sql[start - 1 : start] in _NUMBER_NEIGHBOURS
+                                      or sql[end : end + 1] in _NUMBER_NEIGHBOURS):
+                return  # a neighbour that could merge with another number: never reuse
         template: tuple[str, ...] | None = None
         if isinstance(verdict, Rewrite):
             template = _template(sql, spans, analysis.edits)
             if template is None:
                 return
-        elif isinstance(verdict, Refuse):
-            verdict = replace(verdict)
-        self._entries[(context_key, "shape", key)] = _Entry(verdict, template, effects)
+        kinds = "".join("s" if literal[0] == "'" else "n" for literal in literals)
+        entry = _Entry(verdict, tuple(key.split("\x00")), kinds, template, effects)
+        entries = self._shapes.setdefault((context_key, bucket(sql)), [])
+        if all(existing.skeleton != entry.skeleton for existing in entries):
+            entries.append(entry)
 
 
 def _template(sql: str, spans: list[tuple[int, int]], edits: tuple[Edit, ...]) -> tuple[str, ...] | None:

@@ -79,7 +79,7 @@ def required_classes(statement: GuardStatement) -> frozenset[str]:
     """Every class the statement exercises: its own plus data-modifying statements nested in it
     (`WITH d AS (DELETE ... RETURNING *) SELECT ...`, `EXPLAIN ANALYZE UPDATE ...`)."""
     classes = {statement.statement_class}
-    for node in _nested_modifications(statement.node):
+    for node in statement.modifications:
         classes.add(statement_class(node))
     if isinstance(statement.node, ast.MergeStmt):
         for clause in statement.node.mergeWhenClauses or ():
@@ -87,23 +87,3 @@ def required_classes(statement: GuardStatement) -> frozenset[str]:
             command = int(kind) if kind is not None else 0
             classes.add({2: "update", 3: "insert", 4: "delete"}.get(command, "update"))
     return frozenset(classes)
-
-
-_MODIFICATIONS = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
-
-
-def _nested_modifications(node: ast.Node) -> list[ast.Node]:
-    found: list[ast.Node] = []
-    stack: list[object] = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, tuple | list):
-            stack.extend(item)
-            continue
-        if not isinstance(item, ast.Node):
-            continue
-        if item is not node and isinstance(item, _MODIFICATIONS):
-            found.append(item)
-        for slot in getattr(type(item), "__slots__", ()):
-            stack.append(getattr(item, slot, None))
-    return found

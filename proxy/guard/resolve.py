@@ -25,6 +25,7 @@ _POSITIONS: dict[tuple[str, str], str] = {
 }
 
 _CTE_POSITIONS = frozenset({"from", "sample"})
+_MODIFICATIONS = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
 
 class _Collector:
@@ -46,6 +47,12 @@ class _Collector:
             self.statement.functions.append(FunctionRef(_name_parts(node.funcname), node))
         elif isinstance(node, ast.ColumnRef):
             self.statement.column_refs.append(node)
+        elif isinstance(node, ast.TypeName | ast.A_Expr):
+            names = node.names if isinstance(node, ast.TypeName) else node.name
+            if names and len(names) > 1 and isinstance(names[0], ast.String):
+                self.statement.schemas_named.add(names[0].sval or "")
+        elif isinstance(node, _MODIFICATIONS) and node is not self.statement.node:
+            self.statement.modifications.append(node)
         with_clause = getattr(node, "withClause", None)
         if isinstance(with_clause, ast.WithClause):
             scope = self._with(with_clause, scope)

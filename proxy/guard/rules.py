@@ -89,7 +89,7 @@ def pgveil_schema(statement: GuardStatement, context: GuardContext) -> Refuse | 
         or (len(ref.parts) > 1 and ref.parts[-2] == PGVEIL_SCHEMA)
         for ref in statement.relations
     ) or any(function.schema == PGVEIL_SCHEMA for function in statement.functions)
-    if touches or _names_schema(statement.node, PGVEIL_SCHEMA):
+    if touches or PGVEIL_SCHEMA in statement.schemas_named:
         return Refuse(
             "pgveil-schema",
             "schema pgveil holds pgveil's masking functions and is not for direct use; "
@@ -303,16 +303,3 @@ def _walk(root: object) -> list[ast.Node]:
             found.append(item)
             stack.extend(getattr(item, slot, None) for slot in getattr(type(item), "__slots__", ()))
     return found
-
-
-def _names_schema(root: ast.Node, schema: str) -> bool:
-    """Any qualified name (type, operator, function, column) whose schema part is `schema`."""
-    for node in _walk(root):
-        names = None
-        if isinstance(node, ast.TypeName):
-            names = node.names
-        elif isinstance(node, ast.A_Expr):
-            names = node.name
-        if names and len(names) > 1 and isinstance(names[0], ast.String) and names[0].sval == schema:
-            return True
-    return False

@@ -71,6 +71,8 @@ class GuardStatement:
     functions: list[FunctionRef] = field(default_factory=list)
     column_refs: list[ast.ColumnRef] = field(default_factory=list)
     cte_names: frozenset[str] = frozenset()
+    modifications: list[ast.Node] = field(default_factory=list)  # INSERT/UPDATE/DELETE/MERGE nested inside
+    schemas_named: set[str] = field(default_factory=set)  # schema parts of type and operator names
     columns_read: tuple[str, ...] = ()  # schema.table.column referenced (filled by the mask pass)
     literal_dependent: bool = False
     findings: list[str] = field(default_factory=list)  # firewall rules that matched (`alert`: not refused)
