@@ -15,6 +15,7 @@ from pglast.enums import VariableSetKind
 
 from proxy.catalog import CatalogSnapshot, load_catalog, parse_search_path
 from proxy.connection_policy import ClientInfo, Outcome
+from proxy.firewall.fingerprints import FingerprintKeeper
 from proxy.guard.cache import VerdictCache
 from proxy.guard.pipeline import Analysis, analyse
 from proxy.guard.settings import setting_refusal
@@ -56,6 +57,7 @@ class Enforcement:
         self.state = state
         self.active_role = active_role
         self.cache = VerdictCache()
+        self.fingerprints = FingerprintKeeper.for_policy(policy_path)
         self._refreshing: asyncio.Task[None] | None = None
         self._last_refresh = time.monotonic()
 
@@ -232,7 +234,7 @@ class GuardedConnection:
         if hit is not None:
             self._pending_effects = hit.effects
             self._pending_ddl = hit.verdict.info.kind == "ddl"
-            return hit.verdict
+            return await self._fingerprinted(role, hit.verdict)
         analysis = analyse(sql, context)
         verdict = analysis.verdict
         if (isinstance(verdict, Refuse) and verdict.rule == "unknown-relation"
@@ -247,7 +249,18 @@ class GuardedConnection:
         self._pending_effects = effects
         self._pending_ddl = not isinstance(verdict, Refuse) and any(
             s.statement_class == "ddl" for s in analysis.statements)
-        return verdict
+        return await self._fingerprinted(role, verdict)
+
+    async def _fingerprinted(self, role: Role, verdict: Verdict) -> Verdict:
+        """The role's fingerprint allow-list (firewall rule unknown-fingerprint), after the verdict cache:
+        approvals change it without a policy reload."""
+        if isinstance(verdict, Refuse) or role.fingerprints == "off":
+            return verdict
+        refusal = await self.enforcement.fingerprints.screen(role, verdict.info)
+        if refusal is None:
+            return verdict
+        self._pending_effects, self._pending_ddl = (), False
+        return Refuse(refusal.rule, refusal.message, info=verdict.info)
 
 
 def _effects(analysis: Analysis) -> tuple[tuple[str, str], ...]:

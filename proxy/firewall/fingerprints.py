@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -34,6 +36,7 @@ from proxy.guard.verdict import Refuse, StatementInfo
 from proxy.policy.model import Role
 
 RULE = "unknown-fingerprint"
+log = logging.getLogger("pgveil.fingerprints")
 
 Status = Literal["approved", "pending", "revoked"]
 STATUSES: tuple[Status, ...] = ("approved", "pending", "revoked")
@@ -190,12 +193,21 @@ class FingerprintAllowList:
             loaded.setdefault((entry.role, entry.fingerprint), entry)
         self.entries = loaded
 
+    @property
+    def unsaved(self) -> bool:
+        return bool(self._new or self._learned)
+
     async def flush(self) -> None:
+        """Write new entries (kept for the next flush if the store fails)."""
         new, learned = self._new, self._learned
         self._new, self._learned = [], []
-        await self.store.record(new)
-        for entry in learned:
-            await self.store.set_status(entry.fingerprint, "approved", entry.role)
+        try:
+            await self.store.record(new)
+            for entry in learned:
+                await self.store.set_status(entry.fingerprint, "approved", entry.role)
+        except BaseException:
+            self._new, self._learned = new + self._new, learned + self._learned
+            raise
 
     def screen(self, role: Role, info: StatementInfo) -> Refuse | None:
         """Check (and in learn mode record) every statement of a message; refuse unknown ones in enforce."""
@@ -268,3 +280,48 @@ def _short(sql: str) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class FingerprintKeeper:
+    """The allow-list as a serving process uses it: loaded on first use, re-read every
+    `refresh_seconds` (approvals made with the CLI or by other replicas), new entries written at once.
+
+    A store that cannot be read fails closed for `enforce` roles (nothing is known, so nothing is
+    allowed) and open for `learn` roles (they allow everything anyway); write failures are logged.
+    """
+
+    def __init__(self, store: FingerprintStore, refresh_seconds: float = 10.0) -> None:
+        self.allow_list = FingerprintAllowList(store)
+        self.refresh_seconds = refresh_seconds
+        self._loaded_at: float | None = None
+
+    @classmethod
+    def for_policy(cls, policy_path: str | Path) -> FingerprintKeeper:
+        """The PostgreSQL table named by PGVEIL_FINGERPRINTS_DSN (and PGVEIL_FINGERPRINTS_TABLE),
+        else the JSON file beside the policy."""
+        dsn = os.environ.get("PGVEIL_FINGERPRINTS_DSN")
+        if dsn:
+            table = os.environ.get("PGVEIL_FINGERPRINTS_TABLE", "public.pgveil_fingerprints")
+            return cls(PostgresFingerprintStore(dsn, table))
+        return cls(FileFingerprintStore(default_store_path(policy_path)))
+
+    async def screen(self, role: Role, info: StatementInfo) -> Refuse | None:
+        if role.fingerprints == "off":
+            return None
+        now = time.monotonic()
+        if self._loaded_at is None or now - self._loaded_at > self.refresh_seconds:
+            try:
+                await self.allow_list.refresh()
+                self._loaded_at = now
+            except Exception as exc:  # an unreadable store must not take the proxy down
+                log.warning("fingerprint store unreadable, keeping what is known: %s", exc)
+                if self._loaded_at is None and role.fingerprints == "enforce":
+                    return Refuse(RULE, "the fingerprint allow-list cannot be read, so no statement shape "
+                                        "is known; fix the fingerprint store and retry")
+        refusal = self.allow_list.screen(role, info)
+        if self.allow_list.unsaved:
+            try:
+                await self.allow_list.flush()
+            except Exception as exc:
+                log.warning("fingerprint store not written, will retry: %s", exc)
+        return refusal
