@@ -12,6 +12,7 @@ import time
 import psycopg
 import pytest
 
+from proxy.connection_policy import PassThrough
 from proxy.embedded import free_port
 from proxy.wire.backend import ErrorResponse
 from proxy.wire.frontend import Parse, PasswordMessage, Query, Sync
@@ -19,9 +20,14 @@ from proxy.wire.startup import StartupMessage
 from tests.proxy_harness import RawClient, _LoopThread, running_proxy
 
 
+class AllowEverything(PassThrough):
+    """A policy that allows all, but is not PassThrough: the session decodes what a guard would see."""
+
+
 @pytest.fixture(scope="module")
 def proxy(upstream):
-    with running_proxy(upstream, startup_timeout=0.5, max_message_size=64 * 1024) as running:
+    with running_proxy(upstream, policy_factory=AllowEverything, startup_timeout=0.5,
+                       max_message_size=64 * 1024) as running:
         yield running
 
 
@@ -144,6 +150,16 @@ def test_a_malformed_message_pgveil_does_not_inspect_is_judged_by_postgres(proxy
         client.send(Query("select 'in step'"))
         after = client.until_ready()
     assert isinstance(answer[1], ErrorResponse) and answer[1].get("C") == "08P01"
+    assert after[1].values == (b"in step",)
+
+
+def test_without_a_policy_a_malformed_query_is_judged_by_postgres(upstream):
+    with running_proxy(upstream) as proxy, RawClient.connect(proxy.host, proxy.port) as client:
+        client.send(b"Q" + struct.pack("!I", 12) + b"select 1")
+        answer = client.until_ready()
+        client.send(Query("select 'in step'"))
+        after = client.until_ready()
+    assert isinstance(answer[0], ErrorResponse) and answer[0].get("C") == "08P01"
     assert after[1].values == (b"in step",)
 
 

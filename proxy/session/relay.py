@@ -18,10 +18,10 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from proxy.connection_policy import ConnectionPolicy, Outcome
+from proxy.connection_policy import ConnectionPolicy, Outcome, PassThrough
 from proxy.guard.verdict import Refuse, Verdict
 from proxy.session.eager import Answered, start_eagerly
 from proxy.session.endpoint import Endpoint
@@ -64,7 +64,7 @@ class Request:
 
     extended: bool
     consulted: bool = False  # the policy gave a verdict for something in it
-    markers: list[bytes] = field(default_factory=list)
+    markers: list[bytes] | None = None
     rows: int = 0
     sqlstate: str | None = None
     sent_at: float = 0.0
@@ -130,6 +130,9 @@ class Relay:
         self._last_completion = 0.0
         self._draining = False
         self._upstream_sent_fatal = False
+        # Without a policy nothing is decoded: only request boundaries are tracked (for drain
+        # and for cancelling a running statement when the client goes away).
+        self._transparent = type(policy) is PassThrough
         self.finished = False
 
     # ---- wiring ------------------------------------------------------------------------------
@@ -178,6 +181,13 @@ class Relay:
             tag, start, end = spans[index]
             index += 1
             if tag in (_Q, _P, _F):
+                if self._transparent:
+                    if tag == _P:
+                        if self._open_batch is None:
+                            self._open_batch = Request(extended=True, sent_at=self._loop.time())
+                    else:
+                        self._requests.append(Request(extended=False, sent_at=self._loop.time()))
+                    continue
                 try:
                     message, answer = self._ask(tag, emit[start + 5 : end])
                 except ProtocolViolation as exc:
@@ -304,6 +314,8 @@ class Relay:
         marker = f"{self._marker_prefix}_{self._marker_count}"
         key = marker.encode()
         self._markers[key] = refusal
+        if request.markers is None:
+            request.markers = []
         request.markers.append(key)
         return marker
 
@@ -316,7 +328,8 @@ class Relay:
             if batch is not None and self._requests:
                 head = self._requests[-1]
                 head.consulted = head.consulted or batch.consulted
-                head.markers.extend(batch.markers)
+                if batch.markers:
+                    head.markers = [*(head.markers or ()), *batch.markers]
             self._open_batch = None
             return
         request = self._open_batch
@@ -397,8 +410,9 @@ class Relay:
         return emit, close_after
 
     def _complete(self, request: Request) -> None:
-        for marker in request.markers:
-            self._markers.pop(marker, None)
+        if request.markers:
+            for marker in request.markers:
+                self._markers.pop(marker, None)
         now = self._loop.time()
         started = max(request.sent_at, self._last_completion)
         self._last_completion = now
