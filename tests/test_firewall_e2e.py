@@ -180,3 +180,13 @@ def test_asyncpg_pool_of_an_application_role_works_through_the_firewall(proxy: R
             await pool.close()
 
     assert asyncio.run(use_pool()) == ["widget", "gadget"]
+
+
+def test_explain_names_the_firewall_rule_and_why(
+        shop_database: ShopUpstream, policy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sql = "SELECT id FROM shop.products WHERE name = 'x' UNION ALL SELECT NULL"
+    assert main(["explain", "--policy", str(policy_file), "--role", "shop_app",
+                 "--upstream", shop_database.dsn(), sql]) == 0
+    output = capsys.readouterr().out
+    assert "decision: refuse" in output and "rule: union-extraction" in output
+    assert "why: the UNION branch `SELECT NULL` adds constant rows to a query over a table" in output
