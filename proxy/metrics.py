@@ -5,17 +5,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.audit.identity import policy_version_of, role_name_of
 from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome
 from proxy.guard.verdict import Refuse, Verdict
 
 _PGVEIL_SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _UPSTREAM_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
 _AUDIT_SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
+
+
+class _VerdictCacheCollector:
+    """pgveil_verdict_cache_total read from the guard's own counters at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], tuple[int, int]] = lambda: (0, 0)
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("pgveil_verdict_cache", "Verdict cache lookups by result (hit, miss)",
+                                  labels=["result"])
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("pgveil_verdict_cache", "Verdict cache lookups by result (hit, miss)",
+                                     labels=["result"])
+        hits, misses = self.counts()
+        family.add_metric(["hit"], hits)
+        family.add_metric(["miss"], misses)
+        yield family
 
 
 class Metrics:
@@ -40,8 +61,8 @@ class Metrics:
         self.statement_errors = Counter(
             "pgveil_statement_errors", "Forwarded statements that PostgreSQL answered with an error, "
             "by SQLSTATE class (first two characters)", ["sqlstate_class"], registry=r)
-        self.verdict_cache = Counter(
-            "pgveil_verdict_cache", "Verdict cache lookups by result (hit, miss)", ["result"], registry=r)
+        self.verdict_cache = _VerdictCacheCollector()
+        r.register(self.verdict_cache)
         self.connections_open = Gauge(
             "pgveil_connections_open", "Client connections currently open", registry=r)
         self.connections = Counter(
@@ -102,17 +123,17 @@ class Metrics:
     def audit_failed(self, record_type: str) -> None:
         self.audit_failures.labels(record_type).inc()
 
-    def verdict_cache_lookup(self, hit: bool) -> None:
-        self.verdict_cache.labels("hit" if hit else "miss").inc()
+    def count_verdict_cache(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Report the guard's verdict cache: `counts()` gives (hits, misses) so far, read at scrape."""
+        self.verdict_cache.counts = counts
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
 def role_of(policy: object) -> str:
-    """The role a connection policy acts as right now, if it says (attribute `role_name`)."""
-    role = getattr(policy, "role_name", None)
-    return role if isinstance(role, str) and role else "unknown"
+    """The role a connection policy acts as right now, or 'unknown'."""
+    return role_name_of(policy) or "unknown"
 
 
 class MeteredConnection:
@@ -125,13 +146,11 @@ class MeteredConnection:
 
     @property
     def role_name(self) -> str | None:
-        role = getattr(self.inner, "role_name", None)
-        return role if isinstance(role, str) else None
+        return role_name_of(self.inner)
 
     @property
     def policy_version(self) -> str | None:
-        version = getattr(self.inner, "policy_version", None)
-        return version if isinstance(version, str) else None
+        return policy_version_of(self.inner)
 
     def _count(self, verdict: Verdict, started: float) -> Verdict:
         self.metrics.pgveil_seconds.observe(time.perf_counter() - started)

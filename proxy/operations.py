@@ -11,7 +11,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy.audit import (
     FSYNC_MODES,
@@ -23,10 +23,15 @@ from proxy.audit import (
     StdoutSink,
 )
 from proxy.audit.connection import AuditedConnection, OnAuditFailure
+from proxy.config import Settings, parse_listen
 from proxy.connection_policy import ClientInfo, ConnectionPolicy
 from proxy.elevation import GRANT_KEY_ENV, GrantBook
 from proxy.metrics import MeteredConnection, Metrics, MetricsServer, metrics_port_for_worker
 from proxy.policy.model import Policy
+from proxy.policy.model import Settings as PolicySettings
+
+if TYPE_CHECKING:
+    from proxy.server import ServeHooks
 
 log = logging.getLogger("pgveil.operations")
 
@@ -260,3 +265,66 @@ async def start_metrics_server(metrics: Metrics, listen: tuple[str, int],
     bound = await server.start(host, metrics_port_for_worker(port, worker_index))
     log.info("metrics on http://%s:%d/metrics", *bound)
     return server
+
+
+async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
+    """Everything `pgveil serve` plugs into one serving process, built inside that process.
+
+    The guard's Enforcement (with --policy; elevation grants feed its `active_role`), wrapped per
+    connection as MeteredConnection(AuditedConnection(GuardedConnection)); the metrics as the
+    relay observer; SIGHUP reload with accounting; the metrics endpoint (worker i on PORT+i)
+    started with the server; the audit sink flushed and closed after the drain.
+    Raises OperationsSettingsError or EnforcementError with a one-line reason.
+    """
+    from proxy.connection_policy import PassThrough
+    from proxy.server import ServeHooks
+
+    audit = AuditSettings.from_settings(settings.audit_log, settings.extra)
+    elevation = ElevationSettings.from_settings(settings.extra)
+    metrics = Metrics() if settings.metrics else None
+    loaded: list[Policy] = []  # the policy in force, once there is one
+    grants = open_grant_book(elevation, lambda: loaded[0] if loaded else None, metrics)
+    inner: ConnectionPolicyFactory = lambda client: PassThrough()  # noqa: E731
+    reload: Callable[[], Awaitable[None]] | None = None
+    if settings.policy is not None:
+        from proxy.enforcement import Enforcement
+
+        enforcement = await Enforcement.create(settings.policy, settings.upstream,
+                                               active_role=active_role_of(grants))
+        inner = enforcement.connection_policy
+        loaded.append(enforcement.policy)
+        if metrics is not None:
+            metrics.policy_loaded_now(enforcement.policy.version, enforcement.policy.source)
+            metrics.count_verdict_cache(lambda: (enforcement.cache.hits, enforcement.cache.misses))
+
+        async def reload_now() -> None:
+            policy = await reload_policy(enforcement.reload, metrics)
+            if policy is not None:
+                loaded[:] = [policy]
+
+        reload = reload_now
+    sink = open_audit_sink(audit)
+    factory = build_connection_policy_factory(inner, sink, metrics, audit, grants)
+    servers: list[MetricsServer] = []
+
+    async def on_started(server: object) -> None:
+        if metrics is not None and settings.metrics is not None:
+            target = settings.upstream_target
+            policy_given = settings.policy is not None
+            ready = readiness(lambda: (loaded[0] if loaded else None) if policy_given else _NO_POLICY,
+                              target.host, target.port)
+            servers.append(await start_metrics_server(metrics, parse_listen(settings.metrics), ready,
+                                                      worker_index))
+
+    async def on_stopped() -> None:
+        for metrics_server in servers:
+            await metrics_server.close()
+        if sink is not None:
+            await sink.close()
+
+    return ServeHooks(policy_factory=factory, observer=metrics, reload=reload, on_started=on_started,
+                      on_stopped=on_stopped)
+
+
+_NO_POLICY = Policy(version="none", settings=PolicySettings(), roles={}, datasets={})
+"""Stands in for 'loaded' in the readiness check when pgveil relays without a policy."""

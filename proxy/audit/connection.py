@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+from proxy.audit.identity import policy_version_of, role_name_of
 from proxy.audit.sink import AuditError, AuditRecord, AuditSink
 from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome
 from proxy.guard.verdict import Refuse, Verdict
@@ -66,13 +67,11 @@ class AuditedConnection:
 
     @property
     def role_name(self) -> str | None:
-        role = getattr(self.inner, "role_name", None)
-        return role if isinstance(role, str) else None
+        return role_name_of(self.inner)
 
     @property
     def policy_version(self) -> str | None:
-        version = getattr(self.inner, "policy_version", None)
-        return version if isinstance(version, str) else None
+        return policy_version_of(self.inner)
 
     def _who(self) -> dict[str, Any]:
         client = self.client

@@ -1,0 +1,28 @@
+"""How audit and metrics learn which role and policy version a connection policy acts under now."""
+
+from __future__ import annotations
+
+
+def role_name_of(policy: object) -> str | None:
+    """`policy.role_name` if it says, else the name of `policy.role()` (the guard's GuardedConnection,
+    which includes an elevation in force), else None."""
+    named = getattr(policy, "role_name", None)
+    if isinstance(named, str):
+        return named
+    role = getattr(policy, "role", None)
+    if callable(role):
+        current = role()
+        name = getattr(current, "name", None)
+        return name if isinstance(name, str) else None
+    return None
+
+
+def policy_version_of(policy: object) -> str | None:
+    """`policy.policy_version` if it says, else the version of the guard's enforcement policy."""
+    version = getattr(policy, "policy_version", None)
+    if isinstance(version, str):
+        return version
+    enforcement = getattr(policy, "enforcement", None)
+    loaded = getattr(enforcement, "policy", None)
+    version = getattr(loaded, "version", None)
+    return version if isinstance(version, str) else None
