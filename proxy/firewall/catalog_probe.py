@@ -20,12 +20,7 @@ from pglast import ast
 from pglast.enums import SQLValueFunctionOp
 
 from proxy.firewall.statement import Finding, SubmittedSql, quote
-from proxy.firewall.tree import (
-    function_name,
-    is_catalog_relation,
-    relations_in,
-    walk,
-)
+from proxy.firewall.tree import function_name, is_catalog_relation, walk
 from proxy.policy.model import Role
 
 RULE = "catalog-probe"
@@ -57,25 +52,34 @@ def find_catalog_probe(submitted: SubmittedSql, role: Role) -> Finding | None:
     if not role.application:
         return None
     for raw in submitted.statements:
-        finding = _probe_in(raw.stmt)
+        nodes = submitted.nodes if len(submitted.statements) == 1 else tuple(walk(raw.stmt))
+        finding = _probe_in(raw.stmt, nodes)
         if finding is not None:
             return finding
     return None
 
 
-def _probe_in(statement: ast.Node | None) -> Finding | None:
-    probes = []
-    for node in walk(statement):
-        if isinstance(node, ast.RangeVar) and is_catalog_relation(node):
+def _probe_in(statement: ast.Node | None, nodes: tuple[ast.Node, ...]) -> Finding | None:
+    first_probe: ast.Node | None = None
+    reads_user_relation = False
+    cte_names = {str(node.ctename) for node in nodes if isinstance(node, ast.CommonTableExpr)}
+    for node in nodes:
+        if isinstance(node, ast.RangeVar):
+            if not is_catalog_relation(node):
+                reads_user_relation = reads_user_relation or not (
+                    node.schemaname is None and str(node.relname) in cte_names)
+                continue
             if str(node.relname).lower() in ACCOUNT_CATALOGS:
                 return Finding(RULE, f"the application read {node.relname}, which lists accounts, "
                                      "settings or sessions; applications have no business there")
-            probes.append(str(node.relname))
-        elif _is_system_information(node):
-            probes.append(quote(node))
-    if not probes or _is_metadata_statement(statement):
+            first_probe = first_probe or node
+        elif first_probe is None and _is_system_information(node):
+            first_probe = node
+    # Drivers' and ORMs' introspection: a SELECT that reads only catalogs, its own CTEs or nothing.
+    if first_probe is None or (isinstance(statement, ast.SelectStmt) and not reads_user_relation):
         return None
-    return Finding(RULE, f"the application's query reads `{probes[0]}` together with its own data, the shape "
+    probe = str(first_probe.relname) if isinstance(first_probe, ast.RangeVar) else quote(first_probe)
+    return Finding(RULE, f"the application's query reads `{probe}` together with its own data, the shape "
                          "of injected catalog or server probing; read metadata in a statement of its own")
 
 
@@ -83,16 +87,3 @@ def _is_system_information(node: ast.Node) -> bool:
     if isinstance(node, ast.FuncCall):
         return function_name(node) in SYSTEM_INFORMATION_FUNCTIONS
     return isinstance(node, ast.SQLValueFunction) and node.op in SYSTEM_INFORMATION_VALUES
-
-
-def _is_metadata_statement(statement: ast.Node | None) -> bool:
-    """A SELECT that reads only catalogs, its own CTEs or nothing (drivers' and ORMs' introspection)."""
-    if not isinstance(statement, ast.SelectStmt):
-        return False
-    cte_names = _cte_names(statement)
-    return all(is_catalog_relation(rel) or (rel.schemaname is None and str(rel.relname) in cte_names)
-               for rel in relations_in(statement))
-
-
-def _cte_names(statement: ast.Node) -> set[str]:
-    return {str(node.ctename) for node in walk(statement) if isinstance(node, ast.CommonTableExpr)}

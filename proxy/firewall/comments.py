@@ -20,6 +20,8 @@ COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
 
 
 def find_comment_truncation(submitted: SubmittedSql, role: Role) -> Finding | None:
+    if "--" not in submitted.sql and "/*" not in submitted.sql:
+        return None
     tokens = submitted.tokens
     if not tokens:
         return None

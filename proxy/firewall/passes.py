@@ -21,9 +21,17 @@ from proxy.guard.statement import GuardContext, GuardStatement
 from proxy.guard.verdict import Refuse
 
 
+def _message_of(statement: GuardStatement) -> SubmittedSql:
+    """The whole message: stacked statements and comments are properties of the message, not of one
+    statement. A message that is this one statement reuses the gate's parse."""
+    if statement.start == 0 and not statement.sql[statement.end:].strip(" \t\r\n\f;"):
+        raw = ast.RawStmt(stmt=statement.node, stmt_location=0, stmt_len=statement.end)
+        return SubmittedSql(statement.sql, (raw,))
+    return _parsed(statement.sql)
+
+
 @lru_cache(maxsize=64)
-def _submitted(sql: str) -> SubmittedSql:
-    """The whole message parsed once: stacked statements and comments are properties of the message."""
+def _parsed(sql: str) -> SubmittedSql:
     return SubmittedSql.parse(sql)
 
 
@@ -35,7 +43,7 @@ def injection_rules(statement: GuardStatement, context: GuardContext) -> Refuse 
     """
     if context.role.injection == "off":
         return None
-    submitted = _submitted(statement.sql)
+    submitted = _message_of(statement)
     if not submitted.statements or statement.start != (submitted.statements[0].stmt_location or 0):
         return None
     screening = screen_injection(submitted, context.role)

@@ -20,7 +20,7 @@ from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType
 
 from proxy.firewall.statement import Finding, SubmittedSql, quote
-from proxy.firewall.tree import is_comparison, is_row_independent, operator_name, type_name, walk
+from proxy.firewall.tree import is_comparison, is_row_independent, operator_name, type_name
 from proxy.policy.model import Role
 
 RULE = "tautology"
@@ -72,11 +72,9 @@ def _is_bare_boolean(node: ast.Node) -> bool:
 def _builder_idioms(submitted: SubmittedSql) -> set[int]:
     """ids of `1=1`/`1=0`/`TRUE` nodes that are a WHERE clause or its first conjunct."""
     idioms: set[int] = set()
-    for raw in submitted.statements:
-        for node in walk(raw.stmt):
-            where = getattr(node, "whereClause", None)
-            if where is None:
-                continue
+    for node in submitted.nodes:
+        where = getattr(node, "whereClause", None)
+        if where is not None:
             first = where
             if isinstance(where, ast.BoolExpr) and where.boolop == BoolExprType.AND_EXPR and where.args:
                 first = where.args[0]

@@ -31,11 +31,14 @@ RULE = "union-extraction"
 
 
 def find_union_extraction(submitted: SubmittedSql, role: Role) -> Finding | None:
-    cte_names = {str(node.ctename) for node in submitted.nodes if isinstance(node, ast.CommonTableExpr)}
+    cte_names: set[str] | None = None
     for node in submitted.nodes_of(ast.SelectStmt):
         assert isinstance(node, ast.SelectStmt)
         if node.op != SetOperation.SETOP_UNION:
             continue
+        if cte_names is None:
+            cte_names = {str(item.ctename) for item in submitted.nodes
+                         if isinstance(item, ast.CommonTableExpr)}
         finding = _union_finding(select_leaves(node), role, cte_names)
         if finding is not None:
             return finding
