@@ -15,7 +15,7 @@ import pytest
 from proxy.connection_policy import ClientInfo, Outcome
 from proxy.guard.verdict import Allow, Refuse, Rewrite, Verdict
 from proxy.wire.backend import ErrorResponse, FunctionCallResponse, ReadyForQuery
-from proxy.wire.frontend import Bind, Describe, Execute, FunctionCall, Parse, Query, Sync
+from proxy.wire.frontend import Bind, CopyData, CopyDone, Describe, Execute, FunctionCall, Parse, Query, Sync
 from tests.proxy_harness import RawClient, running_proxy
 
 
@@ -232,3 +232,25 @@ async def test_asyncpg_prepared_statements_go_through_the_policy(proxy):
         assert [await statement.fetchval(i) for i in range(3)] == [0, 2, 4]
     finally:
         await conn.close()
+
+
+def test_copy_from_stdin_in_the_extended_protocol_keeps_requests_in_step(proxy):
+    # PostgreSQL ignores the Sync sent behind Execute(COPY ... FROM STDIN) and answers the one after
+    # CopyDone: one ReadyForQuery for two Syncs, which request tracking must follow.
+    with RawClient.connect(proxy.host, proxy.port) as client:
+        client.send(Query("create temp table relay_ext_copy (n int)"))
+        client.until_ready()
+        client.send(Parse("", "copy relay_ext_copy from stdin"), Bind("", ""), Execute(""), Sync())
+        assert type(client.receive()).__name__ == "ParseComplete"
+        assert type(client.receive()).__name__ == "BindComplete"
+        assert type(client.receive()).__name__ == "CopyInResponse"
+        client.send(CopyData(b"1\n2\n3\n"), CopyDone(), Sync())
+        finished = client.until_ready()
+        client.send(Query("select count(*) from relay_ext_copy"))
+        counted = client.until_ready()
+    assert [type(m).__name__ for m in finished] == ["CommandComplete", "ReadyForQuery"]
+    assert counted[1].values == (b"3",)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and [o.rows for o in ScriptedPolicy.outcomes][-3:] != [0, 3, 1]:
+        time.sleep(0.005)
+    assert [o.rows for o in ScriptedPolicy.outcomes][-3:] == [0, 3, 1]  # create, copy, select
