@@ -10,16 +10,19 @@ quoting and escapes reach PostgreSQL exactly as they were analysed."""
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 from pglast import ast, parser
 
-from proxy.guard.protected import UNPROTECTED, RelationMasks, relation_masks
+from proxy.catalog import effective_search_path
+from proxy.guard.protected import UNPROTECTED, RelationMasks, scanned_masks
 from proxy.guard.statement import GuardContext, GuardStatement, RelationRef
 from proxy.guard.verdict import Refuse
 from proxy.policy.protections import ProtectionError, mask_expression
 
 _COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
+_CALLED = re.compile(r"(?<![.\w])([a-z_][a-z0-9_]*)\(")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +93,8 @@ class _Splicer:
                           "write the relation name plainly")
         first, last = span
         qualified_sql = f"{quote_identifier(relation.schema)}.{quote_identifier(relation.name)}"
-        masks = relation_masks(self.context.policy, self.context.role, relation) if self.context.masked \
-            else UNPROTECTED
+        masks = scanned_masks(self.context.policy, self.context.role, relation, self.context.catalog,
+                              inherit=bool(ref.node.inh)) if self.context.masked else UNPROTECTED
         substitute = masks.protected and (
             ref.position == "from" or (ref.position == "copy" and isinstance(self._copy, ast.CopyStmt)
                                        and not self._copy.is_from)
@@ -99,11 +102,18 @@ class _Splicer:
         if not substitute:
             self.add(self.tokens[first].start, self.tokens[last].end + 1, qualified_sql)
             return None
+        if masks.child_row_filter and substitute:
+            return Refuse("row-filtered-child", f"a child or partition of {ref.qualified} has its own row "
+                          f"filter for role {self.context.role.name}; read it with ONLY or read the children")
         columns = [(column.name, column.type_sql) for column in relation.columns]
         try:
             derived = derived_table(qualified_sql, masks, columns, only=not ref.node.inh)
         except ProtectionError as exc:
             return Refuse("mask-unavailable", f"{ref.qualified}: {exc}; fix the policy")
+        shadowed = self._shadowed_functions(derived)
+        if shadowed:
+            return Refuse("mask-function-shadowed", f"user-defined {shadowed}() on the search_path could "
+                          "replace the function masking uses; drop it or fix the role's search_path")
         qualified = f"{relation.schema}.{relation.name}"
         self.masks.extend(f"{qualified}.{name}:{type(p).__name__.lower()}" for name, p in masks.masks.items())
         alias = ref.alias
@@ -139,6 +149,18 @@ class _Splicer:
         return None
 
     _copy: ast.Node | None = None
+
+    def _shadowed_functions(self, derived: str) -> str | None:
+        """A function name the mask expressions call unqualified that a user schema on the
+        search_path also defines (overload resolution could pick the user's one)."""
+        path = [schema for schema in effective_search_path(self.context.search_path, self.context.user)
+                if schema != "pg_catalog"]
+        functions = self.context.catalog.functions
+        called: set[str] = set(_CALLED.findall(derived))
+        for name in called:
+            if any(f"{schema}.{name}" in functions for schema in path):
+                return name
+        return None
 
     def _closing_paren(self, open_index: int) -> int | None:
         depth = 0

@@ -21,6 +21,7 @@ from proxy.guard import rules, settings
 from proxy.guard.agreement import parsers_agree
 from proxy.guard.classify import classify
 from proxy.guard.gate import gate
+from proxy.guard.lexical import backslash_in_plain_string
 from proxy.guard.mask import Edit, rewrite_statements
 from proxy.guard.regate import regate
 from proxy.guard.resolve import resolve
@@ -36,11 +37,12 @@ RULES: list[Rule] = [
     rules.unlisted_functions,
     rules.unlisted_views,
     rules.tablesample_on_protected,
+    rules.explain_over_row_filter,
     rules.ddl_over_protected_data,
     rules.procedural_code,
-    rules.dml_target_reads,
-    rules.locking_clause_on_protected,
+    rules.write_to_masked_table,
     settings.session_settings,
+    backslash_in_plain_string,
     firewall.injection_rules,
     firewall.join_on_sensitive_key,
     firewall.quasi_identifier_concentration,
@@ -64,6 +66,16 @@ def guard(sql: str, context: GuardContext) -> Verdict:
 
 
 def analyse(sql: str, context: GuardContext) -> Analysis:
+    try:
+        return _analyse(sql, context)
+    except (RecursionError, MemoryError):
+        return Analysis(Refuse("too-complex", "the statement is nested too deeply to analyse; simplify it"))
+    except Exception as exc:  # fail closed: a guard bug must never let a statement through
+        why = f"pgveil could not analyse the statement ({type(exc).__name__})"
+        return Analysis(Refuse("analysis-failed", why))
+
+
+def _analyse(sql: str, context: GuardContext) -> Analysis:
     gated = gate(sql)
     if isinstance(gated, Refuse):
         return Analysis(gated)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.catalog import PGVEIL_SCHEMA, SYSTEM_SCHEMAS, Relation, effective_dataset
-from proxy.policy.model import ColumnPolicy, Policy, Protection, Role
+from proxy.catalog import PGVEIL_SCHEMA, SYSTEM_SCHEMAS, CatalogSnapshot, Relation, effective_dataset
+from proxy.policy.model import ColumnPolicy, Policy, Protection, Redact, Role
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,10 +14,11 @@ class RelationMasks:
 
     masks: dict[str, Protection]  # column name -> protection, only for columns the role may not see
     row_filter: str | None
+    child_row_filter: bool = False  # an inheritance child or partition has a row filter of its own
 
     @property
     def protected(self) -> bool:
-        return bool(self.masks) or self.row_filter is not None
+        return bool(self.masks) or self.row_filter is not None or self.child_row_filter
 
 
 UNPROTECTED = RelationMasks({}, None)
@@ -45,3 +46,28 @@ def _row_filter(role: Role, relation: Relation) -> str | None:
         if ancestor in role.row_filters:
             return role.row_filters[ancestor]
     return None
+
+
+def scanned_masks(policy: Policy, role: Role, relation: Relation, catalog: CatalogSnapshot,
+                  inherit: bool) -> RelationMasks:
+    """Masks for a scan of `relation` that also returns its children's rows (no ONLY): each column
+    as strictly as the parent or any descendant masks it (two different protections: redact)."""
+    own = relation_masks(policy, role, relation)
+    if not inherit:
+        return own
+    qualified = f"{relation.schema}.{relation.name}"
+    masks = dict(own.masks)
+    child_row_filter = False
+    for candidate in catalog.relations.values():
+        if qualified not in candidate.parents:
+            continue
+        child = relation_masks(policy, role, candidate)
+        child_row_filter = child_row_filter or child.row_filter not in (None, own.row_filter)
+        for name, protection in child.masks.items():
+            if relation.column(name) is None:
+                continue
+            if name not in masks:
+                masks[name] = protection
+            elif masks[name] != protection:
+                masks[name] = Redact()
+    return RelationMasks(masks, own.row_filter, child_row_filter)

@@ -14,7 +14,7 @@ from typing import Any
 from pglast import ast, parser
 
 from proxy.guard.mask import Edit
-from proxy.guard.protected import relation_masks
+from proxy.guard.protected import scanned_masks
 from proxy.guard.statement import GuardContext, GuardStatement
 from proxy.guard.verdict import Refuse
 
@@ -79,7 +79,8 @@ def regate(text: str, statements: tuple[GuardStatement, ...], edits: list[Edit] 
         exempt = is_target and not copies_out  # DML targets: checked by the DML rules
         if len(parts) < 2 and not exempt:
             return _failed(f"{parts[-1]} is not schema-qualified after the rewrite")
-        if exempt or not relation_masks(context.policy, context.role, relation).protected:
+        if exempt or not scanned_masks(context.policy, context.role, relation, context.catalog,
+                                       inherit=bool(range_var.get("inh"))).protected:
             continue
         location = range_var.get("location", -1)
         hits = [i for i, (start, end) in enumerate(spans) if start <= location < end]

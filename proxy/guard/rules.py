@@ -27,6 +27,8 @@ SIDE_DOOR_FUNCTIONS = frozenset({
 SIDE_DOOR_PREFIXES = (
     "query_to_xml", "table_to_xml", "schema_to_xml", "database_to_xml", "cursor_to_xml", "dblink",
     "pg_read_", "pg_ls_", "pg_file_", "lo_", "pg_logical_slot_", "pg_replication_slot", "crosstab",
+    "pg_get_wal_", "get_raw_page", "heap_page_item", "tuple_data_split", "bt_page_items", "brin_page_items",
+    "gin_leafpage_items", "hash_page_items", "gist_page_items",
 )
 """Functions that run SQL given as text, read whole tables/schemas/files, or large objects."""
 
@@ -177,6 +179,22 @@ def unlisted_views(statement: GuardStatement, context: GuardContext) -> Refuse |
     return None
 
 
+def explain_over_row_filter(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """EXPLAIN shows planner estimates from the raw columns' statistics and, with ANALYZE, how
+    many rows a row filter removed: both describe rows the role may not see."""
+    if not context.masked or not isinstance(statement.node, ast.ExplainStmt):
+        return None
+    for ref in statement.relations:
+        relation = ref.relation
+        if relation is not None and relation_masks(context.policy, context.role, relation).row_filter:
+            return Refuse(
+                "explain-over-row-filter",
+                f"EXPLAIN would describe rows of {ref.qualified} that role {context.role.name} may not see; "
+                "run the query itself",
+            )
+    return None
+
+
 def tablesample_on_protected(statement: GuardStatement, context: GuardContext) -> Refuse | None:
     for ref in statement.relations:
         if ref.position == "sample" and _protected(ref, context):
@@ -215,91 +233,22 @@ def procedural_code(statement: GuardStatement, context: GuardContext) -> Refuse 
     return None
 
 
-def dml_target_reads(statement: GuardStatement, context: GuardContext) -> Refuse | None:
-    """A DML target cannot be replaced by a masked derived table: refuse reading its masked columns."""
+def write_to_masked_table(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """A DML target cannot be replaced by a masked derived table, and PostgreSQL's own errors about
+    the target row (\"Failing row contains (...)\", duplicate and exclusion keys, foreign keys,
+    trigger messages) carry its raw values: masked roles may not write to tables they see masked."""
     if not context.masked:
         return None
     for ref in statement.relations:
-        if ref.position != "target" or ref.relation is None:
-            continue
-        masks = relation_masks(context.policy, context.role, ref.relation)
-        if not masks.protected:
-            continue
-        if masks.row_filter is not None:
+        if ref.position == "target" and _protected(ref, context):
             return Refuse(
-                "row-filtered-target",
-                f"role {context.role.name} sees only some rows of {ref.qualified}; "
-                "it cannot modify that table through pgveil",
+                "write-to-masked-table",
+                f"role {context.role.name} sees {ref.qualified} masked or filtered; PostgreSQL's errors "
+                "about a written row can carry its raw values, so it cannot write to that table",
             )
-        target = _target_statement(statement.node, ref.node)
-        if target is None or isinstance(target, ast.MergeStmt):
-            return Refuse(
-                "masked-column-in-dml",
-                f"MERGE into {ref.qualified} would read columns masked for role {context.role.name}",
-            )
-        alias = ref.alias or (ref.node.relname or "")
-        for clause in _reading_clauses(target):
-            refusal = _reads_masked(clause, set(masks.masks), alias, ref.qualified or "")
-            if refusal is not None:
-                return refusal
-    return None
-
-
-def locking_clause_on_protected(statement: GuardStatement, context: GuardContext) -> Refuse | None:
-    # PostgreSQL applies FOR UPDATE/SHARE of a derived table to the tables inside it, so the
-    # substituted relation is locked exactly as written; nothing to refuse.
     return None
 
 
 def _protected(ref: object, context: GuardContext) -> bool:
     relation = getattr(ref, "relation", None)
     return relation is not None and relation_masks(context.policy, context.role, relation).protected
-
-
-def _target_statement(root: ast.Node, target: ast.RangeVar) -> ast.Node | None:
-    for node in _walk(root):
-        if isinstance(node, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt) and (
-            node.relation is target
-        ):
-            return node
-    return None
-
-
-def _reading_clauses(node: ast.Node) -> list[object]:
-    if isinstance(node, ast.InsertStmt):
-        return [node.returningClause, node.onConflictClause]
-    if isinstance(node, ast.UpdateStmt):
-        return [node.targetList, node.whereClause, node.returningClause]
-    if isinstance(node, ast.DeleteStmt):
-        return [node.whereClause, node.returningClause]
-    return []
-
-
-def _reads_masked(clause: object, masked: set[str], alias: str, qualified: str) -> Refuse | None:
-    for node in _walk(clause):
-        if not isinstance(node, ast.ColumnRef):
-            continue
-        fields = node.fields or ()
-        names = [f.sval or "" for f in fields if isinstance(f, ast.String)]
-        star = any(isinstance(f, ast.A_Star) for f in fields)
-        if (names and names[-1] in masked) or star or names == [alias]:
-            shown = ".".join(names) + (".*" if star and names else "*" if star else "")
-            return Refuse(
-                "masked-column-in-dml",
-                f"{shown} reads a column of {qualified} that is masked for this role; a DML target "
-                "cannot be masked, so name only unmasked columns in WHERE, SET, RETURNING and ON CONFLICT",
-            )
-    return None
-
-
-def _walk(root: object) -> list[ast.Node]:
-    found: list[ast.Node] = []
-    stack: list[object] = [root]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, tuple | list):
-            stack.extend(item)
-        elif isinstance(item, ast.Node):
-            found.append(item)
-            stack.extend(getattr(item, slot, None) for slot in getattr(type(item), "__slots__", ()))
-    return found
