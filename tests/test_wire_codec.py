@@ -56,7 +56,8 @@ FRONTEND = st.one_of(
 
 BACKEND = st.one_of(
     st.builds(be.BackendKeyData, int32, st.binary(min_size=4, max_size=256)),
-    st.builds(be.NegotiateProtocolVersion, st.integers(0, 5), st.lists(names, max_size=4).map(tuple)),
+    st.builds(be.NegotiateProtocolVersion, st.integers(3 << 16, (3 << 16) + 5),
+              st.lists(names, max_size=4).map(tuple)),
     st.builds(be.ParameterStatus, names, names),
     st.builds(be.ReadyForQuery, st.sampled_from("ITE")),
     st.builds(be.ErrorResponse, fields),

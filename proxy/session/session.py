@@ -19,6 +19,7 @@ from proxy.session.relay import Relay
 from proxy.session.upstream import UpstreamUnavailable, connect, send_cancel, upstream_tls_context
 from proxy.wire import (
     NEWEST_MINOR,
+    PROTOCOL_3_2,
     AuthenticationOk,
     AuthenticationSASL,
     BackendKeyData,
@@ -290,12 +291,12 @@ class Session:
         while True:
             tag, body = await upstream.read_message()
             if first and self._capped_minor and tag != ord("v"):
-                client.write(NegotiateProtocolVersion(NEWEST_MINOR).encode())
+                client.write(NegotiateProtocolVersion(PROTOCOL_3_2).encode())
             first = False
             if tag == ord("v"):
                 npv = NegotiateProtocolVersion.decode(body)
                 if self._capped_minor:
-                    newest = min(npv.newest_minor, NEWEST_MINOR)
+                    newest = min(npv.newest_version, PROTOCOL_3_2)
                     npv = NegotiateProtocolVersion(newest, npv.unrecognized_options)
                 client.write(npv.encode())
                 continue

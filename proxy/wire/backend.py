@@ -189,13 +189,16 @@ class BackendKeyData:
 
 @dataclass(frozen=True, slots=True)
 class NegotiateProtocolVersion:
+    """`newest_version` is a full protocol version code, e.g. 196610 for 3.2 (what PostgreSQL
+    and libpq put there, although the documentation speaks of a minor version)."""
+
     TAG: ClassVar[bytes] = b"v"
-    newest_minor: int
+    newest_version: int
     unrecognized_options: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
         options = b"".join(cstring(o) for o in self.unrecognized_options)
-        body = INT32.pack(self.newest_minor) + INT32.pack(len(self.unrecognized_options)) + options
+        body = INT32.pack(self.newest_version) + INT32.pack(len(self.unrecognized_options)) + options
         return frame(self.TAG, body)
 
     @classmethod
