@@ -6,9 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +23,7 @@ import pytest
 
 from proxy.commands.demo import RoleView, render_side_by_side
 from proxy.demo import DEMO_LOGINS, POLICY_PATH, load_dataset
+from proxy.embedded import free_port
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Constant, Email, Generalize, Hash, Partial, Policy, Redact
 from tests.conftest import Upstream
@@ -229,3 +235,122 @@ def test_demo_refuses_a_port_that_is_taken() -> None:
         result = pgveil("demo", "--port", str(taken.getsockname()[1]))
     assert result.returncode == 1
     assert "is taken" in result.stderr and "--port" in result.stderr
+
+
+class DemoProcess:
+    """`pgveil demo` as a child process, its output read line by line as it comes."""
+
+    def __init__(self, port: int) -> None:
+        env = {name: value for name, value in os.environ.items()
+               if name not in ("PGVEIL_HASH_KEY", "PGVEIL_GRANT_KEY")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def read_until(self, text: str, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no {text!r} within {timeout} s; output so far:\n{''.join(self.output)}")
+            if line is None:
+                pytest.fail(f"demo ended before {text!r}; output:\n{''.join(self.output)}")
+            self.output.append(line)
+            if text in line:
+                return "".join(self.output)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(60)
+        finally:
+            while (line := self.lines.get(timeout=10)) is not None:
+                self.output.append(line)
+
+
+def accepts_connections(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        return probe.connect_ex((host, port)) == 0
+
+
+@pytest.fixture(scope="module")
+def running_demo() -> Iterator[tuple[DemoProcess, str, int]]:
+    port = free_port()
+    demo = DemoProcess(port)
+    try:
+        output = demo.read_until("Press Ctrl-C")
+        yield demo, output, port
+    finally:
+        demo.stop()
+
+
+def printed_dsns(output: str) -> dict[str, str]:
+    """role -> connection string, from the lines `  <role>  postgresql://...`."""
+    return dict(re.findall(r"^  (\w+)\s+(postgresql://\S+)$", output, flags=re.MULTILINE))
+
+
+def test_demo_prints_a_connection_string_for_every_demo_role(
+        running_demo: tuple[DemoProcess, str, int]) -> None:
+    _, output, port = running_demo
+    dsns = printed_dsns(output)
+    assert set(dsns) == {login.role for login in DEMO_LOGINS}
+    assert all(f"@127.0.0.1:{port}/reviews" in dsn for dsn in dsns.values())
+
+
+def test_demo_masks_the_data_scientists_view_and_shows_the_security_engineer_raw_data(
+        running_demo: tuple[DemoProcess, str, int]) -> None:
+    dsns = printed_dsns(running_demo[1])
+    query = "SELECT full_name, email, phone, password_hash FROM users WHERE id = 1"
+    with psycopg.connect(dsns["data_scientist"], autocommit=True) as conn:
+        masked = conn.execute(query).fetchone()
+    with psycopg.connect(dsns["security_engineer"], autocommit=True) as conn:
+        raw = conn.execute(query).fetchone()
+    assert raw == ("Olivia Garcia", "olivia.garcia1@example.net", "+1 555 0138 9555", raw[3])
+    assert str(raw[3]).startswith("$2b$12$")
+    assert masked == ("O************", "o***@example.net", "############9555", None)
+
+
+def test_demo_refuses_tables_outside_a_role_and_the_connection_stays_usable(
+        running_demo: tuple[DemoProcess, str, int]) -> None:
+    dsns = printed_dsns(running_demo[1])
+    with psycopg.connect(dsns["executive"], autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"^pgveil: "):
+            conn.execute("SELECT email FROM users")
+        count = conn.execute("SELECT count(*) FROM analytics.restaurant_scorecard").fetchone()
+    assert count == (120,)
+
+
+def test_demo_side_by_side_shows_masked_and_raw_values_and_refusals(
+        running_demo: tuple[DemoProcess, str, int]) -> None:
+    output = running_demo[1]
+    assert "o***@example.net" in output  # data scientist
+    assert "olivia.garcia1@exampl…" in output  # security engineer (truncated to its column)
+    assert "pgveil:" in output  # roles that may not read users see their refusal
+
+
+def test_ctrl_c_stops_the_demo_and_everything_it_started() -> None:
+    port = free_port()
+    demo = DemoProcess(port)
+    output = demo.read_until("Press Ctrl-C")
+    direct = re.search(r"postgresql://postgres@127\.0\.0\.1:(\d+)/reviews", output)
+    assert direct is not None
+    postgres_port = int(direct.group(1))
+    assert accepts_connections("127.0.0.1", port) and accepts_connections("127.0.0.1", postgres_port)
+    audit_log = Path(re.search(r"audit log: (\S+)", output).group(1))  # type: ignore[union-attr]
+    assert demo.stop() == 0
+    assert "pgveil demo stopped." in "".join(demo.output)
+    assert not accepts_connections("127.0.0.1", port)
+    assert not accepts_connections("127.0.0.1", postgres_port)
+    assert not audit_log.parent.exists()  # its working directory is gone too
