@@ -160,21 +160,32 @@ def _user_functions(
 
 
 def unlisted_views(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """A view reads its base tables raw: masked roles may read it only when the policy lists it
+    (its own column policies apply), and a listed view may not skip a base table's row filter."""
     if not context.masked:
         return None
     for ref in statement.relations:
         relation = ref.relation
-        if relation is None or relation.kind not in ("view", "matview"):
+        if relation is None or relation.kind not in ("view", "matview") or relation.schema in SYSTEM_SCHEMAS:
             continue
-        if relation.schema in SYSTEM_SCHEMAS or ref.qualified in context.policy.datasets:
-            continue
+        listed = ref.qualified in context.policy.datasets
+        own_filter = relation_masks(context.policy, context.role, relation).row_filter
         for read in sorted(context.catalog.base_relations(relation)):
             base = context.catalog.relations.get(read)
-            if base is not None and relation_masks(context.policy, context.role, base).protected:
+            if base is None:
+                continue
+            masks = relation_masks(context.policy, context.role, base)
+            if not listed and masks.protected:
                 return Refuse(
                     "unlisted-view",
                     f"{ref.qualified} reads {read}, which has data masked for role {context.role.name}; "
                     "list the view under 'datasets' with its own column policies",
+                )
+            if masks.row_filter is not None and own_filter is None:
+                return Refuse(
+                    "view-skips-row-filter",
+                    f"{ref.qualified} reads {read}, whose rows are filtered for role {context.role.name}; "
+                    "give the view a row filter of its own for this role",
                 )
     return None
 
