@@ -180,3 +180,14 @@ def test_environment_configures_serve(upstream):
             assert conn.execute("select 'configured by env'").fetchone() == ("configured by env",)
         served.terminate()
         assert served.wait() == 0
+
+
+def test_invalid_policy_exits_non_zero_with_one_line(upstream, tmp_path):
+    policy = tmp_path / "bad.yaml"
+    policy.write_text("version: 7\nroles: {}\n")
+    served = start_serve("--upstream", upstream.dsn(), "--policy", str(policy), "--listen", "127.0.0.1:0")
+    with served:
+        code = served.wait()
+    assert code != 0
+    errors = [line for line in served.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "unsupported policy format version 7" in errors[0]

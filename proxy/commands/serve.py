@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from typing import Any
 
@@ -58,22 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def policy_runtime(settings: Any, worker_index: int) -> Any:
-    """Build, inside each serving process, what pgveil serve plugs into the proxy.
+    """Build, inside each serving process, what pgveil serve plugs into the proxy: the guard
+    (with --policy), audit, metrics, elevation and SIGHUP reload (proxy.operations.serve_hooks).
+    Without --policy, audit or metrics, statements are relayed untouched."""
+    from proxy.operations import serve_hooks
 
-    Without --policy: nothing (every statement is relayed). With --policy: the guard's
-    Enforcement (policy, catalog, masking) provides the per-connection policy and SIGHUP reload.
-    """
-    from proxy.server import ServeHooks
-
-    if settings.policy is None:
-        return ServeHooks()
-    try:
-        from proxy.enforcement import Enforcement  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError as exc:
-        if exc.name != "proxy.enforcement":
-            raise
-        raise RuntimeError("--policy is not supported by this build (no proxy.enforcement)") from None
-    enforcement = Enforcement.create(settings.policy, settings.upstream)
-    if inspect.isawaitable(enforcement):
-        enforcement = await enforcement
-    return ServeHooks(policy_factory=enforcement.connection_policy, reload=enforcement.reload)
+    return await serve_hooks(settings, worker_index)
