@@ -340,6 +340,27 @@ def test_demo_side_by_side_shows_masked_and_raw_values_and_refusals(
     assert "pgveil:" in output  # roles that may not read users see their refusal
 
 
+def test_software_engineer_reaches_production_only_through_the_printed_elevation(
+        running_demo: tuple[DemoProcess, str, int]) -> None:
+    output = running_demo[1]
+    dsn = printed_dsns(output)["software_engineer"]
+    query = "SELECT email FROM users WHERE id = 1"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="table-not-allowed"):
+            conn.execute(query)
+        grant_key = re.search(r"PGVEIL_GRANT_KEY=(\S+) pgveil elevate", output)
+        grants = re.search(r"--grants (\S+)", output)
+        assert grant_key is not None and grants is not None
+        env = dict(os.environ, PGVEIL_GRANT_KEY=grant_key.group(1))
+        elevate = subprocess.run(
+            [sys.executable, "-m", "proxy", "elevate", "--user", "sven_engineer",
+             "--role", "production_support", "--for", "30m", "--reason", "test: elevation",
+             "--approver", "sam_security", "--policy", str(POLICY_PATH), "--grants", grants.group(1)],
+            capture_output=True, text=True, env=env, timeout=60)
+        assert elevate.returncode == 0, elevate.stderr
+        assert conn.execute(query).fetchone() == ("o***@example.net",)  # production, still masked
+
+
 def test_ctrl_c_stops_the_demo_and_everything_it_started() -> None:
     port = free_port()
     demo = DemoProcess(port)
