@@ -257,9 +257,16 @@ def build_world(upstream: Upstream) -> GuardWorld:
     return GuardWorld(upstream, policy, catalog)
 
 
+_BUILT: dict[tuple[str, int], GuardWorld] = {}
+
+
 @pytest.fixture(scope="module")
 def world(upstream: Upstream) -> Iterator[GuardWorld]:
-    built = build_world(upstream)
+    """Built once per test session (every guard test module shares the database)."""
+    key = (upstream.host, upstream.port)
+    if key not in _BUILT:
+        _BUILT[key] = build_world(upstream)
+    built = _BUILT[key]
     try:
         yield built
     finally:

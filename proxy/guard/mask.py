@@ -10,19 +10,16 @@ quoting and escapes reach PostgreSQL exactly as they were analysed."""
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 
 from pglast import ast, parser
 
-from proxy.catalog import effective_search_path
 from proxy.guard.protected import UNPROTECTED, RelationMasks, scanned_masks
 from proxy.guard.statement import GuardContext, GuardStatement, RelationRef
 from proxy.guard.verdict import Refuse
 from proxy.policy.protections import ProtectionError, mask_expression
 
 _COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
-_CALLED = re.compile(r"(?<![.\w])([a-z_][a-z0-9_]*)\(")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +107,6 @@ class _Splicer:
             derived = derived_table(qualified_sql, masks, columns, only=not ref.node.inh)
         except ProtectionError as exc:
             return Refuse("mask-unavailable", f"{ref.qualified}: {exc}; fix the policy")
-        shadowed = self._shadowed_functions(derived)
-        if shadowed:
-            return Refuse("mask-function-shadowed", f"user-defined {shadowed}() on the search_path could "
-                          "replace the function masking uses; drop it or fix the role's search_path")
         qualified = f"{relation.schema}.{relation.name}"
         self.masks.extend(f"{qualified}.{name}:{type(p).__name__.lower()}" for name, p in masks.masks.items())
         alias = ref.alias
@@ -149,18 +142,6 @@ class _Splicer:
         return None
 
     _copy: ast.Node | None = None
-
-    def _shadowed_functions(self, derived: str) -> str | None:
-        """A function name the mask expressions call unqualified that a user schema on the
-        search_path also defines (overload resolution could pick the user's one)."""
-        path = [schema for schema in effective_search_path(self.context.search_path, self.context.user)
-                if schema != "pg_catalog"]
-        functions = self.context.catalog.functions
-        called: set[str] = set(_CALLED.findall(derived))
-        for name in called:
-            if any(f"{schema}.{name}" in functions for schema in path):
-                return name
-        return None
 
     def _closing_paren(self, open_index: int) -> int | None:
         depth = 0

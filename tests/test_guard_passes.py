@@ -1,0 +1,180 @@
+"""The guard's passes one by one: the re-gate catches a rewrite that leaves a masked relation
+outside its derived table, the cache never mixes two shapes, inheritance takes the strictest
+masks, shadowed masking functions and analysis failures are refused, explain and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+from dataclasses import replace
+
+import pytest
+
+from proxy.cli import main
+from proxy.enforcement import Enforcement, EnforcementError
+from proxy.guard import pipeline
+from proxy.guard.cache import VerdictCache
+from proxy.guard.mask import Edit
+from proxy.guard.pipeline import analyse
+from proxy.guard.regate import regate
+from proxy.guard.statement import GuardContext, GuardStatement
+from proxy.guard.verdict import Refuse, Rewrite
+from proxy.policy.loader import parse_policy
+from tests.guard_setup import DATABASE, POLICY, GuardWorld, world  # noqa: F401
+
+
+def test_regate_refuses_a_rewrite_that_reads_a_masked_table_directly(world: GuardWorld) -> None:
+    context = world.context()
+    analysis = analyse("select ssn from gv.people", context)
+    assert isinstance(analysis.verdict, Rewrite)
+    refusal = regate('select ssn from "gv"."people"', analysis.statements, (), context)
+    assert refusal is not None and refusal.rule == "rewrite-check-failed"
+
+
+def test_regate_refuses_a_derived_table_that_smuggles_a_second_read(world: GuardWorld) -> None:
+    context = world.context()
+    analysis = analyse("select ssn from gv.people", context)
+    edit = analysis.edits[0]
+    smuggled = Edit(edit.start, edit.end, '(select * from "gv"."people" join "gv"."people" q using (id)) people',
+                    edit.substitutes)
+    text = "select ssn from " + smuggled.text
+    refusal = regate(text, analysis.statements, (smuggled,), context)
+    assert refusal is not None and refusal.rule == "rewrite-check-failed"
+
+
+def test_regate_refuses_a_changed_statement_kind(world: GuardWorld) -> None:
+    context = world.context()
+    analysis = analyse("select 1", context)
+    refusal = regate("delete from gv.orders", analysis.statements, (), context)
+    assert refusal is not None and refusal.rule == "rewrite-check-failed"
+
+
+def test_cache_never_serves_one_table_for_another_with_the_same_digits_dropped(world: GuardWorld) -> None:
+    context = world.context("gv_admin")
+    cache = VerdictCache()
+    cache.store("select * from gv.t1 where id = 1", "k", analyse("select * from gv.orders where id = 1", context))
+    assert cache.lookup("select * from gv.t2 where id = 1", "k") is None
+    assert cache.lookup("select * from gv.t1 where id = 22", "k") is not None
+
+
+def test_cache_hit_reinserts_the_new_literals_into_the_masked_rewrite(world: GuardWorld) -> None:
+    context = world.context()
+    cache = VerdictCache()
+    cache.store("select email from gv.people where id = 1", "k",
+                analyse("select email from gv.people where id = 1", context))
+    hit = cache.lookup("select email from gv.people where id = 2", "k")
+    assert hit is not None and isinstance(hit.verdict, Rewrite)
+    assert hit.verdict.sql == analyse("select email from gv.people where id = 2", context).verdict.sql
+    assert hit.verdict.sql.endswith("where id = 2")
+
+
+def test_inheritance_parent_scans_take_the_strictest_masks_of_their_children(world: GuardWorld) -> None:
+    policy = parse_policy(POLICY.replace("  gv.base:\n    columns:\n      secret: {sensitivity: restricted, "
+                                         "protection: redact}\n",
+                                         "  gv.child:\n    columns:\n      secret: {sensitivity: restricted, "
+                                         "protection: redact}\n"), "p.yaml")
+    context = replace(world.context(), policy=policy)
+    verdict = analyse("select secret from gv.base", context).verdict
+    assert isinstance(verdict, Rewrite) and 'NULL::text AS "secret"' in verdict.sql
+    only = analyse("select secret from only gv.base", context).verdict
+    assert 'NULL::text' not in only.sql if isinstance(only, Rewrite) else False
+
+
+def test_a_row_filter_on_a_child_refuses_reading_it_through_the_parent(world: GuardWorld) -> None:
+    policy = parse_policy(POLICY.replace('      gv.people: "region <> \'hidden\'"',
+                                         '      gv.people: "region <> \'hidden\'"\n      gv.child: "extra = \'y\'"'),
+                          "p.yaml")
+    context = replace(world.context(), policy=policy, role=policy.roles["analyst"])
+    verdict = analyse("select * from gv.base", context).verdict
+    assert isinstance(verdict, Refuse) and verdict.rule == "row-filtered-child"
+
+
+def test_masking_expressions_call_only_schema_qualified_functions(world: GuardWorld) -> None:
+    # An unqualified call could resolve to a same-named function a user created on the search_path.
+    verdict = analyse("select * from gv.people", world.context()).verdict
+    assert isinstance(verdict, Rewrite)
+    derived = verdict.sql[verdict.sql.index("(SELECT") :]
+    assert re.findall(r"(?<![.\w:])([a-z_][a-z0-9_]*)\(", derived) == []
+
+
+def test_a_rule_that_crashes_refuses_instead_of_letting_the_statement_through(
+        world: GuardWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+        raise ValueError("bug")
+
+    monkeypatch.setattr(pipeline, "RULES", [broken, *pipeline.RULES])
+    verdict = analyse("select ssn from gv.people", world.context()).verdict
+    assert isinstance(verdict, Refuse) and verdict.rule == "analysis-failed"
+
+
+def _policy_file(directory: str, text: str = POLICY) -> str:
+    path = os.path.join(directory, "policy.yaml")
+    with open(path, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def test_explain_prints_decision_rule_and_rewritten_sql(
+        world: GuardWorld, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGVEIL_UPSTREAM", raising=False)
+    with tempfile.TemporaryDirectory() as directory:
+        path = _policy_file(directory)
+        assert main(["explain", "--policy", path, "--user", "gv_analyst", "--upstream", world.dsn(),
+                     "select email from gv.people"]) == 0
+        masked = capsys.readouterr().out
+        assert main(["explain", "--policy", path, "--role", "analyst", "--upstream", world.dsn(),
+                     "select query_to_xml('select 1', true, true, '')"]) == 0
+        refused = capsys.readouterr().out
+        assert main(["explain", "--policy", path, "--role", "analyst", "select 1"]) == 2
+        missing = capsys.readouterr().err
+    assert "decision: rewrite" in masked and "gv.people.email:email" in masked
+    assert "rewritten SQL:" in masked and '"gv"."people"' in masked
+    assert "decision: refuse" in refused and "rule: side-door-function" in refused
+    assert "--upstream" in missing
+
+
+async def test_reload_keeps_the_old_policy_when_the_new_one_is_invalid(world: GuardWorld) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = _policy_file(directory)
+        enforcement = await Enforcement.create(path, world.dsn())
+        before = enforcement.policy
+        _policy_file(directory, "version: 1\nroles: [not, a, mapping]\n")
+        with pytest.raises(EnforcementError):
+            await enforcement.reload()
+        assert enforcement.policy is before
+        _policy_file(directory, POLICY.replace("reveal: [public, internal]\n    row_filters:",
+                                               "reveal: [public, internal, confidential, restricted]\n"
+                                               "    row_filters:"))
+        reloaded = await enforcement.reload()
+        assert reloaded.version != before.version and enforcement.policy is reloaded
+
+
+async def test_a_missing_policy_file_is_a_one_line_error(world: GuardWorld) -> None:
+    with pytest.raises(EnforcementError) as raised:
+        await Enforcement.create("/nonexistent/policy.yaml", world.dsn())
+    assert "\n" not in str(raised.value) and "policy" in str(raised.value)
+
+
+async def test_the_catalog_is_refreshed_after_ddl_so_new_tables_are_guarded(world: GuardWorld) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        enforcement = await Enforcement.create(_policy_file(directory), world.dsn())
+        from proxy.connection_policy import ClientInfo, Outcome
+
+        connection = enforcement.connection_policy()
+        client = ClientInfo(1, "test", "gv_admin", DATABASE, "", False)
+        assert await connection.on_startup({"user": "gv_admin", "database": DATABASE}, client) is None
+        created = await connection.on_query("create table gv.fresh (id integer, ssn text)")
+        assert not isinstance(created, Refuse)
+        await asyncio.to_thread(world.upstream.execute, created.sql, DATABASE)
+        await connection.on_complete(Outcome(rows=0, sqlstate=None, upstream_seconds=0.0))
+        try:
+            assert "gv.fresh" in enforcement.state.catalog.relations
+            analyst = enforcement.connection_policy()
+            await analyst.on_startup({"user": "gv_public", "database": DATABASE},
+                                     replace(client, user="gv_public"))
+            verdict = await analyst.on_query("select ssn from gv.fresh")
+            assert isinstance(verdict, Rewrite) and 'NULL::text AS "ssn"' in verdict.sql
+        finally:
+            world.upstream.execute("DROP TABLE gv.fresh", dbname=DATABASE)
