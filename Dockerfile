@@ -12,7 +12,7 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/pgveil
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY proxy ./proxy
 RUN /opt/pgveil/bin/pip install . \
  && find /opt/pgveil -name '__pycache__' -prune -exec rm -rf {} +
