@@ -269,9 +269,9 @@ class DemoProcess:
             if text in line:
                 return "".join(self.output)
 
-    def stop(self) -> int:
+    def stop(self, stop_signal: signal.Signals = signal.SIGINT) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(stop_signal)
         try:
             return self.process.wait(60)
         finally:
@@ -361,7 +361,8 @@ def test_software_engineer_reaches_production_only_through_the_printed_elevation
         assert conn.execute(query).fetchone() == ("o***@example.net",)  # production, still masked
 
 
-def test_ctrl_c_stops_the_demo_and_everything_it_started() -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_demo_and_everything_it_started(stop_signal: signal.Signals) -> None:
     port = free_port()
     demo = DemoProcess(port)
     output = demo.read_until("Press Ctrl-C")
@@ -370,7 +371,7 @@ def test_ctrl_c_stops_the_demo_and_everything_it_started() -> None:
     postgres_port = int(direct.group(1))
     assert accepts_connections("127.0.0.1", port) and accepts_connections("127.0.0.1", postgres_port)
     audit_log = Path(re.search(r"audit log: (\S+)", output).group(1))  # type: ignore[union-attr]
-    assert demo.stop() == 0
+    assert demo.stop(stop_signal) == 0
     assert "pgveil demo stopped." in "".join(demo.output)
     assert not accepts_connections("127.0.0.1", port)
     assert not accepts_connections("127.0.0.1", postgres_port)

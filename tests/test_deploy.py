@@ -96,6 +96,21 @@ def test_every_container_is_non_root_read_only_with_requests_and_limits() -> Non
         assert {"cpu", "memory"} <= set(each["resources"]["limits"]), each["name"]
 
 
+def test_probes_and_service_use_ports_the_pgveil_container_declares() -> None:
+    pgveil = container("pgveil")
+    declared = {port["name"]: port["containerPort"] for port in pgveil["ports"]}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert pgveil[probe]["httpGet"]["port"] in declared, probe
+    service = resources()[("Service", "pgveil")]["spec"]
+    assert {port["targetPort"] for port in service["ports"]} <= set(declared)
+    config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
+    assert int(config["listen"].rsplit(":", 1)[1]) == declared["postgres"]
+    assert int(config["metrics"].rsplit(":", 1)[1]) == declared["metrics"]
+    network = resources()[("NetworkPolicy", "pgveil")]["spec"]
+    allowed_in = {port["port"] for rule in network["ingress"] for port in rule["ports"]}
+    assert allowed_in == {declared["postgres"], declared["metrics"]}
+
+
 def test_policy_comes_from_a_configmap_mounted_as_a_directory_so_updates_propagate() -> None:
     pod = deployment()["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if v["name"] == "policy")
