@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
@@ -44,6 +45,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.statements = Counter(
             "pgveil_statements", "Statements decided, by role, statement kind and decision",
@@ -118,7 +120,7 @@ class Metrics:
         self.policy_loaded.set(time.time())
 
     def audit_written(self, record_type: str, seconds: float) -> None:
-        self.audit_write_seconds.labels(record_type).observe(seconds)
+        self._child(self.audit_write_seconds, record_type).observe(seconds)
 
     def audit_failed(self, record_type: str) -> None:
         self.audit_failures.labels(record_type).inc()
@@ -126,6 +128,17 @@ class Metrics:
     def count_verdict_cache(self, counts: Callable[[], tuple[int, int]]) -> None:
         """Report the guard's verdict cache: `counts()` gives (hits, misses) so far, read at scrape."""
         self.verdict_cache.counts = counts
+
+    def statement_counted(self, role: str, kind: str, decision: str) -> None:
+        self._child(self.statements, role, kind, decision).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """A metric's child for these label values; looked up once (labels() takes a lock)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -154,7 +167,7 @@ class MeteredConnection:
 
     def _count(self, verdict: Verdict, started: float) -> Verdict:
         self.metrics.pgveil_seconds.observe(time.perf_counter() - started)
-        self.metrics.statements.labels(role_of(self.inner), verdict.info.kind, verdict.decision).inc()
+        self.metrics.statement_counted(role_of(self.inner), verdict.info.kind, verdict.decision)
         self._last_refused = isinstance(verdict, Refuse)
         if isinstance(verdict, Refuse):
             self.metrics.refusals.labels(verdict.rule).inc()

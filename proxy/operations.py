@@ -113,6 +113,10 @@ class FanOutSink:
             if isinstance(result, BaseException):
                 raise result if isinstance(result, AuditError) else AuditError(str(result))
 
+    def write_behind(self, record: AuditRecord) -> None:
+        for sink in self.sinks:
+            sink.write_behind(record)
+
     async def flush(self) -> None:
         await asyncio.gather(*(sink.flush() for sink in self.sinks))
 

@@ -41,6 +41,9 @@ class FailingSink:
     async def write(self, record: AuditRecord) -> None:
         raise AuditError("disk gone")
 
+    def write_behind(self, record: AuditRecord) -> None:
+        return None  # lost, as on a vanished disk
+
     async def flush(self) -> None:
         return None
 
@@ -72,6 +75,7 @@ async def test_access_record_is_in_the_file_before_the_verdict_returns(tmp_path:
         "masks": ["public.users.email:email"], "rule": None, "decision": "allow", "policy_version": "v-test"}
     assert "id = 42" not in log.read_text()  # no literal values by default
     await audited.on_complete(Outcome(rows=1, sqlstate=None, upstream_seconds=0.002))
+    await sink.flush()  # completions are queued behind, not waited for
     completion = records(log)[-1]
     assert (completion["type"], completion["request"], completion["rows"], completion["sqlstate"]) == (
         "completion", access["request"], 1, None)
@@ -140,6 +144,7 @@ async def test_postgres_sink_stores_each_batch_before_writers_return(upstream: U
     audited = AuditedConnection(GuardStandIn(), sink, CLIENT)
     await audited.on_query("SELECT email FROM users")
     await audited.on_complete(Outcome(rows=3, sqlstate=None, upstream_seconds=0.001))
+    await sink.flush()
     with psycopg.connect(upstream.dsn()) as conn:
         rows = conn.execute("SELECT seq, type, line::jsonb ->> 'login' FROM ops_audit_records "
                             "WHERE chain = %s ORDER BY seq", (sink.chain_id,)).fetchall()
@@ -166,6 +171,7 @@ async def test_pipelined_requests_get_completions_in_decision_order(tmp_path: Pa
     await audited.on_complete(Outcome(rows=1, sqlstate=None, upstream_seconds=0.001))
     await audited.on_complete(Outcome(rows=1, sqlstate=None, upstream_seconds=0.001))
     await audited.on_complete(Outcome(rows=2, sqlstate=None, upstream_seconds=0.001, verdicts=2))
+    await sink.flush()
     completions = [r for r in records(log) if r["type"] == "completion"]
     assert [(c["request"], c.get("requests")) for c in completions] == [(1, None), (2, None), (3, [3, 4])]
     await sink.close()
@@ -184,3 +190,14 @@ async def test_audit_verify_checks_the_chains_of_a_postgres_table(upstream: Upst
     assert await verify_table(upstream.dsn(), "ops_audit_verified") == [
         f"ops_audit_verified:{sink.chain_id}:seq 1: record seq 1 does not match its hash: it was edited "
         "(or the log was written with an HMAC key: pass it)"]
+
+
+async def test_a_completion_is_durable_before_the_next_statement_of_the_connection_runs(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    sink = JsonLinesFileSink(log, fsync="batch")
+    audited = AuditedConnection(GuardStandIn(), sink, CLIENT)
+    await audited.on_query("SELECT 1")
+    await audited.on_complete(Outcome(rows=1, sqlstate=None, upstream_seconds=0.001))
+    await audited.on_query("SELECT 2")
+    assert [(r["type"], r["request"]) for r in records(log)] == [("access", 1), ("completion", 1), ("access", 2)]
+    await sink.close()

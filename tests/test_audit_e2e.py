@@ -155,6 +155,9 @@ class ProbeSink:
         if record["type"] == "access":
             self.seen.append((record["decision"], record["normalized_sql"], rows_in(self.world, "ops_items")))
 
+    def write_behind(self, record: AuditRecord) -> None:
+        self.inner.write_behind(record)
+
     async def flush(self) -> None:
         await self.inner.flush()
 
@@ -173,6 +176,10 @@ class SwitchableSink:
         if self.broken.is_set():
             raise AuditError("injected: no space left on device")
         await self.inner.write(record)
+
+    def write_behind(self, record: AuditRecord) -> None:
+        if not self.broken.is_set():
+            self.inner.write_behind(record)
 
     async def flush(self) -> None:
         await self.inner.flush()

@@ -67,6 +67,9 @@ class BrokenSink:
     async def write(self, record: AuditRecord) -> None:
         raise AuditError("table sink down")
 
+    def write_behind(self, record: AuditRecord) -> None:
+        return None
+
     async def flush(self) -> None:
         return None
 

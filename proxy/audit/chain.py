@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,12 @@ class ChainState:
     last_hash: str = GENESIS
 
 
-def canonical(record: Mapping[str, Any]) -> str:
-    """The one serialisation that is hashed: sorted keys, no spaces, UTF-8 kept."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_HASH_SUFFIX = re.compile(r',"hash":"([0-9a-f]{64})"}$')
+
+
+def serialise(record: Mapping[str, Any]) -> str:
+    """One JSON object on one line: no spaces, UTF-8 kept, keys in the order given."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
 
 
 class HashChain:
@@ -44,27 +48,27 @@ class HashChain:
         return hashlib.sha256(data).hexdigest()
 
     def seal(self, record: Mapping[str, Any], state: ChainState) -> tuple[str, ChainState]:
-        """The JSON line for `record` following `state`, and the state after it (not committed)."""
-        body = dict(record)
-        body["seq"] = state.seq + 1
-        body["prev"] = state.last_hash
-        body["chain"] = self.algorithm
-        text = canonical(body)
+        """The JSON line for `record` following `state`, and the state after it (not committed).
+
+        The hash covers the exact text of the line up to the `hash` field, so verifying needs
+        no re-serialisation: any change to a byte of the record changes it.
+        """
+        seq = state.seq + 1
+        text = serialise({"seq": seq, **record, "prev": state.last_hash, "chain": self.algorithm})
         record_hash = self.digest(text)
-        line = f'{text[:-1]},"hash":"{record_hash}"}}'
-        return line, ChainState(body["seq"], record_hash)
+        return f'{text[:-1]},"hash":"{record_hash}"}}', ChainState(seq, record_hash)
 
 
 def unseal(line: str, key: bytes | None) -> tuple[dict[str, Any], bool]:
-    """Parse a sealed line; returns the record and whether its own hash matches its content."""
+    """Parse a sealed line; returns the record and whether its own hash matches its text."""
     record = json.loads(line)
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
-    claimed = record.pop("hash", None)
-    chain = HashChain(key=key)
-    intact = isinstance(claimed, str) and hmac.compare_digest(chain.digest(canonical(record)), claimed)
-    record["hash"] = claimed
-    return record, intact
+    sealed = _HASH_SUFFIX.search(line)
+    if sealed is None:
+        return record, False
+    body = line[: sealed.start()] + "}"
+    return record, hmac.compare_digest(HashChain(key=key).digest(body), sealed.group(1))
 
 
 def state_after(line: str) -> ChainState | None:

@@ -63,7 +63,8 @@ class AuditedConnection:
         self.timer = timer
         self.clock = clock
         self.requests = 0
-        self._unfinished: deque[int] = deque()  # access records whose completion is still to come
+        # (request, role, policy version) of access records whose completion is still to come
+        self._unfinished: deque[tuple[int, str | None, str | None]] = deque()
 
     @property
     def role_name(self) -> str | None:
@@ -73,7 +74,7 @@ class AuditedConnection:
     def policy_version(self) -> str | None:
         return policy_version_of(self.inner)
 
-    def _who(self) -> dict[str, Any]:
+    def _who(self, role: str | None, policy_version: str | None) -> dict[str, Any]:
         client = self.client
         return {
             "time": self.clock(),
@@ -82,8 +83,8 @@ class AuditedConnection:
             "login": client.user if client else None,
             "database": client.database if client else None,
             "application_name": client.application_name if client else None,
-            "role": self.role_name,
-            "policy_version": self.policy_version,
+            "role": role,
+            "policy_version": policy_version,
         }
 
     async def _write(self, record: AuditRecord) -> None:
@@ -111,11 +112,12 @@ class AuditedConnection:
 
     async def _audited(self, verdict: Verdict, protocol: str, extra: dict[str, Any]) -> Verdict:
         self.requests += 1
-        self._unfinished.append(self.requests)
+        role, version = self.role_name, self.policy_version
+        self._unfinished.append((self.requests, role, version))
         info = verdict.info
         record = {
             "type": "access",
-            **self._who(),
+            **self._who(role, version),
             "request": self.requests,
             "protocol": protocol,
             "statement_kind": info.kind,
@@ -145,7 +147,7 @@ class AuditedConnection:
     async def on_startup(self, params: Mapping[str, str], client: ClientInfo) -> Refuse | None:
         self.client = client
         refusal = await self.inner.on_startup(params, client)
-        record = {"type": "connect", **self._who(),
+        record = {"type": "connect", **self._who(self.role_name, self.policy_version),
                   "decision": "refuse" if refusal else "allow",
                   "rule": refusal.rule if refusal else None}
         try:
@@ -179,13 +181,13 @@ class AuditedConnection:
         # Requests finish in the order they were decided (pipelining included); one request of the
         # extended protocol can cover several Parse verdicts.
         covered = [self._unfinished.popleft() for _ in range(max(1, outcome.verdicts)) if self._unfinished]
+        first = covered[0] if covered else (self.requests, self.role_name, self.policy_version)
+        request, role, version = first
         record: dict[str, Any] = {
-            "type": "completion", **self._who(), "request": covered[0] if covered else self.requests,
-            "rows": outcome.rows, "upstream_seconds": round(outcome.upstream_seconds, 6),
-            "sqlstate": outcome.sqlstate}
+            "type": "completion", **self._who(role, version), "request": request, "rows": outcome.rows,
+            "upstream_seconds": round(outcome.upstream_seconds, 6), "sqlstate": outcome.sqlstate}
         if len(covered) > 1:
-            record["requests"] = covered
-        try:
-            await self._write(record)
-        except AuditError as exc:  # the statement already ran; the next one will meet the same sink
-            log.error("audit completion record lost: %s", exc)
+            record["requests"] = [number for number, _, _ in covered]
+        # The statement has run: its completion need not hold up the connection. It is queued
+        # behind the access record and is durable once the next record anyone waits for is.
+        self.sink.write_behind(record)

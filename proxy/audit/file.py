@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from proxy.audit.chain import ChainState, HashChain, state_after
-from proxy.audit.sink import AuditError, AuditRecord, GroupCommit
+from proxy.audit.sink import AuditError, AuditRecord, GroupCommit, log
 
 FsyncMode = Literal["always", "batch", "never"]
 FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "batch", "never")
@@ -196,6 +196,15 @@ class JsonLinesFileSink:
             self._write_now(record)
         else:
             await self._committer.submit(record)
+
+    def write_behind(self, record: AuditRecord) -> None:
+        if self.fsync != "never":
+            self._committer.enqueue(record)
+            return
+        try:
+            self._write_now(record)
+        except AuditError as exc:
+            log.error("audit record lost: %s", exc)
 
     async def flush(self) -> None:
         await self._committer.wait_idle()

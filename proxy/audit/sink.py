@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -15,14 +16,20 @@ class AuditError(Exception):
 
 
 class AuditSink(Protocol):
-    """Where audit records go. `write` returns only once the record is as durable as configured."""
+    """Where audit records go. `write` returns only once the record is as durable as configured;
+    `write_behind` queues a record behind earlier ones without waiting (it is durable once any
+    later `write` returns; if its batch fails, the writers waiting on that batch learn of it)."""
 
     async def write(self, record: AuditRecord) -> None: ...
+
+    def write_behind(self, record: AuditRecord) -> None: ...
 
     async def flush(self) -> None: ...
 
     async def close(self) -> None: ...
 
+
+log = logging.getLogger("pgveil.audit")
 
 Item = TypeVar("Item")
 
@@ -37,15 +44,23 @@ class GroupCommit(Generic[Item]):
     def __init__(self, commit: Callable[[list[Item]], Awaitable[None]], max_batch: int = 1024) -> None:
         self._commit = commit
         self._max_batch = max_batch
-        self._pending: list[tuple[Item, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Item, asyncio.Future[None] | None]] = []
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, item: Item) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
+        self._wake()
+        await future
+
+    def enqueue(self, item: Item) -> None:
+        """Add an item to the next batch without waiting for it."""
+        self._pending.append((item, None))
+        self._wake()
+
+    def _wake(self) -> None:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
-        await future
 
     async def wait_idle(self) -> None:
         """Return once everything submitted so far has been committed (or failed)."""
@@ -59,10 +74,12 @@ class GroupCommit(Generic[Item]):
             try:
                 await self._commit([item for item, _ in batch])
             except Exception as exc:  # every writer of the batch learns of the failure
+                if any(future is None for _, future in batch):
+                    log.error("audit records queued without waiting were lost: %s", exc)
                 for _, future in batch:
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_exception(exc)
             else:
                 for _, future in batch:
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_result(None)

@@ -37,6 +37,9 @@ class StdoutSink:
     async def write(self, record: AuditRecord) -> None:
         await self._committer.submit(record)
 
+    def write_behind(self, record: AuditRecord) -> None:
+        self._committer.enqueue(record)
+
     async def flush(self) -> None:
         await self._committer.wait_idle()
 
