@@ -192,12 +192,13 @@ async def test_audit_verify_checks_the_chains_of_a_postgres_table(upstream: Upst
         "(or the log was written with an HMAC key: pass it)"]
 
 
-async def test_a_completion_is_durable_before_the_next_statement_of_the_connection_runs(tmp_path: Path) -> None:
+async def test_a_completion_is_durable_before_the_connections_next_statement_runs(tmp_path: Path) -> None:
     log = tmp_path / "audit.jsonl"
     sink = JsonLinesFileSink(log, fsync="batch")
     audited = AuditedConnection(GuardStandIn(), sink, CLIENT)
     await audited.on_query("SELECT 1")
     await audited.on_complete(Outcome(rows=1, sqlstate=None, upstream_seconds=0.001))
     await audited.on_query("SELECT 2")
-    assert [(r["type"], r["request"]) for r in records(log)] == [("access", 1), ("completion", 1), ("access", 2)]
+    assert [(r["type"], r["request"]) for r in records(log)] == [
+        ("access", 1), ("completion", 1), ("access", 2)]
     await sink.close()
