@@ -178,3 +178,10 @@ async def test_the_catalog_is_refreshed_after_ddl_so_new_tables_are_guarded(worl
             assert isinstance(verdict, Rewrite) and 'NULL::text AS "ssn"' in verdict.sql
         finally:
             world.upstream.execute("DROP TABLE gv.fresh", dbname=DATABASE)
+
+
+def test_a_function_listed_under_datasets_may_be_called_by_a_masked_role(world: GuardWorld) -> None:
+    policy = parse_policy(POLICY + "  gv.leak_ssn:\n    description: reviewed\n    columns: {}\n", "p.yaml")
+    context = replace(world.context(), policy=policy, role=policy.roles["analyst"])
+    assert not isinstance(analyse("select gv.leak_ssn(2)", context).verdict, Refuse)
+    assert isinstance(analyse("select gv.leak_ssn(2)", world.context()).verdict, Refuse)
