@@ -25,9 +25,12 @@ class ChainState:
 _HASH_SUFFIX = re.compile(r',"hash":"([0-9a-f]{64})"}$')
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def serialise(record: Mapping[str, Any]) -> str:
     """One JSON object on one line: no spaces, UTF-8 kept, keys in the order given."""
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(record)
 
 
 class HashChain:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +68,7 @@ class JsonLinesFileSink:
         self._size = 0
         self._broken: str | None = None
         self._appended = 0
+        self._rotatable = False
         self.chain = HashChain(self._resume(), key)
         self._open()  # fail at start-up, not at the first statement
         self._committer = GroupCommit(self._commit, max_batch=1 if fsync == "always" else 1024)
@@ -92,6 +94,7 @@ class JsonLinesFileSink:
             except OSError as exc:
                 raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from exc
             self._size = info.st_size
+            self._rotatable = stat.S_ISREG(info.st_mode)  # not /dev/stdout, a pipe or /dev/full
         return self._fd
 
     def _write_all(self, data: bytes) -> None:
@@ -143,7 +146,7 @@ class JsonLinesFileSink:
         """
         self._appended = 0
         self._open()
-        limit = self.max_bytes if self.max_bytes is not None and os.path.isfile(self.path) else None
+        limit = self.max_bytes if self._rotatable else None
         segment: list[bytes] = []
         pending = 0
         for line in lines:
