@@ -47,6 +47,7 @@ _COMPLETE, _ERROR, _READY, _COPY_IN = b"CEZG"
 _CLIENT_WATCHED = b"QPFSXcf"
 _CLIENT_ALLOWED = bytes(t for t in FRONTEND_TAGS if t != ord("p"))
 _UPSTREAM_WATCHED = b"CEZG"
+_UPSTREAM_WATCHED_TRANSPARENT = b"EZG"  # no policy, no on_complete: row counts are not needed
 _TERMINATE = Terminate().encode()
 
 Guarded = Query | Parse | FunctionCall
@@ -114,7 +115,6 @@ class Relay:
         self._on_finished = on_finished
         self._label = label
         self._client_scanner = MessageScanner(_CLIENT_WATCHED, _CLIENT_ALLOWED, max_message_size)
-        self._upstream_scanner = MessageScanner(_UPSTREAM_WATCHED, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE)
         self._loop = asyncio.get_running_loop()
         self._requests: deque[Request] = deque()
         self._open_batch: Request | None = None
@@ -133,6 +133,8 @@ class Relay:
         # Without a policy nothing is decoded: only request boundaries are tracked (for drain
         # and for cancelling a running statement when the client goes away).
         self._transparent = type(policy) is PassThrough
+        watched = _UPSTREAM_WATCHED_TRANSPARENT if self._transparent else _UPSTREAM_WATCHED
+        self._upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE)
         self.finished = False
 
     # ---- wiring ------------------------------------------------------------------------------

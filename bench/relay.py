@@ -1,0 +1,257 @@
+"""Relay benchmark: pgbench -S straight to PostgreSQL, through pgbouncer and through pgveil, interleaved.
+
+    python bench/relay.py [--duration 10] [--rounds 3] [--clients 8] [--threads 2] [--workers 1]
+                          [--idle 1000] [--no-pgbouncer]
+
+Starts its own embedded PostgreSQL 18 (max_connections raised for the idle test), initialises
+pgbench (scale 1), starts `pgveil serve` (no policy: the relay alone) and, when installed,
+pgbouncer in session pooling mode. For each protocol (simple, extended, prepared) it runs
+`pgbench -S -c CLIENTS -j THREADS -T DURATION` against each target in turn, ROUNDS times,
+interleaved so that drift on a shared machine hits every column alike. It prints the median
+tps per target, the ratios, and the CPU time each proxy process spent per transaction (from
+/proc/PID/stat, the steadiest figure on a small machine). Then it opens IDLE connections
+through pgveil and reports pgveil's resident memory, and finally measures the scanner alone
+(µs per relayed message, in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from proxy.embedded import SERVICE_USER, EmbeddedPostgres, bin_dir, free_port  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its waited-for children (workers), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    total = utime + stime + cutime + cstime
+    for child in _children(pid):
+        total += sum(int(f) for f in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+    return total / TICKS
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for p in [pid, *_children(pid)]:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def pgbench(dsn: str, mode: str, clients: int, threads: int, duration: int) -> tuple[float, int]:
+    result = subprocess.run(
+        [str(bin_dir() / "pgbench"), "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(threads),
+         "-T", str(duration), "-d", dsn],
+        capture_output=True, text=True, timeout=duration + 120,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pgbench failed on {dsn}: {result.stderr.strip()}")
+    tps = float(re.search(r"tps = ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"actually processed: (\d+)", result.stdout).group(1))  # type: ignore[union-attr]
+    return tps, done
+
+
+def start_pgveil(upstream_dsn: str, workers: int) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--upstream", upstream_dsn, "--listen", f"127.0.0.1:{port}",
+         "--workers", str(workers), "--log-level", "warning"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    _wait_port(port, process)
+    return process, port
+
+
+def start_pgbouncer(pg_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None:
+    binary = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
+    if binary is None:
+        return None
+    port = free_port()
+    (workdir / "userlist.txt").write_text('"postgres" ""\n')
+    ini = workdir / "pgbouncer.ini"
+    ini.write_text(
+        "[databases]\n"
+        f"* = host=127.0.0.1 port={pg_port}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {workdir / 'userlist.txt'}\n"
+        "pool_mode = session\nmax_client_conn = 2000\ndefault_pool_size = 100\n"
+        f"logfile = {workdir / 'pgbouncer.log'}\npidfile = {workdir / 'pgbouncer.pid'}\n"
+        "log_connections = 0\nlog_disconnections = 0\n"
+    )
+    command = [binary, str(ini)]
+    if os.geteuid() == 0:  # pgbouncer refuses to run as root
+        os.chmod(workdir, 0o777)
+        for f in workdir.iterdir():
+            os.chmod(f, 0o666)
+        command = [binary, "-u", SERVICE_USER, str(ini)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(port, process)
+    return process, port
+
+
+def _wait_port(port: int, process: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    import socket
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+async def open_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """Log `count` sessions in (trust auth) and leave them idle."""
+    startup = struct.pack("!I", 3 << 16) + b"user\x00postgres\x00database\x00postgres\x00\x00"
+    packet = struct.pack("!I", len(startup) + 4) + startup
+
+    async def one() -> asyncio.StreamWriter:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(packet)
+        buffer = b""
+        while not re.search(rb"Z\x00\x00\x00\x05[ITE]$", buffer):
+            chunk = await reader.read(4096)
+            if not chunk:
+                raise RuntimeError("connection closed during startup")
+            buffer += chunk
+        return writer
+
+    writers: list[asyncio.StreamWriter] = []
+    for start in range(0, count, 50):
+        writers += await asyncio.gather(*(one() for _ in range(min(50, count - start))))
+    return writers
+
+
+def scanner_micro() -> tuple[float, float]:
+    """µs per message for the backend scanner (+ inspection) on a pgbench -S-like response stream."""
+    from proxy.wire import BACKEND_TAGS, MessageScanner
+    from proxy.wire.backend import CommandComplete, DataRow, FieldDescription, ReadyForQuery, RowDescription
+
+    response = (RowDescription((FieldDescription("abalance", type_oid=23, type_size=4),)).encode()
+                + DataRow((b"0",)).encode() + CommandComplete("SELECT 1").encode() + ReadyForQuery("I").encode())
+    chunk = response * 250  # 1000 messages
+    scanner = MessageScanner(b"CEZG", BACKEND_TAGS, 1 << 30)
+    rounds = 400
+    started = time.perf_counter()
+    for _ in range(rounds):
+        scanner.feed(chunk)
+    whole_chunks = (time.perf_counter() - started) / (rounds * 1000) * 1e6
+    started = time.perf_counter()
+    for _ in range(rounds * 250):
+        scanner.feed(response)
+    per_read = (time.perf_counter() - started) / (rounds * 1000) * 1e6
+    return whole_chunks, per_read
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--no-pgbouncer", action="store_true")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-"))
+    pg = EmbeddedPostgres.start(settings={"max_connections": str(args.idle + 100)})
+    processes: list[subprocess.Popen] = []  # type: ignore[type-arg]
+    try:
+        pg.psql("create database bench")
+        subprocess.run([str(bin_dir() / "pgbench"), "-i", "-q", "-s", "1", "-d", pg.dsn(dbname="bench")],
+                       check=True, capture_output=True)
+        veil, veil_port = start_pgveil(pg.dsn(), args.workers)
+        processes.append(veil)
+        targets: dict[str, tuple[str, int | None]] = {"direct": (pg.dsn(dbname="bench"), None)}
+        bouncer = None if args.no_pgbouncer else start_pgbouncer(pg.port, workdir)
+        if bouncer is not None:
+            processes.append(bouncer[0])
+            targets["pgbouncer"] = (f"postgresql://postgres@127.0.0.1:{bouncer[1]}/bench", bouncer[0].pid)
+        targets["pgveil"] = (f"postgresql://postgres@127.0.0.1:{veil_port}/bench", veil.pid)
+        print(f"pgbench -S -c {args.clients} -j {args.threads} -T {args.duration}, {args.rounds} rounds, "
+              f"pgveil workers={args.workers}, pgbouncer {'on' if bouncer else 'not installed'}; "
+              f"{os.cpu_count()} CPUs", flush=True)
+        rows = []
+        for mode in ("simple", "extended", "prepared"):
+            tps: dict[str, list[float]] = {name: [] for name in targets}
+            cpu: dict[str, list[float]] = {name: [] for name in targets}
+            for _ in range(args.rounds):
+                for name, (dsn, pid) in targets.items():
+                    before = cpu_seconds(pid) if pid else 0.0
+                    rate, done = pgbench(dsn, mode, args.clients, args.threads, args.duration)
+                    tps[name].append(rate)
+                    if pid:
+                        cpu[name].append((cpu_seconds(pid) - before) / done * 1e6)
+            rows.append((mode, {n: statistics.median(v) for n, v in tps.items()},
+                         {n: statistics.median(v) for n, v in cpu.items() if v}))
+        header = f"{'mode':<9} {'direct':>9} {'pgbouncer':>10} {'pgveil':>9} {'veil/direct':>11} " \
+                 f"{'veil/bouncer':>12} {'veil cpu µs/tx':>14} {'bouncer cpu µs/tx':>17}"
+        print(header)
+        for mode, tps_median, cpu_median in rows:
+            direct, veil_tps = tps_median["direct"], tps_median["pgveil"]
+            bouncer_tps = tps_median.get("pgbouncer")
+            bouncer_col = f"{bouncer_tps:.0f}" if bouncer_tps else "-"
+            ratio_col = f"{veil_tps / bouncer_tps:.2f}" if bouncer_tps else "-"
+            bouncer_cpu = f"{cpu_median['pgbouncer']:.1f}" if "pgbouncer" in cpu_median else "-"
+            print(f"{mode:<9} {direct:>9.0f} {bouncer_col:>10} {veil_tps:>9.0f} {veil_tps / direct:>11.2f} "
+                  f"{ratio_col:>12} {cpu_median['pgveil']:>14.1f} {bouncer_cpu:>17}", flush=True)
+
+        if args.idle:
+            base = rss_mib(veil.pid)
+
+            async def idle_test() -> float:
+                writers = await open_idle(veil_port, args.idle)
+                await asyncio.sleep(1)
+                held = rss_mib(veil.pid)
+                for writer in writers:
+                    writer.close()
+                return held
+
+            held = asyncio.run(idle_test())
+            print(f"idle: {args.idle} connections through pgveil: RSS {held:.1f} MiB "
+                  f"(was {base:.1f} MiB before; {(held - base) * 1024 / args.idle:.1f} KiB per connection)")
+        whole, per_read = scanner_micro()
+        print(f"scanner: {whole:.2f} µs per message in large reads, {per_read:.2f} µs per message "
+              f"when each read holds one 4-message response")
+        return 0
+    finally:
+        for process in processes:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
