@@ -10,7 +10,8 @@ import os
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from proxy.audit import (
@@ -122,6 +123,15 @@ class FanOutSink:
 
     async def close(self) -> None:
         await asyncio.gather(*(sink.close() for sink in self.sinks))
+
+
+def audit_log_for_worker(path: str, worker_index: int, workers: int) -> str:
+    """With --workers N each worker process keeps its own log and chain: audit.jsonl becomes
+    audit-w0.jsonl, audit-w1.jsonl, ... (one process's chain cannot interleave with another's)."""
+    if workers <= 1 or path == "-":
+        return path
+    file = Path(path)
+    return str(file.with_name(f"{file.stem}-w{worker_index}{file.suffix}"))
 
 
 def open_audit_sink(audit: AuditSettings) -> AuditSink | None:
@@ -284,6 +294,8 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
     from proxy.server import ServeHooks
 
     audit = AuditSettings.from_settings(settings.audit_log, settings.extra)
+    if audit.log:
+        audit = replace(audit, log=audit_log_for_worker(audit.log, worker_index, settings.workers))
     elevation = ElevationSettings.from_settings(settings.extra)
     metrics = Metrics() if settings.metrics else None
     loaded: list[Policy] = []  # the policy in force, once there is one

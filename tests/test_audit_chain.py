@@ -154,3 +154,12 @@ def test_a_file_size_limit_stops_writes_without_leaving_a_torn_record(tmp_path: 
     assert "File too large" in message
     assert len(lines_of(log)) == int(written)
     assert verify(log) == []
+
+
+async def test_verify_checks_each_log_of_a_directory_as_its_own_chain(tmp_path: Path) -> None:
+    await write_records(tmp_path / "audit-w0.jsonl", 3)
+    await write_records(tmp_path / "audit-w1.jsonl", 4)
+    assert verify(tmp_path) == []
+    edited = tmp_path / "audit-w1.jsonl"
+    edited.write_text(edited.read_text().replace("FROM t3", "FROM t4"))
+    assert [p.split(": ")[0] for p in verify(tmp_path)] == [f"{edited}:4"]

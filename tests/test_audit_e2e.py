@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -24,7 +26,7 @@ from proxy.embedded import free_port
 from proxy.enforcement import Enforcement
 from proxy.operations import build_connection_policy_factory, serve_hooks
 from tests.conftest import Upstream
-from tests.proxy_harness import RunningProxy, running_proxy
+from tests.proxy_harness import RunningProxy, running_proxy, spawn_serve
 
 DATABASE = "ops_test"
 PASSWORD = "ops-pw-2718"
@@ -371,3 +373,83 @@ def test_reload_changes_what_an_open_connection_sees_and_an_invalid_policy_chang
     finally:
         world.policy.write_text(POLICY)
         proxy.run(hooks_reload())
+
+
+# ---- the real command line: pgveil serve with signals and workers ----------------------------------
+
+
+def wait_until(condition: Any, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def refused(proxy_dsn: str, sql: str) -> bool:
+    with psycopg.connect(proxy_dsn, autocommit=True, prepare_threshold=None) as conn:
+        try:
+            conn.execute(sql)
+        except psycopg.errors.InsufficientPrivilege:
+            return True
+    return False
+
+
+def test_serve_reloads_on_sighup_keeps_an_old_policy_when_invalid_and_drains_on_sigterm(
+        world: World) -> None:
+    log, port = world.directory / "serve" / "audit.jsonl", free_port()
+    log.parent.mkdir()
+    policy = world.directory / "serve-policy.yaml"
+    policy.write_text(POLICY)
+    with spawn_serve("--upstream", world.upstream_dsn, "--policy", str(policy), "--listen", "127.0.0.1:0",
+                     "--audit-log", str(log), "--metrics", f"127.0.0.1:{port}") as served:
+        dsn = served.dsn("ops_alice", PASSWORD, DATABASE)
+        assert scrape(port, "/readyz") == (200, "ready\n")
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+            conn.execute("SELECT count(*) FROM ops_items")
+            policy.write_text(POLICY.replace('tables: ["public.ops_items"]\n    reveal',
+                                             'tables: ["public.nothing"]\n    reveal', 1))
+            served.process.send_signal(signal.SIGHUP)
+            served.wait_for_line("policy reloaded")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="table-not-allowed"):
+                conn.execute("SELECT count(*) FROM ops_items")  # the open connection sees the new policy
+            policy.write_text("version: 1\nroles: [not, a, mapping]\n")
+            served.process.send_signal(signal.SIGHUP)
+            served.wait_for_line("policy reload refused")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="table-not-allowed"):
+                conn.execute("SELECT count(*) FROM ops_items")
+        _, text = scrape(port)
+        assert sample(text, "pgveil_policy_reloads_total", result="ok") == 1
+        assert sample(text, "pgveil_policy_reloads_total", result="invalid") == 1
+        assert sample(text, "pgveil_connections_open") == 0
+        served.terminate()
+        assert served.wait() == 0
+    records = audit_records(log)
+    assert [r["type"] for r in records].count("completion") == [r["type"] for r in records].count("access")
+    assert verify(log) == []
+
+
+def test_workers_keep_their_own_audit_chains_and_metrics_ports_and_all_get_signals(world: World) -> None:
+    log = world.directory / "workers" / "audit.jsonl"
+    log.parent.mkdir()
+    while True:  # two adjacent free ports: worker i serves metrics on PORT+i
+        port = free_port()
+        try:
+            socket.create_server(("127.0.0.1", port + 1)).close()
+            break
+        except OSError:
+            continue
+    with spawn_serve("--upstream", world.upstream_dsn, "--policy", str(world.policy), "--listen",
+                     "127.0.0.1:0", "--audit-log", str(log), "--metrics", f"127.0.0.1:{port}",
+                     "--workers", "2") as served:
+        for metrics_port in (port, port + 1):
+            assert scrape(metrics_port, "/healthz") == (200, "ok\n")
+        for _ in range(6):
+            assert not refused(served.dsn("ops_alice", PASSWORD, DATABASE), "SELECT count(*) FROM ops_items")
+        served.process.send_signal(signal.SIGHUP)  # relayed to every worker
+        wait_until(lambda: all(sample(scrape(p)[1], "pgveil_policy_reloads_total", result="ok") == 1
+                               for p in (port, port + 1)), "both workers to reload")
+        served.terminate()
+        assert served.wait() == 0
+    assert sorted(p.name for p in log.parent.iterdir()) == ["audit-w0.jsonl", "audit-w1.jsonl"]
+    assert sum(len(audit_records(p)) for p in log.parent.iterdir()) >= 6 * 3
+    assert verify(log.parent) == []

@@ -9,14 +9,13 @@ from proxy.audit.chain import GENESIS, unseal
 from proxy.audit.file import rotated_files
 
 
-def files_of(path: Path) -> list[Path]:
-    """The files of one log, oldest first: a directory's `*.jsonl` logs, or a file and its rotations."""
+def logs_of(path: Path) -> list[list[Path]]:
+    """The logs at `path`, each as its files oldest first: a file and its rotations, or every
+    `*.jsonl` log of a directory (one per worker with --workers); each log is its own chain."""
     if path.is_dir():
-        files: list[Path] = []
-        for active in sorted(path.glob("*.jsonl")):
-            files.extend([*rotated_files(active), active])
-        return files
-    return [*rotated_files(path), path] if path.exists() else rotated_files(path)
+        return [[*rotated_files(active), active] for active in sorted(path.glob("*.jsonl"))]
+    files = [*rotated_files(path), path] if path.exists() else rotated_files(path)
+    return [files] if files else []
 
 
 def verify(path: str | Path, key: bytes | None = None) -> list[str]:
@@ -27,17 +26,17 @@ def verify(path: str | Path, key: bytes | None = None) -> list[str]:
     end of the newest file cannot be detected from the file alone.
     """
     path = Path(path)
-    files = files_of(path)
-    if not files:
+    logs = logs_of(path)
+    if not logs:
         return [f"{path}: no audit log found"]
 
-    def lines() -> Iterator[tuple[str, str]]:
+    def lines(files: list[Path]) -> Iterator[tuple[str, str]]:
         for file in files:
             with file.open("rb") as handle:
                 for number, raw in enumerate(handle, start=1):
                     yield f"{file}:{number}", raw.rstrip(b"\n").decode(errors="replace")
 
-    return verify_lines(lines(), key, str(path))
+    return [problem for files in logs for problem in verify_lines(lines(files), key, str(files[-1]))]
 
 
 def verify_lines(lines: Iterable[tuple[str, str]], key: bytes | None, name: str) -> list[str]:
