@@ -4,6 +4,7 @@ refusals as ordinary errors on a usable connection; fingerprints learned and enf
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ DATABASE = "fw_shop"
 APP_LOGIN, APP_PASSWORD = "fw_shop_app", "fw-shop-pw"
 REPORTING_LOGIN = "fw_shop_reporting"
 SQLMAP = Path(sys.executable).with_name("sqlmap")
+REFRESH = "PGVEIL_FINGERPRINTS_REFRESH_SECONDS"
 
 POLICY = """
 version: 1
@@ -92,8 +94,16 @@ def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def proxy(shop_database: ShopUpstream, policy_file: Path) -> Iterator[RunningProxy]:
-    with running_proxy(shop_database, policy_path=str(policy_file)) as running:
-        yield running
+    previous = os.environ.get(REFRESH)
+    os.environ[REFRESH] = "0"  # re-read the fingerprint store on every check: approvals apply at once
+    try:
+        with running_proxy(shop_database, policy_path=str(policy_file)) as running:
+            yield running
+    finally:
+        if previous is None:
+            del os.environ[REFRESH]
+        else:
+            os.environ[REFRESH] = previous
 
 
 def sqlmap_finds_injection(url: str, output: Path) -> bool:
@@ -151,7 +161,6 @@ def test_fingerprints_are_learned_then_enforced_and_approved_with_the_cli(
 
     policy_file.write_text(textwrap.dedent(POLICY.format(mode="enforce")))
     proxy.run(proxy.hooks.reload())
-    proxy.hooks.policy_factory.__self__.fingerprints.refresh_seconds = 0  # re-read the store on every check
     with psycopg.connect(dsn, autocommit=True) as connection:
         learned = connection.execute("SELECT name, price FROM shop.products WHERE id = 3").fetchone()
         assert learned == ("gizmo", 3)

@@ -298,12 +298,13 @@ class FingerprintKeeper:
     @classmethod
     def for_policy(cls, policy_path: str | Path) -> FingerprintKeeper:
         """The PostgreSQL table named by PGVEIL_FINGERPRINTS_DSN (and PGVEIL_FINGERPRINTS_TABLE),
-        else the JSON file beside the policy."""
+        else the JSON file beside the policy; re-read every PGVEIL_FINGERPRINTS_REFRESH_SECONDS (10)."""
+        refresh = float(os.environ.get("PGVEIL_FINGERPRINTS_REFRESH_SECONDS", "10"))
         dsn = os.environ.get("PGVEIL_FINGERPRINTS_DSN")
         if dsn:
             table = os.environ.get("PGVEIL_FINGERPRINTS_TABLE", "public.pgveil_fingerprints")
-            return cls(PostgresFingerprintStore(dsn, table))
-        return cls(FileFingerprintStore(default_store_path(policy_path)))
+            return cls(PostgresFingerprintStore(dsn, table), refresh)
+        return cls(FileFingerprintStore(default_store_path(policy_path)), refresh)
 
     async def screen(self, role: Role, info: StatementInfo) -> Refuse | None:
         if role.fingerprints == "off":
