@@ -137,6 +137,8 @@ class GuardedConnection:
         self._pending_effects: tuple[tuple[str, str], ...] = ()
         self._pending_ddl = False
         self._ddl_in_transaction = False
+        self._context: tuple[tuple[object, ...], GuardContext, tuple[object, ...]] | None = None
+        self._login_role: tuple[Policy, Role | None] | None = None
 
     # -- role and context -------------------------------------------------------------------
     def role(self) -> Role | None:
@@ -146,18 +148,32 @@ class GuardedConnection:
             elevated = active(self.session.user)
             if elevated is not None and elevated in policy.roles:
                 return policy.roles[elevated]
-        return policy.role_for_user(self.session.user)
+        if self._login_role is None or self._login_role[0] is not policy:
+            self._login_role = (policy, policy.role_for_user(self.session.user))
+        return self._login_role[1]
 
     def context(self, role: Role) -> GuardContext:
+        return self.context_and_key(role)[0]
+
+    def context_and_key(self, role: Role) -> tuple[GuardContext, tuple[object, ...]]:
+        """The guard context and verdict-cache key; rebuilt only when what they depend on changes."""
         state = self.enforcement.state
+        settings = tuple(sorted(self.session.settings.items()))
+        cached = self._context
+        if (cached is not None and cached[0][0] is state and cached[0][1] is role
+                and cached[0][2] == self.session.search_path and cached[0][3] == settings):
+            return cached[1], cached[2]
+        basis = (state, role, self.session.search_path, settings)
         search_path = self.session.search_path
         if search_path is None:
             search_path = state.catalog.default_search_path(self.session.user, self.session.database)
-        return GuardContext(
+        context = GuardContext(
             policy=state.policy, role=role, catalog=state.catalog, user=self.session.user,
             search_path=search_path, settings=dict(self.session.settings),
-            catalog_generation=0,
         )
+        key = (state.policy.version, role.name, context.user, search_path, settings, state.catalog.generation)
+        self._context = (basis, context, key)
+        return context, key
 
     # -- ConnectionPolicy -------------------------------------------------------------------
     async def on_startup(self, params: Mapping[str, str], client: ClientInfo) -> Refuse | None:
@@ -227,9 +243,7 @@ class GuardedConnection:
         role = self.role()
         if role is None:
             return Refuse("no-role", f"no role for user {self.session.user} any more; reconnect")
-        context = self.context(role)
-        key = (context.policy.version, role.name, context.user, context.search_path,
-               tuple(sorted(context.settings.items())), context.catalog.generation)
+        context, key = self.context_and_key(role)
         hit = self.enforcement.cache.lookup(sql, key)
         if hit is not None:
             self._pending_effects = hit.effects
@@ -240,8 +254,7 @@ class GuardedConnection:
         if (isinstance(verdict, Refuse) and verdict.rule == "unknown-relation"
                 and self.enforcement.may_refresh_for_unknown_relation()):
             await self.enforcement.refresh_catalog()
-            context = self.context(role)
-            key = (*key[:-1], context.catalog.generation)
+            context, key = self.context_and_key(role)
             analysis = analyse(sql, context)
             verdict = analysis.verdict
         effects = _effects(analysis)
