@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -453,3 +455,20 @@ def test_workers_keep_their_own_audit_chains_and_metrics_ports_and_all_get_signa
     assert sorted(p.name for p in log.parent.iterdir()) == ["audit-w0.jsonl", "audit-w1.jsonl"]
     assert sum(len(audit_records(p)) for p in log.parent.iterdir()) >= 6 * 3
     assert verify(log.parent) == []
+
+
+@pytest.mark.parametrize(("arguments", "config", "reason"), [
+    (["--audit-log", "/nonexistent-dir/audit.jsonl"], None,
+     "cannot open audit log /nonexistent-dir/audit.jsonl: No such file or directory"),
+    ([], "audit:\n  fsync: sometimes\n", "audit.fsync must be one of always, batch, never, not 'sometimes'"),
+])
+def test_serve_refuses_to_start_with_an_unusable_audit_setting(
+        tmp_path: Path, arguments: list[str], config: str | None, reason: str) -> None:
+    if config is not None:
+        (tmp_path / "pgveil.yaml").write_text(config)
+        arguments = [*arguments, "--config", str(tmp_path / "pgveil.yaml")]
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--upstream", "postgresql://postgres@127.0.0.1:1/postgres",
+         "--listen", "127.0.0.1:0", *arguments], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().endswith(reason)
