@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.embedded import SERVICE_USER, EmbeddedPostgres, bin_dir, free_port  # noqa: E402
+from proxy.embedded import SERVICE_USER, EmbeddedPostgres, bin_dir, free_port
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -85,7 +85,9 @@ def start_pgveil(upstream_dsn: str, workers: int) -> tuple[subprocess.Popen[str]
 
 
 def start_pgbouncer(pg_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None:
-    binary = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
+    binary = shutil.which("pgbouncer")
+    if binary is None and Path("/usr/sbin/pgbouncer").exists():
+        binary = "/usr/sbin/pgbouncer"
     if binary is None:
         return None
     port = free_port()
@@ -154,8 +156,9 @@ def scanner_micro() -> tuple[float, float]:
     from proxy.wire import BACKEND_TAGS, MessageScanner
     from proxy.wire.backend import CommandComplete, DataRow, FieldDescription, ReadyForQuery, RowDescription
 
-    response = (RowDescription((FieldDescription("abalance", type_oid=23, type_size=4),)).encode()
-                + DataRow((b"0",)).encode() + CommandComplete("SELECT 1").encode() + ReadyForQuery("I").encode())
+    response = b"".join(m.encode() for m in (
+        RowDescription((FieldDescription("abalance", type_oid=23, type_size=4),)), DataRow((b"0",)),
+        CommandComplete("SELECT 1"), ReadyForQuery("I")))
     chunk = response * 250  # 1000 messages
     scanner = MessageScanner(b"CEZG", BACKEND_TAGS, 1 << 30)
     rounds = 400
@@ -171,7 +174,8 @@ def scanner_micro() -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=8)
