@@ -105,7 +105,7 @@ roles:
       gv.people: "region <> 'hidden'"
   writer:
     members: [gv_writer]
-    statements: [select, insert, update, delete]
+    statements: [select, insert, update, delete, copy_in]
     tables: ["gv.*"]
     reveal: [public, internal]
   public_only:

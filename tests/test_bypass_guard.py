@@ -264,6 +264,8 @@ ATTEMPTS: list[tuple[str, str]] = [
     (W, "insert into gv.people (id) values (1) on conflict (id) do update set city = 'x'"),
     (W, "delete from gv.people where id = 1"),
     (W, "insert into gv.people select * from gv.people"),
+    (W, "copy gv.people (id, ssn) from stdin"),
+    (A, "select '914-27-6380' '9' from"),
     # strings read differently under standard_conforming_strings = off
     (A, "select '\\' -- ', ssn from gv.people"),
     (A, "select 'a\\', ssn from gv.people --'"),

@@ -185,3 +185,9 @@ def test_a_function_listed_under_datasets_may_be_called_by_a_masked_role(world: 
     context = replace(world.context(), policy=policy, role=policy.roles["analyst"])
     assert not isinstance(analyse("select gv.leak_ssn(2)", context).verdict, Refuse)
     assert isinstance(analyse("select gv.leak_ssn(2)", world.context()).verdict, Refuse)
+
+
+def test_a_syntax_error_refusal_does_not_echo_the_text_near_the_error(world: GuardWorld) -> None:
+    verdict = analyse("select '914-27-6380' '9' from", world.context()).verdict
+    assert isinstance(verdict, Refuse) and verdict.rule == "unparseable"
+    assert "914" not in verdict.text and "character 22" in verdict.text

@@ -15,7 +15,11 @@ def gate(sql: str) -> list[GuardStatement] | Refuse:
     try:
         raw_statements = parse_sql(sql)
     except parser.ParseError as exc:
-        return Refuse("unparseable", f"PostgreSQL's grammar rejects this ({exc.args[0]}); fix the SQL")
+        # PostgreSQL's message quotes the text near the error, which can be a literal value: keep
+        # only the position, so refusals and the audit log carry no data.
+        location = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else None
+        where = f" at character {location + 1}" if location is not None else ""
+        return Refuse("unparseable", f"PostgreSQL's grammar rejects this statement{where}; fix the SQL")
     except Exception as exc:  # libpg_query signals a few limits (nesting depth) with other errors
         return Refuse("unparseable", f"the statement cannot be analysed ({type(exc).__name__}); simplify it")
     statements: list[GuardStatement] = []

@@ -250,8 +250,10 @@ def write_to_masked_table(statement: GuardStatement, context: GuardContext) -> R
     trigger messages) carry its raw values: masked roles may not write to tables they see masked."""
     if not context.masked:
         return None
+    copies_in = isinstance(statement.node, ast.CopyStmt) and statement.node.is_from
     for ref in statement.relations:
-        if ref.position == "target" and _protected(ref, context):
+        written = ref.position == "target" or (ref.position == "copy" and copies_in)
+        if written and _protected(ref, context):
             return Refuse(
                 "write-to-masked-table",
                 f"role {context.role.name} sees {ref.qualified} masked or filtered; PostgreSQL's errors "
