@@ -84,6 +84,10 @@ CORRELATING = [
     "UPDATE orders o SET amount = 0 FROM users u WHERE u.ssn = o.ssn",
     "DELETE FROM orders o USING users u WHERE o.ssn = u.ssn",
     "SELECT * FROM users u JOIN (tax_records t JOIN orders o ON o.id = t.id) ON t.ssn = u.ssn",
+    "SELECT u.id FROM users u, blocklist b WHERE strpos(b.reason, u.ssn) > 0",
+    "SELECT u.id FROM users u JOIN blocklist b ON starts_with(u.ssn, b.ssn)",
+    "SELECT u.id FROM users u JOIN orders o ON (u.ssn, u.id) = (o.ssn, o.user_id)",
+    "SELECT u.id FROM users u JOIN orders o ON u.ssn IS NOT DISTINCT FROM o.ssn",
 ]
 
 NOT_CORRELATING = [
@@ -97,6 +101,8 @@ NOT_CORRELATING = [
     "SELECT id FROM users WHERE id IN (SELECT user_id FROM orders)",
     "SELECT t.id FROM tax_records t WHERE t.amount > (SELECT avg(amount) FROM tax_records)",
     "WITH s AS (SELECT id, ssn FROM users) SELECT s.ssn FROM s JOIN orders o ON o.user_id = s.id",
+    "SELECT u.id FROM users u JOIN orders o ON o.user_id = u.id WHERE u.ssn LIKE '9%' AND o.amount > 5",
+    "SELECT concat(u.ssn, o.amount) FROM users u JOIN orders o ON o.user_id = u.id",
 ]
 
 

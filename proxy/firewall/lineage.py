@@ -140,6 +140,7 @@ class LineageAnalysis:
             self.select(node.selectStmt, [], ctes)
         for name in ("whereClause", "targetList", "mergeWhenClauses"):
             self._check(getattr(node, name, None), [scope], ctes)
+        self._check_conditions(getattr(node, "whereClause", None), [scope], ctes)
         return self._targets(getattr(node, "returningList", None) or (), [scope], ctes)
 
     # --- queries ---------------------------------------------------------------------------
@@ -170,6 +171,8 @@ class LineageAnalysis:
         for clause in (node.whereClause, node.havingClause, node.groupClause, node.sortClause,
                        node.windowClause, node.distinctClause, node.targetList):
             self._check(clause, chain, ctes)
+        for condition in (node.whereClause, node.havingClause):
+            self._check_conditions(condition, chain, ctes)
         return self._targets(node.targetList or (), chain, ctes)
 
     def _with(self, clause: ast.WithClause, outer: list[_Scope],
@@ -235,7 +238,9 @@ class LineageAnalysis:
                 right_names = {column.name for source in right for column in source.columns}
                 for name in sorted(left_names & right_names):
                     self._match_named(left, right, name, "NATURAL JOIN")
-            self._check(item.quals, [_Scope([*scope.sources, *left, *right]), *outer], ctes)
+            visible = [_Scope([*scope.sources, *left, *right]), *outer]
+            self._check(item.quals, visible, ctes)
+            self._check_conditions(item.quals, visible, ctes)
             if item.alias is not None:
                 merged = [column for source in left + right for column in source.columns]
                 return [_RowSource(_alias_names(item.alias), _renamed(merged, _alias_columns(item.alias)))]
@@ -383,6 +388,22 @@ class LineageAnalysis:
                 right, _ = self._expression_list(node.rexpr, chain, ctes)
                 self._correlate(left, right, "comparison")
             stack.extend(children(node))
+
+    def _check_conditions(self, clause: ast.Node | None, chain: list[_Scope],
+                          ctes: dict[str, list[ColumnLineage]]) -> None:
+        """Each AND/OR/NOT leaf of a WHERE, HAVING or ON clause that mixes a sensitive column with
+        another row source's columns matches rows on it, whatever function it goes through
+        (`strpos(b.x, a.ssn) > 0`, `starts_with(a.ssn, b.prefix)`)."""
+        if clause is None:
+            return
+        if isinstance(clause, ast.BoolExpr):
+            for operand in clause.args or ():
+                self._check_conditions(operand, chain, ctes)
+            return
+        if isinstance(clause, ast.SubLink):
+            return  # subqueries are checked on their own (IN/ANY/EXISTS)
+        sources, _ = self._expression(clause, chain, ctes)
+        self._correlate(sources, sources, "condition")
 
     def _match_named(self, left: list[_RowSource], right: list[_RowSource], name: str, how: str) -> None:
         mine = next((column for source in left if (column := source.column(name)) is not None), None)
