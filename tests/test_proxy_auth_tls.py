@@ -30,6 +30,7 @@ def certificate(tmp_path_factory) -> tuple[str, str]:
     cert, key = directory / "server.crt", directory / "server.key"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1",
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )
@@ -89,6 +90,7 @@ def tls_proxy(auth_pg, certificate):
         outer_upstream.dsn = lambda user=None, password=None, dbname="postgres": (  # type: ignore[method-assign]
             f"postgresql://{inner.host}:{inner.port}/{dbname}?sslmode=require")
         with running_proxy(outer_upstream, tls_cert=cert, tls_key=key) as outer:
+            outer.upstream_port = inner.port
             yield outer
 
 
@@ -125,6 +127,40 @@ def test_tls_to_the_upstream_as_the_dsn_sslmode_says(tls_proxy):
     Recorder.seen.clear()
     assert login(tls_proxy.dsn("relay_md5", "md5-secret") + "?sslmode=disable") == "relay_md5"
     assert [client.tls for client in Recorder.seen] == [True]
+
+
+@pytest.mark.parametrize("sslmode", ["verify-ca", "verify-full"])
+def test_verified_tls_to_the_upstream(auth_pg, certificate, tls_proxy, sslmode):
+    inner_port = tls_proxy.upstream_port
+
+    class Verified:
+        superuser, superpassword = "postgres", None
+
+        def dsn(self, user=None, password=None, dbname="postgres"):
+            return f"postgresql://127.0.0.1:{inner_port}/{dbname}?sslmode={sslmode}&sslrootcert={certificate[0]}"
+
+    with running_proxy(Verified()) as proxy:
+        assert login(proxy.dsn("relay_md5", "md5-secret")) == "relay_md5"
+
+
+def test_upstream_certificate_that_does_not_verify_is_refused(auth_pg, tls_proxy, tmp_path):
+    other_cert, other_key = tmp_path / "other.crt", tmp_path / "other.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=other", "-keyout", str(other_key), "-out", str(other_cert)],
+                   check=True, capture_output=True)
+    inner_port = tls_proxy.upstream_port
+
+    class Unverifiable:
+        superuser, superpassword = "postgres", None
+
+        def dsn(self, user=None, password=None, dbname="postgres"):
+            return f"postgresql://127.0.0.1:{inner_port}/{dbname}?sslmode=verify-ca&sslrootcert={other_cert}"
+
+    with running_proxy(Unverifiable()) as proxy:
+        with pytest.raises(psycopg.OperationalError, match="pgveil: upstream: TLS with PostgreSQL") as caught:
+            psycopg.connect(proxy.dsn("relay_md5", "md5-secret"))
+        assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
+        assert proxy.counters.upstream_errors == {"tls": 1}
 
 
 def test_scram_plus_is_never_offered_through_pgveil():
