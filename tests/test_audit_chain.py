@@ -163,3 +163,13 @@ async def test_verify_checks_each_log_of_a_directory_as_its_own_chain(tmp_path: 
     edited = tmp_path / "audit-w1.jsonl"
     edited.write_text(edited.read_text().replace("FROM t3", "FROM t4"))
     assert [p.split(": ")[0] for p in verify(tmp_path)] == [f"{edited}:4"]
+
+
+async def test_a_record_torn_by_a_crash_is_reported_and_the_chain_goes_on_after_it(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    await write_records(log, 3)
+    with log.open("a") as handle:
+        handle.write('{"seq":3,"type":"acc')  # the process died in the middle of a write
+    await write_records(log, 2)
+    assert verify(log) == [f"{log}:4: not a JSON record (torn or edited line)"]
+    assert [json.loads(line)["seq"] for line in lines_of(log)[4:]] == [3, 4]

@@ -77,8 +77,10 @@ class JsonLinesFileSink:
         """Continue the chain of what is already on disk (this file, else its newest rotation)."""
         state, ends_mid_line = _last_sealed_line(self.path)
         if ends_mid_line:  # a torn last line stays as evidence; the next record starts a new line
-            self._open()
-            self._write_all(b"\n")
+            try:
+                self._write_all(b"\n")
+            except OSError as exc:
+                raise AuditError(f"cannot write audit log {self.path}: {exc.strerror}") from exc
         if state is None:
             for older in reversed(rotated_files(self.path)):
                 state, _ = _last_sealed_line(older)
