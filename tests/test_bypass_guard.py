@@ -155,6 +155,7 @@ ATTEMPTS: list[tuple[str, str]] = [
     (A, "select most_common_vals::text from pg_catalog.pg_stats"),
     (A, "select * from pg_stats_ext"),
     (A, "select * from pg_statistic"),
+    (A, "select * from pg_statistic_ext_data"),
     (A, "select * from pg_authid"),
     (A, "select * from pg_shadow"),
     (A, "select * from pg_user_mappings"),

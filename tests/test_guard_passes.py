@@ -191,3 +191,16 @@ def test_a_syntax_error_refusal_does_not_echo_the_text_near_the_error(world: Gua
     verdict = analyse("select '914-27-6380' '9' from", world.context()).verdict
     assert isinstance(verdict, Refuse) and verdict.rule == "unparseable"
     assert "914" not in verdict.text and "character 22" in verdict.text
+
+
+def test_drivers_and_psql_catalog_queries_pass_for_a_masked_role(world: GuardWorld) -> None:
+    from pathlib import Path
+
+    from tests.test_firewall_corpus import benign_entries
+
+    corpus = Path(__file__).parent / "corpus" / "benign"
+    refused = [(label, verdict.text)
+               for name in ("drivers.sql", "psql_catalog.sql")
+               for label, sql in benign_entries(corpus / name)
+               if isinstance(verdict := analyse(sql, world.context()).verdict, Refuse)]
+    assert refused == []

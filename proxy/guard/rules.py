@@ -14,11 +14,13 @@ from proxy.guard.statement import GuardContext, GuardStatement
 from proxy.guard.verdict import Refuse
 
 VALUE_EXPOSING_CATALOGS = frozenset({
-    "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext",
-    "pg_statistic_ext_data", "pg_stat_statements", "pg_stat_statements_info", "pg_authid",
+    "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data",
+    "pg_stat_statements", "pg_stat_statements_info", "pg_authid",
     "pg_shadow", "pg_user_mapping", "pg_user_mappings", "pg_largeobject", "pg_largeobject_metadata",
 })
-"""Relations (any schema: extensions install where they like) that expose data values or secrets."""
+"""Relations (any schema: extensions install where they like) that expose data values or secrets.
+`pg_statistic_ext` only defines extended statistics (psql's \\d reads it); their values live in
+`pg_statistic_ext_data`."""
 
 SIDE_DOOR_FUNCTIONS = frozenset({
     "current_query", "ts_stat", "ts_rewrite", "pg_stat_file", "pg_current_logfile", "loread",

@@ -74,11 +74,14 @@ def session_settings(statement: GuardStatement, context: GuardContext) -> Refuse
         args = list(getattr(call, "args", None) or ())
         name = _constant_text(args[0]) if args else None
         value = _constant_text(args[1]) if len(args) > 1 else None
-        if name is None or value is None:
-            return Refuse(
-                "session-setting",
-                "set_config() with a computed name or value cannot be checked; pass constants",
-            )
+        if name is None:
+            return Refuse("session-setting", "set_config() with a computed setting name cannot be "
+                          "checked; name the setting as a constant")
+        if value is None:
+            if setting_refusal(name, ["<any>"], context.role.name) is None:
+                continue  # a harmless setting: any value will do
+            return Refuse("session-setting", f"set_config('{name}', ...) with a computed value cannot be "
+                          "checked; pass a constant")
         refusal = setting_refusal(name, [value], context.role.name)
         if refusal is not None:
             return refusal
