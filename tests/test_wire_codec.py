@@ -287,3 +287,10 @@ def test_second_ssl_request_after_tls_is_refused():
     state.handle(Event.SSL_ACCEPTED)
     assert not state.allows(Event.SSL_ACCEPTED)
     assert not state.allows(Event.GSSENC_DECLINED)
+
+
+def test_an_empty_query_body_is_a_protocol_violation():
+    with pytest.raises(ProtocolViolation):
+        decode_frontend(ord("Q"), b"")
+    with pytest.raises(ProtocolViolation):
+        decode_frontend(ord("Q"), b"select 1\x00\x00")

@@ -230,25 +230,24 @@ class Relay:
         message: Guarded
         if tag == _Q:
             message = Query.decode(body)
-            sql = message.sql
-            return message, self._call(lambda: policy.on_query(sql))
+            return message, self._call(policy.on_query, message.sql)
         if tag == _P:
             message = Parse.decode(body)
-            parse = message
-            return message, self._call(lambda: policy.on_parse(parse.statement, parse.sql, parse.param_types))
+            return message, self._call(policy.on_parse, message.statement, message.sql, message.param_types)
         message = FunctionCall.decode(body)
-        oid = message.function_oid
-        return message, self._call(lambda: policy.on_function_call(oid))
+        return message, self._call(policy.on_function_call, message.function_oid)
 
-    def _call(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Answered[Any] | asyncio.Future[Any]:
+    def _call(
+        self, method: Callable[..., Coroutine[Any, Any, Any]], *args: Any
+    ) -> Answered[Any] | asyncio.Future[Any]:
         """Policy calls run one at a time, in order; an answer that is ready costs no task."""
         lane = self._lane
         if lane is not None and not lane.done():
-            future: asyncio.Future[Any] = asyncio.ensure_future(self._after(lane, make))
+            future: asyncio.Future[Any] = asyncio.ensure_future(self._after(lane, method, args))
             self._lane = future
             return future
         try:
-            result = start_eagerly(make())
+            result = start_eagerly(method(*args))
         except Exception:
             log.exception("%s: the policy raised; refusing", self._label)
             return Answered(INTERNAL_ERROR)
@@ -257,9 +256,10 @@ class Relay:
         return result
 
     @staticmethod
-    async def _after(lane: asyncio.Future[Any], make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    async def _after(lane: asyncio.Future[Any], method: Callable[..., Coroutine[Any, Any, Any]],
+                     args: tuple[Any, ...]) -> Any:
         await asyncio.wait([lane])
-        return await make()
+        return await method(*args)
 
     def _wait_for_verdict(
         self, future: asyncio.Future[Verdict], tag: int, message: Guarded,
@@ -422,9 +422,8 @@ class Relay:
             return
         outcome = Outcome(rows=request.rows, sqlstate=request.sqlstate,
                           upstream_seconds=max(0.0, now - started))
-        policy = self._policy
         try:
-            answer = self._call(lambda: policy.on_complete(outcome))
+            answer = self._call(self._policy.on_complete, outcome)
         except Exception:
             log.exception("%s: on_complete raised", self._label)
             return

@@ -16,6 +16,7 @@ from proxy.wire.codec import (
     int16s,
     int32s,
     sized_values,
+    text,
 )
 from proxy.wire.errors import ProtocolViolation
 
@@ -32,6 +33,8 @@ class Query:
 
     @classmethod
     def decode(cls, body: bytes) -> Query:
+        if body and body.find(b"\x00") == len(body) - 1:  # the usual case, without a BodyReader
+            return cls(text(body[:-1]))
         reader = BodyReader(body, "Query")
         sql = reader.cstring()
         reader.end()
