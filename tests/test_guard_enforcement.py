@@ -192,3 +192,24 @@ def test_a_refusal_is_an_ordinary_error_and_the_connection_stays_usable(proxy: R
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgveil: side-door-function"):
             conn.execute("select query_to_xml('select 1', true, true, '')")
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+async def test_asyncpg_prepared_statements_and_copy_see_masked_values(proxy: RunningProxy) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="gv_analyst", password=PASSWORD,
+                                 database="guard_test")
+    try:
+        statement = await conn.prepare("select id, ssn, birth_date from gv.people where id = $1")
+        row = await statement.fetchrow(1)
+        assert row is not None and len(row["ssn"]) == 64 and row["birth_date"].month == 1
+        assert await conn.fetchval("select count(*) from gv.people where ssn = $1", "914-27-6380") == 0
+        import io
+
+        buffer = io.BytesIO()
+        await conn.copy_from_query("select * from gv.people", output=buffer)
+        assert leaked_canaries(buffer.getvalue().decode()) == []
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="side-door-function"):
+            await conn.fetch("select table_to_xml('gv.people', true, true, '')")
+    finally:
+        await conn.close()

@@ -21,8 +21,8 @@ READING_SETTINGS = frozenset(
 )
 SAFE_VALUES = {
     "standard_conforming_strings": frozenset({"on", "true", "yes", "1"}),
-    "client_encoding": frozenset({"utf8", "utf-8", "unicode"}),
-    "backslash_quote": frozenset({"safe_encoding", "off", "false", "no", "0"}),
+    "client_encoding": frozenset({"utf8", "unicode"}),
+    "backslash_quote": frozenset({"safeencoding", "off", "false", "no", "0"}),
 }
 
 
@@ -40,7 +40,7 @@ def setting_refusal(name: str, values: Iterable[str], role_name: str) -> Refuse 
         )
     if name in READING_SETTINGS:
         allowed = SAFE_VALUES.get(name)
-        if allowed is not None and all(value.strip().lower() in allowed for value in values):
+        if allowed is not None and all(_plain(value) in allowed for value in values):
             return None
         return Refuse(
             "session-setting",
@@ -49,6 +49,11 @@ def setting_refusal(name: str, values: Iterable[str], role_name: str) -> Refuse 
             f"changing {name} changes how pgveil must read SQL and role {role_name} has masked data",
         )
     return None
+
+
+def _plain(value: str) -> str:
+    """A setting value as PostgreSQL compares it: case, quotes, spaces, '-' and '_' do not matter."""
+    return value.strip().strip("'\"").strip().lower().replace("-", "").replace("_", "")
 
 
 def session_settings(statement: GuardStatement, context: GuardContext) -> Refuse | None:
