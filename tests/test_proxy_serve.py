@@ -96,25 +96,29 @@ def test_port_taken_exits_non_zero_with_one_line(upstream):
 
 
 def test_sigterm_drains_running_statements_then_exits_zero(upstream):
-    with spawn_serve("--upstream", upstream.dsn(), "--listen", "127.0.0.1:0") as served:
+    with spawn_serve("--upstream", upstream.dsn(), "--listen", "127.0.0.1:0") as served, \
+            psycopg.connect(upstream.dsn(), autocommit=True) as holder:
+        holder.execute("select pg_advisory_lock(4242)")  # the busy statement waits for it
         results: dict[str, object] = {}
         busy = psycopg.connect(served.dsn(), autocommit=True, application_name="relay_drain")
         idle = psycopg.connect(served.dsn(), autocommit=True)
 
         def run_statement() -> None:
-            results["busy"] = busy.execute("select 'finished', pg_sleep(1)").fetchone()[0]
+            results["busy"] = busy.execute("select 'finished' from pg_advisory_xact_lock(4242)").fetchone()[0]
 
         worker = threading.Thread(target=run_statement)
         worker.start()
-        wait_until_active(upstream, "relay_drain")
+        wait_until_waiting(upstream, "relay_drain", "advisory")
         served.process.send_signal(signal.SIGTERM)
         served.wait_for_line("SIGTERM: draining")
+        with pytest.raises(psycopg.OperationalError):
+            idle.execute("select 1")  # idle sessions are closed at once
+        assert worker.is_alive() and served.process.poll() is None  # the busy one is still running
+        holder.execute("select pg_advisory_unlock(4242)")
         worker.join(30)
         assert results["busy"] == "finished"  # the running statement was allowed to finish
         with pytest.raises(psycopg.OperationalError):
             busy.execute("select 1")  # ...and then its session was closed
-        with pytest.raises(psycopg.OperationalError):
-            idle.execute("select 1")
         assert served.wait() == 0
         busy.close()
         idle.close()
@@ -123,12 +127,16 @@ def test_sigterm_drains_running_statements_then_exits_zero(upstream):
 
 
 def test_drain_lets_the_current_statement_finish_then_says_why_it_closes(upstream):
-    with running_proxy(upstream) as proxy, RawClient.connect(proxy.host, proxy.port,
-                                                             application_name="relay_drain_raw") as client:
-        client.send(Query("select 'done', pg_sleep(0.2)"))
-        wait_until_active(upstream, "relay_drain_raw")
+    with running_proxy(upstream) as proxy, \
+            psycopg.connect(upstream.dsn(), autocommit=True) as holder, \
+            RawClient.connect(proxy.host, proxy.port, application_name="relay_drain_raw") as client:
+        holder.execute("select pg_advisory_lock(4243)")
+        client.send(Query("select 'done' from pg_advisory_xact_lock(4243)"))
+        wait_until_waiting(upstream, "relay_drain_raw", "advisory")
         drained = threading.Thread(target=proxy.drain)
         drained.start()
+        wait_for(lambda: proxy.server.context.draining)
+        holder.execute("select pg_advisory_unlock(4243)")
         messages = client.read_to_end()
         drained.join()
     assert [type(m).__name__ for m in messages] == [
@@ -138,15 +146,23 @@ def test_drain_lets_the_current_statement_finish_then_says_why_it_closes(upstrea
     assert messages[-1].get("M") == "pgveil: shutdown: pgveil is shutting down; reconnect"
 
 
-def wait_until_active(upstream, application_name: str) -> None:
-    deadline = time.monotonic() + 15
+def wait_for(condition, deadline_s: float = 15) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never became true")
+        time.sleep(0.005)
+
+
+def wait_until_waiting(upstream, application_name: str, wait_event: str) -> None:
     with psycopg.connect(upstream.dsn(), autocommit=True) as watcher:
-        while time.monotonic() < deadline:
-            if watcher.execute("select 1 from pg_stat_activity where application_name = %s"
-                               " and wait_event = 'PgSleep'", [application_name]).fetchone():
-                return
-            time.sleep(0.01)
-    raise AssertionError("statement never started")
+        wait_for(lambda: watcher.execute(
+            "select 1 from pg_stat_activity where application_name = %s and wait_event = %s",
+            [application_name, wait_event]).fetchone() is not None)
+
+
+def wait_until_active(upstream, application_name: str) -> None:
+    wait_until_waiting(upstream, application_name, "PgSleep")
 
 
 def test_workers_share_the_port_and_cancel_works_across_them(upstream):
