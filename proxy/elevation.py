@@ -132,7 +132,8 @@ class GrantBook:
 
     Every grant is re-checked against the policy in force at each use, so a reload that removes
     an elevation ends its grants. Grant creation (as seen by the proxy), first use, expiry and
-    rejection become audit events, collected until the audit layer takes them.
+    rejection, and revocation (its line removed from the file) become audit events, collected
+    until the audit layer takes them.
     """
 
     def __init__(self, path: str | os.PathLike[str], policy: Callable[[], Policy | None],
@@ -163,11 +164,17 @@ class GrantBook:
             return
         self._stamp = stamp
         text = self.path.read_text(encoding="utf-8", errors="replace")
+        listed: set[str] = set()
         for number, line in enumerate(text.splitlines(keepends=True), start=1):
             if line.endswith("\n") and line.strip():  # a line still being written is read next time
-                self._read_line(line, f"{self.path}:{number}")
+                listed.add(self._read_line(line, f"{self.path}:{number}"))
+        for grant in [g for g in self._grants.values() if g.id not in listed]:
+            del self._grants[grant.id]  # its line was removed from the file: revoked
+            self._ended.add(grant.id)
+            self._event("revoked", grant)
 
-    def _read_line(self, line: str, where: str) -> None:
+    def _read_line(self, line: str, where: str) -> str:
+        """Take in one line of the grants file; returns the grant id it names ("" if none)."""
         try:
             raw = json.loads(line)
             signature = raw.pop("signature")
@@ -176,9 +183,9 @@ class GrantBook:
             if where not in self._ended:
                 self._ended.add(where)
                 self._event("rejected", None, problem=f"{where}: not a grant")
-            return
+            return ""
         if grant.id in self._grants or grant.id in self._ended:
-            return
+            return grant.id
         problem = None
         if self.key is None:
             problem = "no grant key configured in the proxy (set the grant key environment variable)"
@@ -187,9 +194,10 @@ class GrantBook:
         if problem:
             self._ended.add(grant.id)
             self._event("rejected", grant, problem=f"{where}: {problem}")
-            return
+            return grant.id
         self._grants[grant.id] = grant
         self._event("granted", grant)
+        return grant.id
 
     def active_role(self, login: str, now: float) -> str | None:
         """The role `login` is elevated to at `now`, or None (the base role applies)."""

@@ -90,7 +90,7 @@ class Metrics:
             "Failures talking to PostgreSQL (connect, lost, tls, protocol), not SQL errors",
             ["kind"], registry=r)
         self.elevations = Counter(
-            "pgveil_elevation_events", "Elevation grant events (granted, used, expired, rejected)",
+            "pgveil_elevation_events", "Elevation grant events (granted, used, expired, revoked, rejected)",
             ["event"], registry=r)
 
     # The session's RelayObserver (proxy/session/observer.py): connections, bytes, upstream failures.

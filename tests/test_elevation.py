@@ -154,3 +154,18 @@ def test_elevate_command_appends_a_grant_or_says_why_not(
     assert capsys.readouterr().out.startswith("granted ")
     book = GrantBook(grants, lambda: load_policy(policy_file), KEY)
     assert book.active_role("sven", time.time()) == "production_support"
+
+
+def test_removing_a_grant_line_revokes_it(policy: Policy, tmp_path: Path) -> None:
+    grants = tmp_path / "grants.jsonl"
+    book = GrantBook(grants, lambda: policy, KEY)
+    kept = create_grant(policy, "sven", "production_support", 600, "INC-7", "sam")
+    revoked = create_grant(policy, "dev_kim", "production_support", 600, "INC-8", "sam")
+    append_grant(grants, kept, KEY)
+    append_grant(grants, revoked, KEY)
+    assert book.active_role("dev_kim", time.time()) == "production_support"
+    grants.write_text(grants.read_text().splitlines(keepends=True)[0])
+    assert book.active_role("dev_kim", time.time()) is None
+    assert book.active_role("sven", time.time()) == "production_support"
+    assert [e["event"] for e in book.take_events() if e["grant_id"] == revoked.id] == [
+        "granted", "used", "revoked"]
