@@ -97,3 +97,8 @@ def test_audit_information_names_relations_columns_and_masks(world: GuardWorld) 
     assert "gv.people.email" in verdict.info.columns
     assert "gv.people.email:email" in verdict.info.masks
     assert "914" not in verdict.info.normalized_sql
+
+
+def test_copy_of_a_parent_table_copies_only_its_own_rows_as_postgresql_does(world: GuardWorld) -> None:
+    assert rows(world, "copy gv.base to stdout") == []
+    assert rows(world, "select count(*) from gv.base") == [(1,)]

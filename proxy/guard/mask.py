@@ -90,8 +90,10 @@ class _Splicer:
                           "write the relation name plainly")
         first, last = span
         qualified_sql = f"{quote_identifier(relation.schema)}.{quote_identifier(relation.name)}"
+        # COPY tbl TO copies the table's own rows only (children and partitions are not included).
+        only = not ref.node.inh or (ref.position == "copy" and relation.kind != "partitioned")
         masks = scanned_masks(self.context.policy, self.context.role, relation, self.context.catalog,
-                              inherit=bool(ref.node.inh)) if self.context.masked else UNPROTECTED
+                              inherit=not only) if self.context.masked else UNPROTECTED
         substitute = masks.protected and (
             ref.position == "from" or (ref.position == "copy" and isinstance(self._copy, ast.CopyStmt)
                                        and not self._copy.is_from)
@@ -104,7 +106,7 @@ class _Splicer:
                           f"filter for role {self.context.role.name}; read it with ONLY or read the children")
         columns = [(column.name, column.type_sql) for column in relation.columns]
         try:
-            derived = derived_table(qualified_sql, masks, columns, only=not ref.node.inh)
+            derived = derived_table(qualified_sql, masks, columns, only=only)
         except ProtectionError as exc:
             return Refuse("mask-unavailable", f"{ref.qualified}: {exc}; fix the policy")
         qualified = f"{relation.schema}.{relation.name}"
