@@ -83,6 +83,11 @@ roles:
     statements: [select]
     tables: ["public.*"]
     reveal: [public, internal]
+  full:
+    members: [bench_full]
+    statements: [select]
+    tables: ["public.*"]
+    reveal: [public, internal, confidential, restricted]
 datasets:
   public.pgbench_accounts:
     columns:
@@ -108,11 +113,13 @@ def run_pgbench(upstream: Upstream, seconds: int) -> None:
     os.environ.setdefault("PGVEIL_HASH_KEY", "bench-hash-key-0123456789")
     upstream.execute("DROP DATABASE IF EXISTS guard_bench WITH (FORCE)")
     upstream.execute("CREATE DATABASE guard_bench")
-    upstream.execute("DROP ROLE IF EXISTS bench_masked")
-    upstream.execute(f"CREATE ROLE bench_masked LOGIN PASSWORD '{BENCH_PASSWORD}'")
+    for login in ("bench_masked", "bench_full"):
+        upstream.execute(f"DROP ROLE IF EXISTS {login}")
+        upstream.execute(f"CREATE ROLE {login} LOGIN PASSWORD '{BENCH_PASSWORD}'")
     subprocess.run([str(bin_dir() / "pgbench"), "-i", "-q", "-s", "1", upstream.dsn(dbname="guard_bench")],
                    check=True, capture_output=True)
-    upstream.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO bench_masked", dbname="guard_bench")
+    upstream.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO bench_masked, bench_full",
+                     dbname="guard_bench")
     parse_policy(BENCH_POLICY, "bench")
     with tempfile.TemporaryDirectory() as directory:
         os.chmod(directory, 0o755)
@@ -135,17 +142,20 @@ def run_pgbench(upstream: Upstream, seconds: int) -> None:
             processes.append(veil)
             _wait_for_port(veil_port)
             targets["pgveil"] = ("127.0.0.1", veil_port)
-            print(f"\npgbench -c 4 -j 2 -T {seconds}, masked-columns script, login bench_masked (tps):")
-            for mode in ("simple", "prepared"):
-                for name, (host, port) in targets.items():
-                    result = subprocess.run(
-                        [str(bin_dir() / "pgbench"), "-n", "-c", "4", "-j", "2", "-T", str(seconds),
-                         "-M", mode, "-f", str(script), "-h", host, "-p", str(port), "-U", "bench_masked",
-                         "guard_bench"],
-                        capture_output=True, text=True, env={**os.environ, "PGPASSWORD": BENCH_PASSWORD})
-                    tps = _tps(result.stdout)
-                    print(f"  {mode:9} {name:10} {tps:10.0f}" + ("" if result.returncode == 0 else
-                                                               f"  (failed: {result.stderr.strip()[:120]})"))
+            print(f"\npgbench -c 4 -j 2 -T {seconds}, masked-columns script "
+                  "(tps; bench_full sees everything):")
+            runs = [(mode, name, login) for mode in ("simple", "prepared") for name in targets
+                    for login in ("bench_masked", "bench_full")
+                    if login == "bench_masked" or name == "pgveil"]
+            for mode, name, login in runs:
+                host, port = targets[name]
+                result = subprocess.run(
+                    [str(bin_dir() / "pgbench"), "-n", "-c", "4", "-j", "2", "-T", str(seconds),
+                     "-M", mode, "-f", str(script), "-h", host, "-p", str(port), "-U", login, "guard_bench"],
+                    capture_output=True, text=True, env={**os.environ, "PGPASSWORD": BENCH_PASSWORD})
+                tps = _tps(result.stdout)
+                print(f"  {mode:9} {name:10} {login:13} {tps:10.0f}" + (
+                    "" if result.returncode == 0 else f"  (failed: {result.stderr.strip()[:120]})"))
         finally:
             for process in processes:
                 process.terminate()
@@ -171,7 +181,8 @@ def _start_pgbouncer(directory: Path, upstream: Upstream) -> tuple[subprocess.Po
     from proxy.embedded import SERVICE_USER, free_port
 
     port = free_port()
-    (directory / "users.txt").write_text(f'"bench_masked" "{BENCH_PASSWORD}"\n')
+    (directory / "users.txt").write_text(
+        f'"bench_masked" "{BENCH_PASSWORD}"\n"bench_full" "{BENCH_PASSWORD}"\n')
     (directory / "pgbouncer.ini").write_text(
         f"[databases]\nguard_bench = host={upstream.host} port={upstream.port} dbname=guard_bench\n"
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\n"
