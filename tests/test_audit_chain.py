@@ -173,3 +173,10 @@ async def test_a_record_torn_by_a_crash_is_reported_and_the_chain_goes_on_after_
     await write_records(log, 2)
     assert verify(log) == [f"{log}:4: not a JSON record (torn or edited line)"]
     assert [json.loads(line)["seq"] for line in lines_of(log)[4:]] == [3, 4]
+
+
+def test_an_empty_log_fails_verification_alone_but_not_as_an_idle_workers_log_in_a_directory(
+        tmp_path: Path) -> None:
+    (tmp_path / "audit-w1.jsonl").touch()
+    assert verify(tmp_path / "audit-w1.jsonl") == [f"{tmp_path / 'audit-w1.jsonl'}: the log holds no records"]
+    assert verify(tmp_path) == []
