@@ -204,3 +204,43 @@ def test_drivers_and_psql_catalog_queries_pass_for_a_masked_role(world: GuardWor
                for label, sql in benign_entries(corpus / name)
                if isinstance(verdict := analyse(sql, world.context()).verdict, Refuse)]
     assert refused == []
+
+
+async def test_startup_and_fast_path_refusals_of_a_guarded_connection(world: GuardWorld) -> None:
+    from proxy.connection_policy import ClientInfo
+
+    with tempfile.TemporaryDirectory() as directory:
+        enforcement = await Enforcement.create(_policy_file(directory), world.dsn())
+    client = ClientInfo(1, "test", "gv_analyst", DATABASE, "", False)
+    other_database = await enforcement.connection_policy().on_startup(
+        {"user": "gv_analyst", "database": "postgres"}, client)
+    assert other_database is not None and (other_database.rule, other_database.sqlstate) == ("wrong-database", "28000")
+    nobody = await enforcement.connection_policy().on_startup({"user": "gv_nobody", "database": DATABASE}, client)
+    assert nobody is not None and (nobody.rule, nobody.sqlstate) == ("no-role", "28000")
+    masked = enforcement.connection_policy()
+    assert await masked.on_startup({"user": "gv_analyst", "database": DATABASE, "client_encoding": "'utf-8'"},
+                                   client) is None
+    refused = await masked.on_function_call(1234)
+    assert isinstance(refused, Refuse) and refused.rule == "function-call-message"
+    admin = enforcement.connection_policy()
+    assert await admin.on_startup({"user": "gv_admin", "database": "postgres"}, client) is None
+    assert not isinstance(await admin.on_function_call(1234), Refuse)
+
+
+async def test_an_elevation_applies_from_the_next_statement_and_ends_the_same_way(world: GuardWorld) -> None:
+    from proxy.connection_policy import ClientInfo
+
+    elevated: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        enforcement = await Enforcement.create(_policy_file(directory), world.dsn(), active_role=elevated.get)
+    connection = enforcement.connection_policy()
+    await connection.on_startup({"user": "gv_analyst", "database": DATABASE},
+                                ClientInfo(1, "test", "gv_analyst", DATABASE, "", False))
+    masked = await connection.on_query("select ssn from gv.people")
+    elevated["gv_analyst"] = "admin"
+    raw = await connection.on_query("select ssn from gv.people")
+    del elevated["gv_analyst"]
+    again = await connection.on_query("select ssn from gv.people")
+    assert isinstance(masked, Rewrite) and "mask_hash" in masked.sql
+    assert "mask_hash" not in raw.sql
+    assert isinstance(again, Rewrite) and again.sql == masked.sql
