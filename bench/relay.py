@@ -7,9 +7,10 @@ Starts its own embedded PostgreSQL 18 (max_connections raised for the idle test)
 pgbench (scale 1), starts `pgveil serve` (no policy: the relay alone) and, when installed,
 pgbouncer in session pooling mode. For each protocol (simple, extended, prepared) it runs
 `pgbench -S -c CLIENTS -j THREADS -T DURATION` against each target in turn, ROUNDS times,
-interleaved so that drift on a shared machine hits every column alike. It prints the median
-tps per target, the ratios, and the CPU time each proxy process spent per transaction (from
-/proc/PID/stat, the steadiest figure on a small machine). Then it opens IDLE connections
+interleaved so that drift on a shared machine hits every column alike. A fourth target, "bare",
+is the floor for any Python proxy: a uvloop byte pump of a dozen lines that parses nothing.
+It prints the median tps per target, the ratios, and the CPU time each proxy process spent per
+transaction (from /proc/PID/stat, the steadiest figure on a small machine). Then it opens IDLE connections
 through pgveil and reports pgveil's resident memory, and finally measures the scanner alone
 (µs per relayed message, in-process).
 """
@@ -80,6 +81,57 @@ def start_pgveil(upstream_dsn: str, workers: int) -> tuple[subprocess.Popen[str]
          "--workers", str(workers), "--log-level", "warning"],
         stderr=subprocess.PIPE, text=True,
     )
+    _wait_port(port, process)
+    return process, port
+
+
+def serve_bare(listen_port: int, upstream_port: int) -> None:
+    """A bare uvloop byte pump (no parsing at all): what any Python relay costs at least."""
+    import uvloop
+
+    class Leg(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.peer: Leg | None = None
+            self.transport: asyncio.Transport | None = None
+            self.early: list[bytes] = []
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            if self.peer is not None and self.peer.transport is not None:
+                self.peer.transport.write(data)
+            else:
+                self.early.append(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.peer is not None and self.peer.transport is not None:
+                self.peer.transport.close()
+
+    class ClientLeg(Leg):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self) -> None:
+            upstream = Leg()
+            upstream.peer, self.peer = self, upstream
+            await asyncio.get_running_loop().create_connection(lambda: upstream, "127.0.0.1", upstream_port)
+            assert upstream.transport is not None
+            for data in self.early:
+                upstream.transport.write(data)
+
+    async def run() -> None:
+        await asyncio.get_running_loop().create_server(ClientLeg, "127.0.0.1", listen_port)
+        await asyncio.Event().wait()
+
+    uvloop.install()
+    asyncio.run(run())
+
+
+def start_bare(pg_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port), str(pg_port)])
     _wait_port(port, process)
     return process, port
 
@@ -183,7 +235,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--no-pgbouncer", action="store_true")
+    parser.add_argument("--serve-bare", nargs=2, type=int, metavar=("LISTEN", "UPSTREAM"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(*args.serve_bare)
+        return 0
 
     workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-"))
     pg = EmbeddedPostgres.start(settings={"max_connections": str(args.idle + 100)})
@@ -199,6 +256,9 @@ def main() -> int:
         if bouncer is not None:
             processes.append(bouncer[0])
             targets["pgbouncer"] = (f"postgresql://postgres@127.0.0.1:{bouncer[1]}/bench", bouncer[0].pid)
+        bare, bare_port = start_bare(pg.port)
+        processes.append(bare)
+        targets["bare"] = (f"postgresql://postgres@127.0.0.1:{bare_port}/bench", bare.pid)
         targets["pgveil"] = (f"postgresql://postgres@127.0.0.1:{veil_port}/bench", veil.pid)
         print(f"pgbench -S -c {args.clients} -j {args.threads} -T {args.duration}, {args.rounds} rounds, "
               f"pgveil workers={args.workers}, pgbouncer {'on' if bouncer else 'not installed'}; "
@@ -216,17 +276,17 @@ def main() -> int:
                         cpu[name].append((cpu_seconds(pid) - before) / done * 1e6)
             rows.append((mode, {n: statistics.median(v) for n, v in tps.items()},
                          {n: statistics.median(v) for n, v in cpu.items() if v}))
-        header = f"{'mode':<9} {'direct':>9} {'pgbouncer':>10} {'pgveil':>9} {'veil/direct':>11} " \
-                 f"{'veil/bouncer':>12} {'veil cpu µs/tx':>14} {'bouncer cpu µs/tx':>17}"
-        print(header)
+        print(f"{'mode':<9} {'direct':>8} {'pgbouncer':>9} {'bare':>8} {'pgveil':>8} {'veil/direct':>11} "
+              f"{'veil/bouncer':>12} {'cpu µs/tx: pgbouncer':>20} {'bare':>5} {'pgveil':>6}")
         for mode, tps_median, cpu_median in rows:
             direct, veil_tps = tps_median["direct"], tps_median["pgveil"]
             bouncer_tps = tps_median.get("pgbouncer")
             bouncer_col = f"{bouncer_tps:.0f}" if bouncer_tps else "-"
             ratio_col = f"{veil_tps / bouncer_tps:.2f}" if bouncer_tps else "-"
             bouncer_cpu = f"{cpu_median['pgbouncer']:.1f}" if "pgbouncer" in cpu_median else "-"
-            print(f"{mode:<9} {direct:>9.0f} {bouncer_col:>10} {veil_tps:>9.0f} {veil_tps / direct:>11.2f} "
-                  f"{ratio_col:>12} {cpu_median['pgveil']:>14.1f} {bouncer_cpu:>17}", flush=True)
+            print(f"{mode:<9} {direct:>8.0f} {bouncer_col:>9} {tps_median['bare']:>8.0f} {veil_tps:>8.0f} "
+                  f"{veil_tps / direct:>11.2f} {ratio_col:>12} {bouncer_cpu:>20} {cpu_median['bare']:>5.1f} "
+                  f"{cpu_median['pgveil']:>6.1f}", flush=True)
 
         if args.idle:
             base = rss_mib(veil.pid)
