@@ -68,6 +68,9 @@ class AuditedConnection:
 
     @property
     def role_name(self) -> str | None:
+        """The role of the statement decided last (what its access record says), else of now."""
+        if self._unfinished:
+            return self._unfinished[-1][1]
         return role_name_of(self.inner)
 
     @property
@@ -112,7 +115,7 @@ class AuditedConnection:
 
     async def _audited(self, verdict: Verdict, protocol: str, extra: dict[str, Any]) -> Verdict:
         self.requests += 1
-        role, version = self.role_name, self.policy_version
+        role, version = role_name_of(self.inner), self.policy_version
         self._unfinished.append((self.requests, role, version))
         info = verdict.info
         record = {
