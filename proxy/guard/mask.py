@@ -79,7 +79,7 @@ class _Splicer:
     def token(self, index: int) -> str:
         return self.tokens[index].name if 0 <= index < len(self.tokens) else ""
 
-    def relation(self, ref: RelationRef) -> Refuse | None:
+    def relation(self, ref: RelationRef, statement: ast.Node) -> Refuse | None:
         relation = ref.relation
         if ref.cte or relation is None:
             return None
@@ -94,10 +94,8 @@ class _Splicer:
         only = not ref.node.inh or (ref.position == "copy" and relation.kind != "partitioned")
         masks = scanned_masks(self.context.policy, self.context.role, relation, self.context.catalog,
                               inherit=not only) if self.context.masked else UNPROTECTED
-        substitute = masks.protected and (
-            ref.position == "from" or (ref.position == "copy" and isinstance(self._copy, ast.CopyStmt)
-                                       and not self._copy.is_from)
-        )
+        copies_out = isinstance(statement, ast.CopyStmt) and not statement.is_from
+        substitute = masks.protected and (ref.position == "from" or (ref.position == "copy" and copies_out))
         if not substitute:
             self.add(self.tokens[first].start, self.tokens[last].end + 1, qualified_sql)
             return None
@@ -143,8 +141,6 @@ class _Splicer:
         self.add(start, end, text, qualified)
         return None
 
-    _copy: ast.Node | None = None
-
     def _closing_paren(self, open_index: int) -> int | None:
         depth = 0
         for index in range(open_index, len(self.tokens)):
@@ -189,9 +185,8 @@ def rewrite_statements(
     if splicer is None:
         return [], ()
     for statement in statements:
-        splicer._copy = statement.node if isinstance(statement.node, ast.CopyStmt) else None
         for ref in statement.relations:
-            refusal = splicer.relation(ref)
+            refusal = splicer.relation(ref, statement.node)
             if refusal is not None:
                 return refusal
     for statement in statements:
