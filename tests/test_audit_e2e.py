@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from proxy.embedded import free_port
 from proxy.enforcement import Enforcement
 from proxy.operations import build_connection_policy_factory, serve_hooks
 from tests.conftest import Upstream
-from tests.proxy_harness import RunningProxy, running_proxy, spawn_serve
+from tests.proxy_harness import RunningProxy, ServeProcess, running_proxy, spawn_serve
 
 DATABASE = "ops_test"
 PASSWORD = "ops-pw-2718"
@@ -472,3 +473,38 @@ def test_serve_refuses_to_start_with_an_unusable_audit_setting(
          "--listen", "127.0.0.1:0", *arguments], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert result.stderr.strip().endswith(reason)
+
+
+def test_a_disk_that_fills_up_mid_session_makes_statements_fail_never_run_unaudited(world: World) -> None:
+    log = world.directory / "full" / "audit.jsonl"
+    log.parent.mkdir()
+    limit = 6000  # bytes pgveil may write to any file: the audit log fills up after a few statements
+    config = world.directory / "never.yaml"
+    config.write_text("audit:\n  fsync: never\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--upstream", world.upstream_dsn, "--policy",
+         str(world.policy), "--listen", "127.0.0.1:0", "--audit-log", str(log), "--config", str(config)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    served = ServeProcess(process)
+    served._reader = threading.Thread(target=lambda: served.stderr_lines.extend(process.stderr or ()),
+                                      daemon=True)
+    served._reader.start()
+    with served:
+        line = served.wait_for_line(r"listening on \S+:\d+")
+        served.host, served.port = "127.0.0.1", int(line.rsplit(":", 1)[1].split()[0])
+        before = rows_in(world, "ops_items")
+        inserted = 0
+        with psycopg.connect(served.dsn("ops_alice", PASSWORD, DATABASE), autocommit=True,
+                             prepare_threshold=None) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgveil: audit-unavailable"):
+                for n in range(100):
+                    conn.execute("INSERT INTO ops_items (tag) VALUES (%s)", (f"full-{n}",))
+                    inserted += 1
+            assert 0 < inserted < 100
+        assert rows_in(world, "ops_items") == before + inserted  # the refused INSERT never ran
+        served.terminate()
+        served.wait()
+    accesses = [r for r in audit_records(log) if r["type"] == "access"]
+    assert len(accesses) == inserted  # every statement that ran has its access record
+    assert log.stat().st_size <= limit
