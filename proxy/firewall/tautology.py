@@ -5,7 +5,9 @@ other, so the condition no longer depends on the row; blind injection pairs a tr
 (`5323=5323`) with a false one (`5323=5324`). Caught: any comparison (=, <>, <, >, LIKE, IN,
 BETWEEN, IS DISTINCT FROM, `= ANY`) between row-independent values (literals, functions of
 literals, uncorrelated subqueries such as `(SELECT 1234 FROM pg_sleep(5))`), anywhere in the
-statement, and AND/OR with a constant operand (`OR TRUE`, `OR NOT false`).
+statement; comparisons of an expression with itself (`OR name = name`, `id <> id`); OR with an
+operand that reads no row and no table (`OR TRUE`, `OR NOT false`, `OR pg_sleep(5) IS NOT NULL`,
+`OR (SELECT true)`); AND with a boolean literal (`AND TRUE`).
 Let through: the query-builder idioms `WHERE 1=1 [AND ...]`, `WHERE 1=0`, `WHERE TRUE [AND ...]` (as
 the WHERE clause or its first conjunct), comparisons with a column, a `$n` parameter or an aggregate
 (`HAVING count(*) > 5`), correlated subqueries.
@@ -20,7 +22,7 @@ from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType
 
 from proxy.firewall.statement import Finding, SubmittedSql, quote
-from proxy.firewall.tree import is_comparison, is_row_independent, operator_name, type_name
+from proxy.firewall.tree import is_comparison, is_row_independent, operator_name, type_name, walk
 from proxy.policy.model import Role
 
 RULE = "tautology"
@@ -37,9 +39,17 @@ def find_tautology(submitted: SubmittedSql, role: Role) -> Finding | None:
                 f"the condition `{quote(node)}` compares constants, so it holds for every row or for "
                 "none (an injected tautology or blind probe); compare a column with a value or a parameter",
             )
+        if isinstance(node, ast.A_Expr) and _compares_with_itself(node):
+            return Finding(
+                RULE,
+                f"the condition `{quote(node)}` compares an expression with itself, so it holds for every "
+                "row or for none (an injected tautology); compare a column with a value or a parameter",
+            )
         if isinstance(node, ast.BoolExpr) and node.boolop != BoolExprType.NOT_EXPR:
+            either = node.boolop == BoolExprType.OR_EXPR
             for operand in node.args or ():
-                if _is_bare_boolean(operand) and id(operand) not in idioms:
+                constant = _is_constant_condition(operand) if either else _is_bare_boolean(operand)
+                if constant and id(operand) not in idioms:
                     word = "OR" if node.boolop == BoolExprType.OR_EXPR else "AND"
                     return Finding(
                         RULE,
@@ -56,6 +66,36 @@ def _compares_constants(node: ast.A_Expr) -> bool:
     elif isinstance(node.rexpr, ast.Node):
         operands.append(node.rexpr)
     return bool(operands) and all(is_row_independent(operand) for operand in operands)
+
+
+# Comparisons that are always true, or always false, when both sides are the same expression.
+_SELF_COMPARISONS = frozenset({"=", "<>", "!=", "<", ">", "<=", ">=", "~~", "~~*", "!~~", "!~~*"})
+_SELF_KINDS = frozenset({A_Expr_Kind.AEXPR_DISTINCT, A_Expr_Kind.AEXPR_NOT_DISTINCT, A_Expr_Kind.AEXPR_LIKE,
+                         A_Expr_Kind.AEXPR_ILIKE})
+
+
+def _compares_with_itself(node: ast.A_Expr) -> bool:
+    """`name = name`, `id >= id`, `x LIKE x`: pglast nodes compare equal without their locations."""
+    if node.lexpr is None or not isinstance(node.rexpr, ast.Node):
+        return False
+    if node.kind == A_Expr_Kind.AEXPR_OP:
+        if operator_name(node) not in _SELF_COMPARISONS:
+            return False
+    elif node.kind not in _SELF_KINDS:
+        return False
+    return bool(node.lexpr == node.rexpr)
+
+
+def _is_constant_condition(node: ast.Node) -> bool:
+    """An OR operand that reads no row and no table: `TRUE`, `NOT false`, `'t'::boolean`,
+    `pg_sleep(5) IS NOT NULL`, `(SELECT true)`. Subqueries that read tables are conditions on data
+    (`OR EXISTS (SELECT 1 FROM admins WHERE ...)`) and are left alone; under AND only bare booleans
+    count (psql filters with `AND pg_relation_is_publishable('1259')`)."""
+    if _is_bare_boolean(node):
+        return True
+    if isinstance(node, ast.A_Const | ast.A_Expr):
+        return False  # literals of other types are type errors; comparisons are checked above
+    return is_row_independent(node) and not any(isinstance(inner, ast.RangeVar) for inner in walk(node))
 
 
 def _is_bare_boolean(node: ast.Node) -> bool:
