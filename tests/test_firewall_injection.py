@@ -97,7 +97,7 @@ LET_THROUGH = [
     (ANALYST, "SELECT category FROM items GROUP BY category HAVING count(*) > 5"),
     (ANALYST, "SELECT * FROM docs WHERE owner = $1 OR EXISTS (SELECT 1 FROM admins WHERE name = $1)"),
     (ANALYST, "SELECT a.id FROM a JOIN b ON a.x = b.x WHERE a.id = 1 OR a.id IS NULL"),
-    (ANALYST, "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' AND pg_relation_is_publishable('1259')"),
+    (ANALYST, "SELECT relname FROM pg_class WHERE relkind = 'r' AND pg_relation_is_publishable('1259')"),
     (ANALYST, "SELECT * FROM orders o WHERE (SELECT count(*) FROM lines l WHERE l.order_id = o.id) > 3"),
     (ANALYST, "SELECT a FROM t1 UNION SELECT a FROM t2"),
     (ANALYST, "SELECT region, sum(x) FROM t GROUP BY region UNION ALL SELECT 'total', sum(x) FROM t"),
