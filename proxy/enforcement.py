@@ -74,16 +74,19 @@ class Enforcement:
 
         try:
             policy = load_policy(policy_path)
+            key = hash_key(policy) if policy_uses_hash(policy) else None
         except PolicyError as exc:
-            raise EnforcementError(str(exc).splitlines()[0] if str(exc) else "invalid policy") from None
+            raise EnforcementError(_one_line(exc, "run pgveil check --policy for all of them")) from None
+        if key is not None:
+            try:
+                await install_masking_functions(upstream_dsn, key)
+            except Exception as exc:  # asyncpg, OS and timeout errors alike: say what failed, in one line
+                raise EnforcementError(
+                    f"cannot install pgveil's masking functions upstream: {_one_line(exc)}") from None
         try:
-            if policy_uses_hash(policy):
-                await install_masking_functions(upstream_dsn, hash_key(policy))
             catalog = await load_catalog(upstream_dsn)
-        except (PolicyError, CatalogError) as exc:
-            raise EnforcementError(str(exc).splitlines()[0]) from None
-        except OSError as exc:
-            raise EnforcementError(f"cannot reach the upstream to install masking functions: {exc}") from None
+        except CatalogError as exc:
+            raise EnforcementError(_one_line(exc)) from None
         return _State(policy, catalog)
 
     @property
@@ -274,6 +277,13 @@ class GuardedConnection:
             return verdict
         self._pending_effects, self._pending_ddl = (), False
         return Refuse(refusal.rule, refusal.message, info=verdict.info)
+
+
+def _one_line(exc: Exception, more_hint: str = "") -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    if len(lines) > 1 and more_hint:
+        return f"{lines[0]} (and {len(lines) - 1} more; {more_hint})"
+    return lines[0]
 
 
 def _effects(analysis: Analysis) -> tuple[tuple[str, str], ...]:

@@ -244,3 +244,11 @@ async def test_an_elevation_applies_from_the_next_statement_and_ends_the_same_wa
     assert isinstance(masked, Rewrite) and "mask_hash" in masked.sql
     assert "mask_hash" not in raw.sql
     assert isinstance(again, Rewrite) and again.sql == masked.sql
+
+
+async def test_an_upstream_where_masking_cannot_be_installed_is_a_one_line_error(world: GuardWorld) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        with pytest.raises(EnforcementError) as raised:
+            await Enforcement.create(_policy_file(directory), world.dsn("gv_analyst"))
+    assert str(raised.value).startswith("cannot install pgveil's masking functions upstream:")
+    assert "\n" not in str(raised.value)
