@@ -100,7 +100,8 @@ def _analyse(sql: str, context: GuardContext) -> Analysis:
             )
     rewritten = rewrite_statements(statements, context)
     if isinstance(rewritten, Refuse):
-        return Analysis(rewritten, statements, literal_dependent=literal_dependent)
+        info = _message_info(statements, ())
+        return Analysis(replace(rewritten, info=info), statements, literal_dependent=literal_dependent)
     edits, masks = rewritten
     info = _message_info(statements, masks)
     if not edits:
