@@ -250,7 +250,7 @@ class GuardedConnection:
         hit = self.enforcement.cache.lookup(sql, key)
         if hit is not None:
             self._pending_effects = hit.effects
-            self._pending_ddl = hit.verdict.info.kind == "ddl"
+            self._pending_ddl = "ddl" in hit.verdict.info.kind.split(",")
             return await self._fingerprinted(role, hit.verdict)
         analysis = analyse(sql, context)
         verdict = analysis.verdict
