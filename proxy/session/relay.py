@@ -183,12 +183,12 @@ class Relay:
             tag, start, end = spans[index]
             index += 1
             if tag in (_Q, _P, _F):
-                if self._transparent:
+                if self._transparent:  # no outcome to report, so no clock either
                     if tag == _P:
                         if self._open_batch is None:
-                            self._open_batch = Request(extended=True, sent_at=self._loop.time())
+                            self._open_batch = Request(extended=True)
                     else:
-                        self._requests.append(Request(extended=False, sent_at=self._loop.time()))
+                        self._requests.append(Request(extended=False))
                     continue
                 try:
                     message, answer = self._ask(tag, emit[start + 5 : end])
@@ -337,7 +337,7 @@ class Relay:
         request = self._open_batch
         self._open_batch = None
         if request is None:
-            request = Request(extended=True, sent_at=self._loop.time())
+            request = Request(extended=True, sent_at=0.0 if self._transparent else self._loop.time())
         self._requests.append(request)
 
     # ---- PostgreSQL -> client ------------------------------------------------------------------
@@ -412,6 +412,8 @@ class Relay:
         return emit, close_after
 
     def _complete(self, request: Request) -> None:
+        if self._transparent:
+            return
         if request.markers:
             for marker in request.markers:
                 self._markers.pop(marker, None)

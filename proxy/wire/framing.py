@@ -65,10 +65,16 @@ class ReceiveBuffer:
         return data
 
 
-def _table(tags: bytes) -> bytes:
+_PASS, _WATCH = 1, 2
+
+
+def _kinds(watched: bytes, allowed: bytes) -> bytes:
+    """One lookup per type byte: 0 not allowed, 1 relayed unread, 2 watched."""
     table = bytearray(256)
-    for tag in tags:
-        table[tag] = 1
+    for tag in allowed:
+        table[tag] = _PASS
+    for tag in watched:
+        table[tag] = _WATCH
     return bytes(table)
 
 
@@ -84,12 +90,11 @@ class MessageScanner:
     CopyData flow through without being buffered or decoded.
     """
 
-    __slots__ = ("_allowed", "_max", "_pending", "_skip", "_watched")
+    __slots__ = ("_kinds", "_limit", "_pending", "_skip")
 
     def __init__(self, watched: bytes, allowed: bytes, max_message_size: int) -> None:
-        self._watched = _table(watched)
-        self._allowed = _table(allowed)
-        self._max = max_message_size
+        self._kinds = _kinds(watched, allowed)
+        self._limit = max_message_size + 4  # the length field counts itself
         self._pending = b""  # an incomplete header, or an incomplete watched message
         self._skip = 0  # bytes of an unwatched message body still to pass through
 
@@ -112,8 +117,8 @@ class MessageScanner:
             pos = self._skip
             self._skip = 0
         spans: list[Span] = []
-        watched = self._watched
-        allowed = self._allowed
+        kinds = self._kinds
+        limit = self._limit
         unpack = HEADER.unpack_from
         while True:
             if n - pos < 5:
@@ -122,12 +127,13 @@ class MessageScanner:
                     data = data[:pos]
                 return data, spans
             tag, length = unpack(data, pos)
-            if not allowed[tag]:
+            kind = kinds[tag]
+            if not kind:
                 raise ProtocolViolation(f"unexpected message type {chr(tag)!r}")
-            if length < 4 or length - 4 > self._max:
+            if not 4 <= length <= limit:
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(tag)!r}")
             end = pos + 1 + length
-            if watched[tag]:
+            if kind == _WATCH:
                 if end > n:
                     self._pending = data[pos:]
                     return data[:pos], spans
