@@ -187,3 +187,16 @@ def test_guard_pipeline_refuses_join_on_sensitive_key_for_every_role() -> None:
 def test_guard_pipeline_refuses_quasi_identifier_concentration() -> None:
     verdict = analyse("SELECT birth_date, zip, gender FROM users", _context(ANALYST)).verdict
     assert isinstance(verdict, Refuse) and verdict.rule == "quasi-identifier-concentration"
+
+
+def test_a_statement_the_lineage_cannot_analyse_is_refused_not_let_through(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.firewall import passes
+
+    def broken(*args: object) -> None:
+        raise RecursionError("too deep")
+
+    monkeypatch.setattr(passes, "trace", broken)
+    verdict = analyse("SELECT id FROM users", _context(ANALYST)).verdict
+    assert isinstance(verdict, Refuse) and verdict.rule == "join-on-sensitive-key"
+    assert "could not analyse this statement" in verdict.message

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from functools import lru_cache
 
 from pglast import ast
@@ -20,6 +23,24 @@ from proxy.firewall.tree import function_name, is_comparison, is_row_independent
 from proxy.guard.statement import GuardContext, GuardStatement
 from proxy.guard.verdict import Refuse
 
+log = logging.getLogger("pgveil.firewall")
+Pass = Callable[[GuardStatement, GuardContext], Refuse | None]
+
+
+def _fail_closed(rule: str) -> Callable[[Pass], Pass]:
+    """A statement a firewall pass cannot analyse (an internal error) is refused, never let through."""
+    def decorate(check: Pass) -> Pass:
+        @functools.wraps(check)
+        def guarded(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+            try:
+                return check(statement, context)
+            except Exception:
+                log.exception("firewall rule %s failed on a statement; refusing it", rule)
+                return Refuse(rule, "pgveil could not analyse this statement for this rule (internal "
+                                    "error, logged); simplify the statement or report it")
+        return guarded
+    return decorate
+
 
 def _message_of(statement: GuardStatement) -> SubmittedSql:
     """The whole message: stacked statements and comments are properties of the message, not of one
@@ -35,6 +56,7 @@ def _parsed(sql: str) -> SubmittedSql:
     return SubmittedSql.parse(sql)
 
 
+@_fail_closed("injection-rules")
 def injection_rules(statement: GuardStatement, context: GuardContext) -> Refuse | None:
     """Screens the whole message at its first statement under the role's `injection:` mode.
 
@@ -67,6 +89,7 @@ def _depends_on_literals(submitted: SubmittedSql) -> bool:
     return False
 
 
+@_fail_closed("join-on-sensitive-key")
 def join_on_sensitive_key(statement: GuardStatement, context: GuardContext) -> Refuse | None:
     """Refuses statements that correlate rows on a `joinable: false` column (every role)."""
     columns = SensitiveColumns(context.policy, context.catalog)
@@ -75,6 +98,7 @@ def join_on_sensitive_key(statement: GuardStatement, context: GuardContext) -> R
     return _refusal(find_join_on_sensitive_key(_lineage(statement, context, columns), columns))
 
 
+@_fail_closed("quasi-identifier-concentration")
 def quasi_identifier_concentration(statement: GuardStatement, context: GuardContext) -> Refuse | None:
     """Refuses statements returning more `quasi_identifier` columns than the role's limit."""
     if context.role.max_quasi_identifiers is None:
