@@ -53,3 +53,13 @@ def test_parameter_status_at_startup_is_what_postgres_sends(upstream, proxy):
     relayed = statuses(proxy.host, proxy.port)
     assert relayed == statuses(upstream.host, upstream.port)
     assert relayed["application_name"] == "relay_startup" and relayed["DateStyle"].startswith("German")
+
+
+def test_a_database_that_does_not_exist_is_postgres_own_fatal(upstream, proxy):
+    def fatal(host: str, port: int) -> tuple[str | None, str | None]:
+        with RawClient.connect(host, port, database="relay_no_such_db") as client:
+            error = client.startup_messages[-1]
+        return error.get("C"), error.get("M")
+
+    assert fatal(proxy.host, proxy.port) == fatal(upstream.host, upstream.port) == (
+        "3D000", 'database "relay_no_such_db" does not exist')
