@@ -11,6 +11,8 @@ import time
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.connection_policy import PassThrough
 from proxy.embedded import free_port
@@ -264,3 +266,25 @@ def test_upstream_dropping_mid_query_gives_the_client_a_fatal_08006(upstream):
                 other.execute("select 1")  # its cable was cut too
     finally:
         cable.close()
+
+
+frames = st.lists(
+    st.one_of(
+        st.binary(max_size=40),  # junk
+        st.builds(lambda tag, body: bytes([tag]) + struct.pack("!I", len(body) + 4) + body,
+                  st.sampled_from(b"QPBEDCSHFdcfpXzA\x00"), st.binary(max_size=30)),  # framed, any body
+        st.builds(lambda tag, length: bytes([tag]) + struct.pack("!I", length),
+                  st.sampled_from(b"QPBd"), st.integers(0, 2**32 - 1)),  # any length
+    ),
+    max_size=6,
+).map(b"".join)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=frames)
+def test_random_bytes_after_startup_end_only_that_session(upstream, proxy, garbage):
+    with RawClient.connect(proxy.host, proxy.port, application_name="relay_fuzz") as client:
+        client.send(garbage)
+        client.sock.shutdown(socket.SHUT_WR)
+        client.read_to_end()
+    assert backend_gone(upstream.dsn(), "relay_fuzz")
