@@ -288,3 +288,20 @@ def test_random_bytes_after_startup_end_only_that_session(upstream, proxy, garba
         client.sock.shutdown(socket.SHUT_WR)
         client.read_to_end()
     assert backend_gone(upstream.dsn(), "relay_fuzz")
+
+
+startup_garbage = st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda code, body: struct.pack("!II", len(body) + 8, code) + body,
+              st.sampled_from([80877103, 80877104, 80877102, 196608, 196610, 196617, 131072, 0]),
+              st.binary(max_size=40)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=startup_garbage)
+def test_random_bytes_instead_of_a_startup_packet_end_only_that_connection(proxy, garbage):
+    with raw_socket(proxy) as sock:
+        sock.sendall(garbage)
+        sock.shutdown(socket.SHUT_WR)
+        read_to_end(sock)
