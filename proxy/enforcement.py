@@ -211,6 +211,19 @@ class GuardedConnection:
             refusal = setting_refusal(name, [value], role.name)
             if refusal is not None:
                 return Refuse(refusal.rule, refusal.message, sqlstate="28000")
+        return self._server_side_settings(role)
+
+    def _server_side_settings(self, role: Role) -> Refuse | None:
+        """ALTER ROLE/DATABASE ... SET of a client_encoding whose multibyte characters can swallow
+        an ASCII byte (SJIS, BIG5, GBK, ...) would make PostgreSQL read the text differently."""
+        user, database = self.session.user, self.session.database
+        role_settings = self.enforcement.state.catalog.role_settings
+        for key in ((database, user), ("", user), (database, ""), ("", "")):
+            value = role_settings.get(key, {}).get("client_encoding")
+            if value is not None and setting_refusal("client_encoding", [value], role.name) is not None:
+                return Refuse("session-setting", f"the server sets client_encoding {value} for this login; "
+                              f"role {role.name} has masked data and pgveil reads SQL as UTF8 only",
+                              sqlstate="28000")
         return None
 
     async def on_query(self, sql: str) -> Verdict:

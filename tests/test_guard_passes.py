@@ -252,3 +252,17 @@ async def test_an_upstream_where_masking_cannot_be_installed_is_a_one_line_error
             await Enforcement.create(_policy_file(directory), world.dsn("gv_analyst"))
     assert str(raised.value).startswith("cannot install pgveil's masking functions upstream:")
     assert "\n" not in str(raised.value)
+
+
+async def test_a_server_side_client_encoding_other_than_utf8_refuses_masked_logins(world: GuardWorld) -> None:
+    from proxy.connection_policy import ClientInfo
+
+    world.upstream.execute("ALTER ROLE gv_public IN DATABASE guard_test SET client_encoding = 'SJIS'")
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            enforcement = await Enforcement.create(_policy_file(directory), world.dsn())
+        refusal = await enforcement.connection_policy().on_startup(
+            {"user": "gv_public", "database": DATABASE}, ClientInfo(1, "t", "gv_public", DATABASE, "", False))
+        assert refusal is not None and refusal.rule == "session-setting" and "SJIS" in refusal.message
+    finally:
+        world.upstream.execute("ALTER ROLE gv_public IN DATABASE guard_test RESET client_encoding")
