@@ -266,3 +266,22 @@ async def test_a_server_side_client_encoding_other_than_utf8_refuses_masked_logi
         assert refusal is not None and refusal.rule == "session-setting" and "SJIS" in refusal.message
     finally:
         world.upstream.execute("ALTER ROLE gv_public IN DATABASE guard_test RESET client_encoding")
+
+
+async def test_a_user_operator_that_could_capture_raw_values_in_a_mask_is_refused(world: GuardWorld) -> None:
+    from proxy.enforcement import load_user_operators
+
+    await asyncio.to_thread(world.upstream.execute, """
+        CREATE FUNCTION public.gv_num_div(numeric, integer) RETURNS numeric LANGUAGE plpgsql
+            AS $$ BEGIN RAISE NOTICE 'raw %', $1; RETURN $1 / $2::numeric; END $$;
+        CREATE OPERATOR public./ (LEFTARG = numeric, RIGHTARG = integer, FUNCTION = public.gv_num_div);
+        """, DATABASE)
+    try:
+        context = replace(world.context(), user_operators=await load_user_operators(world.dsn()))
+        verdict = analyse("select salary from gv.people", context).verdict
+        assert isinstance(verdict, Refuse) and verdict.rule == "mask-operator-shadowed"
+        assert "public./(numeric, integer)" in verdict.message
+        assert isinstance(analyse("select id from gv.orders", context).verdict, Rewrite)
+    finally:
+        await asyncio.to_thread(world.upstream.execute,
+                                "DROP OPERATOR public./ (numeric, integer); DROP FUNCTION public.gv_num_div", DATABASE)

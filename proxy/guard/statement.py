@@ -90,6 +90,16 @@ class GuardStatement:
 
 
 @dataclass(frozen=True, slots=True)
+class UserOperator:
+    """A user-defined operator: `schema.name(left, right)` with types as format_type() prints them."""
+
+    schema: str
+    name: str
+    left: str
+    right: str
+
+
+@dataclass(frozen=True, slots=True)
 class GuardContext:
     """Everything a verdict depends on besides the SQL text (all of it goes into the cache key)."""
 
@@ -99,7 +109,7 @@ class GuardContext:
     user: str
     search_path: tuple[str, ...]
     settings: Mapping[str, str] = field(default_factory=dict)
-    catalog_generation: int = 0
+    user_operators: tuple[UserOperator, ...] = ()  # read by Enforcement: the catalog has no operators
 
     @property
     def masked(self) -> bool:
