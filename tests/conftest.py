@@ -9,6 +9,12 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# CI must be reproducible: the same examples every run (locally, hypothesis keeps exploring).
+hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 from proxy.embedded import EmbeddedPostgres
 
