@@ -19,7 +19,7 @@ from proxy.firewall.fingerprints import FingerprintKeeper
 from proxy.guard.cache import VerdictCache
 from proxy.guard.pipeline import Analysis, analyse
 from proxy.guard.settings import setting_refusal
-from proxy.guard.statement import GuardContext, UserOperator, role_is_masked
+from proxy.guard.statement import GuardContext, role_is_masked
 from proxy.guard.verdict import Allow, Refuse, Verdict
 from proxy.policy.loader import hash_key, load_policy, policy_uses_hash
 from proxy.policy.model import Policy, Role
@@ -37,30 +37,6 @@ _HARMLESS_STARTUP = frozenset({
 })
 
 
-_USER_OPERATORS_SQL = """
-SELECT n.nspname, o.oprname, pg_catalog.format_type(o.oprleft, NULL), pg_catalog.format_type(o.oprright, NULL)
-FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp_)'
-"""
-
-
-async def load_user_operators(dsn: str) -> tuple[UserOperator, ...]:
-    """User-defined operators (the catalog snapshot has relations and functions, not operators)."""
-    import asyncpg
-
-    from proxy.catalog import CatalogError
-
-    try:
-        connection = await asyncpg.connect(dsn, timeout=10)
-        try:
-            rows = await connection.fetch(_USER_OPERATORS_SQL)
-        finally:
-            await connection.close()
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        raise CatalogError(f"cannot read the upstream's operators: {exc}") from exc
-    return tuple(UserOperator(row[0], row[1], row[2], row[3]) for row in rows)
-
-
 class EnforcementError(RuntimeError):
     """The policy or the upstream catalog cannot be used (one line: what and how to fix it)."""
 
@@ -69,7 +45,6 @@ class EnforcementError(RuntimeError):
 class _State:
     policy: Policy
     catalog: CatalogSnapshot
-    operators: tuple[UserOperator, ...] = ()
 
 
 class Enforcement:
@@ -110,10 +85,9 @@ class Enforcement:
                     f"cannot install pgveil's masking functions upstream: {_one_line(exc)}") from None
         try:
             catalog = await load_catalog(upstream_dsn)
-            operators = await load_user_operators(upstream_dsn)
         except CatalogError as exc:
             raise EnforcementError(_one_line(exc)) from None
-        return _State(policy, catalog, operators)
+        return _State(policy, catalog)
 
     @property
     def policy(self) -> Policy:
@@ -139,12 +113,11 @@ class Enforcement:
     async def _refresh(self) -> None:
         try:
             catalog = await load_catalog(self.upstream_dsn)
-            operators = await load_user_operators(self.upstream_dsn)
         except Exception as exc:  # the old catalog stays; a stale catalog only ever refuses more
             log.warning("catalog refresh failed, keeping the previous one: %s", exc)
             return
         self._last_refresh = time.monotonic()
-        self.state = _State(self.state.policy, catalog, operators)
+        self.state = _State(self.state.policy, catalog)
 
     def may_refresh_for_unknown_relation(self) -> bool:
         return time.monotonic() - self._last_refresh > _UNKNOWN_RELATION_REFRESH_SECONDS
@@ -199,7 +172,7 @@ class GuardedConnection:
             search_path = state.catalog.default_search_path(self.session.user, self.session.database)
         context = GuardContext(
             policy=state.policy, role=role, catalog=state.catalog, user=self.session.user,
-            search_path=search_path, settings=dict(self.session.settings), user_operators=state.operators,
+            search_path=search_path, settings=dict(self.session.settings),
         )
         key = (state.policy.version, role.name, context.user, search_path, settings, state.catalog.generation)
         self._context = (basis, context, key)

@@ -62,17 +62,13 @@ def run(args: argparse.Namespace) -> int:
         if role is None:
             print(f"decision: refuse\nrule: no-role\nwhy: no role for user {user} (default_role: deny)")
             return 0
-    from proxy.enforcement import load_user_operators
-
     try:
         catalog = asyncio.run(load_catalog(upstream))
-        operators = asyncio.run(load_user_operators(upstream))
     except CatalogError as exc:
         print(f"pgveil explain: {exc}", file=sys.stderr)
         return 2
     context = GuardContext(policy=policy, role=role, catalog=catalog, user=user,
-                           search_path=catalog.default_search_path(user, catalog.database),
-                           user_operators=operators)
+                           search_path=catalog.default_search_path(user, catalog.database))
     verdict = guard(args.sql, context)
     print(f"decision: {verdict.decision}")
     print(f"role: {role.name}")

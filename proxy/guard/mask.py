@@ -10,26 +10,16 @@ quoting and escapes reach PostgreSQL exactly as they were analysed."""
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 
 from pglast import ast, parser
 
-from proxy.catalog import effective_search_path
 from proxy.guard.protected import UNPROTECTED, RelationMasks, scanned_masks
 from proxy.guard.statement import GuardContext, GuardStatement, RelationRef
 from proxy.guard.verdict import Refuse
 from proxy.policy.protections import ProtectionError, mask_expression
 
 _COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
-_OPERATOR = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
-_SCALAR_TYPES = ("text", "character", "numeric", "integer", "bigint", "smallint", "double precision",
-                 "real", "date", "timestamp", "time", "boolean", "\"char\"", "name", "unknown", "-")
-
-
-def _scalar(type_name: str) -> bool:
-    """Operand types masks compute on (`-` is a missing operand of a prefix operator)."""
-    return type_name.startswith(_SCALAR_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +107,6 @@ class _Splicer:
             derived = derived_table(qualified_sql, masks, columns, only=only)
         except ProtectionError as exc:
             return Refuse("mask-unavailable", f"{ref.qualified}: {exc}; fix the policy")
-        shadowing = self._shadowing_operator(derived)
-        if shadowing is not None:
-            return Refuse("mask-operator-shadowed", f"user-defined operator {shadowing} on the search_path "
-                          "could receive raw values inside the masking expressions; drop it or move it off "
-                          "the role's search_path")
         qualified = f"{relation.schema}.{relation.name}"
         self.masks.extend(f"{qualified}.{name}:{type(p).__name__.lower()}" for name, p in masks.masks.items())
         alias = ref.alias
@@ -154,21 +139,6 @@ class _Splicer:
             start = self.tokens[before].start
             text = f"SELECT * FROM {derived} AS {quote_identifier(relname)}"
         self.add(start, end, text, qualified)
-        return None
-
-    def _shadowing_operator(self, derived: str) -> str | None:
-        """A user-defined operator that PostgreSQL could pick over pg_catalog's inside a mask
-        expression: same symbol, operand types of the kind masks compute on, schema on the path
-        (an exact match in a user schema beats an inexact one in pg_catalog)."""
-        operators = self.context.user_operators
-        if not operators:
-            return None
-        path = effective_search_path(self.context.search_path, self.context.user)
-        used = set(_OPERATOR.findall(derived))
-        for operator in operators:
-            if (operator.schema in path and operator.name in used
-                    and _scalar(operator.left) and _scalar(operator.right)):
-                return f"{operator.schema}.{operator.name}({operator.left}, {operator.right})"
         return None
 
     def _closing_paren(self, open_index: int) -> int | None:

@@ -90,16 +90,6 @@ class GuardStatement:
 
 
 @dataclass(frozen=True, slots=True)
-class UserOperator:
-    """A user-defined operator: `schema.name(left, right)` with types as format_type() prints them."""
-
-    schema: str
-    name: str
-    left: str
-    right: str
-
-
-@dataclass(frozen=True, slots=True)
 class GuardContext:
     """Everything a verdict depends on besides the SQL text (all of it goes into the cache key)."""
 
@@ -109,7 +99,6 @@ class GuardContext:
     user: str
     search_path: tuple[str, ...]
     settings: Mapping[str, str] = field(default_factory=dict)
-    user_operators: tuple[UserOperator, ...] = ()  # read by Enforcement: the catalog has no operators
 
     @property
     def masked(self) -> bool:

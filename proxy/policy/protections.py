@@ -84,25 +84,40 @@ def _type_family(column_type: str) -> tuple[str, tuple[str, ...], bool]:
     return name, typmods, is_array
 
 
+# Operators are written OPERATOR(pg_catalog.x): a user-defined operator with closer argument
+# types (say public./(numeric, integer)) would otherwise be chosen and receive the raw value.
+LE = "OPERATOR(pg_catalog.<=)"
+EQ = "OPERATOR(pg_catalog.=)"
+MINUS = "OPERATOR(pg_catalog.-)"
+CONCAT = "OPERATOR(pg_catalog.||)"
+DIV = "OPERATOR(pg_catalog./)"
+MUL = "OPERATOR(pg_catalog.*)"
+
+
 def _partial(value: str, protection: Partial) -> str:
     keep = protection.keep_first + protection.keep_last
     mask = sql_text_literal(protection.mask_char)
     length = f"pg_catalog.char_length({value})"
     # A value no longer than what would be kept is masked whole: showing it all is not masking.
     return (
-        f"CASE WHEN {length} <= {keep} THEN pg_catalog.repeat({mask}, {length}) "
+        f"CASE WHEN {length} {LE} {keep} THEN pg_catalog.repeat({mask}, {length}) "
         f"ELSE pg_catalog.left({value}, {protection.keep_first}) "
-        f"|| pg_catalog.repeat({mask}, {length} - {keep}) "
-        f"|| pg_catalog.right({value}, {protection.keep_last}) END"
+        f"{CONCAT} pg_catalog.repeat({mask}, {length} {MINUS} {keep}) "
+        f"{CONCAT} pg_catalog.right({value}, {protection.keep_last}) END"
     )
+
+
+def _floor_to_bucket(value: str, step: str, column_type: str) -> str:
+    return f"(pg_catalog.floor({value} {DIV} {step}) {MUL} {step})::{column_type}"
 
 
 def _email(value: str) -> str:
     text = f"{value}::text"
     return (
-        f"CASE WHEN pg_catalog.strpos({text}, '@') = 0 THEN pg_catalog.left({text}, 1) || '***' "
-        f"ELSE pg_catalog.left(pg_catalog.split_part({text}, '@', 1), 1) || '***@' "
-        f"|| pg_catalog.split_part({text}, '@', -1) END"
+        f"CASE WHEN pg_catalog.strpos({text}, '@') {EQ} 0 "
+        f"THEN pg_catalog.left({text}, 1) {CONCAT} '***'::text "
+        f"ELSE pg_catalog.left(pg_catalog.split_part({text}, '@', 1), 1) {CONCAT} '***@'::text "
+        f"{CONCAT} pg_catalog.split_part({text}, '@', -1) END"
     )
 
 
@@ -125,12 +140,12 @@ def _generalize(value: str, column_type: str, family: str, is_array: bool, prote
             raise ProtectionError(
                 f"'generalize: {{bucket: {step}}}' on an {column_type} column needs a whole-number bucket"
             )
-        return f"(pg_catalog.floor({value}::numeric / {step}) * {step})::{column_type}"
+        return _floor_to_bucket(f"{value}::numeric", f"{step}::numeric", column_type)
     if family == "numeric" and not is_array:
-        return f"(pg_catalog.floor({value} / {step}) * {step})::{column_type}"
+        return _floor_to_bucket(f"{value}::numeric", f"{step}::numeric", column_type)
     if family == "float" and not is_array:
         step = f"{step}::double precision"
-        return f"(pg_catalog.floor({value} / {step}) * {step})::{column_type}"
+        return _floor_to_bucket(value, step, column_type)
     raise ProtectionError(
         f"'generalize: {{bucket: {step}}}' needs a numeric column, not {column_type} "
         "(use generalize: year/month for dates, or redact)"
