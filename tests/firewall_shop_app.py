@@ -31,8 +31,9 @@ def _handler(dsn: str) -> type[BaseHTTPRequestHandler]:
             try:
                 with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as connection:
                     rows = connection.execute(template.format(value).encode()).fetchall()  # type: ignore[call-overload]
-            except psycopg.Error as exc:
-                self._answer(500, f"<p>database error: {html.escape(str(exc))}</p>")
+            except psycopg.Error as exc:  # shown like a framework's debug page: class and message
+                error = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+                self._answer(500, f"<p>database error: {html.escape(error)}</p>")
                 return
             body = "".join(f"<tr><td>{row[0]}</td><td>{html.escape(str(row[1]))}</td><td>{row[2]}</td></tr>"
                            for row in rows)
