@@ -1,0 +1,265 @@
+"""Red team: attacks on pgveil as a running proxy that change the session under the guard's feet
+(startup options, settings changed through catalog views, state that outlives a policy reload)
+or that reach raw data through code the guard does not look at (operators, casts, domain checks,
+functions created after pgveil read its catalog).
+
+Every test asserts the SAFE behaviour: no canary value in any byte a masked client received
+(rows, error message, detail, hint, context). A failing test here is a hole; docs/redteam.md
+lists them with the exact statements and where a fix belongs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests import guard_setup
+from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, leaked_canaries
+from tests.proxy_harness import RunningProxy, running_proxy
+
+world = guard_setup.world  # the shared guard database with canary values
+
+# Objects an administrator created directly in PostgreSQL (not through pgveil). They read gv.people
+# (masked for the analyst) the way a reporting helper would.
+REDTEAM_OBJECTS = """
+DROP SCHEMA IF EXISTS redteam CASCADE;
+CREATE SCHEMA redteam;
+GRANT USAGE ON SCHEMA redteam TO gv_analyst, gv_writer, gv_public;
+CREATE FUNCTION redteam.peek(i integer, j integer) RETURNS text LANGUAGE sql STABLE
+    AS 'SELECT ssn FROM gv.people WHERE id = i';
+CREATE OPERATOR redteam.##> (LEFTARG = integer, RIGHTARG = integer, FUNCTION = redteam.peek);
+CREATE FUNCTION redteam.ssn_is_positive(i integer) RETURNS boolean LANGUAGE sql STABLE
+    AS 'SELECT (SELECT ssn FROM gv.people WHERE id = i)::integer > 0';
+CREATE DOMAIN redteam.checked AS integer CHECK (redteam.ssn_is_positive(VALUE));
+CREATE TYPE redteam.person_ref AS (id integer);
+CREATE FUNCTION redteam.person_ssn(r redteam.person_ref) RETURNS text LANGUAGE sql STABLE
+    AS 'SELECT ssn FROM gv.people WHERE id = r.id';
+CREATE CAST (redteam.person_ref AS text) WITH FUNCTION redteam.person_ssn(redteam.person_ref);
+"""
+
+# U+4E01 is E4 B8 81 in UTF-8. Read as GBK, E4 B8 is one character and 81 5C another: the backslash
+# that escapes the quote for a UTF-8 reader is swallowed, and the string ends one byte earlier.
+GBK_SWALLOWS_BACKSLASH = (
+    "select E'\u4e01\\' , (select ssn from gv.people where id = 1) as x -- ', 1".encode()
+)
+
+
+class _GuardDatabase:
+    """The test upstream with the guard test database as the proxy's default database."""
+
+    def __init__(self, world: GuardWorld) -> None:
+        self.world = world
+        self.superuser = world.upstream.superuser
+        self.superpassword = world.upstream.superpassword
+
+    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
+        return self.world.upstream.dsn(user, password, dbname)
+
+
+@pytest.fixture(scope="module")
+def redteam_objects(world: GuardWorld) -> Iterator[None]:
+    world.upstream.execute(REDTEAM_OBJECTS, dbname=DATABASE)
+    try:
+        yield
+    finally:
+        world.upstream.execute("DROP SCHEMA IF EXISTS redteam CASCADE", dbname=DATABASE)
+
+
+@pytest.fixture(scope="module")
+def proxy(world: GuardWorld, redteam_objects: None) -> Iterator[RunningProxy]:
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "policy.yaml")
+        with open(path, "w") as handle:
+            handle.write(POLICY)
+        with running_proxy(_GuardDatabase(world), path) as running:
+            yield running
+
+
+def connect(proxy: RunningProxy, login: str = "gv_analyst", **kwargs: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(proxy.dsn(login, PASSWORD, DATABASE), autocommit=True, **kwargs)
+
+
+def received(conn: psycopg.Connection[Any], *statements: str | bytes) -> str:
+    """Everything the client got back for each statement (sent as raw bytes, simple protocol):
+    rows, and the whole error (message, detail, hint, context) when there was one."""
+    seen: list[str] = []
+    for statement in statements:
+        sql = statement.encode() if isinstance(statement, str) else statement
+        result = conn.pgconn.exec_(sql)
+        seen.append((result.error_message or b"").decode(errors="replace"))
+        for row in range(result.ntuples):
+            for column in range(result.nfields):
+                value = result.get_value(row, column)
+                seen.append("" if value is None else value.decode(errors="replace"))
+    return "\n".join(seen)
+
+
+# ---- startup options split the way PostgreSQL splits them, not the way pgveil does ----------------
+
+
+def test_startup_option_split_by_vertical_tab_cannot_put_a_function_schema_on_the_search_path(
+    proxy: RunningProxy,
+) -> None:
+    # PostgreSQL splits `options` at every isspace() byte (\v and \f included); pgveil's shlex does
+    # not, reads one word "-c\vsearch_path=gv" and checks a setting named "\vsearch_path".
+    # With gv on the search path, unqualified leak_ssn() is gv.leak_ssn(), which pgveil resolves
+    # against the default search path, does not find and so does not refuse.
+    try:
+        conn = connect(proxy, options="-c\vsearch_path=gv")
+    except psycopg.OperationalError as exc:
+        assert "pgveil: session-setting" in str(exc)
+        return
+    with conn:
+        assert leaked_canaries(received(conn, "select leak_ssn(1)")) == []
+
+
+def test_startup_option_split_by_form_feed_cannot_set_a_multibyte_client_encoding(
+    proxy: RunningProxy,
+) -> None:
+    # GBK client encoding: PostgreSQL reads E'<E4 B8><81 5C>' and then real SQL that pgveil read as
+    # the inside of the string literal.
+    try:
+        conn = connect(proxy, options="-c\fclient_encoding=GBK")
+    except psycopg.OperationalError as exc:
+        assert "pgveil: session-setting" in str(exc)
+        return
+    with conn:
+        assert leaked_canaries(received(conn, GBK_SWALLOWS_BACKSLASH)) == []
+
+
+def test_startup_option_split_by_tab_is_read_as_pgveil_reads_it(proxy: RunningProxy) -> None:
+    for options in ("-c\tsearch_path=gv", "-csearch_path=gv", "--search-path=gv", "-c 'search_path=gv'",
+                    "-c\tclient_encoding=GBK", "-c Client_Encoding=SJIS"):
+        with pytest.raises(psycopg.OperationalError, match="pgveil: session-setting"):
+            connect(proxy, options=options)
+
+
+# ---- settings changed through the pg_settings view (its update rule calls set_config) -------------
+
+
+def test_update_of_pg_settings_cannot_put_a_function_schema_on_the_search_path(proxy: RunningProxy) -> None:
+    with connect(proxy, "gv_writer") as conn:
+        text = received(conn, "update pg_catalog.pg_settings set setting = 'gv' where name = 'search_path'",
+                        "select leak_ssn(1)")
+    assert leaked_canaries(text) == []
+
+
+def test_update_of_pg_settings_cannot_set_a_multibyte_client_encoding(proxy: RunningProxy) -> None:
+    with connect(proxy, "gv_writer") as conn:
+        text = received(conn, "update pg_settings set setting = 'GBK' where name = 'client_encoding'",
+                        GBK_SWALLOWS_BACKSLASH)
+    assert leaked_canaries(text) == []
+
+
+def test_sql_standard_set_forms_of_search_path_and_encoding_are_refused(proxy: RunningProxy) -> None:
+    with connect(proxy) as conn:
+        for statement in ("set schema 'gv'", "set names 'GBK'", "set local search_path = gv",
+                          "select guard_test.pg_catalog.set_config('search_path', 'gv', false)",
+                          "select set_config(setting_name => 'client_encoding', new_value => 'SJIS', "
+                          "is_local => false)",
+                          "update pg_settings set setting = 'gv' where name = 'search_path'"):
+            assert "pgveil:" in received(conn, statement), statement
+        assert received(conn, "show search_path").strip() == '"$user", public'
+        assert received(conn, "show client_encoding").strip() == "UTF8"
+
+
+# ---- code the guard does not look at: operators, domain checks, casts ------------------------------
+
+
+def test_user_operator_whose_function_reads_a_masked_table_does_not_return_raw_values(
+    proxy: RunningProxy,
+) -> None:
+    with connect(proxy) as conn:
+        assert "unlisted-function" in received(conn, "select redteam.peek(1, 0)")  # the function itself
+        assert leaked_canaries(received(conn, "select 1 operator(redteam.##>) 0")) == []
+
+
+def test_domain_check_function_cannot_carry_a_raw_value_out_in_its_error(proxy: RunningProxy) -> None:
+    with connect(proxy) as conn:
+        assert leaked_canaries(received(conn, "select 1::redteam.checked")) == []
+
+
+def test_user_cast_whose_function_reads_a_masked_table_does_not_return_raw_values(
+    proxy: RunningProxy,
+) -> None:
+    with connect(proxy) as conn:
+        assert leaked_canaries(received(conn, "select row(1)::redteam.person_ref::text")) == []
+
+
+def test_function_created_after_pgveil_read_its_catalog_is_still_checked(
+    proxy: RunningProxy, world: GuardWorld
+) -> None:
+    # An administrator adds a helper directly in PostgreSQL while pgveil runs. pgveil refreshes its
+    # catalog for unknown relations, not for unknown functions: the new function is unchecked.
+    world.upstream.execute(
+        "CREATE OR REPLACE FUNCTION redteam.late_peek(i integer) RETURNS text LANGUAGE sql STABLE "
+        "AS 'SELECT ssn FROM gv.people WHERE id = i'; "
+        "GRANT EXECUTE ON FUNCTION redteam.late_peek(integer) TO gv_analyst", dbname=DATABASE)
+    with connect(proxy) as conn:
+        assert leaked_canaries(received(conn, "select redteam.late_peek(1)")) == []
+
+
+# ---- state that outlives a policy reload ---------------------------------------------------------
+
+
+@pytest.fixture
+def demoted(world: GuardWorld, redteam_objects: None) -> Iterator[tuple[RunningProxy, str]]:
+    """A proxy whose policy first gives gv_public the admin role (sees everything); `reload` with
+    POLICY written back makes gv_public a masked login again."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "policy.yaml")
+        with open(path, "w") as handle:
+            handle.write(POLICY.replace("members: [gv_admin]", "members: [gv_admin, gv_public]")
+                         .replace("members: [gv_public]", "members: [gv_nobody]"))
+        with running_proxy(_GuardDatabase(world), path) as running:
+            yield running, path
+
+
+def _demote(proxy: RunningProxy, path: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(POLICY)
+    proxy.run(proxy.server.reload())
+
+
+def test_reload_then_new_statements_are_masked(demoted: tuple[RunningProxy, str]) -> None:
+    proxy, path = demoted
+    with connect(proxy, "gv_public") as conn:
+        assert "914-27-6380" in received(conn, "select ssn from gv.people where id = 1")
+        _demote(proxy, path)
+        assert leaked_canaries(received(conn, "select ssn from gv.people where id = 1")) == []
+
+
+def test_protocol_prepared_statement_from_before_a_reload_does_not_return_raw_values_after(
+    demoted: tuple[RunningProxy, str],
+) -> None:
+    proxy, path = demoted
+    query = "select ssn from gv.people where id = %s"
+    with connect(proxy, "gv_public") as conn:
+        assert conn.execute(query, (1,), prepare=True).fetchall() == [("914-27-6380",)]
+        _demote(proxy, path)
+        rows = conn.execute(query, (1,), prepare=True).fetchall()  # Bind/Execute of the earlier Parse
+    assert leaked_canaries(repr(rows)) == []
+
+
+def test_sql_prepare_from_before_a_reload_does_not_execute_raw_after(
+    demoted: tuple[RunningProxy, str],
+) -> None:
+    proxy, path = demoted
+    with connect(proxy, "gv_public") as conn:
+        received(conn, "prepare redteam_before as select ssn from gv.people where id = 1")
+        _demote(proxy, path)
+        assert leaked_canaries(received(conn, "execute redteam_before")) == []
+
+
+def test_cursor_with_hold_from_before_a_reload_does_not_fetch_raw_after(
+    demoted: tuple[RunningProxy, str],
+) -> None:
+    proxy, path = demoted
+    with connect(proxy, "gv_public") as conn:
+        received(conn, "declare redteam_held cursor with hold for select ssn from gv.people order by id")
+        _demote(proxy, path)
+        assert leaked_canaries(received(conn, "fetch all from redteam_held")) == []
