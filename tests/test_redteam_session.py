@@ -39,6 +39,13 @@ CREATE TYPE redteam.person_ref AS (id integer);
 CREATE FUNCTION redteam.person_ssn(r redteam.person_ref) RETURNS text LANGUAGE sql STABLE
     AS 'SELECT ssn FROM gv.people WHERE id = r.id';
 CREATE CAST (redteam.person_ref AS text) WITH FUNCTION redteam.person_ssn(redteam.person_ref);
+-- helpers on the analyst's search path that take a row (callable in functional notation)
+DROP FUNCTION IF EXISTS public.redteam_ssn_of(gv.people);
+CREATE FUNCTION public.redteam_ssn_of(p gv.people) RETURNS text LANGUAGE sql STABLE
+    AS 'SELECT ssn FROM gv.people WHERE id = p.id';
+DROP FUNCTION IF EXISTS public.redteam_ref_ssn(redteam.person_ref);
+CREATE FUNCTION public.redteam_ref_ssn(r redteam.person_ref) RETURNS text LANGUAGE sql STABLE
+    AS 'SELECT ssn FROM gv.people WHERE id = r.id';
 """
 
 # U+4E01 is E4 B8 81 in UTF-8. Read as GBK, E4 B8 is one character and 81 5C another: the backslash
@@ -66,7 +73,8 @@ def redteam_objects(world: GuardWorld) -> Iterator[None]:
     try:
         yield
     finally:
-        world.upstream.execute("DROP SCHEMA IF EXISTS redteam CASCADE", dbname=DATABASE)
+        world.upstream.execute("DROP SCHEMA IF EXISTS redteam CASCADE; "
+                               "DROP FUNCTION IF EXISTS public.redteam_ssn_of(gv.people)", dbname=DATABASE)
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +196,36 @@ def test_user_cast_whose_function_reads_a_masked_table_does_not_return_raw_value
 ) -> None:
     with connect(proxy) as conn:
         assert leaked_canaries(received(conn, "select row(1)::redteam.person_ref::text")) == []
+
+
+def test_function_in_functional_notation_on_a_parenthesised_row_is_checked(proxy: RunningProxy) -> None:
+    # `p.f` (a ColumnRef) is checked; `(p).f` (an A_Indirection) is the same call and is not.
+    with connect(proxy) as conn:
+        assert "unlisted-function" in received(conn, "select p.redteam_ssn_of from gv.people p")
+        assert leaked_canaries(received(conn, "select (p).redteam_ssn_of from gv.people p")) == []
+
+
+def test_function_in_functional_notation_on_a_composite_value_is_checked(proxy: RunningProxy) -> None:
+    with connect(proxy) as conn:
+        assert "unlisted-function" in received(
+            conn, "select x.redteam_ref_ssn from (select row(1)::redteam.person_ref as x) s")
+        assert leaked_canaries(received(
+            conn, "select (s.x).redteam_ref_ssn from (select row(1)::redteam.person_ref as x) s")) == []
+        assert leaked_canaries(received(conn, "select (row(1)::redteam.person_ref).redteam_ref_ssn")) == []
+
+
+def test_search_path_set_for_the_role_after_pgveil_read_its_catalog_is_followed(
+    proxy: RunningProxy, world: GuardWorld
+) -> None:
+    # ALTER ROLE ... SET search_path run directly on PostgreSQL while pgveil runs: new sessions get
+    # it, pgveil's catalog snapshot still says "$user", public, so leak_ssn() resolves to nothing.
+    world.upstream.execute("ALTER ROLE gv_public IN DATABASE guard_test SET search_path = gv")
+    try:
+        with connect(proxy, "gv_public") as conn:
+            text = received(conn, "select leak_ssn(1)")
+    finally:
+        world.upstream.execute("ALTER ROLE gv_public IN DATABASE guard_test RESET search_path")
+    assert leaked_canaries(text) == []
 
 
 def test_function_created_after_pgveil_read_its_catalog_is_still_checked(
