@@ -39,6 +39,12 @@ CREATE TYPE redteam.person_ref AS (id integer);
 CREATE FUNCTION redteam.person_ssn(r redteam.person_ref) RETURNS text LANGUAGE sql STABLE
     AS 'SELECT ssn FROM gv.people WHERE id = r.id';
 CREATE CAST (redteam.person_ref AS text) WITH FUNCTION redteam.person_ssn(redteam.person_ref);
+-- a harmless view and function, replaced by an administrator while pgveil runs (see below)
+CREATE OR REPLACE VIEW gv.redteam_order_count AS
+    SELECT person_id, count(*) AS orders FROM gv.orders GROUP BY 1;
+GRANT SELECT ON gv.redteam_order_count TO gv_analyst;
+CREATE FUNCTION redteam.order_count(i integer) RETURNS text LANGUAGE sql STABLE
+    AS 'SELECT count(*)::text FROM gv.orders WHERE person_id = i';
 -- helpers on the analyst's search path that take a row (callable in functional notation)
 DROP FUNCTION IF EXISTS public.redteam_ssn_of(gv.people);
 CREATE FUNCTION public.redteam_ssn_of(p gv.people) RETURNS text LANGUAGE sql STABLE
@@ -74,6 +80,7 @@ def redteam_objects(world: GuardWorld) -> Iterator[None]:
         yield
     finally:
         world.upstream.execute("DROP SCHEMA IF EXISTS redteam CASCADE; "
+                               "DROP VIEW IF EXISTS gv.redteam_order_count; "
                                "DROP FUNCTION IF EXISTS public.redteam_ssn_of(gv.people)", dbname=DATABASE)
 
 
@@ -239,6 +246,29 @@ def test_function_created_after_pgveil_read_its_catalog_is_still_checked(
         "GRANT EXECUTE ON FUNCTION redteam.late_peek(integer) TO gv_analyst", dbname=DATABASE)
     with connect(proxy) as conn:
         assert leaked_canaries(received(conn, "select redteam.late_peek(1)")) == []
+
+
+def test_view_replaced_after_pgveil_read_its_catalog_is_checked_against_its_new_definition(
+    proxy: RunningProxy, world: GuardWorld
+) -> None:
+    with connect(proxy) as conn:
+        assert "914" not in received(conn, "select * from gv.redteam_order_count")
+        world.upstream.execute(
+            "CREATE OR REPLACE VIEW gv.redteam_order_count AS SELECT o.person_id, count(*) AS orders, "
+            "max(p.ssn) AS ssn FROM gv.orders o JOIN gv.people p ON p.id = o.person_id GROUP BY 1",
+            dbname=DATABASE)
+        assert leaked_canaries(received(conn, "select * from gv.redteam_order_count")) == []
+
+
+def test_function_replaced_after_pgveil_read_its_catalog_is_checked_against_its_new_body(
+    proxy: RunningProxy, world: GuardWorld
+) -> None:
+    with connect(proxy) as conn:
+        assert received(conn, "select redteam.order_count(1)").strip() == "2"
+        world.upstream.execute(
+            "CREATE OR REPLACE FUNCTION redteam.order_count(i integer) RETURNS text LANGUAGE sql STABLE "
+            "AS 'SELECT ssn FROM gv.people WHERE id = i'", dbname=DATABASE)
+        assert leaked_canaries(received(conn, "select redteam.order_count(1)")) == []
 
 
 # ---- state that outlives a policy reload ---------------------------------------------------------
