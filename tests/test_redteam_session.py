@@ -45,6 +45,14 @@ CREATE OR REPLACE VIEW gv.redteam_order_count AS
 GRANT SELECT ON gv.redteam_order_count TO gv_analyst;
 CREATE FUNCTION redteam.order_count(i integer) RETURNS text LANGUAGE sql STABLE
     AS 'SELECT count(*)::text FROM gv.orders WHERE person_id = i';
+-- bodies pgveil's text search for relation names does not understand
+CREATE FUNCTION redteam.escaped_peek(i integer) RETURNS text LANGUAGE sql STABLE
+    AS $$SELECT ssn FROM gv.U&"p\\0065ople" WHERE id = i$$;
+CREATE FUNCTION redteam.view_peek(i integer) RETURNS text LANGUAGE sql STABLE
+    AS $$SELECT ssn FROM gv.people_names WHERE id = i$$;
+CREATE FUNCTION redteam.dynamic_peek(i integer) RETURNS text LANGUAGE sql STABLE
+    AS $$SELECT string_agg(word, ',') FROM ts_stat('SELECT to_tsvector(''simple'', replace(ssn, ''-'', ''''))'
+                                                   || ' FROM gv.peo' || 'ple')$$;
 -- helpers on the analyst's search path that take a row (callable in functional notation)
 DROP FUNCTION IF EXISTS public.redteam_ssn_of(gv.people);
 CREATE FUNCTION public.redteam_ssn_of(p gv.people) RETURNS text LANGUAGE sql STABLE
@@ -219,6 +227,18 @@ def test_function_in_functional_notation_on_a_composite_value_is_checked(proxy: 
         assert leaked_canaries(received(
             conn, "select (s.x).redteam_ref_ssn from (select row(1)::redteam.person_ref as x) s")) == []
         assert leaked_canaries(received(conn, "select (row(1)::redteam.person_ref).redteam_ref_ssn")) == []
+
+
+@pytest.mark.parametrize("function", ["escaped_peek", "view_peek", "dynamic_peek"])
+def test_function_body_that_reads_protected_data_is_refused_however_it_names_it(
+    proxy: RunningProxy, function: str
+) -> None:
+    # escaped_peek names gv.people as gv.U&"p\0065ople"; view_peek reads the unlisted view
+    # gv.people_names; dynamic_peek gives ts_stat() SQL built by concatenation: pgveil's search of
+    # the body text finds none of that.
+    with connect(proxy) as conn:
+        text = received(conn, f"select redteam.{function}(1)")
+    assert leaked_canaries(text) == [], text
 
 
 def test_search_path_set_for_the_role_after_pgveil_read_its_catalog_is_followed(
