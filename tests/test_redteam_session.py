@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -53,6 +54,10 @@ CREATE FUNCTION redteam.view_peek(i integer) RETURNS text LANGUAGE sql STABLE
 CREATE FUNCTION redteam.dynamic_peek(i integer) RETURNS text LANGUAGE sql STABLE
     AS $$SELECT string_agg(word, ',') FROM ts_stat('SELECT to_tsvector(''simple'', replace(ssn, ''-'', ''''))'
                                                    || ' FROM gv.peo' || 'ple')$$;
+-- a timestamptz column generalized to the month
+CREATE TABLE gv.redteam_visits (id integer, seen_at timestamptz);
+INSERT INTO gv.redteam_visits VALUES (1, '2024-03-29 17:42:13+00');
+GRANT SELECT ON gv.redteam_visits TO gv_analyst;
 -- helpers on the analyst's search path that take a row (callable in functional notation)
 DROP FUNCTION IF EXISTS public.redteam_ssn_of(gv.people);
 CREATE FUNCTION public.redteam_ssn_of(p gv.people) RETURNS text LANGUAGE sql STABLE
@@ -67,6 +72,13 @@ CREATE FUNCTION public.redteam_ref_ssn(r redteam.person_ref) RETURNS text LANGUA
 GBK_SWALLOWS_BACKSLASH = (
     "select E'\u4e01\\' , (select ssn from gv.people where id = 1) as x -- ', 1".encode()
 )
+
+
+REDTEAM_POLICY = POLICY + """  gv.redteam_visits:
+    columns:
+      id:      {sensitivity: public}
+      seen_at: {sensitivity: confidential, protection: {generalize: month}}
+"""
 
 
 class _GuardDatabase:
@@ -89,6 +101,7 @@ def redteam_objects(world: GuardWorld) -> Iterator[None]:
     finally:
         world.upstream.execute("DROP SCHEMA IF EXISTS redteam CASCADE; "
                                "DROP VIEW IF EXISTS gv.redteam_order_count; "
+                               "DROP TABLE IF EXISTS gv.redteam_visits; "
                                "DROP FUNCTION IF EXISTS public.redteam_ssn_of(gv.people)", dbname=DATABASE)
 
 
@@ -97,7 +110,7 @@ def proxy(world: GuardWorld, redteam_objects: None) -> Iterator[RunningProxy]:
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "policy.yaml")
         with open(path, "w") as handle:
-            handle.write(POLICY)
+            handle.write(REDTEAM_POLICY)
         with running_proxy(_GuardDatabase(world), path) as running:
             yield running
 
@@ -289,6 +302,35 @@ def test_function_replaced_after_pgveil_read_its_catalog_is_checked_against_its_
             "CREATE OR REPLACE FUNCTION redteam.order_count(i integer) RETURNS text LANGUAGE sql STABLE "
             "AS 'SELECT ssn FROM gv.people WHERE id = i'", dbname=DATABASE)
         assert leaked_canaries(received(conn, "select redteam.order_count(1)")) == []
+
+
+# ---- generalize on timestamptz truncates in the session's time zone -----------------------------
+
+
+def test_generalized_timestamptz_does_not_depend_on_the_session_time_zone(proxy: RunningProxy) -> None:
+    # date_trunc('month', seen_at) truncates in the session TimeZone, which any role may SET (up to
+    # 167 hours east or west). Bisecting the offset at which the masked month flips recovers the
+    # raw instant to the minute for every value within 7 days of a month boundary.
+    with connect(proxy) as conn:
+        def month_start(east_minutes: int) -> str:
+            hours, minutes = divmod(east_minutes, 60)
+            conn.execute(f"set timezone = 'XXX-{hours:02d}:{minutes:02d}'")
+            value = conn.execute("select seen_at::text from gv.redteam_visits where id = 1").fetchone()
+            assert value is not None
+            return str(value[0])[:7]  # the month as the session's time zone writes it
+
+        low, high = 0, 167 * 60
+        recovered = None
+        if month_start(low) != month_start(high):
+            while high - low > 1:
+                middle = (low + high) // 2
+                if month_start(middle) == month_start(0):
+                    low = middle
+                else:
+                    high = middle
+            recovered = datetime(2024, 4, 1, tzinfo=UTC) - timedelta(minutes=high)
+        conn.execute("reset timezone")
+    assert recovered != datetime(2024, 3, 29, 17, 42, tzinfo=UTC), recovered  # the raw minute
 
 
 # ---- state that outlives a policy reload ---------------------------------------------------------
