@@ -55,8 +55,8 @@ CREATE FUNCTION redteam.dynamic_peek(i integer) RETURNS text LANGUAGE sql STABLE
     AS $$SELECT string_agg(word, ',') FROM ts_stat('SELECT to_tsvector(''simple'', replace(ssn, ''-'', ''''))'
                                                    || ' FROM gv.peo' || 'ple')$$;
 -- a timestamptz column generalized to the month
-CREATE TABLE gv.redteam_visits (id integer, seen_at timestamptz);
-INSERT INTO gv.redteam_visits VALUES (1, '2024-03-29 17:42:13+00');
+CREATE TABLE gv.redteam_visits (id integer, seen_at timestamptz, joined date);
+INSERT INTO gv.redteam_visits VALUES (1, '2024-03-29 17:42:13+00', '1987-06-23');
 GRANT SELECT ON gv.redteam_visits TO gv_analyst;
 -- helpers on the analyst's search path that take a row (callable in functional notation)
 DROP FUNCTION IF EXISTS public.redteam_ssn_of(gv.people);
@@ -78,6 +78,7 @@ REDTEAM_POLICY = POLICY + """  gv.redteam_visits:
     columns:
       id:      {sensitivity: public}
       seen_at: {sensitivity: confidential, protection: {generalize: month}}
+      joined:  {sensitivity: confidential, protection: {partial: {keep_first: 4}}}
 """
 
 
@@ -331,6 +332,21 @@ def test_generalized_timestamptz_does_not_depend_on_the_session_time_zone(proxy:
             recovered = datetime(2024, 4, 1, tzinfo=UTC) - timedelta(minutes=high)
         conn.execute("reset timezone")
     assert recovered != datetime(2024, 3, 29, 17, 42, tzinfo=UTC), recovered  # the raw minute
+
+
+def test_partial_mask_on_a_date_does_not_depend_on_the_session_datestyle(proxy: RunningProxy) -> None:
+    # partial keep_first 4 on a date is meant to show the year ("1987******"). The mask works on
+    # joined::text, which DateStyle writes day or month first.
+    shown: dict[str, str] = {}
+    with connect(proxy) as conn:
+        for style in ("ISO, YMD", "SQL, DMY", "SQL, MDY"):
+            conn.execute(f"set datestyle = '{style}'")
+            row = conn.execute("select joined from gv.redteam_visits where id = 1").fetchone()
+            assert row is not None
+            shown[style] = row[0]
+        conn.execute("reset datestyle")
+    recovered = f"{shown['ISO, YMD'][:4]}-{shown['SQL, MDY'][:2]}-{shown['SQL, DMY'][:2]}"
+    assert recovered != "1987-06-23", shown
 
 
 # ---- state that outlives a policy reload ---------------------------------------------------------
