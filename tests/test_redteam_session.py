@@ -409,3 +409,23 @@ def test_cursor_with_hold_from_before_a_reload_does_not_fetch_raw_after(
         received(conn, "declare redteam_held cursor with hold for select ssn from gv.people order by id")
         _demote(proxy, path)
         assert leaked_canaries(received(conn, "fetch all from redteam_held")) == []
+
+
+def test_search_path_set_with_set_config_before_a_reload_is_known_after(
+    demoted: tuple[RunningProxy, str],
+) -> None:
+    # pgveil follows `SET search_path` of logins that see everything, not set_config(); after the
+    # demotion it resolves leak_ssn() with the default path while PostgreSQL uses gv.
+    proxy, path = demoted
+    with connect(proxy, "gv_public") as conn:
+        received(conn, "select set_config('search_path', 'gv', false)")
+        _demote(proxy, path)
+        assert leaked_canaries(received(conn, "select leak_ssn(1)")) == []
+
+
+def test_client_encoding_set_before_a_reload_is_known_after(demoted: tuple[RunningProxy, str]) -> None:
+    proxy, path = demoted
+    with connect(proxy, "gv_public") as conn:
+        received(conn, "set client_encoding = 'GBK'")
+        _demote(proxy, path)
+        assert leaked_canaries(received(conn, GBK_SWALLOWS_BACKSLASH)) == []
