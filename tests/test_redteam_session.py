@@ -44,6 +44,9 @@ CREATE CAST (redteam.person_ref AS text) WITH FUNCTION redteam.person_ssn(redtea
 CREATE OR REPLACE VIEW gv.redteam_order_count AS
     SELECT person_id, count(*) AS orders FROM gv.orders GROUP BY 1;
 GRANT SELECT ON gv.redteam_order_count TO gv_analyst;
+CREATE OR REPLACE VIEW gv.redteam_order_count2 AS
+    SELECT person_id, count(*) AS orders FROM gv.orders GROUP BY 1;
+GRANT SELECT ON gv.redteam_order_count2 TO gv_analyst;
 CREATE FUNCTION redteam.order_count(i integer) RETURNS text LANGUAGE sql STABLE
     AS 'SELECT count(*)::text FROM gv.orders WHERE person_id = i';
 -- bodies pgveil's text search for relation names does not understand
@@ -101,7 +104,7 @@ def redteam_objects(world: GuardWorld) -> Iterator[None]:
         yield
     finally:
         world.upstream.execute("DROP SCHEMA IF EXISTS redteam CASCADE; "
-                               "DROP VIEW IF EXISTS gv.redteam_order_count; "
+                               "DROP VIEW IF EXISTS gv.redteam_order_count, gv.redteam_order_count2; "
                                "DROP TABLE IF EXISTS gv.redteam_visits; "
                                "DROP FUNCTION IF EXISTS public.redteam_ssn_of(gv.people)", dbname=DATABASE)
 
@@ -292,6 +295,21 @@ def test_view_replaced_after_pgveil_read_its_catalog_is_checked_against_its_new_
             "max(p.ssn) AS ssn FROM gv.orders o JOIN gv.people p ON p.id = o.person_id GROUP BY 1",
             dbname=DATABASE)
         assert leaked_canaries(received(conn, "select * from gv.redteam_order_count")) == []
+
+
+def test_statement_prepared_over_a_view_is_not_replanned_over_a_new_definition_unchecked(
+    proxy: RunningProxy, world: GuardWorld
+) -> None:
+    # Even a perfectly fresh catalog would not help here: PostgreSQL replans a prepared statement
+    # when the view under it changes (same column types), and Bind/Execute are not judged again.
+    query = "select * from gv.redteam_order_count2 order by person_id"
+    with connect(proxy) as conn:
+        before = conn.execute(query, prepare=True).fetchall()
+        world.upstream.execute(
+            "CREATE OR REPLACE VIEW gv.redteam_order_count2 AS SELECT p.id AS person_id, "
+            "pg_catalog.replace(p.ssn, '-', '')::bigint AS orders FROM gv.people p", dbname=DATABASE)
+        after = conn.execute(query, prepare=True).fetchall()
+    assert before and leaked_canaries(repr(after)) == []
 
 
 def test_function_replaced_after_pgveil_read_its_catalog_is_checked_against_its_new_body(
