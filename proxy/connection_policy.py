@@ -28,7 +28,8 @@ class Outcome:
     rows: int
     sqlstate: str | None  # None on success
     upstream_seconds: float
-    verdicts: int = 1  # how many verdicts (Query/Parse/FunctionCall) this request covered
+    verdicts: int = 1  # how many verdicts (Query/Parse/Bind/FunctionCall) this request covered
+    closes: int = 0  # how many Close messages of prepared statements it carried (on_close_statement)
 
 
 class ConnectionPolicy(Protocol):
@@ -43,11 +44,19 @@ class ConnectionPolicy(Protocol):
     async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
         """An extended-protocol Parse message."""
 
+    async def on_bind(self, statement_name: str) -> Verdict | None:
+        """A Bind of a statement not Parsed earlier in the same request (a re-execution); sql in
+        the verdict is ignored, a Refuse refuses the Bind. None: nothing to decide (not counted)."""
+
+    async def on_close_statement(self, statement_name: str) -> None:
+        """A Close message of a prepared statement (counted in `Outcome.closes`)."""
+
     async def on_function_call(self, function_oid: int) -> Verdict:
         """A FunctionCall message (fast-path); sql in the verdict is ignored."""
 
     async def on_complete(self, outcome: Outcome) -> None:
-        """The request whose verdict was last returned has finished."""
+        """A request has finished: the oldest `verdicts` verdicts and `closes` Close messages not
+        yet reported (a request with no verdict but Close messages reports verdicts=0)."""
 
 
 class PassThrough:
@@ -61,6 +70,12 @@ class PassThrough:
 
     async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
         return Allow(sql)
+
+    async def on_bind(self, statement_name: str) -> Verdict | None:
+        return None
+
+    async def on_close_statement(self, statement_name: str) -> None:
+        return None
 
     async def on_function_call(self, function_oid: int) -> Verdict:
         return Allow("")

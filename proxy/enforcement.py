@@ -8,7 +8,7 @@ import logging
 import shlex
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pglast import ast
 from pglast.enums import VariableSetKind
@@ -23,6 +23,15 @@ from proxy.guard.statement import GuardContext, role_is_masked
 from proxy.guard.verdict import Allow, Refuse, Verdict
 from proxy.policy.loader import hash_key, load_policy, policy_uses_hash
 from proxy.policy.model import Policy, Role
+from proxy.prepared import (
+    UNCERTAIN,
+    Effects,
+    Key,
+    Prepared,
+    SessionObjectEvent,
+    StatementBook,
+    session_object_events,
+)
 from proxy.upstream_setup import install_masking_functions
 
 log = logging.getLogger("pgveil.enforcement")
@@ -142,6 +151,7 @@ class GuardedConnection:
         self._ddl_in_transaction = False
         self._context: tuple[tuple[object, ...], GuardContext, tuple[object, ...]] | None = None
         self._login_role: tuple[Policy, Role | None] | None = None
+        self.prepared = StatementBook()
 
     # -- role and context -------------------------------------------------------------------
     def role(self) -> Role | None:
@@ -227,12 +237,43 @@ class GuardedConnection:
         return None
 
     async def on_query(self, sql: str) -> Verdict:
-        return await self._judge(sql)
+        self.prepared.call()
+        verdict = await self._judge(sql)
+        return (await self._with_session_objects(sql, verdict, self._pending_effects, self._pending_ddl,
+                                                 keep=False))[0]
 
     async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
-        return await self._judge(sql)
+        self.prepared.call()
+        verdict = await self._judge(sql)
+        checked, entry = await self._with_session_objects(
+            sql, verdict, self._pending_effects, self._pending_ddl, keep=True)
+        self.prepared.define(("statement", statement_name), entry)
+        return checked
+
+    async def on_bind(self, statement_name: str) -> Verdict:
+        """A Bind of a statement prepared by an earlier request: its stored verdict while nothing it
+        depended on changed, else its SQL decided again (refused when the outcome differs)."""
+        self.prepared.call()
+        key: Key = ("statement", statement_name)
+        refusal, entry = await self._still_valid(key)
+        if refusal is not None:
+            self._pending_effects, self._pending_ddl = (), False
+            return refusal
+        assert entry is not None
+        self._pending_effects, self._pending_ddl = entry.effects, entry.ddl
+        if entry.events:
+            refusal = await self._session_object_events(entry.events, entry)
+            if refusal is not None:
+                self._pending_effects, self._pending_ddl = (), False
+                return refusal
+        return entry.verdict
+
+    async def on_close_statement(self, statement_name: str) -> None:
+        self.prepared.call()
+        self.prepared.forget("statement", statement_name)
 
     async def on_function_call(self, function_oid: int) -> Verdict:
+        self.prepared.call()
         role = self.role()
         if role is None or role_is_masked(self.enforcement.policy, role):
             return Refuse("function-call-message", "the fast-path FunctionCall message cannot be checked; "
@@ -240,6 +281,9 @@ class GuardedConnection:
         return Allow("")
 
     async def on_complete(self, outcome: Outcome) -> None:
+        self.prepared.complete(outcome.verdicts + outcome.closes, ok=outcome.sqlstate is None)
+        if outcome.verdicts == 0:  # only Close messages
+            return
         effects, self._pending_effects = self._pending_effects, ()
         ddl, self._pending_ddl = self._pending_ddl, False
         if outcome.sqlstate is not None:
@@ -254,17 +298,99 @@ class GuardedConnection:
             self._ddl_in_transaction = True
             await self.enforcement.refresh_catalog()
 
+    # -- prepared statements and cursors ------------------------------------------------------
+    def _basis(self, role: Role | None) -> tuple[object, ...]:
+        return (self.enforcement.state, role, self.session.search_path,
+                tuple(sorted(self.session.settings.items())) if self.session.settings else ())
+
+    async def _with_session_objects(self, sql: str, verdict: Verdict, effects: Effects, ddl: bool, *,
+                                    keep: bool) -> tuple[Verdict, Prepared | None]:
+        """The verdict of a Query/Parse once the statements and cursors it defines, removes or uses
+        are accounted for, and (`keep`) what it prepares upstream (None when refused: nothing is)."""
+        if isinstance(verdict, Refuse):
+            return verdict, None
+        try:
+            events = session_object_events(sql)
+        except Exception:  # the guard parsed it; pglast failing here is a pgveil bug: fail closed
+            log.exception("cannot read the prepared statements and cursors of a statement")
+            return Refuse("analysis-failed", "pgveil could not analyse the statement; the pgveil log "
+                          "says why", info=verdict.info), None
+        if not events and not keep:
+            return verdict, None
+        entry = Prepared(sql, verdict.sql, verdict, self._basis(self.role()), effects, ddl, events)
+        if events:
+            refusal = await self._session_object_events(events, entry)
+            if refusal is not None:
+                self._pending_effects, self._pending_ddl = (), False
+                return refusal, None
+        return verdict, entry
+
+    async def _session_object_events(self, events: tuple[SessionObjectEvent, ...],
+                                     entry: Prepared) -> Refuse | None:
+        """Queue the SQL-level PREPAREs/DECLAREs/DEALLOCATEs of a statement about to run; check
+        what its EXECUTEs and FETCHes use."""
+        for event in events:
+            if event.action == "define":
+                assert event.name is not None
+                self.prepared.define((event.namespace, event.name), entry)
+            elif event.action == "forget":
+                self.prepared.forget(event.namespace, event.name)
+            else:
+                assert event.name is not None
+                refusal, used = await self._still_valid((event.namespace, event.name))
+                if refusal is not None:
+                    return replace(refusal, info=entry.verdict.info)
+                assert used is not None
+                self._pending_effects = (*self._pending_effects, *used.effects)
+        return None
+
+    async def _still_valid(self, key: Key) -> tuple[Refuse | None, Prepared | None]:
+        """The prepared statement or cursor `key` may run as prepared upstream: (None, entry); or
+        the refusal (policy, role or session changed its verdict, or pgveil does not know it)."""
+        namespace, name = key
+        what = "statement" if namespace == "statement" else "cursor"
+        entry = self.prepared.current(key)
+        if entry is None and namespace == "cursor":
+            role = self.role()
+            if role is not None and not role_is_masked(self.enforcement.policy, role):
+                # e.g. a refcursor a function opened: nothing masked to keep stale
+                return None, Prepared("", "", Allow(""), ())
+        if entry is None:
+            return Refuse("prepared-statement-unknown", f"{what} {name!r} was not prepared through pgveil in "
+                          f"this session; prepare it (again) before running it"), None
+        if entry is UNCERTAIN or not isinstance(entry, Prepared):
+            return Refuse(STALE, f"after an error pgveil cannot tell which {what} {name!r} is; close it "
+                          "and prepare it again"), None
+        role = self.role()
+        basis = self._basis(role)
+        if _same_basis(entry.basis, basis):
+            return None, entry
+        if role is None:
+            return Refuse("no-role", f"no role for user {self.session.user} any more; reconnect"), None
+        verdict, effects, ddl = await self._decide(entry.sql, role)
+        if isinstance(verdict, Refuse) or verdict.sql != entry.forwarded:
+            why = f"refused now ({verdict.rule})" if isinstance(verdict, Refuse) else "masked differently now"
+            return Refuse(STALE, f"the policy, the role or the session changed since {what} {name!r} was "
+                          f"prepared and it would be {why}; prepare it again", info=verdict.info), None
+        fresh = replace(entry, verdict=verdict, basis=basis, effects=effects, ddl=ddl)
+        self.prepared.refresh(key, entry, fresh)
+        return None, fresh
+
     # -- the guard --------------------------------------------------------------------------
     async def _judge(self, sql: str) -> Verdict:
         role = self.role()
         if role is None:
             return Refuse("no-role", f"no role for user {self.session.user} any more; reconnect")
+        verdict, self._pending_effects, self._pending_ddl = await self._decide(sql, role)
+        return verdict
+
+    async def _decide(self, sql: str, role: Role) -> tuple[Verdict, Effects, bool]:
+        """The verdict for `sql` and the session effects and DDL flag of running it."""
         context, key = self.context_and_key(role)
         hit = self.enforcement.cache.lookup(sql, key)
         if hit is not None:
-            self._pending_effects = hit.effects
-            self._pending_ddl = "ddl" in hit.verdict.info.kind.split(",")
-            return await self._fingerprinted(role, hit.verdict)
+            return await self._fingerprinted(role, hit.verdict, hit.effects,
+                                             "ddl" in hit.verdict.info.kind.split(","))
         analysis = analyse(sql, context)
         verdict = analysis.verdict
         if (isinstance(verdict, Refuse) and verdict.rule == "unknown-relation"
@@ -275,21 +401,26 @@ class GuardedConnection:
             verdict = analysis.verdict
         effects = _effects(analysis)
         self.enforcement.cache.store(sql, key, analysis, effects)
-        self._pending_effects = effects
-        self._pending_ddl = not isinstance(verdict, Refuse) and any(
-            s.statement_class == "ddl" for s in analysis.statements)
-        return await self._fingerprinted(role, verdict)
+        ddl = not isinstance(verdict, Refuse) and any(s.statement_class == "ddl" for s in analysis.statements)
+        return await self._fingerprinted(role, verdict, effects, ddl)
 
-    async def _fingerprinted(self, role: Role, verdict: Verdict) -> Verdict:
+    async def _fingerprinted(self, role: Role, verdict: Verdict, effects: Effects,
+                             ddl: bool) -> tuple[Verdict, Effects, bool]:
         """The role's fingerprint allow-list (firewall rule unknown-fingerprint), after the verdict cache:
         approvals change it without a policy reload."""
         if isinstance(verdict, Refuse) or role.fingerprints == "off":
-            return verdict
+            return verdict, effects, ddl
         refusal = await self.enforcement.fingerprints.screen(role, verdict.info)
         if refusal is None:
-            return verdict
-        self._pending_effects, self._pending_ddl = (), False
-        return Refuse(refusal.rule, refusal.message, info=verdict.info)
+            return verdict, effects, ddl
+        return Refuse(refusal.rule, refusal.message, info=verdict.info), (), False
+
+
+STALE = "prepared-statement-stale"
+
+
+def _same_basis(stored: tuple[object, ...], now: tuple[object, ...]) -> bool:
+    return stored[0] is now[0] and stored[1] is now[1] and stored[2] == now[2] and stored[3] == now[3]
 
 
 def _one_line(exc: Exception, more_hint: str = "") -> str:

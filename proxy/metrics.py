@@ -188,11 +188,22 @@ class MeteredConnection:
         started = time.perf_counter()
         return self._count(await self.inner.on_parse(statement_name, sql, param_types), started)
 
+    async def on_bind(self, statement_name: str) -> Verdict | None:
+        started = time.perf_counter()
+        verdict = await self.inner.on_bind(statement_name)
+        return None if verdict is None else self._count(verdict, started)
+
+    async def on_close_statement(self, statement_name: str) -> None:
+        await self.inner.on_close_statement(statement_name)
+
     async def on_function_call(self, function_oid: int) -> Verdict:
         started = time.perf_counter()
         return self._count(await self.inner.on_function_call(function_oid), started)
 
     async def on_complete(self, outcome: Outcome) -> None:
+        if outcome.verdicts == 0:  # only Close messages
+            await self.inner.on_complete(outcome)
+            return
         if not self._last_refused:
             self.metrics.upstream_seconds.observe(outcome.upstream_seconds)
         if outcome.sqlstate and not self._last_refused:

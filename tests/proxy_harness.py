@@ -108,6 +108,29 @@ class _LoopThread:
         self.loop.close()
 
 
+class _BothObservers:
+    """Tells the test's observer and pgveil's own (its metrics) alike."""
+
+    def __init__(self, first: RelayObserver, second: RelayObserver) -> None:
+        self.first, self.second = first, second
+
+    def connection_opened(self, connection_id: int) -> None:
+        self.first.connection_opened(connection_id)
+        self.second.connection_opened(connection_id)
+
+    def connection_closed(self, connection_id: int, reason: str) -> None:
+        self.first.connection_closed(connection_id, reason)
+        self.second.connection_closed(connection_id, reason)
+
+    def bytes_relayed(self, to_upstream: int, to_client: int) -> None:
+        self.first.bytes_relayed(to_upstream, to_client)
+        self.second.bytes_relayed(to_upstream, to_client)
+
+    def upstream_error(self, kind: str) -> None:
+        self.first.upstream_error(kind)
+        self.second.upstream_error(kind)
+
+
 @contextmanager
 def running_proxy(
     upstream: Any,
@@ -132,7 +155,10 @@ def running_proxy(
 
             hooks = await policy_runtime(config, 0)
             factory, reload = hooks.policy_factory, hooks.reload
-        server = ProxyServer(config, factory, observer or counters, reload=reload)
+        watching: RelayObserver = observer or counters
+        if hooks is not None and hooks.observer is not None:  # the metrics, as under `pgveil serve`
+            watching = _BothObservers(watching, hooks.observer)
+        server = ProxyServer(config, factory, watching, reload=reload)
         await server.start()
         if hooks is not None and hooks.on_started is not None:
             await hooks.on_started(server)

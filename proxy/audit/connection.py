@@ -45,9 +45,10 @@ class AuditedConnection:
     """Decorates a ConnectionPolicy: every verdict is audited before the session may act on it.
 
     The access record is durable (as the sink's fsync setting defines) before `on_query`,
-    `on_parse` or `on_function_call` returns, so nothing reaches PostgreSQL unaudited. If the sink
-    fails, the statement is refused with rule `audit-unavailable` (unless `on_audit_failure` is
-    'allow', which serves it and only logs). Refused statements are audited too.
+    `on_parse`, `on_bind` (a re-execution of a prepared statement) or `on_function_call` returns,
+    so nothing reaches PostgreSQL unaudited. If the sink fails, the statement is refused with rule
+    `audit-unavailable` (unless `on_audit_failure` is 'allow', which serves it and only logs).
+    Refused statements are audited too.
     """
 
     def __init__(self, inner: ConnectionPolicy, sink: AuditSink, client: ClientInfo | None = None, *,
@@ -175,15 +176,26 @@ class AuditedConnection:
             extra["sql"] = sql
         return await self._audited(verdict, "parse", extra)
 
+    async def on_bind(self, statement_name: str) -> Verdict | None:
+        verdict = await self.inner.on_bind(statement_name)
+        if verdict is None:
+            return None
+        return await self._audited(verdict, "bind", {"statement_name": statement_name})
+
+    async def on_close_statement(self, statement_name: str) -> None:
+        await self.inner.on_close_statement(statement_name)
+
     async def on_function_call(self, function_oid: int) -> Verdict:
         verdict = await self.inner.on_function_call(function_oid)
         return await self._audited(verdict, "function_call", {"function_oid": function_oid})
 
     async def on_complete(self, outcome: Outcome) -> None:
         await self.inner.on_complete(outcome)
+        if outcome.verdicts == 0:  # only Close messages: nothing was audited, nothing completes
+            return
         # Requests finish in the order they were decided (pipelining included); one request of the
-        # extended protocol can cover several Parse verdicts.
-        covered = [self._unfinished.popleft() for _ in range(max(1, outcome.verdicts)) if self._unfinished]
+        # extended protocol can cover several Parse and Bind verdicts.
+        covered = [self._unfinished.popleft() for _ in range(outcome.verdicts) if self._unfinished]
         first = covered[0] if covered else (self.requests, self.role_name, self.policy_version)
         request, role, version = first
         record: dict[str, Any] = {

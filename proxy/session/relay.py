@@ -1,13 +1,15 @@
-"""The relay phase of a session: bytes both ways, with Query/Parse/FunctionCall put to the policy first.
+"""The relay phase of a session: bytes both ways, with Query/Parse/Bind/FunctionCall put to the policy first.
 
 Only a few message types are ever decoded. From the client: Query, Parse and FunctionCall (for
-the policy), Sync, Terminate, CopyDone and CopyFail (request boundaries). From PostgreSQL:
+the policy), the two names in a Bind and a Close (prepared statements re-executed and closed),
+Sync, Terminate, CopyDone and CopyFail (request boundaries). From PostgreSQL:
 CommandComplete (rows), ErrorResponse (SQLSTATE, refusal markers), ReadyForQuery (request end)
 and CopyInResponse. Everything else passes through as raw bytes, even split across reads.
 
 A refused message is replaced by one that fails at parse time with a unique marker
 (`Query("pgveil_refused_...")`, `Parse(name, "pgveil_refused_...")`), and PostgreSQL's
-ErrorResponse naming that marker is replaced by the refusal. So the protocol stays in step
+ErrorResponse naming that marker is replaced by the refusal (a refused Bind becomes a Bind of a
+statement named with the marker, which PostgreSQL does not have). So the protocol stays in step
 exactly as PostgreSQL keeps it: skip-until-Sync, implicit-transaction rollback, the 'E'
 transaction status and pipelining all come from PostgreSQL itself.
 """
@@ -39,18 +41,45 @@ from proxy.wire import (
     Terminate,
     rows_in_command_tag,
 )
+from proxy.wire.codec import text
+from proxy.wire.frontend import Bind
 
 log = logging.getLogger("pgveil.session")
 
-_Q, _P, _F, _S, _X, _COPY_DONE, _COPY_FAIL = b"QPFSXcf"
+_Q, _P, _F, _S, _X, _COPY_DONE, _COPY_FAIL, _B, _CLOSE = b"QPFSXcfBC"
 _COMPLETE, _ERROR, _READY, _COPY_IN = b"CEZG"
 _CLIENT_WATCHED = b"QPFSXcf"
+_CLIENT_WATCHED_PREPARED = b"QPFSXcfBC"  # and prepared statements' re-executions and closes
 _CLIENT_ALLOWED = bytes(t for t in FRONTEND_TAGS if t != ord("p"))
 _UPSTREAM_WATCHED = b"CEZG"
 _UPSTREAM_WATCHED_TRANSPARENT = b"EZG"  # no policy, no on_complete: row counts are not needed
 _TERMINATE = Terminate().encode()
 
-Guarded = Query | Parse | FunctionCall
+@dataclass(frozen=True, slots=True)
+class BoundStatement:
+    """The names in a Bind message (the rest of it is never decoded)."""
+
+    portal: str
+    statement: str
+
+    @classmethod
+    def decode(cls, body: bytes) -> BoundStatement:
+        end = body.find(b"\x00")
+        statement_end = body.find(b"\x00", end + 1) if end >= 0 else -1
+        if statement_end < 0:
+            raise ProtocolViolation("Bind message: missing statement name")
+        return cls(text(body[:end]), text(body[end + 1 : statement_end]))
+
+
+def closed_statement(body: bytes) -> str | None:
+    """The statement name of a Close message ('S'), None for a portal's Close."""
+    end = body.find(b"\x00", 1)
+    if not body or end < 0:
+        raise ProtocolViolation("Close message: missing name")
+    return text(body[1:end]) if body[0] == 0x53 else None
+
+
+Guarded = Query | Parse | FunctionCall | BoundStatement
 """The client messages the policy sees before they are forwarded."""
 
 INTERNAL_ERROR = Refuse(
@@ -64,7 +93,9 @@ class Request:
     extended-protocol messages up to a Sync."""
 
     extended: bool
-    consulted: bool = False  # the policy gave a verdict for something in it
+    verdicts: int = 0  # verdicts the policy gave for messages in it
+    closes: int = 0  # Close messages of prepared statements in it (told to the policy)
+    parsed: set[str] | None = None  # statements Parsed in it: their Binds are covered by the Parse
     markers: list[bytes] | None = None
     rows: int = 0
     sqlstate: str | None = None
@@ -114,7 +145,6 @@ class Relay:
         self._cancel_upstream = cancel_upstream
         self._on_finished = on_finished
         self._label = label
-        self._client_scanner = MessageScanner(_CLIENT_WATCHED, _CLIENT_ALLOWED, max_message_size)
         self._loop = asyncio.get_running_loop()
         self._requests: deque[Request] = deque()
         self._open_batch: Request | None = None
@@ -133,6 +163,10 @@ class Relay:
         # Without a policy nothing is decoded: only request boundaries are tracked (for drain
         # and for cancelling a running statement when the client goes away).
         self._transparent = type(policy) is PassThrough
+        # Policies written before on_bind existed are still served (Binds pass unseen).
+        self._prepared_hooks = not self._transparent and hasattr(policy, "on_bind")
+        watched = _CLIENT_WATCHED_PREPARED if self._prepared_hooks else _CLIENT_WATCHED
+        self._client_scanner = MessageScanner(watched, _CLIENT_ALLOWED, max_message_size)
         watched = _UPSTREAM_WATCHED_TRANSPARENT if self._transparent else _UPSTREAM_WATCHED
         self._upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE)
         self.finished = False
@@ -206,6 +240,36 @@ class Relay:
                     parts.append(emit[pos:start])
                     parts.append(replacement)
                     pos = end
+            elif tag == _B:
+                try:
+                    bound = BoundStatement.decode(emit[start + 5 : end])
+                except ProtocolViolation as exc:
+                    self._send_upstream(parts)
+                    self.fail_client(exc)
+                    return
+                batch = self._open_batch
+                if batch is not None and batch.parsed is not None and bound.statement in batch.parsed:
+                    continue  # decided with its Parse, in this same request
+                answer = self._call(self._policy.on_bind, bound.statement)
+                if not isinstance(answer, Answered):
+                    parts.append(emit[pos:start])
+                    self._send_upstream(parts)
+                    self._wait_for_verdict(answer, tag, bound, emit, spans, index, start, end)
+                    return
+                replacement = self._apply(tag, bound, answer.value)
+                if replacement is not None:
+                    parts.append(emit[pos:start])
+                    parts.append(replacement)
+                    pos = end
+            elif tag == _CLOSE:
+                try:
+                    name = closed_statement(emit[start + 5 : end])
+                except ProtocolViolation as exc:
+                    self._send_upstream(parts)
+                    self.fail_client(exc)
+                    return
+                if name is not None:
+                    self._closed(name)
             elif tag == _S:
                 self._on_sync()
             elif tag == _X:
@@ -261,20 +325,35 @@ class Relay:
         await asyncio.wait([lane])
         return await method(*args)
 
+    def _closed(self, name: str) -> None:
+        batch = self._batch()
+        batch.closes += 1
+        if batch.parsed is not None:
+            batch.parsed.discard(name)
+        answer = self._call(self._policy.on_close_statement, name)
+        if not isinstance(answer, Answered):
+            answer.add_done_callback(self._log_failure)
+
+    def _batch(self) -> Request:
+        request = self._open_batch
+        if request is None:
+            request = self._open_batch = Request(extended=True, sent_at=self._loop.time())
+        return request
+
     def _wait_for_verdict(
-        self, future: asyncio.Future[Verdict], tag: int, message: Guarded,
+        self, future: asyncio.Future[Any], tag: int, message: Guarded,
         emit: bytes, spans: list[tuple[int, int, int]], index: int, start: int, end: int,
     ) -> None:
         self._blocked = True
         self._update_client_reading()
 
-        def resume(done: asyncio.Future[Verdict]) -> None:
+        def resume(done: asyncio.Future[Any]) -> None:
             if self.finished:
                 return
             if done.cancelled() or done.exception() is not None:
                 if not done.cancelled():
                     log.error("%s: the policy raised; refusing", self._label, exc_info=done.exception())
-                verdict: Verdict = INTERNAL_ERROR
+                verdict: Verdict | None = INTERNAL_ERROR
             else:
                 verdict = done.result()
             replacement = self._apply(tag, message, verdict)
@@ -287,21 +366,32 @@ class Relay:
 
         future.add_done_callback(resume)
 
-    def _apply(self, tag: int, message: Guarded, verdict: Verdict) -> bytes | None:
+    def _apply(self, tag: int, message: Guarded, verdict: Verdict | None) -> bytes | None:
         """Record the request and return what to forward instead of the message (None: as is)."""
-        now = self._loop.time()
+        if tag == _B:
+            assert isinstance(message, BoundStatement)
+            if verdict is None:
+                return None
+            request = self._batch()
+            request.verdicts += 1
+            if isinstance(verdict, Refuse):
+                return Bind(message.portal, self._marker(request, verdict)).encode()
+            return None
+        assert verdict is not None
         if tag == _P:
             assert isinstance(message, Parse)
-            request = self._open_batch
-            if request is None:
-                request = self._open_batch = Request(extended=True, sent_at=now)
-            request.consulted = True
+            request = self._batch()
+            request.verdicts += 1
+            if self._prepared_hooks:
+                if request.parsed is None:
+                    request.parsed = set()
+                request.parsed.add(message.statement)
             if isinstance(verdict, Refuse):
                 return Parse(message.statement, self._marker(request, verdict)).encode()
             if verdict.sql != message.sql:
                 return Parse(message.statement, verdict.sql, message.param_types).encode()
             return None
-        request = Request(extended=False, consulted=True, sent_at=now)
+        request = Request(extended=False, verdicts=1, sent_at=self._loop.time())
         self._requests.append(request)
         if isinstance(verdict, Refuse):
             return Query(self._marker(request, verdict)).encode()
@@ -329,7 +419,8 @@ class Relay:
             batch = self._open_batch
             if batch is not None and self._requests:
                 head = self._requests[-1]
-                head.consulted = head.consulted or batch.consulted
+                head.verdicts += batch.verdicts
+                head.closes += batch.closes
                 if batch.markers:
                     head.markers = [*(head.markers or ()), *batch.markers]
             self._open_batch = None
@@ -420,10 +511,11 @@ class Relay:
         now = self._loop.time()
         started = max(request.sent_at, self._last_completion)
         self._last_completion = now
-        if not request.consulted:
+        if not request.verdicts and not request.closes:
             return
         outcome = Outcome(rows=request.rows, sqlstate=request.sqlstate,
-                          upstream_seconds=max(0.0, now - started))
+                          upstream_seconds=max(0.0, now - started), verdicts=request.verdicts,
+                          closes=request.closes)
         try:
             answer = self._call(self._policy.on_complete, outcome)
         except Exception:
