@@ -234,3 +234,39 @@ def test_user_functions_named_like_builtins_cannot_stand_in_for_them(masking_db:
                            "FROM protected_values WHERE id = 1").fetchone()
         conn.execute("DROP FUNCTION public.left(text, integer)")
     assert row == ("41" + "*" * 17,)
+
+
+@pytest.mark.parametrize("settings_sql", [
+    "SET DateStyle = 'ISO, MDY'", "SET DateStyle = 'SQL, DMY'", "SET DateStyle = 'German'",
+    "SET TimeZone = 'Pacific/Kiritimati'", "SET extra_float_digits = 3",
+])
+def test_partial_and_hash_of_non_text_values_do_not_depend_on_session_settings(
+        masking_db: str, settings_sql: str) -> None:
+    expressions = [
+        mask_expression("d", "date", Partial(keep_first=4)),
+        mask_expression("d", "date", Hash()),
+        mask_expression("t", "timestamp with time zone", Hash()),
+        mask_expression("f", "double precision", Partial(keep_last=2)),
+    ]
+    query = (f"SELECT {', '.join(expressions)} FROM (VALUES (DATE '1987-06-23', "
+             "TIMESTAMPTZ '2024-03-29 17:42:00+00', 0.1::float8)) AS v(d, t, f)")
+    with psycopg.connect(masking_db, autocommit=True) as conn:
+        conn.execute(settings_sql)
+        row = conn.execute(query).fetchone()
+    assert row == ("1987******", hmac_hex("1987-06-23"), hmac_hex("2024-03-29 17:42:00.000000+00"), "*.1")
+
+
+def test_generalized_timestamptz_is_truncated_in_utc_whatever_the_session_time_zone(masking_db: str) -> None:
+    expression = mask_expression("t", "timestamp with time zone", Generalize(unit="month"))
+    with psycopg.connect(masking_db, autocommit=True) as conn:
+        conn.execute("SET TimeZone = '-150'")
+        row = conn.execute(f"SELECT {expression} = TIMESTAMPTZ '2024-03-01 00:00:00+00' "
+                           "FROM (VALUES (TIMESTAMPTZ '2024-03-31 23:00:00+00')) AS v(t)").fetchone()
+    assert row == (True,)
+
+
+@pytest.mark.parametrize("column_type", ["interval", "money", "date[]", "timestamp without time zone[]"])
+def test_partial_and_hash_refuse_types_whose_text_depends_on_settings(column_type: str) -> None:
+    for protection in (Partial(keep_first=1), Hash()):
+        with pytest.raises(ProtectionError, match="session setting"):
+            mask_expression("v", column_type, protection)

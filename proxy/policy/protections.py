@@ -41,9 +41,10 @@ def mask_expression(column_sql: str, column_type: str, protection: Protection) -
     if isinstance(protection, Redact):
         return f"NULL::{column_type}"
     if isinstance(protection, Hash):
-        return f"{MASK_HASH_FUNCTION}({value}::text)"
+        return f"{MASK_HASH_FUNCTION}({_stable_text(value, column_type, family, is_array)})"
     if isinstance(protection, Partial):
-        return _partial(value if family == "text" and not is_array else f"{value}::text", protection)
+        return _partial(value if family == "text" and not is_array
+                        else _stable_text(value, column_type, family, is_array), protection)
     if isinstance(protection, Email):
         if family != "text" or is_array:
             raise ProtectionError(f"'email' needs a text column, not {column_type} (use partial or hash)")
@@ -82,6 +83,38 @@ def _type_family(column_type: str) -> tuple[str, tuple[str, ...], bool]:
     if name in _DATETIME_TYPES:
         return ("date" if name == "date" else "timestamp"), typmods, is_array
     return name, typmods, is_array
+
+
+# Types whose text output no session setting changes (DateStyle, TimeZone, IntervalStyle,
+# extra_float_digits, lc_monetary, bytea_output all change the others').
+_STABLE_TEXT_FAMILIES = frozenset({
+    "text", "smallint", "integer", "bigint", "numeric", "boolean", "uuid", "json", "jsonb",
+    "inet", "cidr", "macaddr", "macaddr8", "time without time zone", "time with time zone",
+})
+
+
+def _stable_text(value: str, column_type: str, family: str, is_array: bool) -> str:
+    """The value as text, spelled the same in every session: partial and hash work on this text,
+    so a setting that changed it would change what is kept visible (DateStyle shows other digits
+    of a date) or make equal values hash differently."""
+    if family in _STABLE_TEXT_FAMILIES:
+        return f"{value}::text"
+    if not is_array:
+        if family == "float":
+            return f"{value}::numeric::text"
+        if family == "date":
+            return f"pg_catalog.to_char({value}::timestamp, 'YYYY-MM-DD')"
+        if column_type.startswith("timestamp with"):
+            return (f"pg_catalog.to_char({value} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') "
+                    f"{CONCAT} '+00'::text")
+        if family == "timestamp":
+            return f"pg_catalog.to_char({value}, 'YYYY-MM-DD HH24:MI:SS.US')"
+        if family == "bytea":
+            return f"pg_catalog.encode({value}, 'hex')"
+    raise ProtectionError(
+        f"partial and hash need a value whose text no session setting changes; {column_type} "
+        "depends on DateStyle, TimeZone, IntervalStyle or similar (use redact, constant or generalize)"
+    )
 
 
 # Operators are written OPERATOR(pg_catalog.x): a user-defined operator with closer argument
@@ -125,6 +158,9 @@ def _generalize(value: str, column_type: str, family: str, is_array: bool, prote
     if protection.unit is not None:
         if family == "date" and not is_array:
             return f"pg_catalog.date_trunc('{protection.unit}', {value}::timestamp)::date"
+        if family == "timestamp" and not is_array and column_type.startswith("timestamp with"):
+            # truncated in UTC: in the session's time zone, SET timezone would move the boundary
+            return f"pg_catalog.date_trunc('{protection.unit}', {value}, 'UTC')::{column_type}"
         if family == "timestamp" and not is_array:
             return f"pg_catalog.date_trunc('{protection.unit}', {value})::{column_type}"
         raise ProtectionError(
