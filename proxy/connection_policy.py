@@ -32,6 +32,14 @@ class Outcome:
     closes: int = 0  # how many Close messages of prepared statements it carried (on_close_statement)
 
 
+REPORTED_SETTINGS = frozenset({
+    "search_path", "client_encoding", "standard_conforming_strings", "session_authorization",
+    "is_superuser", "DateStyle", "TimeZone", "IntervalStyle",
+})
+"""The ParameterStatus names handed to `ConnectionPolicy.on_parameter_status` (PostgreSQL 18
+reports search_path too; older servers do not)."""
+
+
 class ConnectionPolicy(Protocol):
     """Asked by the session before anything reaches PostgreSQL; one instance per connection."""
 
@@ -58,6 +66,12 @@ class ConnectionPolicy(Protocol):
         """A request has finished: the oldest `verdicts` verdicts and `closes` Close messages not
         yet reported (a request with no verdict but Close messages reports verdicts=0)."""
 
+    def on_parameter_status(self, name: str, value: str) -> None:
+        """PostgreSQL reported a session setting (ParameterStatus) named in REPORTED_SETTINGS: at
+        startup and whenever it changes (SET, set_config(), UPDATE pg_settings, a transaction's
+        end). Synchronous and cheap: called as the message passes, before the client gets it.
+        Optional: the relay calls it only on policies that define it."""
+
 
 class PassThrough:
     """No policy: every statement is relayed unchanged (used when --policy is omitted)."""
@@ -81,4 +95,7 @@ class PassThrough:
         return Allow("")
 
     async def on_complete(self, outcome: Outcome) -> None:
+        return None
+
+    def on_parameter_status(self, name: str, value: str) -> None:
         return None

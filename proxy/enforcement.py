@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shlex
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from pglast import ast
-from pglast.enums import VariableSetKind
+from pglast import ast, parse_sql
+from pglast.enums import DiscardMode, VariableSetKind
 
 from proxy.catalog import CatalogSnapshot, load_catalog, parse_search_path
 from proxy.connection_policy import ClientInfo, Outcome
@@ -138,6 +138,10 @@ class _Session:
     database: str = ""
     search_path: tuple[str, ...] | None = None  # None: the role's default from the catalog
     settings: dict[str, str] = field(default_factory=dict)
+    # What PostgreSQL reported (ParameterStatus): it wins over pgveil's own tracking.
+    reported: dict[str, str] = field(default_factory=dict)
+    search_path_reported: bool = False  # PostgreSQL 18+ reports search_path; older servers do not
+    role_set: bool = False  # a SET ROLE ran (not reported by PostgreSQL; pgveil's own tracking)
 
 
 class GuardedConnection:
@@ -236,6 +240,47 @@ class GuardedConnection:
                               sqlstate="28000")
         return None
 
+    def on_parameter_status(self, name: str, value: str) -> None:
+        """PostgreSQL's report of a session setting: search_path is the one statements are resolved
+        with; the others are checked before every statement of a masked role (`_session_refusal`)."""
+        if name == "search_path":
+            user = self.session.user
+            self.session.search_path = tuple(user if entry == "$user" else entry
+                                             for entry in parse_search_path(value))
+            self.session.search_path_reported = True
+        else:
+            self.session.reported[name] = value
+
+    def _session_refusal(self, role: Role, sql: str | None = None) -> Refuse | None:
+        """The refusal while the session runs with settings under which pgveil cannot judge a masked
+        role's SQL (as PostgreSQL reported them); `sql` that only SETs/RESETs settings in plain ASCII
+        may still go to the guard, so the session can be put right."""
+        if not role_is_masked(self.enforcement.policy, role):
+            return None
+        reported = self.session.reported
+        problem = None
+        encoding = reported.get("client_encoding")
+        if encoding is not None and setting_refusal("client_encoding", [encoding], role.name) is not None:
+            problem = (f"the session's client_encoding is {encoding} and pgveil reads SQL as UTF8 only",
+                       "RESET client_encoding or SET client_encoding = 'UTF8'")
+        elif reported.get("standard_conforming_strings", "on").lower() != "on":
+            problem = ("the session's standard_conforming_strings is off and pgveil reads strings as "
+                       "PostgreSQL does with it on", "RESET standard_conforming_strings")
+        elif reported.get("session_authorization", self.session.user) != self.session.user:
+            problem = (f"the session runs as {reported['session_authorization']}, not as the login "
+                       f"{self.session.user}", "RESET SESSION AUTHORIZATION")
+        elif self.session.role_set:
+            problem = ("the session changed its role with SET ROLE", "RESET ROLE")
+        elif reported.get("is_superuser", "off").lower() == "on":
+            problem = (f"the session runs as a PostgreSQL superuser (login {self.session.user})",
+                       "connect with a login that is not a superuser")
+        if problem is None:
+            return None
+        if sql is not None and _only_settings(sql):
+            return None
+        return Refuse("session-setting", f"{problem[0]}, and role {role.name} has masked data; "
+                      f"{problem[1]} first")
+
     async def on_query(self, sql: str) -> Verdict:
         self.prepared.call()
         verdict = await self._judge(sql)
@@ -260,6 +305,11 @@ class GuardedConnection:
             self._pending_effects, self._pending_ddl = (), False
             return refusal
         assert entry is not None
+        role = self.role()
+        refusal = self._session_refusal(role) if role is not None else None
+        if refusal is not None:
+            self._pending_effects, self._pending_ddl = (), False
+            return replace(refusal, info=entry.verdict.info)
         self._pending_effects, self._pending_ddl = entry.effects, entry.ddl
         if entry.events:
             refusal = await self._session_object_events(entry.events, entry)
@@ -290,7 +340,10 @@ class GuardedConnection:
             return
         for name, value in effects:
             if name == "search_path":
-                self.session.search_path = parse_search_path(value) if value else None
+                if not self.session.search_path_reported:  # PostgreSQL's report wins
+                    self.session.search_path = parse_search_path(value) if value else None
+            elif name == "role":
+                self.session.role_set = value != ""
             elif name == "commit" and self._ddl_in_transaction:
                 self._ddl_in_transaction = False
                 await self.enforcement.refresh_catalog()
@@ -381,6 +434,10 @@ class GuardedConnection:
         role = self.role()
         if role is None:
             return Refuse("no-role", f"no role for user {self.session.user} any more; reconnect")
+        refusal = self._session_refusal(role, sql)
+        if refusal is not None:
+            self._pending_effects, self._pending_ddl = (), False
+            return refusal
         verdict, self._pending_effects, self._pending_ddl = await self._decide(sql, role)
         return verdict
 
@@ -445,20 +502,40 @@ def _effects(analysis: Analysis) -> tuple[tuple[str, str], ...]:
                 effects.append(("search_path", ""))
         elif isinstance(node, ast.VariableSetStmt) and node.kind == VariableSetKind.VAR_RESET_ALL:
             effects.append(("search_path", ""))
+            effects.append(("role", ""))
+        elif isinstance(node, ast.VariableSetStmt) and (node.name or "").lower() == "role":
+            values = [str(getattr(getattr(arg, "val", None), "sval", "")).lower() for arg in node.args or ()]
+            reset = node.kind != VariableSetKind.VAR_SET_VALUE or values == ["none"]
+            effects.append(("role", "" if reset else "set"))
+        elif isinstance(node, ast.DiscardStmt) and node.target == DiscardMode.DISCARD_ALL:
+            effects.append(("search_path", ""))
+            effects.append(("role", ""))
         elif isinstance(node, ast.TransactionStmt):
             effects.append(("commit", ""))
     return tuple(effects)
 
 
+def _only_settings(sql: str) -> bool:
+    """`sql` is plain ASCII (read alike in every client encoding) and only SETs or RESETs settings."""
+    if not sql.isascii():
+        return False
+    try:
+        statements = parse_sql(sql)
+    except Exception:  # pglast's parse errors: not a statement that repairs the session
+        return False
+    return bool(statements) and all(
+        isinstance(raw.stmt, ast.VariableSetStmt) for raw in statements if isinstance(raw, ast.RawStmt))
+
+
 def _startup_settings(params: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Every setting a startup packet makes: its own keys and `-c name=value` in `options`."""
+    """Every setting a startup packet makes: its own keys and `-c name=value` / `--name=value` in
+    `options`, split as PostgreSQL splits them. Anything else in `options` (another switch, a name
+    that is not a plain setting name, a non-ASCII byte) comes back as ("options", word): refused."""
     found = [(name.lower(), value) for name, value in params.items() if name.lower() != "options"]
     options = params.get("options", "")
-    try:
-        words = shlex.split(options.replace("\\ ", "\x00"))
-    except ValueError:
+    if not options.isascii():  # isspace() of a byte >= 0x80 depends on the server's locale
         return [*found, ("options", options)]
-    words = [word.replace("\x00", " ") for word in words]
+    words = split_startup_options(options)
     index = 0
     while index < len(words):
         word = words[index]
@@ -467,10 +544,42 @@ def _startup_settings(params: Mapping[str, str]) -> list[tuple[str, str]]:
             index += 1
         elif word.startswith("-c"):
             word = "--" + word[2:]
-        if word.startswith("--") and "=" in word:
-            name, value = word[2:].split("=", 1)
-            found.append((name.replace("-", "_").lower(), value))
+        name, equals, value = word[2:].partition("=")
+        name = name.replace("-", "_").lower()
+        if word.startswith("--") and equals and _SETTING_NAME.fullmatch(name):
+            found.append((name, value))
         else:
             found.append(("options", word))
         index += 1
     return found
+
+
+_SETTING_NAME = re.compile(r"[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)*")
+_C_SPACE = frozenset(" \t\n\v\f\r")  # isspace() in the C locale
+
+
+def split_startup_options(options: str) -> list[str]:
+    """The words of a startup `options` string exactly as PostgreSQL's pg_split_opts() makes them:
+    split at every isspace() character (\\v and \\f too), a backslash takes the next character
+    literally (a space included), quotes mean nothing."""
+    words: list[str] = []
+    index, length = 0, len(options)
+    while index < length:
+        while index < length and options[index] in _C_SPACE:
+            index += 1
+        if index == length:
+            break
+        word: list[str] = []
+        escaped = False
+        while index < length:
+            char = options[index]
+            if char in _C_SPACE and not escaped:
+                break
+            if not escaped and char == "\\":
+                escaped = True
+            else:
+                escaped = False
+                word.append(char)
+            index += 1
+        words.append("".join(word))
+    return words

@@ -196,6 +196,11 @@ class MeteredConnection:
     async def on_close_statement(self, statement_name: str) -> None:
         await self.inner.on_close_statement(statement_name)
 
+    def on_parameter_status(self, name: str, value: str) -> None:
+        forward = getattr(self.inner, "on_parameter_status", None)
+        if forward is not None:
+            forward(name, value)
+
     async def on_function_call(self, function_oid: int) -> Verdict:
         started = time.perf_counter()
         return self._count(await self.inner.on_function_call(function_oid), started)

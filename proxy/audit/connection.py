@@ -185,6 +185,11 @@ class AuditedConnection:
     async def on_close_statement(self, statement_name: str) -> None:
         await self.inner.on_close_statement(statement_name)
 
+    def on_parameter_status(self, name: str, value: str) -> None:
+        forward = getattr(self.inner, "on_parameter_status", None)
+        if forward is not None:
+            forward(name, value)
+
     async def on_function_call(self, function_oid: int) -> Verdict:
         verdict = await self.inner.on_function_call(function_oid)
         return await self._audited(verdict, "function_call", {"function_oid": function_oid})

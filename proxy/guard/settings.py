@@ -56,8 +56,17 @@ def _plain(value: str) -> str:
     return value.strip().strip("'\"").strip().lower().replace("-", "").replace("_", "")
 
 
+SETTINGS_VIEW = "pg_catalog.pg_settings"
+
+
 def session_settings(statement: GuardStatement, context: GuardContext) -> Refuse | None:
     node = statement.node
+    if context.masked:
+        written = _settings_view_written(statement, context)
+        if written is not None:
+            return Refuse("session-setting", f"writing to {written} changes session settings (its update "
+                          f"rule calls set_config()) and role {context.role.name} has masked data; "
+                          "use SET for harmless settings")
     if isinstance(node, ast.VariableSetStmt):
         statement.mark_literal_dependent()
         if not context.masked or node.kind in _RESETS:
@@ -106,4 +115,23 @@ def _constant_text(node: object) -> str | None:
             return "on" if value.boolval else "off"
     if isinstance(node, ast.TypeCast):
         return _constant_text(node.arg)
+    return None
+
+
+def _settings_view_written(statement: GuardStatement, context: GuardContext) -> str | None:
+    """The relation written (INSERT/UPDATE/DELETE/MERGE target, COPY FROM, also nested in WITH or
+    EXPLAIN ANALYZE) that is pg_catalog.pg_settings or a view reading it, if any."""
+    copies_in = isinstance(statement.node, ast.CopyStmt) and statement.node.is_from
+    for ref in statement.relations:
+        if not (ref.position == "target" or (ref.position == "copy" and copies_in)):
+            continue
+        relation = ref.relation
+        if relation is None:
+            if ref.parts[-1] == "pg_settings" and not ref.cte:
+                return ".".join(ref.parts)
+            continue
+        if relation.qualified_name == SETTINGS_VIEW:
+            return SETTINGS_VIEW
+        if relation.depends_on and SETTINGS_VIEW in context.catalog.base_relations(relation):
+            return relation.qualified_name
     return None

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.connection_policy import ConnectionPolicy, Outcome, PassThrough
+from proxy.connection_policy import REPORTED_SETTINGS, ConnectionPolicy, Outcome, PassThrough
 from proxy.guard.verdict import Refuse, Verdict
 from proxy.session.eager import Answered, start_eagerly
 from proxy.session.endpoint import Endpoint
@@ -41,17 +41,19 @@ from proxy.wire import (
     Terminate,
     rows_in_command_tag,
 )
+from proxy.wire.backend import ParameterStatus
 from proxy.wire.codec import text
 from proxy.wire.frontend import Bind
 
 log = logging.getLogger("pgveil.session")
 
 _Q, _P, _F, _S, _X, _COPY_DONE, _COPY_FAIL, _B, _CLOSE = b"QPFSXcfBC"
-_COMPLETE, _ERROR, _READY, _COPY_IN = b"CEZG"
+_COMPLETE, _ERROR, _READY, _COPY_IN, _PARAMETER_STATUS = b"CEZGS"
 _CLIENT_WATCHED = b"QPFSXcf"
 _CLIENT_WATCHED_PREPARED = b"QPFSXcfBC"  # and prepared statements' re-executions and closes
 _CLIENT_ALLOWED = bytes(t for t in FRONTEND_TAGS if t != ord("p"))
 _UPSTREAM_WATCHED = b"CEZG"
+_UPSTREAM_WATCHED_SETTINGS = b"CEZGS"  # and ParameterStatus, for policies that follow settings
 _UPSTREAM_WATCHED_TRANSPARENT = b"EZG"  # no policy, no on_complete: row counts are not needed
 _TERMINATE = Terminate().encode()
 
@@ -167,7 +169,13 @@ class Relay:
         self._prepared_hooks = not self._transparent and hasattr(policy, "on_bind")
         watched = _CLIENT_WATCHED_PREPARED if self._prepared_hooks else _CLIENT_WATCHED
         self._client_scanner = MessageScanner(watched, _CLIENT_ALLOWED, max_message_size)
-        watched = _UPSTREAM_WATCHED_TRANSPARENT if self._transparent else _UPSTREAM_WATCHED
+        # Policies that follow the session's settings hear PostgreSQL's ParameterStatus reports.
+        self._parameter_status: Callable[[str, str], None] | None = (
+            None if self._transparent else getattr(policy, "on_parameter_status", None))
+        if self._transparent:
+            watched = _UPSTREAM_WATCHED_TRANSPARENT
+        else:
+            watched = _UPSTREAM_WATCHED if self._parameter_status is None else _UPSTREAM_WATCHED_SETTINGS
         self._upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE)
         self.finished = False
 
@@ -492,6 +500,8 @@ class Relay:
                     self._complete(self._requests.popleft())
                 if self._draining and self._idle():
                     close_after = True
+            elif tag == _PARAMETER_STATUS:
+                self._reported(emit[start + 5 : end])
             else:  # CopyInResponse
                 self._client_copy = True
                 request = self._current()
@@ -501,6 +511,23 @@ class Relay:
             parts.append(emit[pos:])
             emit = b"".join(parts)
         return emit, close_after
+
+    def _reported(self, body: bytes) -> None:
+        """A ParameterStatus: the policy hears the settings it follows (a policy error is logged;
+        the message is relayed either way)."""
+        hook = self._parameter_status
+        if hook is None:
+            return
+        try:
+            status = ParameterStatus.decode(body)
+        except ProtocolViolation as exc:
+            log.warning("%s: unreadable ParameterStatus from PostgreSQL: %s", self._label, exc.reason)
+            return
+        if status.name in REPORTED_SETTINGS:
+            try:
+                hook(status.name, status.value)
+            except Exception:
+                log.exception("%s: on_parameter_status raised", self._label)
 
     def _complete(self, request: Request) -> None:
         if self._transparent:

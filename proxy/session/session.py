@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.config import Settings, UpstreamTarget
-from proxy.connection_policy import ClientInfo, ConnectionPolicy, PassThrough
+from proxy.connection_policy import REPORTED_SETTINGS, ClientInfo, ConnectionPolicy, PassThrough
 from proxy.session.cancel import CancelKeys
 from proxy.session.endpoint import ConnectionClosed, Endpoint
 from proxy.session.observer import NullObserver, RelayObserver
@@ -29,6 +29,7 @@ from proxy.wire import (
     Event,
     GSSENCRequest,
     NegotiateProtocolVersion,
+    ParameterStatus,
     Phase,
     ProtocolViolation,
     SSLRequest,
@@ -202,7 +203,7 @@ class Session:
             startup = StartupMessage((3 << 16) | NEWEST_MINOR, startup.parameters)
         self.upstream.write(startup.encode())
         await self._authenticate()
-        await self._settle()
+        await self._settle(getattr(policy, "on_parameter_status", None))
         self.relay = Relay(
             client=self.client,
             upstream=self.upstream,
@@ -326,8 +327,9 @@ class Session:
                 )
             upstream.write(frame(b"p", answer))
 
-    async def _settle(self) -> None:
-        """After AuthenticationOk: ParameterStatus, BackendKeyData (ours), up to ReadyForQuery."""
+    async def _settle(self, parameter_status: Callable[[str, str], None] | None = None) -> None:
+        """After AuthenticationOk: ParameterStatus (the settings in REPORTED_SETTINGS told to
+        `parameter_status`), BackendKeyData (ours), up to ReadyForQuery."""
         upstream = self.upstream
         assert upstream is not None
         out: list[bytes] = []
@@ -342,6 +344,11 @@ class Session:
                 out.append(frame(b"E", body))
                 self.client.write(b"".join(out))
                 raise ConnectionClosed("PostgreSQL refused the session")
+            elif tag == ord("S") and parameter_status is not None:
+                status = ParameterStatus.decode(body)
+                if status.name in REPORTED_SETTINGS:
+                    parameter_status(status.name, status.value)
+                out.append(frame(b"S", body))
             else:
                 out.append(frame(bytes([tag]), body))
                 if tag == ord("Z"):
