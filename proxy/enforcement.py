@@ -156,6 +156,7 @@ class GuardedConnection:
         self._context: tuple[tuple[object, ...], GuardContext, tuple[object, ...]] | None = None
         self._login_role: tuple[Policy, Role | None] | None = None
         self.prepared = StatementBook()
+        self._masked_for: tuple[Policy, Role, bool] | None = None
 
     # -- role and context -------------------------------------------------------------------
     def role(self) -> Role | None:
@@ -251,11 +252,20 @@ class GuardedConnection:
         else:
             self.session.reported[name] = value
 
+    def _masked(self, role: Role) -> bool:
+        """role_is_masked for the policy in force, remembered per (policy, role): asked on every
+        statement and every re-execution."""
+        policy = self.enforcement.policy
+        known = self._masked_for
+        if known is None or known[0] is not policy or known[1] is not role:
+            known = self._masked_for = (policy, role, role_is_masked(policy, role))
+        return known[2]
+
     def _session_refusal(self, role: Role, sql: str | None = None) -> Refuse | None:
         """The refusal while the session runs with settings under which pgveil cannot judge a masked
         role's SQL (as PostgreSQL reported them); `sql` that only SETs/RESETs settings in plain ASCII
         may still go to the guard, so the session can be put right."""
-        if not role_is_masked(self.enforcement.policy, role):
+        if not self._masked(role):
             return None
         reported = self.session.reported
         problem = None
@@ -405,7 +415,7 @@ class GuardedConnection:
         entry = self.prepared.current(key)
         if entry is None and namespace == "cursor":
             role = self.role()
-            if role is not None and not role_is_masked(self.enforcement.policy, role):
+            if role is not None and not self._masked(role):
                 # e.g. a refcursor a function opened: nothing masked to keep stale
                 return None, Prepared("", "", Allow(""), ())
         if entry is None:
