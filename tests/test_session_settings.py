@@ -4,15 +4,19 @@ reports (ParameterStatus) — refused until settings pgveil cannot read SQL unde
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import psycopg
 import pytest
 
+from proxy.catalog import load_catalog
 from proxy.enforcement import _startup_settings, split_startup_options
+from proxy.guard.pipeline import guard
 from proxy.guard.verdict import Refuse
 from tests import guard_setup
 from tests.conftest import Upstream
@@ -80,6 +84,22 @@ def test_explain_analyze_of_a_pg_settings_update_is_refused(world: GuardWorld) -
     verdict = world.verdict("explain analyze update pg_settings set setting = 'GBK' "
                             "where name = 'client_encoding'", "gv_writer")
     assert isinstance(verdict, Refuse), verdict
+
+
+def test_update_through_a_view_over_pg_settings_is_refused(world: GuardWorld) -> None:
+    world.upstream.execute("CREATE OR REPLACE VIEW gv.settings_mirror AS SELECT * FROM pg_settings; "
+                           "GRANT SELECT, UPDATE ON gv.settings_mirror TO gv_writer", dbname=DATABASE)
+    try:
+        # PostgreSQL does change the setting through such a view (pg_settings' update rule applies)
+        with psycopg.connect(world.dsn("gv_writer"), autocommit=True) as conn:
+            conn.execute("update gv.settings_mirror set setting = 'gv_other' where name = 'search_path'")
+            assert conn.execute("show search_path").fetchone() == ("gv_other",)
+        catalog = asyncio.run(load_catalog(world.dsn()))
+        context = replace(world.context("gv_writer"), catalog=catalog)
+        verdict = guard("update gv.settings_mirror set setting = 'gv' where name = 'search_path'", context)
+    finally:
+        world.upstream.execute("DROP VIEW IF EXISTS gv.settings_mirror", dbname=DATABASE)
+    assert isinstance(verdict, Refuse) and verdict.rule == "session-setting", verdict
 
 
 def test_role_that_sees_everything_may_update_pg_settings(world: GuardWorld) -> None:
