@@ -157,6 +157,8 @@ class GuardedConnection:
         self._login_role: tuple[Policy, Role | None] | None = None
         self.prepared = StatementBook()
         self._masked_for: tuple[Policy, Role, bool] | None = None
+        # what keeps pgveil from judging SQL under the session's settings (None: nothing)
+        self._settings_problem: tuple[str, str] | None = _UNCHECKED
 
     # -- role and context -------------------------------------------------------------------
     def role(self) -> Role | None:
@@ -251,6 +253,7 @@ class GuardedConnection:
             self.session.search_path_reported = True
         else:
             self.session.reported[name] = value
+            self._settings_problem = _UNCHECKED
 
     def _masked(self, role: Role) -> bool:
         """role_is_masked for the policy in force, remembered per (policy, role): asked on every
@@ -267,10 +270,22 @@ class GuardedConnection:
         may still go to the guard, so the session can be put right."""
         if not self._masked(role):
             return None
+        if self._settings_problem is _UNCHECKED:
+            self._settings_problem = self._unreadable_settings()
+        problem = self._settings_problem
+        if problem is None:
+            return None
+        if sql is not None and _only_settings(sql):
+            return None
+        return Refuse("session-setting", f"{problem[0]}, and role {role.name} has masked data; "
+                      f"{problem[1]} first")
+
+    def _unreadable_settings(self) -> tuple[str, str] | None:
+        """(what is wrong, what to run) when the session's settings keep pgveil from judging SQL."""
         reported = self.session.reported
         problem = None
         encoding = reported.get("client_encoding")
-        if encoding is not None and setting_refusal("client_encoding", [encoding], role.name) is not None:
+        if encoding is not None and setting_refusal("client_encoding", [encoding], "") is not None:
             problem = (f"the session's client_encoding is {encoding} and pgveil reads SQL as UTF8 only",
                        "RESET client_encoding or SET client_encoding = 'UTF8'")
         elif reported.get("standard_conforming_strings", "on").lower() != "on":
@@ -284,12 +299,7 @@ class GuardedConnection:
         elif reported.get("is_superuser", "off").lower() == "on":
             problem = (f"the session runs as a PostgreSQL superuser (login {self.session.user})",
                        "connect with a login that is not a superuser")
-        if problem is None:
-            return None
-        if sql is not None and _only_settings(sql):
-            return None
-        return Refuse("session-setting", f"{problem[0]}, and role {role.name} has masked data; "
-                      f"{problem[1]} first")
+        return problem
 
     async def on_query(self, sql: str) -> Verdict:
         self.prepared.call()
@@ -354,6 +364,7 @@ class GuardedConnection:
                     self.session.search_path = parse_search_path(value) if value else None
             elif name == "role":
                 self.session.role_set = value != ""
+                self._settings_problem = _UNCHECKED
             elif name == "commit" and self._ddl_in_transaction:
                 self._ddl_in_transaction = False
                 await self.enforcement.refresh_catalog()
@@ -484,6 +495,7 @@ class GuardedConnection:
 
 
 STALE = "prepared-statement-stale"
+_UNCHECKED = ("", "")  # GuardedConnection._settings_problem: to be worked out again
 
 
 def _same_basis(stored: tuple[object, ...], now: tuple[object, ...]) -> bool:
