@@ -1,4 +1,5 @@
-"""The upstream schema as pgveil needs it: relations, columns, ancestry, view and function reads."""
+"""The upstream schema as pgveil needs it: relations, columns, ancestry, view and function reads,
+and the user-defined operators, casts and domain checks that run functions."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pglast
+from pglast import ast
+
+from proxy.catalog_watch import change_marker
+from proxy.guard.side_doors import is_side_door
 from proxy.policy.model import Dataset, Policy
 
 RelationKind = Literal["table", "view", "matview", "partitioned", "foreign", "sequence"]
@@ -21,6 +27,10 @@ _RELKINDS: dict[str, RelationKind] = {
 _READABLE_LANGUAGES = frozenset({"sql", "plpgsql"})
 _IDENTIFIER = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_\x80-\uffff][A-Za-z0-9_$\x80-\uffff]*)')
 _DYNAMIC_SQL = re.compile(r"\bexecute\b", re.IGNORECASE)
+# PL/pgSQL expression parse modes (pglast's PLpgSQL_expr.parseMode): a bare expression, an assignment.
+_PLPGSQL_EXPRESSION_MODE = 2
+_PLPGSQL_ASSIGN_MODES = frozenset({3, 4, 5})
+_PLPGSQL_ASSIGN_TARGET = re.compile(r"^[^:=]*?(?::=|=)", re.DOTALL)
 
 _RELATIONS_SQL = """
 SELECT c.oid, n.nspname, c.relname, c.relkind::text
@@ -66,13 +76,59 @@ SELECT p.oid, n.nspname, p.proname, l.lanname, p.prosecdef,
                AND d.refclassid = 'pg_catalog.pg_class'::regclass) AS depends_on,
        ARRAY(SELECT d.refobjid FROM pg_catalog.pg_depend d
              WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
-               AND d.refclassid = 'pg_catalog.pg_proc'::regclass) AS calls
+               AND d.refclassid = 'pg_catalog.pg_proc'::regclass) AS calls,
+       CASE WHEN l.lanname = 'plpgsql' THEN pg_catalog.pg_get_functiondef(p.oid) END AS definition
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgveil')
   AND n.nspname !~ '^pg_toast' AND n.nspname !~ '^pg_temp_'
 ORDER BY n.nspname, p.proname, p.oid
+"""
+_BUILTIN_FUNCTIONS_SQL = """
+SELECT DISTINCT n.nspname || '.' || p.proname
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname IN ('pg_catalog', 'information_schema')
+"""
+_BUILTIN_OPERATORS_SQL = """
+SELECT DISTINCT o.oprname FROM pg_catalog.pg_operator o
+WHERE o.oprnamespace = 'pg_catalog'::pg_catalog.regnamespace
+"""
+# User-defined operators, casts and domain checks, each with the user functions it runs.
+_OPERATORS_SQL = """
+SELECT n.nspname, o.oprname, fn.nspname || '.' || f.proname
+FROM pg_catalog.pg_operator o
+JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+JOIN pg_catalog.pg_proc f ON f.oid = o.oprcode
+JOIN pg_catalog.pg_namespace fn ON fn.oid = f.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgveil')
+  AND fn.nspname NOT IN ('pg_catalog', 'information_schema')
+ORDER BY 1, 2, 3
+"""
+_CASTS_SQL = """
+SELECT sn.nspname || '.' || st.typname, tn.nspname || '.' || tt.typname, fn.nspname || '.' || f.proname
+FROM pg_catalog.pg_cast c
+JOIN pg_catalog.pg_proc f ON f.oid = c.castfunc
+JOIN pg_catalog.pg_namespace fn ON fn.oid = f.pronamespace
+JOIN pg_catalog.pg_type st ON st.oid = c.castsource
+JOIN pg_catalog.pg_namespace sn ON sn.oid = st.typnamespace
+JOIN pg_catalog.pg_type tt ON tt.oid = c.casttarget
+JOIN pg_catalog.pg_namespace tn ON tn.oid = tt.typnamespace
+WHERE fn.nspname NOT IN ('pg_catalog', 'information_schema')
+ORDER BY 1, 2, 3
+"""
+_DOMAINS_SQL = """
+SELECT t.oid, n.nspname || '.' || t.typname, t.typbasetype,
+       ARRAY(SELECT DISTINCT fn.nspname || '.' || f.proname
+             FROM pg_catalog.pg_constraint c
+             JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_constraint'::regclass
+                  AND d.objid = c.oid AND d.refclassid = 'pg_catalog.pg_proc'::regclass
+             JOIN pg_catalog.pg_proc f ON f.oid = d.refobjid
+             JOIN pg_catalog.pg_namespace fn ON fn.oid = f.pronamespace
+             WHERE c.contypid = t.oid AND fn.nspname NOT IN ('pg_catalog', 'information_schema'))
+FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+WHERE t.typtype = 'd' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+ORDER BY 1
 """
 _ROLE_SETTINGS_SQL = """
 SELECT COALESCE(d.datname, ''), COALESCE(r.rolname, ''), s.setconfig
@@ -135,11 +191,14 @@ class FunctionInfo:
     """A user-defined function (all overloads of one schema.name merged, conservatively).
 
     `reads` lists user relations the body mentions, directly or through the user functions it
-    calls (transitively): pg_depend for SQL-standard bodies (BEGIN ATOMIC), and for other bodies
+    calls (transitively): pg_depend for SQL-standard bodies (BEGIN ATOMIC); for other bodies the
+    relations and functions of the body parsed with pglast (PL/pgSQL: every embedded query) plus
     a search of the body text for relation and function names, so it may list too many, never
-    knowingly too few. `opaque_body` is true when the text cannot tell what it reads: non-SQL
-    languages (C, internal, plpython, ...), PL/pgSQL with EXECUTE (dynamic SQL), or a call to
-    such a function. `calls` are the user functions the body itself names."""
+    knowingly too few. Views stay views here: the guard follows them to their base relations.
+    `opaque_body` is true when pgveil cannot tell what it reads: non-SQL languages (C, internal,
+    plpython, ...), a body pglast cannot parse, dynamic SQL (PL/pgSQL EXECUTE), a call to a
+    side-door function that runs SQL text or reads whole tables (`ts_stat`, `query_to_xml`,
+    `lo_get`, ...), or a call to such a function. `calls` are the user functions the body names."""
 
     schema: str
     name: str
@@ -169,6 +228,13 @@ class CatalogSnapshot:
     role_settings: dict[tuple[str, str], dict[str, str]]  # (database|'', role|'') -> settings
     server_search_path: tuple[str, ...]
     generation: str
+    # What runs user functions without a call in the SQL text (each value: qualified functions).
+    operators: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)  # (schema, symbol)
+    casts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # schema.type: its user types
+    domains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # schema.domain: its checks' calls
+    builtin_functions: frozenset[str] | None = None  # schema.name in pg_catalog/information_schema
+    builtin_operators: frozenset[str] = frozenset()  # operator symbols pg_catalog defines
+    change_marker: str = ""  # catalog_watch.change_marker() read with this snapshot
     _by_parts: dict[tuple[str, str], Relation] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -312,6 +378,12 @@ async def load_catalog(dsn: str, timeout: float = 10.0, database: str | None = N
             view_reads = await connection.fetch(_VIEW_READS_SQL)
             functions = await connection.fetch(_FUNCTIONS_SQL)
             role_settings = await connection.fetch(_ROLE_SETTINGS_SQL)
+            builtin_functions = await connection.fetch(_BUILTIN_FUNCTIONS_SQL)
+            builtin_operators = await connection.fetch(_BUILTIN_OPERATORS_SQL)
+            operators = await connection.fetch(_OPERATORS_SQL)
+            casts = await connection.fetch(_CASTS_SQL)
+            domains = await connection.fetch(_DOMAINS_SQL)
+            marker = await change_marker(connection)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise CatalogError(f"cannot read the upstream catalog: {exc}") from exc
     finally:
@@ -325,6 +397,12 @@ async def load_catalog(dsn: str, timeout: float = 10.0, database: str | None = N
         function_rows=functions,
         role_setting_rows=role_settings,
         server_search_path=server_search_path,
+        builtin_function_rows=builtin_functions,
+        builtin_operator_rows=builtin_operators,
+        operator_rows=operators,
+        cast_rows=casts,
+        domain_rows=domains,
+        change_marker=marker,
     )
 
 
@@ -350,6 +428,12 @@ def build_snapshot(
     function_rows: Sequence[Sequence[Any]],
     role_setting_rows: Sequence[Sequence[Any]],
     server_search_path: tuple[str, ...],
+    builtin_function_rows: Sequence[Sequence[Any]] | None = None,
+    builtin_operator_rows: Sequence[Sequence[Any]] = (),
+    operator_rows: Sequence[Sequence[Any]] = (),
+    cast_rows: Sequence[Sequence[Any]] = (),
+    domain_rows: Sequence[Sequence[Any]] = (),
+    change_marker: str = "",
 ) -> CatalogSnapshot:
     """Assemble a snapshot from catalog query rows (in the column order of the queries above)."""
     names: dict[int, str] = {row[0]: f"{row[1]}.{row[2]}" for row in relation_rows}
@@ -391,9 +475,21 @@ def build_snapshot(
     for database_name, role_name, config in role_setting_rows:
         settings = dict(entry.split("=", 1) for entry in config or () if "=" in entry)
         role_settings[(database_name, role_name)] = settings
+    operators: dict[tuple[str, str], tuple[str, ...]] = {}
+    for schema, symbol, function in operator_rows:
+        operators[(schema, symbol)] = (*operators.get((schema, symbol), ()), function)
+    casts: dict[str, tuple[str, ...]] = {}
+    for source, target, function in cast_rows:
+        # keyed by the cast's user-defined types: a cast from a user type to text must not make
+        # every ::text suspect; a cast between two built-in types is keyed by both
+        user_types = [t for t in (source, target) if t.split(".", 1)[0] not in SYSTEM_SCHEMAS]
+        for type_name in user_types or (source, target):
+            casts[type_name] = (*casts.get(type_name, ()), function)
+    domains = _domains(domain_rows)
 
     digest = hashlib.sha256()
-    for part in (database, relations, functions, role_settings, server_search_path):
+    for part in (database, relations, functions, role_settings, server_search_path, operators, casts,
+                 domains):
         digest.update(repr(part).encode("utf-8"))
     return CatalogSnapshot(
         database=database,
@@ -402,7 +498,30 @@ def build_snapshot(
         role_settings=role_settings,
         server_search_path=server_search_path,
         generation=digest.hexdigest()[:16],
+        operators=operators,
+        casts=casts,
+        domains=domains,
+        builtin_functions=None if builtin_function_rows is None else frozenset(
+            row[0] for row in builtin_function_rows),
+        builtin_operators=frozenset(row[0] for row in builtin_operator_rows),
+        change_marker=change_marker,
     )
+
+
+def _domains(rows: Sequence[Sequence[Any]]) -> dict[str, tuple[str, ...]]:
+    """schema.domain -> the user functions its CHECK constraints and those of its base domains call."""
+    by_oid = {row[0]: (row[1], row[2], tuple(row[3] or ())) for row in rows}
+    domains: dict[str, tuple[str, ...]] = {}
+    for oid, (name, _base, _calls) in by_oid.items():
+        calls: list[str] = []
+        seen: set[int] = set()
+        current: int | None = oid
+        while current is not None and current in by_oid and current not in seen:
+            seen.add(current)
+            calls.extend(by_oid[current][2])
+            current = by_oid[current][1]
+        domains[name] = tuple(dict.fromkeys(calls))
+    return domains
 
 
 def _ancestors(oid: int, direct_parents: Mapping[int, list[int]]) -> list[int]:
@@ -425,15 +544,27 @@ def _functions(rows: Sequence[Sequence[Any]], names: Mapping[int, str], function
     for qualified in dict.fromkeys(function_names.values()):
         by_simple_name.setdefault(qualified.split(".", 1)[1], []).append(qualified)
     direct: dict[str, FunctionInfo] = {}
-    for _oid, schema, name, language, security_definer, body, depends_on, calls in rows:
+    relation_names = frozenset(names.values())
+    for _oid, schema, name, language, security_definer, body, depends_on, calls, *definition in rows:
         reads = {names[relid] for relid in depends_on or () if relid in names}
         called = {function_names[oid] for oid in calls or () if oid in function_names}
+        opaque = language not in _READABLE_LANGUAGES or (
+            language == "plpgsql" and _DYNAMIC_SQL.search(body or "") is not None)
         if language in _READABLE_LANGUAGES:
             for identifier in _identifiers(body or ""):
                 reads.update(user_relations_by_name.get(identifier, ()))
                 called.update(by_simple_name.get(identifier, ()))
-        opaque = language not in _READABLE_LANGUAGES or (
-            language == "plpgsql" and _DYNAMIC_SQL.search(body or "") is not None)
+            parsed = _body_names(language, body or "", definition[0] if definition else None)
+            if parsed is None:
+                opaque = True
+            else:
+                relation_parts, function_parts = parsed
+                for parts in relation_parts:
+                    reads.update(_named(parts, relation_names, user_relations_by_name))
+                for parts in function_parts:
+                    if is_side_door(parts[-1]):
+                        opaque = True
+                    called.update(_named(parts, frozenset(function_names.values()), by_simple_name))
         key = f"{schema}.{name}"
         called.discard(key)
         previous = direct.get(key)
@@ -473,6 +604,81 @@ def _with_callees(function: FunctionInfo, functions: Mapping[str, FunctionInfo])
         pending.extend(callee.calls)
     return FunctionInfo(function.schema, function.name, function.language, function.security_definer,
                         tuple(sorted(reads)), opaque, function.overloads, function.calls)
+
+
+def _named(parts: tuple[str, ...], qualified_names: frozenset[str],
+           by_simple_name: Mapping[str, list[str]]) -> set[str]:
+    """The user objects a name in a body may mean: exactly when qualified, else any of that name."""
+    if len(parts) >= 2:
+        qualified = f"{parts[-2]}.{parts[-1]}"
+        return {qualified} if qualified in qualified_names else set()
+    return set(by_simple_name.get(parts[-1], ())) if parts else set()
+
+
+def _body_names(language: str, body: str, definition: str | None
+                ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]] | None:
+    """(relation names, function names) a SQL or PL/pgSQL body uses, as pglast parses them; None
+    when pgveil cannot tell: the body does not parse, or PL/pgSQL runs dynamic SQL."""
+    queries: list[str] = []
+    try:
+        if language == "sql":
+            if body.strip():
+                queries.append(body)
+        else:
+            if definition is None:
+                return None
+            if not _plpgsql_queries(pglast.parse_plpgsql(definition), queries):
+                return None
+        relation_parts: list[tuple[str, ...]] = []
+        function_parts: list[tuple[str, ...]] = []
+        for query in queries:
+            for node in _walk(pglast.parse_sql(query)):
+                if isinstance(node, ast.RangeVar):
+                    relation_parts.append(tuple(p for p in (node.schemaname, node.relname) if p))
+                elif isinstance(node, ast.FuncCall):
+                    function_parts.append(tuple(n.sval or "" for n in node.funcname or ()
+                                                if isinstance(n, ast.String)))
+    except Exception:  # any parser failure (pglast.parser.ParseError, odd trees) means: opaque
+        return None
+    return relation_parts, function_parts
+
+
+def _plpgsql_queries(tree: Any, queries: list[str]) -> bool:
+    """Collect the SQL of every PLpgSQL_expr in a parse_plpgsql tree (as parseable statements);
+    False when the body runs dynamic SQL (EXECUTE, RETURN QUERY EXECUTE, FOR ... IN EXECUTE, OPEN
+    ... FOR EXECUTE)."""
+    if isinstance(tree, list):
+        return all(_plpgsql_queries(item, queries) for item in tree)
+    if not isinstance(tree, dict):
+        return True
+    for key, value in tree.items():
+        if key.startswith("PLpgSQL_stmt_dyn") or key == "dynquery":
+            return False
+        if key == "PLpgSQL_expr" and isinstance(value, dict):
+            query = str(value.get("query", ""))
+            mode = value.get("parseMode", 0)
+            if mode == _PLPGSQL_EXPRESSION_MODE:
+                query = "SELECT " + query
+            elif mode in _PLPGSQL_ASSIGN_MODES:
+                query = "SELECT " + _PLPGSQL_ASSIGN_TARGET.sub("", query, count=1)
+            queries.append(query)
+        elif not _plpgsql_queries(value, queries):
+            return False
+    return True
+
+
+def _walk(node: Any) -> Iterable[ast.Node]:
+    if isinstance(node, tuple | list):
+        for item in node:
+            yield from _walk(item)
+        return
+    if not isinstance(node, ast.Node):
+        return
+    yield node
+    for slot in getattr(type(node), "__slots__", ()):
+        child = getattr(node, slot, None)
+        if child is not None and not isinstance(child, str | int | float | bool):
+            yield from _walk(child)
 
 
 def _identifiers(body: str) -> set[str]:

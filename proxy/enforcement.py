@@ -14,6 +14,7 @@ from pglast import ast, parse_sql
 from pglast.enums import DiscardMode, VariableSetKind
 
 from proxy.catalog import CatalogSnapshot, load_catalog, parse_search_path
+from proxy.catalog_watch import CatalogWatch
 from proxy.connection_policy import ClientInfo, Outcome
 from proxy.firewall.fingerprints import FingerprintKeeper
 from proxy.guard.cache import VerdictCache
@@ -32,7 +33,7 @@ from proxy.prepared import (
     StatementBook,
     session_object_events,
 )
-from proxy.upstream_setup import install_masking_functions
+from proxy.upstream_setup import install_catalog_watch, install_masking_functions
 
 log = logging.getLogger("pgveil.enforcement")
 
@@ -69,6 +70,7 @@ class Enforcement:
         self.fingerprints = FingerprintKeeper.for_policy(policy_path)
         self._refreshing: asyncio.Task[None] | None = None
         self._last_refresh = time.monotonic()
+        self.catalog_watch = CatalogWatch(upstream_dsn)
 
     @classmethod
     async def create(cls, policy_path: str, upstream_dsn: str,
@@ -92,6 +94,12 @@ class Enforcement:
             except Exception as exc:  # asyncpg, OS and timeout errors alike: say what failed, in one line
                 raise EnforcementError(
                     f"cannot install pgveil's masking functions upstream: {_one_line(exc)}") from None
+        try:
+            if not await install_catalog_watch(upstream_dsn):
+                log.warning("the upstream login may not create event triggers: pgveil fingerprints the "
+                            "catalogs before each statement of a masked role to see definitions change")
+        except Exception as exc:  # without the trigger the fingerprint still sees every change
+            log.warning("cannot install pgveil's catalog watch upstream: %s", _one_line(exc))
         try:
             catalog = await load_catalog(upstream_dsn)
         except CatalogError as exc:
@@ -127,6 +135,21 @@ class Enforcement:
             return
         self._last_refresh = time.monotonic()
         self.state = _State(self.state.policy, catalog)
+
+    async def fresh_catalog(self) -> bool:
+        """Refresh the catalog when PostgreSQL's definitions changed since it was read (functions,
+        views, operators, casts, domains, role settings created or replaced there directly); False
+        when pgveil cannot tell or cannot catch up (the caller refuses)."""
+        for _ in range(3):
+            try:
+                marker = await self.catalog_watch.marker()
+            except Exception as exc:  # asyncpg, OS and timeout errors alike
+                log.warning("cannot tell whether the upstream catalog changed: %s", _one_line(exc))
+                return False
+            if marker == self.state.catalog.change_marker:
+                return True
+            await self.refresh_catalog()
+        return marker == self.state.catalog.change_marker
 
     def may_refresh_for_unknown_relation(self) -> bool:
         return time.monotonic() - self._last_refresh > _UNKNOWN_RELATION_REFRESH_SECONDS
@@ -436,6 +459,8 @@ class GuardedConnection:
             return Refuse(STALE, f"after an error pgveil cannot tell which {what} {name!r} is; close it "
                           "and prepare it again"), None
         role = self.role()
+        if role is not None and self._masked(role) and not await self.enforcement.fresh_catalog():
+            return Refuse(CATALOG_UNKNOWN, _CATALOG_UNKNOWN_MESSAGE, info=entry.verdict.info), None
         basis = self._basis(role)
         if _same_basis(entry.basis, basis):
             return None, entry
@@ -464,6 +489,8 @@ class GuardedConnection:
 
     async def _decide(self, sql: str, role: Role) -> tuple[Verdict, Effects, bool]:
         """The verdict for `sql` and the session effects and DDL flag of running it."""
+        if self._masked(role) and not await self.enforcement.fresh_catalog():
+            return Refuse(CATALOG_UNKNOWN, _CATALOG_UNKNOWN_MESSAGE), (), False
         context, key = self.context_and_key(role)
         hit = self.enforcement.cache.lookup(sql, key)
         if hit is not None:
@@ -495,6 +522,9 @@ class GuardedConnection:
 
 
 STALE = "prepared-statement-stale"
+CATALOG_UNKNOWN = "catalog-unavailable"
+_CATALOG_UNKNOWN_MESSAGE = ("pgveil cannot tell whether the database's definitions changed since it read "
+                            "them; retry, and see the pgveil log if it persists")
 _UNCHECKED = ("", "")  # GuardedConnection._settings_problem: to be worked out again
 
 

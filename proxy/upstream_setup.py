@@ -85,3 +85,52 @@ async def install_masking_functions(dsn: str, hash_key: bytes, database: str | N
             await connection.execute(_STORE_KEY, inner_pad, outer_pad)
     finally:
         await connection.close()
+
+
+_WATCH_INSTALL = """
+CREATE SCHEMA IF NOT EXISTS pgveil;
+REVOKE ALL ON SCHEMA pgveil FROM PUBLIC;
+GRANT USAGE ON SCHEMA pgveil TO PUBLIC;
+CREATE TABLE IF NOT EXISTS pgveil.catalog_changes (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    changes bigint NOT NULL
+);
+INSERT INTO pgveil.catalog_changes VALUES (true, 0) ON CONFLICT (singleton) DO NOTHING;
+REVOKE ALL ON TABLE pgveil.catalog_changes FROM PUBLIC;
+CREATE OR REPLACE FUNCTION pgveil.note_catalog_change() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $body$
+BEGIN
+    UPDATE pgveil.catalog_changes SET changes = changes + 1;
+EXCEPTION WHEN OTHERS THEN
+    NULL;  -- never make a DDL fail; pgveil then sees no change and its catalog may go stale
+END
+$body$;
+REVOKE ALL ON FUNCTION pgveil.note_catalog_change() FROM PUBLIC;
+"""
+_WATCH_TRIGGERS = """
+SELECT e.event FROM (VALUES ('pgveil_catalog_ddl', 'ddl_command_end'),
+                            ('pgveil_catalog_drop', 'sql_drop')) AS e(name, event)
+WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger t WHERE t.evtname = e.name)
+"""
+
+
+async def install_catalog_watch(dsn: str, database: str | None = None) -> bool:
+    """Install the event triggers that count DDL in `pgveil.catalog_changes` (see
+    proxy.catalog_watch); idempotent. False, with nothing changed, when the DSN's role may not
+    (event triggers need a superuser): pgveil then fingerprints the catalogs instead."""
+    connection = await asyncpg.connect(dsn, database=database)
+    try:
+        superuser = "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"
+        if not await connection.fetchval(superuser):
+            return False
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext('pgveil.install'))")
+            await connection.execute(_WATCH_INSTALL)
+            for (event,) in await connection.fetch(_WATCH_TRIGGERS):
+                name = "pgveil_catalog_ddl" if event == "ddl_command_end" else "pgveil_catalog_drop"
+                await connection.execute(f"CREATE EVENT TRIGGER {name} ON {event} "
+                                         "EXECUTE FUNCTION pgveil.note_catalog_change()")
+        return True
+    finally:
+        await connection.close()

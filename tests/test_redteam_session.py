@@ -308,8 +308,11 @@ def test_statement_prepared_over_a_view_is_not_replanned_over_a_new_definition_u
         world.upstream.execute(
             "CREATE OR REPLACE VIEW gv.redteam_order_count2 AS SELECT p.id AS person_id, "
             "pg_catalog.replace(p.ssn, '-', '')::bigint AS orders FROM gv.people p", dbname=DATABASE)
-        after = conn.execute(query, prepare=True).fetchall()
-    assert before and leaked_canaries(repr(after)) == []
+        try:
+            after = repr(conn.execute(query, prepare=True).fetchall())
+        except psycopg.Error as exc:  # refused: what the client received is the error
+            after = str(exc)
+    assert before and leaked_canaries(after) == []
 
 
 def test_function_replaced_after_pgveil_read_its_catalog_is_checked_against_its_new_body(

@@ -51,6 +51,13 @@ class _Collector:
             names = node.names if isinstance(node, ast.TypeName) else node.name
             if names and len(names) > 1 and isinstance(names[0], ast.String):
                 self.statement.schemas_named.add(names[0].sval or "")
+            if names and isinstance(node, ast.TypeName):
+                self.statement.type_names.append(_name_parts(names))
+            elif names:
+                self.statement.operator_names.append(_name_parts(names))
+        elif isinstance(node, ast.A_Indirection):
+            self.statement.field_selections.extend(
+                item.sval or "" for item in node.indirection or () if isinstance(item, ast.String))
         elif isinstance(node, _MODIFICATIONS) and node is not self.statement.node:
             self.statement.modifications.append(node)
         with_clause = getattr(node, "withClause", None)

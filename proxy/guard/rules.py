@@ -10,6 +10,7 @@ from pglast import ast
 from proxy.catalog import PGVEIL_SCHEMA, SYSTEM_SCHEMAS, effective_search_path
 from proxy.guard.classify import ALWAYS_ALLOWED, required_classes
 from proxy.guard.protected import relation_masks
+from proxy.guard.side_doors import is_side_door
 from proxy.guard.statement import GuardContext, GuardStatement
 from proxy.guard.verdict import Refuse
 
@@ -21,18 +22,6 @@ VALUE_EXPOSING_CATALOGS = frozenset({
 """Relations (any schema: extensions install where they like) that expose data values or secrets.
 `pg_statistic_ext` only defines extended statistics (psql's \\d reads it); their values live in
 `pg_statistic_ext_data`."""
-
-SIDE_DOOR_FUNCTIONS = frozenset({
-    "current_query", "ts_stat", "ts_rewrite", "pg_stat_file", "pg_current_logfile", "loread",
-    "lowrite", "connectby", "pg_stat_statements", "pg_stat_statements_info",
-})
-SIDE_DOOR_PREFIXES = (
-    "query_to_xml", "table_to_xml", "schema_to_xml", "database_to_xml", "cursor_to_xml", "dblink",
-    "pg_read_", "pg_ls_", "pg_file_", "lo_", "pg_logical_slot_", "pg_replication_slot", "crosstab",
-    "pg_get_wal_", "get_raw_page", "heap_page_item", "tuple_data_split", "bt_page_items", "brin_page_items",
-    "gin_leafpage_items", "hash_page_items", "gist_page_items",
-)
-"""Functions that run SQL given as text, read whole tables/schemas/files, or large objects."""
 
 
 def statement_class_allowed(statement: GuardStatement, context: GuardContext) -> Refuse | None:
@@ -107,7 +96,7 @@ def function_side_doors(statement: GuardStatement, context: GuardContext) -> Ref
         return None
     for function in statement.functions:
         name = function.name
-        if name in SIDE_DOOR_FUNCTIONS or name.startswith(SIDE_DOOR_PREFIXES):
+        if is_side_door(name):
             return Refuse(
                 "side-door-function",
                 f"{name}() runs SQL text or reads whole tables, files or large objects, which "
@@ -118,35 +107,51 @@ def function_side_doors(statement: GuardStatement, context: GuardContext) -> Ref
 
 def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refuse | None:
     """User-defined functions whose bodies read protected relations (or cannot be read) run with
-    raw data inside; a masked role may call them only when the policy lists them as datasets."""
+    raw data inside; a masked role may call them only when the policy lists them as datasets.
+
+    A call is also: functional notation (`row.f`, `(row).f` is `f(row)`), a user-defined operator
+    (its function), a cast to or from a type with a user-defined cast function, and a value of a
+    domain whose CHECK calls user functions. pgveil does not pick the overload PostgreSQL would,
+    so every candidate counts. A function name the catalog does not know is refused (the catalog
+    is refreshed first when PostgreSQL's definitions changed, see Enforcement)."""
     if not context.masked:
         return None
     catalog = context.catalog
     path = effective_search_path(context.search_path, context.user)
-    candidates: list[str] = []
+    candidates: list[tuple[str, str]] = []  # (qualified function, how the statement reaches it)
     for function in statement.functions:
-        candidates.extend(_user_functions(function.parts, path, catalog.functions))
+        found = _user_functions(function.parts, path, catalog.functions)
+        if not found and not _builtin(function.parts, path, catalog.builtin_functions):
+            return Refuse(
+                "unknown-function",
+                f"function {'.'.join(function.parts)} is not in pgveil's catalog of the database and role "
+                f"{context.role.name} has masked data; call an existing function",
+            )
+        candidates.extend((name, "") for name in found)
     function_names = {info.name for info in catalog.functions.values()}
-    for column_ref in statement.column_refs:  # functional notation: row.f is f(row)
-        fields = [f.sval or "" for f in column_ref.fields or () if isinstance(f, ast.String)]
-        if len(fields) >= 2 and fields[-1] in function_names:
-            candidates.extend(_user_functions((fields[-1],), path, catalog.functions))
-    for qualified in dict.fromkeys(candidates):
-        if qualified in context.policy.datasets:
+    selections = [fields[-1] for fields in _column_fields(statement) if len(fields) >= 2]
+    for name in (*selections, *statement.field_selections):  # functional notation: row.f is f(row)
+        if name in function_names:
+            candidates.extend((found, "") for found in _user_functions((name,), path, catalog.functions))
+    candidates.extend(_code_behind_operators(statement, context))
+    candidates.extend(_code_behind_types(statement, context))
+    for qualified, reached in dict.fromkeys(candidates):
+        if qualified in context.policy.datasets or qualified not in catalog.functions:
             continue
         info = catalog.functions[qualified]
+        via = f" (run by {reached})" if reached else ""
         if info.opaque_body:
             return Refuse(
                 "unlisted-function",
-                f"{qualified}() has a body pgveil cannot analyse and role {context.role.name} has "
+                f"{qualified}(){via} has a body pgveil cannot analyse and role {context.role.name} has "
                 "masked data; list the function under 'datasets' once it is reviewed",
             )
-        for read in info.reads:
+        for read in _read_relations(info.reads, context):
             relation = catalog.relations.get(read)
             if relation is not None and relation_masks(context.policy, context.role, relation).protected:
                 return Refuse(
                     "unlisted-function",
-                    f"{qualified}() reads {read}, which has data masked for role {context.role.name}; "
+                    f"{qualified}(){via} reads {read}, which has data masked for role {context.role.name}; "
                     "list the function under 'datasets' once it is reviewed",
                 )
     return None
@@ -159,6 +164,75 @@ def _user_functions(
         key = f"{parts[-2]}.{parts[-1]}"
         return [key] if key in functions else []
     return [f"{schema}.{parts[0]}" for schema in path if f"{schema}.{parts[0]}" in functions]
+
+
+def _column_fields(statement: GuardStatement) -> list[list[str]]:
+    return [[f.sval or "" for f in column_ref.fields or () if isinstance(f, ast.String)]
+            for column_ref in statement.column_refs]
+
+
+def _read_relations(reads: tuple[str, ...], context: GuardContext) -> list[str]:
+    """The relations a function body reads, with views followed to everything they read."""
+    found = dict.fromkeys(reads)
+    for read in reads:
+        relation = context.catalog.relations.get(read)
+        if relation is not None and relation.kind in ("view", "matview"):
+            found.update(dict.fromkeys(sorted(context.catalog.base_relations(relation))))
+    return list(found)
+
+
+def _builtin(parts: tuple[str, ...], path: tuple[str, ...], builtins: frozenset[str] | None) -> bool:
+    if builtins is None:  # a catalog built without the built-in names (tests): no unknown-function rule
+        return True
+    if len(parts) >= 2:
+        return f"{parts[-2]}.{parts[-1]}" in builtins
+    return any(f"{schema}.{parts[0]}" in builtins for schema in path)
+
+
+def _code_behind_operators(statement: GuardStatement, context: GuardContext) -> list[tuple[str, str]]:
+    """User functions the statement's operators may run. A qualified operator means that schema's;
+    an unqualified one any schema's, except that a symbol pg_catalog also defines (`=`, `||`, ...)
+    counts only with a function known to read relations: extensions overload those for their
+    types with C functions, and refusing every `=` would make them unusable."""
+    operators = context.catalog.operators
+    if not operators:
+        return []
+    found: list[tuple[str, str]] = []
+    for parts in statement.operator_names:
+        symbol = parts[-1]
+        schemas = [parts[-2]] if len(parts) >= 2 else [schema for schema, name in operators if name == symbol]
+        for schema in schemas:
+            for function in operators.get((schema, symbol), ()):
+                info = context.catalog.functions.get(function)
+                if (len(parts) < 2 and symbol in context.catalog.builtin_operators
+                        and (info is None or not info.reads)):
+                    continue
+                found.append((function, f"operator {schema}.{symbol}"))
+    return found
+
+
+def _code_behind_types(statement: GuardStatement, context: GuardContext) -> list[tuple[str, str]]:
+    """User functions run by user-defined casts to or from the types the statement names or its
+    relations' columns have, and by the CHECKs of those types when they are domains."""
+    catalog = context.catalog
+    if not catalog.casts and not catalog.domains:
+        return []
+    type_names: set[str] = set()
+    path = effective_search_path(context.search_path, context.user)
+    for parts in statement.type_names:
+        if len(parts) >= 2:
+            type_names.add(f"{parts[-2]}.{parts[-1]}")
+        elif parts:
+            type_names.update(f"{schema}.{parts[0]}" for schema in path)
+    for ref in statement.relations:
+        if ref.relation is not None:
+            type_names.update(column.type_sql for column in ref.relation.columns)
+    found: list[tuple[str, str]] = []
+    for type_name in sorted(type_names):
+        found.extend((function, f"a cast of {type_name}") for function in catalog.casts.get(type_name, ()))
+        found.extend((function, f"a CHECK of domain {type_name}")
+                     for function in catalog.domains.get(type_name, ()))
+    return found
 
 
 def unlisted_views(statement: GuardStatement, context: GuardContext) -> Refuse | None:

@@ -73,6 +73,9 @@ class GuardStatement:
     cte_names: frozenset[str] = frozenset()
     modifications: list[ast.Node] = field(default_factory=list)  # INSERT/UPDATE/DELETE/MERGE nested inside
     schemas_named: set[str] = field(default_factory=set)  # schema parts of type and operator names
+    type_names: list[tuple[str, ...]] = field(default_factory=list)  # every TypeName (casts, ...)
+    operator_names: list[tuple[str, ...]] = field(default_factory=list)  # every A_Expr operator
+    field_selections: list[str] = field(default_factory=list)  # `(x).f`: f may be the call f(x)
     columns_read: tuple[str, ...] = ()  # schema.table.column referenced (filled by the mask pass)
     literal_dependent: bool = False
     findings: list[str] = field(default_factory=list)  # firewall rules that matched (`alert`: not refused)
