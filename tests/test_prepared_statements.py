@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 from proxy.audit import JsonLinesFileSink
 from proxy.audit.sink import AuditRecord, AuditSink
 from proxy.cli import main as pgveil
-from proxy.embedded import bin_dir
+from proxy.embedded import bin_dir, free_port
 from proxy.enforcement import Enforcement
 from proxy.operations import build_connection_policy_factory
 from tests import guard_setup
@@ -383,3 +384,32 @@ def test_executing_a_deallocated_or_unknown_statement_is_refused_and_the_session
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="prepared-statement-unknown"):
             conn.execute("execute short_lived")
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def sample(text: str, name: str, labels: str) -> float:
+    prefix = f"{name}{{{labels}}} "
+    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_re_executions_are_counted_and_the_harness_relays_through_serves_metrics(
+    world: GuardWorld, tmp_path: Path,
+) -> None:
+    policy, port = tmp_path / "policy.yaml", free_port()
+    policy.write_text(POLICY)
+    with running_proxy(_GuardDatabase(world), str(policy), metrics=f"127.0.0.1:{port}") as proxy:
+        with connect(proxy, "gv_analyst", prepare_threshold=0) as conn:
+            for order in (10, 11, 12):
+                conn.execute("select id from gv.orders where id = %s", (order,))
+        text = scrape(port)
+    # a Parse (in a request of its own, with prepare_threshold=0) and three Binds
+    assert sample(text, "pgveil_statements_total", 'decision="rewrite",kind="select",role="analyst"') == 4
+    assert sample(text, "pgveil_bytes_relayed_total", 'direction="server_to_client"') > 0
+    assert sample(text, "pgveil_connections_total", 'result="accepted"') >= 1
