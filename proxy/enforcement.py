@@ -151,6 +151,10 @@ class Enforcement:
             await self.refresh_catalog()
         return marker == self.state.catalog.change_marker
 
+    async def close(self) -> None:
+        """Close the catalog watch's connection (the serving process stops)."""
+        await self.catalog_watch.close()
+
     def may_refresh_for_unknown_relation(self) -> bool:
         return time.monotonic() - self._last_refresh > _UNKNOWN_RELATION_REFRESH_SECONDS
 
@@ -353,6 +357,12 @@ class GuardedConnection:
         if refusal is not None:
             self._pending_effects, self._pending_ddl = (), False
             return replace(refusal, info=entry.verdict.info)
+        if role is not None and role.fingerprints != "off" and not isinstance(entry.verdict, Refuse):
+            # an approval withdrawn since the Parse applies to its re-executions too
+            screened = await self.enforcement.fingerprints.screen(role, entry.verdict.info)
+            if screened is not None:
+                self._pending_effects, self._pending_ddl = (), False
+                return Refuse(screened.rule, screened.message, info=entry.verdict.info)
         self._pending_effects, self._pending_ddl = entry.effects, entry.ddl
         if entry.events:
             refusal = await self._session_object_events(entry.events, entry)

@@ -413,3 +413,30 @@ def test_re_executions_are_counted_and_the_harness_relays_through_serves_metrics
     assert sample(text, "pgveil_statements_total", 'decision="rewrite",kind="select",role="analyst"') == 4
     assert sample(text, "pgveil_bytes_relayed_total", 'direction="server_to_client"') > 0
     assert sample(text, "pgveil_connections_total", 'result="accepted"') >= 1
+
+
+# ---- fingerprint allow-lists ------------------------------------------------------------------------------
+
+
+def test_a_revoked_fingerprint_stops_the_re_executions_of_a_prepared_statement(
+    world: GuardWorld, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    enforcing = "members: [gv_analyst]\n    fingerprints: enforce\n"
+    policy.write_text(POLICY.replace("members: [gv_analyst]\n", enforcing))
+    query = "select id, amount from gv.orders where id = %s"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PGVEIL_FINGERPRINTS_REFRESH_SECONDS", "0")
+        with running_proxy(_GuardDatabase(world), str(policy)) as proxy, \
+                connect(proxy, "gv_analyst") as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="unknown-fingerprint"):
+                conn.execute(query, (10,), prepare=True)
+            capsys.readouterr()
+            assert pgveil(["fingerprints", "list", "--json", "--policy", str(policy)]) == 0
+            (pending,) = json.loads(capsys.readouterr().out)
+            assert pgveil(["fingerprints", "approve", pending["fingerprint"], "--policy", str(policy)]) == 0
+            for order in (10, 11):  # prepared, then executed again (Bind)
+                assert conn.execute(query, (order,), prepare=True).fetchone() is not None
+            assert pgveil(["fingerprints", "revoke", pending["fingerprint"], "--policy", str(policy)]) == 0
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="unknown-fingerprint"):
+                conn.execute(query, (12,), prepare=True)
