@@ -20,15 +20,19 @@ _COUNTER_EXISTS_SQL = f"SELECT pg_catalog.to_regclass('{COUNTER_TABLE}') IS NOT 
 # Without the trigger: every row version of the catalogs definitions live in (a replaced function or
 # view is a new row version with a new xmin; a dropped one lowers the count). ALTER ROLE/DATABASE SET
 # (pg_db_role_setting) fires no event trigger, so it is part of both markers.
-_CATALOGS = ("pg_proc", "pg_rewrite", "pg_class", "pg_type", "pg_operator", "pg_cast", "pg_constraint",
-             "pg_namespace")
+# Temporary objects (apps create them all the time) are invisible to other sessions: left out.
+_CATALOGS = (("pg_proc", "pronamespace"), ("pg_rewrite", ""), ("pg_class", "relnamespace"),
+             ("pg_type", "typnamespace"), ("pg_operator", ""), ("pg_cast", ""),
+             ("pg_constraint", "connamespace"), ("pg_namespace", "oid"))
+_TEMPORARY = "SELECT oid FROM pg_catalog.pg_namespace WHERE nspname ~ '^pg_(toast_)?temp_'"
 _ROLE_SETTINGS_SQL = (
     "SELECT pg_catalog.count(*) || ':' || COALESCE(pg_catalog.sum(xmin::text::bigint), 0) "
     "FROM pg_catalog.pg_db_role_setting"
 )
 _FINGERPRINT_SQL = "SELECT " + " || '/' || ".join(
     f"(SELECT pg_catalog.count(*) || ':' || COALESCE(pg_catalog.sum(xmin::text::bigint), 0) "
-    f"FROM pg_catalog.{catalog})" for catalog in _CATALOGS)
+    f"FROM pg_catalog.{catalog}{f' WHERE {namespace} NOT IN ({_TEMPORARY})' if namespace else ''})"
+    for catalog, namespace in _CATALOGS)
 
 
 async def change_marker(connection: Any) -> str:

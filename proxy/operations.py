@@ -302,12 +302,14 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
     grants = open_grant_book(elevation, lambda: loaded[0] if loaded else None, metrics)
     inner: ConnectionPolicyFactory = lambda client: PassThrough()  # noqa: E731
     reload: Callable[[], Awaitable[None]] | None = None
+    closing: list[Callable[[], Awaitable[None]]] = []
     if settings.policy is not None:
         from proxy.enforcement import Enforcement
 
         enforcement = await Enforcement.create(settings.policy, settings.upstream,
                                                active_role=active_role_of(grants))
         inner = enforcement.connection_policy
+        closing.append(enforcement.close)
         loaded.append(enforcement.policy)
         if metrics is not None:
             metrics.policy_loaded_now(enforcement.policy.version, enforcement.policy.source)
@@ -335,6 +337,8 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
     async def on_stopped() -> None:
         for metrics_server in servers:
             await metrics_server.close()
+        for close in closing:
+            await close()
         if sink is not None:
             await sink.close()
 

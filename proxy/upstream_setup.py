@@ -101,6 +101,16 @@ CREATE OR REPLACE FUNCTION pgveil.note_catalog_change() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $body$
 BEGIN
+    -- temporary objects (apps create them all the time) are invisible to other sessions
+    IF TG_EVENT = 'ddl_command_end' AND NOT EXISTS (
+            SELECT 1 FROM pg_event_trigger_ddl_commands() c
+            WHERE c.schema_name IS NULL OR c.schema_name !~ '^pg_temp') THEN
+        RETURN;
+    END IF;
+    IF TG_EVENT = 'sql_drop' AND NOT EXISTS (
+            SELECT 1 FROM pg_event_trigger_dropped_objects() o WHERE NOT o.is_temporary) THEN
+        RETURN;
+    END IF;
     UPDATE pgveil.catalog_changes SET changes = changes + 1;
 EXCEPTION WHEN OTHERS THEN
     NULL;  -- never make a DDL fail; pgveil then sees no change and its catalog may go stale

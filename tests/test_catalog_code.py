@@ -160,5 +160,7 @@ def test_with_the_event_trigger_the_marker_is_a_ddl_counter_read_in_the_catalog_
     after = asyncio.run(load_catalog(catcode_db))
     assert after.change_marker != before.change_marker
     assert [c.name for c in after.relations["cc.people_view"].columns] == ["id", "ssn", "one"]
+    upstream.execute("CREATE TEMPORARY TABLE cc_scratch (x integer); DROP TABLE cc_scratch", dbname=DATABASE)
+    assert asyncio.run(load_catalog(catcode_db)).change_marker == after.change_marker  # not for temp objects
     upstream.execute("ALTER DATABASE catcode_test SET work_mem = '8MB'")  # no event trigger fires
     assert asyncio.run(load_catalog(catcode_db)).change_marker != after.change_marker
