@@ -440,3 +440,16 @@ def test_a_revoked_fingerprint_stops_the_re_executions_of_a_prepared_statement(
             assert pgveil(["fingerprints", "revoke", pending["fingerprint"], "--policy", str(policy)]) == 0
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="unknown-fingerprint"):
                 conn.execute(query, (12,), prepare=True)
+
+
+def test_a_statement_whose_first_execution_failed_in_the_same_request_runs_again(served: Served) -> None:
+    query = "select 100 / %s::integer from gv.orders where id = 10"
+    with connect(served.proxy, "gv_analyst") as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():
+            conn.execute(query, (0,), prepare=True)  # Parse, Bind, Execute under one Sync: fails
+        assert conn.execute(query, (4,), prepare=True).fetchone() == (25,)
+        assert conn.execute(query, (5,), prepare=True).fetchone() == (20,)
+        me = connection_id(served, conn)
+    # psycopg prepares it again under a new name; its executions after that are Binds
+    assert [r["protocol"] for r in served.records(me) if r["type"] == "access"] == [
+        "parse", "parse", "bind", "bind"]
