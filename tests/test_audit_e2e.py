@@ -88,8 +88,8 @@ def world(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> World
 
 
 def connect(proxy: RunningProxy, login: str = "ops_alice") -> psycopg.Connection[Any]:
-    # No automatic server-side prepare: a statement executed again as Bind/Execute of an earlier
-    # Parse is not decided (nor audited) again, so these tests send every statement anew.
+    # No automatic server-side prepare, so each statement here gives exactly one access record
+    # (re-executions are audited too: tests/test_prepared_statements.py).
     return psycopg.connect(proxy.dsn(login, PASSWORD, DATABASE), autocommit=True, prepare_threshold=None)
 
 
