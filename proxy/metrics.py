@@ -52,6 +52,9 @@ class Metrics:
             ["role", "kind", "decision"], registry=r)
         self.refusals = Counter(
             "pgveil_refusals", "Statements refused, by the rule that refused them", ["rule"], registry=r)
+        self.findings = Counter(
+            "pgveil_findings", "Firewall findings of rules in alert mode (statement let through), by rule",
+            ["rule"], registry=r)
         self.pgveil_seconds = Histogram(
             "pgveil_statement_pgveil_seconds",
             "pgveil's own time per statement: decision, rewrite and audit write",
@@ -171,6 +174,8 @@ class MeteredConnection:
         self._last_refused = isinstance(verdict, Refuse)
         if isinstance(verdict, Refuse):
             self.metrics.refusals.labels(verdict.rule).inc()
+        for finding in verdict.info.findings:
+            self.metrics.findings.labels(finding).inc()
         return verdict
 
     async def on_startup(self, params: Mapping[str, str], client: ClientInfo) -> Refuse | None:

@@ -132,6 +132,7 @@ class AuditedConnection:
             "masks": list(info.masks),
             "decision": verdict.decision,
             "rule": verdict.rule if isinstance(verdict, Refuse) else None,
+            "findings": list(info.findings),  # firewall rules in `alert` mode that matched
             **extra,
         }
         try:
