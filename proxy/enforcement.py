@@ -38,6 +38,9 @@ from proxy.upstream_setup import install_catalog_watch, install_masking_function
 log = logging.getLogger("pgveil.enforcement")
 
 _UNKNOWN_RELATION_REFRESH_SECONDS = 2.0
+# How stale the catalog may get for verdicts that read no views or user code (tables only): a table
+# replaced by a view, or a user function shadowing a built-in one, directly in PostgreSQL.
+_CATALOG_CHECK_SECONDS = 1.0
 # Startup parameters every driver sends that do not change how SQL is read or who runs it.
 _HARMLESS_STARTUP = frozenset({
     "user", "database", "application_name", "fallback_application_name", "datestyle", "timezone",
@@ -71,6 +74,7 @@ class Enforcement:
         self._refreshing: asyncio.Task[None] | None = None
         self._last_refresh = time.monotonic()
         self.catalog_watch = CatalogWatch(upstream_dsn)
+        self._last_catalog_check = time.monotonic()
 
     @classmethod
     async def create(cls, policy_path: str, upstream_dsn: str,
@@ -136,10 +140,14 @@ class Enforcement:
         self._last_refresh = time.monotonic()
         self.state = _State(self.state.policy, catalog)
 
-    async def fresh_catalog(self) -> bool:
+    async def fresh_catalog(self, required: bool = True) -> bool:
         """Refresh the catalog when PostgreSQL's definitions changed since it was read (functions,
         views, operators, casts, domains, role settings created or replaced there directly); False
-        when pgveil cannot tell or cannot catch up (the caller refuses)."""
+        when pgveil cannot tell or cannot catch up (the caller refuses). Not `required` (a verdict
+        that read no views or user code): only when the last check is older than a second."""
+        if not required and time.monotonic() - self._last_catalog_check < _CATALOG_CHECK_SECONDS:
+            return True
+        self._last_catalog_check = time.monotonic()
         for _ in range(3):
             try:
                 marker = await self.catalog_watch.marker()
@@ -469,7 +477,8 @@ class GuardedConnection:
             return Refuse(STALE, f"after an error pgveil cannot tell which {what} {name!r} is; close it "
                           "and prepare it again"), None
         role = self.role()
-        if role is not None and self._masked(role) and not await self.enforcement.fresh_catalog():
+        if (role is not None and self._masked(role)
+                and not await self.enforcement.fresh_catalog(required=_reads_definitions(entry.verdict))):
             return Refuse(CATALOG_UNKNOWN, _CATALOG_UNKNOWN_MESSAGE, info=entry.verdict.info), None
         basis = self._basis(role)
         if _same_basis(entry.basis, basis):
@@ -498,9 +507,19 @@ class GuardedConnection:
         return verdict
 
     async def _decide(self, sql: str, role: Role) -> tuple[Verdict, Effects, bool]:
-        """The verdict for `sql` and the session effects and DDL flag of running it."""
-        if self._masked(role) and not await self.enforcement.fresh_catalog():
-            return Refuse(CATALOG_UNKNOWN, _CATALOG_UNKNOWN_MESSAGE), (), False
+        """The verdict for `sql` and the session effects and DDL flag of running it; for a masked
+        role decided again when the catalog it was decided with is no longer current."""
+        state = self.enforcement.state
+        decided = await self._decide_now(sql, role)
+        if not self._masked(role):
+            return decided
+        if not await self.enforcement.fresh_catalog(required=_reads_definitions(decided[0])):
+            return Refuse(CATALOG_UNKNOWN, _CATALOG_UNKNOWN_MESSAGE, info=decided[0].info), (), False
+        if self.enforcement.state is not state:
+            return await self._decide_now(sql, role)
+        return decided
+
+    async def _decide_now(self, sql: str, role: Role) -> tuple[Verdict, Effects, bool]:
         context, key = self.context_and_key(role)
         hit = self.enforcement.cache.lookup(sql, key)
         if hit is not None:
@@ -536,6 +555,13 @@ CATALOG_UNKNOWN = "catalog-unavailable"
 _CATALOG_UNKNOWN_MESSAGE = ("pgveil cannot tell whether the database's definitions changed since it read "
                             "them; retry, and see the pgveil log if it persists")
 _UNCHECKED = ("", "")  # GuardedConnection._settings_problem: to be worked out again
+
+
+def _reads_definitions(verdict: Verdict) -> bool:
+    """The verdict depends on definitions PostgreSQL can change under pgveil (or on a name pgveil
+    did not find): the catalog must be current before it is used."""
+    unknown = isinstance(verdict, Refuse) and verdict.rule in ("unknown-relation", "unknown-function")
+    return unknown or verdict.info.reads_definitions
 
 
 def _same_basis(stored: tuple[object, ...], now: tuple[object, ...]) -> bool:

@@ -138,6 +138,7 @@ def statement_info(statement: GuardStatement, masks: tuple[str, ...]) -> Stateme
         columns=statement.columns_read,
         masks=masks,
         findings=tuple(statement.findings),
+        reads_definitions=statement.reads_definitions,
     )
 
 
@@ -153,4 +154,5 @@ def _message_info(statements: tuple[GuardStatement, ...], masks: tuple[str, ...]
         columns=tuple(dict.fromkeys(c for info in infos for c in info.columns)),
         masks=masks,
         findings=tuple(dict.fromkeys(f for info in infos for f in info.findings)),
+        reads_definitions=any(info.reads_definitions for info in infos),
     )

@@ -122,6 +122,7 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
     for function in statement.functions:
         found = _user_functions(function.parts, path, catalog.functions)
         if not found and not _builtin(function.parts, path, catalog.builtin_functions):
+            statement.reads_definitions = True
             return Refuse(
                 "unknown-function",
                 f"function {'.'.join(function.parts)} is not in pgveil's catalog of the database and role "
@@ -135,6 +136,7 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
             candidates.extend((found, "") for found in _user_functions((name,), path, catalog.functions))
     candidates.extend(_code_behind_operators(statement, context))
     candidates.extend(_code_behind_types(statement, context))
+    statement.reads_definitions = statement.reads_definitions or bool(candidates)
     for qualified, reached in dict.fromkeys(candidates):
         if qualified in context.policy.datasets or qualified not in catalog.functions:
             continue
@@ -244,6 +246,7 @@ def unlisted_views(statement: GuardStatement, context: GuardContext) -> Refuse |
         relation = ref.relation
         if relation is None or relation.kind not in ("view", "matview") or relation.schema in SYSTEM_SCHEMAS:
             continue
+        statement.reads_definitions = True
         listed = ref.qualified in context.policy.datasets
         own_filter = relation_masks(context.policy, context.role, relation).row_filter
         for read in sorted(context.catalog.base_relations(relation)):

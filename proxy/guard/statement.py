@@ -78,6 +78,7 @@ class GuardStatement:
     field_selections: list[str] = field(default_factory=list)  # `(x).f`: f may be the call f(x)
     columns_read: tuple[str, ...] = ()  # schema.table.column referenced (filled by the mask pass)
     literal_dependent: bool = False
+    reads_definitions: bool = False  # set by the rules: see StatementInfo.reads_definitions
     findings: list[str] = field(default_factory=list)  # firewall rules that matched (`alert`: not refused)
 
     @property

@@ -16,6 +16,9 @@ class StatementInfo:
     columns: tuple[str, ...] = ()  # schema.table.column read
     masks: tuple[str, ...] = ()  # schema.table.column:protection applied
     findings: tuple[str, ...] = ()  # firewall rules that matched but did not refuse ("alert" mode)
+    # user views or code (functions, operators, casts, domains) or unknown function names: definitions
+    # PostgreSQL can change under pgveil, so its catalog must be current before this verdict is used
+    reads_definitions: bool = False
 
 
 @dataclass(frozen=True, slots=True)
