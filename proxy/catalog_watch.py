@@ -1,5 +1,5 @@
-"""Tells whether the upstream's definitions changed since pgveil read its catalog: a counter that an
-event trigger bumps on every DDL when pgveil could install one, else a fingerprint of catalog rows."""
+"""Tells whether the upstream's definitions changed since pgveil read its catalog: a log that an
+event trigger adds to on every DDL when pgveil could install one, else a fingerprint of catalog rows."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import asyncio
 from typing import Any
 
 # Installed by proxy.upstream_setup.install_catalog_watch (needs a superuser: event triggers).
-COUNTER_TABLE = "pgveil.catalog_changes"
+DDL_LOG = "pgveil.ddl_log"
 EVENT_TRIGGERS = ("pgveil_catalog_ddl", "pgveil_catalog_drop")
 
-_COUNTER_SQL = f"""
-SELECT w.changes,
+# A committed DDL adds a row; the trigger's trimming removes hundreds at once: count, max and sum
+# of the ids visible together cannot come back to an earlier value.
+_LOG_SQL = f"""
+SELECT pg_catalog.count(*) || ':' || COALESCE(pg_catalog.max(l.id), 0) || ':'
+       || COALESCE(pg_catalog.sum(l.id), 0),
        (SELECT pg_catalog.count(*) FROM pg_catalog.pg_event_trigger t
         WHERE t.evtname IN ('{EVENT_TRIGGERS[0]}', '{EVENT_TRIGGERS[1]}') AND t.evtenabled <> 'D')
-FROM {COUNTER_TABLE} w
+FROM {DDL_LOG} l
 """
-_COUNTER_EXISTS_SQL = f"SELECT pg_catalog.to_regclass('{COUNTER_TABLE}') IS NOT NULL"
+_LOG_READABLE_SQL = (f"SELECT COALESCE(pg_catalog.has_table_privilege("
+                     f"pg_catalog.to_regclass('{DDL_LOG}'), 'SELECT'), false)")
 # Without the trigger: every row version of the catalogs definitions live in (a replaced function or
 # view is a new row version with a new xmin; a dropped one lowers the count). ALTER ROLE/DATABASE SET
 # (pg_db_role_setting) fires no event trigger, so it is part of both markers.
@@ -39,10 +43,10 @@ async def change_marker(connection: Any) -> str:
     """A string that changes whenever a definition in the connection's database changes (asyncpg
     connection; inside a transaction it reads that transaction's snapshot)."""
     settings = await connection.fetchval(_ROLE_SETTINGS_SQL)
-    if await connection.fetchval(_COUNTER_EXISTS_SQL):
-        row = await connection.fetchrow(_COUNTER_SQL)
+    if await connection.fetchval(_LOG_READABLE_SQL):
+        row = await connection.fetchrow(_LOG_SQL)
         if row is not None and row[1] == len(EVENT_TRIGGERS):
-            return f"counter:{row[0]}:{settings}"
+            return f"ddl:{row[0]}:{settings}"
     return f"rows:{await connection.fetchval(_FINGERPRINT_SQL)}:{settings}"
 
 

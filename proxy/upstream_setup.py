@@ -91,15 +91,15 @@ _WATCH_INSTALL = """
 CREATE SCHEMA IF NOT EXISTS pgveil;
 REVOKE ALL ON SCHEMA pgveil FROM PUBLIC;
 GRANT USAGE ON SCHEMA pgveil TO PUBLIC;
-CREATE TABLE IF NOT EXISTS pgveil.catalog_changes (
-    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    changes bigint NOT NULL
-);
-INSERT INTO pgveil.catalog_changes VALUES (true, 0) ON CONFLICT (singleton) DO NOTHING;
-REVOKE ALL ON TABLE pgveil.catalog_changes FROM PUBLIC;
+-- one row per DDL: inserts never wait for each other (a single counter row would serialise
+-- concurrent DDL transactions and could deadlock them); the trigger trims old rows now and then
+CREATE TABLE IF NOT EXISTS pgveil.ddl_log (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY);
+REVOKE ALL ON TABLE pgveil.ddl_log FROM PUBLIC;
 CREATE OR REPLACE FUNCTION pgveil.note_catalog_change() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $body$
+DECLARE
+    logged bigint;
 BEGIN
     -- temporary objects (apps create them all the time) are invisible to other sessions
     IF TG_EVENT = 'ddl_command_end' AND NOT EXISTS (
@@ -111,7 +111,10 @@ BEGIN
             SELECT 1 FROM pg_event_trigger_dropped_objects() o WHERE NOT o.is_temporary) THEN
         RETURN;
     END IF;
-    UPDATE pgveil.catalog_changes SET changes = changes + 1;
+    INSERT INTO pgveil.ddl_log DEFAULT VALUES RETURNING id INTO logged;
+    IF logged % 1000 = 0 THEN
+        DELETE FROM pgveil.ddl_log WHERE id < logged - 100;
+    END IF;
 EXCEPTION WHEN OTHERS THEN
     NULL;  -- never make a DDL fail; pgveil then sees no change and its catalog may go stale
 END
@@ -126,7 +129,7 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger t WHERE t.evtname = 
 
 
 async def install_catalog_watch(dsn: str, database: str | None = None) -> bool:
-    """Install the event triggers that count DDL in `pgveil.catalog_changes` (see
+    """Install the event triggers that log DDL in `pgveil.ddl_log` (see
     proxy.catalog_watch); idempotent. False, with nothing changed, when the DSN's role may not
     (event triggers need a superuser): pgveil then fingerprints the catalogs instead."""
     connection = await asyncpg.connect(dsn, database=database)

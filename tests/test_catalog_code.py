@@ -149,12 +149,12 @@ def test_the_change_marker_moves_when_a_function_is_replaced_without_the_event_t
     assert first.startswith("rows:") and set(together) == {first} and after != first
 
 
-def test_with_the_event_trigger_the_marker_is_a_ddl_counter_read_in_the_catalog_snapshot(
+def test_with_the_event_trigger_the_marker_is_the_ddl_log_read_in_the_catalog_snapshot(
         catcode_db: str, upstream: Upstream) -> None:
     assert asyncio.run(install_catalog_watch(catcode_db)) is True
     assert asyncio.run(install_catalog_watch(catcode_db)) is True  # idempotent
     before = asyncio.run(load_catalog(catcode_db))
-    assert before.change_marker.startswith("counter:")
+    assert before.change_marker.startswith("ddl:")
     upstream.execute("CREATE OR REPLACE VIEW cc.people_view AS SELECT id, ssn, 1 AS one FROM cc.people",
                      dbname=DATABASE)
     after = asyncio.run(load_catalog(catcode_db))
@@ -164,3 +164,15 @@ def test_with_the_event_trigger_the_marker_is_a_ddl_counter_read_in_the_catalog_
     assert asyncio.run(load_catalog(catcode_db)).change_marker == after.change_marker  # not for temp objects
     upstream.execute("ALTER DATABASE catcode_test SET work_mem = '8MB'")  # no event trigger fires
     assert asyncio.run(load_catalog(catcode_db)).change_marker != after.change_marker
+
+
+def test_a_login_that_may_not_create_event_triggers_installs_nothing(
+        catcode_db: str, upstream: Upstream) -> None:
+    upstream.execute("DROP ROLE IF EXISTS cc_plain; CREATE ROLE cc_plain LOGIN PASSWORD 'plain'")
+    try:
+        assert asyncio.run(install_catalog_watch(upstream.dsn("cc_plain", "plain", DATABASE))) is False
+        # the log is not readable for it: its catalog falls back to the fingerprint
+        plain = asyncio.run(load_catalog(upstream.dsn("cc_plain", "plain", DATABASE)))
+        assert plain.change_marker.startswith("rows:")
+    finally:
+        upstream.execute("DROP ROLE IF EXISTS cc_plain")
