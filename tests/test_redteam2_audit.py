@@ -1,0 +1,115 @@
+"""Red team, round 2: what the audit log keeps. `normalized_sql` is meant to carry the statement's
+shape with literal values replaced by `$n`, so the log does not become a second copy of the
+sensitive data (a searched-for SSN, a password). Some statement kinds keep their literals.
+
+Statements go through a running pgveil with `--audit-log` (the canary database of
+tests/guard_setup.py); the test reads the log file. Every test asserts the SAFE behaviour (the
+secret is not in any audit record). A failing test is a hole; docs/redteam.md, *Round 2*, lists
+them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests import guard_setup
+from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld
+from tests.proxy_harness import RunningProxy, running_proxy
+
+world = guard_setup.world
+SSN = "914-27-6380"  # what the analyst searched for: the raw SSN of person 1
+SECRET = "rt2-hunter2-password"
+
+
+class _GuardDatabase:
+    def __init__(self, world: GuardWorld) -> None:
+        self.world = world
+        self.superuser = world.upstream.superuser
+        self.superpassword = world.upstream.superpassword
+
+    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
+        return self.world.upstream.dsn(user, password, dbname)
+
+
+@pytest.fixture(scope="module")
+def audited(world: GuardWorld,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningProxy, Path]]:
+    directory = tmp_path_factory.mktemp("redteam2-audit")
+    policy, log = directory / "policy.yaml", directory / "audit.jsonl"
+    policy.write_text(POLICY)
+    with running_proxy(_GuardDatabase(world), str(policy), audit_log=str(log)) as running:
+        yield running, log
+
+
+def access_records(log: Path) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    return [record for line in log.read_text().splitlines()
+            if (record := json.loads(line)).get("type") == "access"]
+
+
+def audited_statement(audited: tuple[RunningProxy, Path], login: str, sql: str) -> dict[str, Any]:
+    """Send `sql` as `login` (errors from PostgreSQL are fine) and return its access record."""
+    proxy, log = audited
+    before = len(access_records(log))
+    with psycopg.connect(proxy.dsn(login, PASSWORD, DATABASE), autocommit=True,
+                         prepare_threshold=None) as conn, contextlib.suppress(psycopg.Error):
+        conn.execute(sql.encode())  # type: ignore[call-overload]
+    deadline = time.monotonic() + 10
+    while len(access_records(log)) <= before:
+        assert time.monotonic() < deadline, "no access record was written"
+        time.sleep(0.02)
+    records = access_records(log)[before:]
+    assert len(records) == 1, records
+    return records[0]
+
+
+# ---- blocked: literals are replaced --------------------------------------------------------------
+
+REPLACED = {
+    "select": ("gv_analyst", f"select id from gv.people where ssn = '{SSN}'"),
+    "declare": ("gv_analyst", "begin; declare rt2_c cursor for select id from gv.people "
+                              f"where ssn = '{SSN}'; commit"),
+    "select into": ("gv_admin", f"select id into temp rt2_into from gv.people where ssn = '{SSN}'"),
+    "alter role password": ("gv_admin", f"alter role gv_nobody password '{SECRET}'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLACED))
+def test_audit_record_replaces_literal_values(audited: tuple[RunningProxy, Path], name: str) -> None:
+    login, sql = REPLACED[name]
+    record = audited_statement(audited, login, sql)
+    assert SSN not in json.dumps(record) and SECRET not in json.dumps(record), record["normalized_sql"]
+
+
+# ---- holes --------------------------------------------------------------------------------------
+
+KEPT = {
+    "prepare": ("gv_analyst", f"prepare rt2_find as select id from gv.people where ssn = '{SSN}'"),
+    "create table as": ("gv_admin", "create temp table rt2_ctas as select id from gv.people "
+                                    f"where ssn = '{SSN}'"),
+    "create view": ("gv_admin", f"create temp view rt2_view as select id from gv.people where ssn = '{SSN}'"),
+    "comment": ("gv_admin", f"comment on table gv.scratch is '{SECRET}'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEPT))
+def test_audit_record_does_not_keep_the_literal_values_of_the_statement(
+        audited: tuple[RunningProxy, Path], name: str) -> None:
+    login, sql = KEPT[name]
+    record = audited_statement(audited, login, sql)
+    assert SSN not in json.dumps(record) and SECRET not in json.dumps(record), record["normalized_sql"]
+
+
+def test_audit_log_is_not_readable_by_other_users(audited: tuple[RunningProxy, Path]) -> None:
+    _, log = audited
+    audited_statement(audited, "gv_analyst", "select 1")
+    assert os.stat(log).st_mode & 0o077 == 0, oct(os.stat(log).st_mode)
