@@ -202,7 +202,7 @@ class FunctionInfo:
 
     schema: str
     name: str
-    language: str  # of the first overload; opaque_body covers mixed languages
+    language: str  # of every overload, or "mixed" (then opaque_body is true)
     security_definer: bool
     reads: tuple[str, ...]
     opaque_body: bool
@@ -573,7 +573,7 @@ def _functions(rows: Sequence[Sequence[Any]], names: Mapping[int, str], function
             called.update(previous.calls)
             security_definer = previous.security_definer or security_definer
             opaque = previous.opaque_body or opaque or previous.language != language
-            language = previous.language
+            language = previous.language if previous.language == language else "mixed"
         direct[key] = FunctionInfo(
             schema=schema,
             name=name,

@@ -48,6 +48,11 @@ CREATE TYPE cc.tag AS (t text);
 CREATE FUNCTION cc.tag_eq(a cc.tag, b cc.tag) RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE r boolean; BEGIN EXECUTE 'SELECT $1 = $2' INTO r USING a.t, b.t; RETURN r; END $$;
 CREATE OPERATOR cc.= (LEFTARG = cc.tag, RIGHTARG = cc.tag, FUNCTION = cc.tag_eq);
+-- a cast in C, as extension types have (never run here: the guard only judges it)
+CREATE TYPE cc.label AS (t text);
+CREATE FUNCTION cc.label_text(cc.label) RETURNS text LANGUAGE internal IMMUTABLE STRICT AS 'textin';
+CREATE CAST (cc.label AS text) WITH FUNCTION cc.label_text(cc.label);
+CREATE TABLE cc.labelled (id integer, l cc.label);
 """
 
 POLICY = """
@@ -123,6 +128,13 @@ def test_ordinary_casts_and_builtin_operator_symbols_stay_allowed(catalog: Catal
     # a user cast from a user type to text does not make every ::text suspect; a user `=` with an
     # opaque function does not make every `=` suspect (only one known to read relations would)
     assert judged(catalog, "select id::text, id = 1, 'a' || 'b' from cc.notes") == "allowed"
+
+
+def test_a_compiled_cast_of_a_column_type_is_not_opaque_unless_called_by_name(
+        catalog: CatalogSnapshot) -> None:
+    assert catalog.casts["cc.label"] == ("cc.label_text",)
+    assert judged(catalog, "select id, l::text from cc.labelled") == "allowed"
+    assert judged(catalog, "select cc.label_text(l) from cc.labelled") == "unlisted-function"
 
 
 def test_a_function_the_catalog_does_not_know_is_refused(catalog: CatalogSnapshot) -> None:

@@ -142,6 +142,8 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
             continue
         info = catalog.functions[qualified]
         via = f" (run by {reached})" if reached else ""
+        if info.opaque_body and reached and info.language in _COMPILED_LANGUAGES and not info.reads:
+            continue  # an extension type's operator, cast or check in C: see _COMPILED_LANGUAGES
         if info.opaque_body:
             return Refuse(
                 "unlisted-function",
@@ -157,6 +159,13 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
                     "list the function under 'datasets' once it is reviewed",
                 )
     return None
+
+
+_COMPILED_LANGUAGES = frozenset({"c", "internal"})
+"""Operators, casts and domain checks implemented in C are how extensions (citext, PostGIS, hstore,
+...) make their types work; only a superuser can install them. Reached implicitly (not called by
+name) they do not count as opaque, or every statement over such a column would be refused; called
+by name they are judged like any other function."""
 
 
 def _user_functions(
