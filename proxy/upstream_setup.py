@@ -121,6 +121,13 @@ END
 $body$;
 REVOKE ALL ON FUNCTION pgveil.note_catalog_change() FROM PUBLIC;
 """
+_WATCH_OWNERSHIP = """
+SELECT (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgveil') = r.oid
+   AND (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = 'pgveil.ddl_log'::regclass) = r.oid
+   AND (SELECT p.proowner FROM pg_catalog.pg_proc p
+        WHERE p.oid = 'pgveil.note_catalog_change()'::regprocedure) = r.oid
+FROM pg_catalog.pg_roles r WHERE r.rolname = current_user
+"""
 _WATCH_TRIGGERS = """
 SELECT e.event FROM (VALUES ('pgveil_catalog_ddl', 'ddl_command_end'),
                             ('pgveil_catalog_drop', 'sql_drop')) AS e(name, event)
@@ -131,7 +138,8 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger t WHERE t.evtname = 
 async def install_catalog_watch(dsn: str, database: str | None = None) -> bool:
     """Install the event triggers that log DDL in `pgveil.ddl_log` (see
     proxy.catalog_watch); idempotent. False, with nothing changed, when the DSN's role may not
-    (event triggers need a superuser): pgveil then fingerprints the catalogs instead."""
+    (event triggers need a superuser): pgveil then fingerprints the catalogs instead. Raises
+    UpstreamSetupError when schema pgveil or its objects belong to another role."""
     connection = await asyncpg.connect(dsn, database=database)
     try:
         superuser = "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"
@@ -140,6 +148,10 @@ async def install_catalog_watch(dsn: str, database: str | None = None) -> bool:
         async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock(hashtext('pgveil.install'))")
             await connection.execute(_WATCH_INSTALL)
+            if not await connection.fetchval(_WATCH_OWNERSHIP):
+                raise UpstreamSetupError(
+                    "schema pgveil (or its ddl_log table or note_catalog_change function) belongs to another "
+                    "role; pgveil will not trust its DDL log (drop schema pgveil, or use its owner's DSN)")
             for (event,) in await connection.fetch(_WATCH_TRIGGERS):
                 name = "pgveil_catalog_ddl" if event == "ddl_command_end" else "pgveil_catalog_drop"
                 await connection.execute(f"CREATE EVENT TRIGGER {name} ON {event} "
