@@ -3,6 +3,7 @@ and the user-defined operators, casts and domain checks that run functions."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -615,8 +616,9 @@ def _named(parts: tuple[str, ...], qualified_names: frozenset[str],
     return set(by_simple_name.get(parts[-1], ())) if parts else set()
 
 
+@functools.lru_cache(maxsize=16384)  # a refresh parses only the bodies that changed
 def _body_names(language: str, body: str, definition: str | None
-                ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]] | None:
+                ) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]] | None:
     """(relation names, function names) a SQL or PL/pgSQL body uses, as pglast parses them; None
     when pgveil cannot tell: the body does not parse, or PL/pgSQL runs dynamic SQL."""
     queries: list[str] = []
@@ -640,7 +642,7 @@ def _body_names(language: str, body: str, definition: str | None
                                                 if isinstance(n, ast.String)))
     except Exception:  # any parser failure (pglast.parser.ParseError, odd trees) means: opaque
         return None
-    return relation_parts, function_parts
+    return tuple(relation_parts), tuple(function_parts)
 
 
 def _plpgsql_queries(tree: Any, queries: list[str]) -> bool:
