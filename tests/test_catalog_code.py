@@ -118,6 +118,9 @@ def test_a_function_reading_a_view_over_a_masked_table_is_refused(catalog: Catal
 
 def test_operator_cast_domain_and_field_selection_reach_the_function_rule(catalog: CatalogSnapshot) -> None:
     assert judged(catalog, "select 1 operator(cc.##>) 0") == "unlisted-function"
+    assert judged(catalog, "select 1 where 1 operator(cc.##>) any (select 0)") == "unlisted-function"
+    assert judged(catalog, "select id from cc.notes order by id using operator(cc.##>)") == (
+        "unlisted-function")
     assert judged(catalog, "select row(1)::cc.ref::text") == "unlisted-function"
     assert judged(catalog, "select 1::cc.checked_again") == "unlisted-function"
     assert judged(catalog, "select (p).assigned from cc.notes p") == "allowed"  # no such function on the path

@@ -55,6 +55,12 @@ class _Collector:
                 self.statement.type_names.append(_name_parts(names))
             elif names:
                 self.statement.operator_names.append(_name_parts(names))
+        elif isinstance(node, ast.SortBy | ast.SubLink):  # ORDER BY ... USING op, x op ANY (SELECT ...)
+            names = node.useOp if isinstance(node, ast.SortBy) else node.operName
+            if names:
+                self.statement.operator_names.append(_name_parts(names))
+                if len(names) > 1 and isinstance(names[0], ast.String):
+                    self.statement.schemas_named.add(names[0].sval or "")
         elif isinstance(node, ast.A_Indirection):
             self.statement.field_selections.extend(
                 item.sval or "" for item in node.indirection or () if isinstance(item, ast.String))
