@@ -1,7 +1,9 @@
 """Relay benchmark: pgbench -S straight to PostgreSQL, through pgbouncer and through pgveil, interleaved.
 
     python bench/relay.py [--duration 10] [--rounds 3] [--clients 8] [--threads 2] [--workers 1]
-                          [--idle 1000] [--no-pgbouncer]
+                          [--idle 1000] [--no-pgbouncer] [--modes simple,extended,prepared]
+                          [--policy FILE|pgbench [--user LOGIN ...]] [--audit never|batch|always]
+                          [--baseline SOURCE_TREE] [--profile FILE]
 
 Starts its own embedded PostgreSQL 18 (max_connections raised for the idle test), initialises
 pgbench (scale 1), starts `pgveil serve` (no policy: the relay alone) and, when installed,
@@ -13,6 +15,14 @@ It prints the median tps per target, the ratios, and the CPU time each proxy pro
 transaction (from /proc/PID/stat, the steadiest figure on a small machine). Then it opens IDLE connections
 through pgveil and reports pgveil's resident memory, and finally measures the scanner alone
 (µs per relayed message, in-process).
+
+With --policy pgveil serves that policy ("pgbench": a built-in one for pgbench's tables, where
+login bench_full sees everything and bench_masked sees pgbench_accounts.abalance and filler
+masked) and pgbench logs in through it as each --user (default with the built-in policy: both
+logins; direct and pgbouncer run as postgres). --audit adds an audit file with that fsync mode.
+--baseline runs a second pgveil from another source tree (e.g. `git archive` of an older commit)
+as target "before", interleaved with the current one. --profile runs pgveil under cProfile and
+writes its stats to FILE when it stops (CPU figures are then the profiler's, not pgveil's).
 """
 
 from __future__ import annotations
@@ -65,7 +75,7 @@ def pgbench(dsn: str, mode: str, clients: int, threads: int, duration: int) -> t
     result = subprocess.run(
         [str(bin_dir() / "pgbench"), "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(threads),
          "-T", str(duration), "-d", dsn],
-        capture_output=True, text=True, timeout=duration + 120,
+        capture_output=True, text=True, timeout=duration + 120, env={**os.environ, "PGPASSWORD": PASSWORD},
     )
     if result.returncode != 0:
         raise RuntimeError(f"pgbench failed on {dsn}: {result.stderr.strip()}")
@@ -74,13 +84,50 @@ def pgbench(dsn: str, mode: str, clients: int, threads: int, duration: int) -> t
     return tps, done
 
 
-def start_pgveil(upstream_dsn: str, workers: int) -> tuple[subprocess.Popen[str], int]:
+PGBENCH_POLICY = """\
+version: 1
+settings: {default_role: deny}
+roles:
+  full:
+    members: [bench_full]
+    statements: [select]
+    tables: ["public.*"]
+    reveal: [public, internal, confidential, restricted]
+  masked:
+    members: [bench_masked]
+    statements: [select]
+    tables: ["public.*"]
+    reveal: [public, internal]
+datasets:
+  public.pgbench_accounts:
+    columns:
+      abalance: {sensitivity: confidential, protection: {generalize: {bucket: 100}}}
+      filler:   {sensitivity: confidential, protection: {partial: {keep_first: 2}}}
+"""
+PGBENCH_LOGINS = ("bench_full", "bench_masked")
+PASSWORD = "bench-pw-7"
+
+
+def start_pgveil(upstream_dsn: str, workers: int, *, source: Path | None = None, policy: Path | None = None,
+                 audit: str | None = None, workdir: Path | None = None,
+                 profile: str | None = None) -> tuple[subprocess.Popen[str], int]:
+    """`pgveil serve` from `source` (default: this tree), with an optional policy and audit file."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--upstream", upstream_dsn, "--listen", f"127.0.0.1:{port}",
-         "--workers", str(workers), "--log-level", "warning"],
-        stderr=subprocess.PIPE, text=True,
-    )
+    command = [sys.executable]
+    if profile:
+        command += ["-m", "cProfile", "-o", profile]
+    command += ["-m", "proxy", "serve", "--upstream", upstream_dsn, "--listen", f"127.0.0.1:{port}",
+                "--workers", str(workers), "--log-level", "warning"]
+    if policy is not None:
+        command += ["--policy", str(policy)]
+    if audit is not None:
+        assert workdir is not None
+        config = workdir / f"audit-{port}.yaml"
+        config.write_text(f"audit:\n  fsync: {audit}\n")
+        command += ["--audit-log", str(workdir / f"audit-{port}.jsonl"), "--config", str(config)]
+    tree = source or Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tree, env=env)
     _wait_port(port, process)
     return process, port
 
@@ -235,6 +282,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--no-pgbouncer", action="store_true")
+    parser.add_argument("--no-bare", action="store_true")
+    parser.add_argument("--modes", default="simple,extended,prepared")
+    parser.add_argument("--policy", metavar="FILE", help='policy for pgveil ("pgbench": the built-in one)')
+    parser.add_argument("--user", action="append", metavar="LOGIN", help="login through pgveil (repeatable)")
+    parser.add_argument("--audit", choices=["never", "batch", "always"], help="audit file with this fsync")
+    parser.add_argument("--baseline", metavar="SOURCE_TREE", help='also run pgveil from this tree ("before")')
+    parser.add_argument("--profile", metavar="FILE", help="run pgveil under cProfile, stats to FILE")
     parser.add_argument("--serve-bare", nargs=2, type=int, metavar=("LISTEN", "UPSTREAM"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,28 +297,55 @@ def main() -> int:
         return 0
 
     workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-"))
+    os.chmod(workdir, 0o755)
     pg = EmbeddedPostgres.start(settings={"max_connections": str(args.idle + 100)})
     processes: list[subprocess.Popen] = []  # type: ignore[type-arg]
     try:
         pg.psql("create database bench")
         subprocess.run([str(bin_dir() / "pgbench"), "-i", "-q", "-s", "1", "-d", pg.dsn(dbname="bench")],
                        check=True, capture_output=True)
-        veil, veil_port = start_pgveil(pg.dsn(), args.workers)
-        processes.append(veil)
+        policy: Path | None = None
+        logins: list[str | None] = [None]
+        if args.policy:
+            policy = Path(args.policy).resolve() if args.policy != "pgbench" else workdir / "policy.yaml"
+            if args.policy == "pgbench":
+                policy.write_text(PGBENCH_POLICY)
+            logins = list(args.user or (PGBENCH_LOGINS if args.policy == "pgbench" else ["postgres"]))
+            for login in logins:
+                if login != "postgres":
+                    pg.psql(f"create role {login} login password '{PASSWORD}'")
+            pg.psql("grant select on all tables in schema public to public", dbname="bench")
         targets: dict[str, tuple[str, int | None]] = {"direct": (pg.dsn(dbname="bench"), None)}
         bouncer = None if args.no_pgbouncer else start_pgbouncer(pg.port, workdir)
         if bouncer is not None:
             processes.append(bouncer[0])
             targets["pgbouncer"] = (f"postgresql://postgres@127.0.0.1:{bouncer[1]}/bench", bouncer[0].pid)
-        bare, bare_port = start_bare(pg.port)
-        processes.append(bare)
-        targets["bare"] = (f"postgresql://postgres@127.0.0.1:{bare_port}/bench", bare.pid)
-        targets["pgveil"] = (f"postgresql://postgres@127.0.0.1:{veil_port}/bench", veil.pid)
+        if not args.no_bare:
+            bare, bare_port = start_bare(pg.port)
+            processes.append(bare)
+            targets["bare"] = (f"postgresql://postgres@127.0.0.1:{bare_port}/bench", bare.pid)
+        trees: list[tuple[str, Path | None]] = [("pgveil", None)]
+        if args.baseline:
+            trees.insert(0, ("before", Path(args.baseline).resolve()))
+        veil = None
+        veil_port = 0
+        for tree_name, source in trees:
+            process, port = start_pgveil(pg.dsn(dbname="bench"), args.workers, source=source, policy=policy,
+                                         audit=args.audit, workdir=workdir,
+                                         profile=args.profile if source is None else None)
+            processes.append(process)
+            if source is None:
+                veil, veil_port = process, port
+            for login in logins:
+                name = tree_name if login is None else f"{tree_name}:{login}"
+                targets[name] = (f"postgresql://{login or 'postgres'}@127.0.0.1:{port}/bench", process.pid)
+        assert veil is not None
         print(f"pgbench -S -c {args.clients} -j {args.threads} -T {args.duration}, {args.rounds} rounds, "
-              f"pgveil workers={args.workers}, pgbouncer {'on' if bouncer else 'not installed'}; "
-              f"{os.cpu_count()} CPUs", flush=True)
-        rows = []
-        for mode in ("simple", "extended", "prepared"):
+              f"pgveil workers={args.workers}, policy={args.policy or 'none'}, audit={args.audit or 'off'}, "
+              f"pgbouncer {'on' if bouncer else 'not installed'}; {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"{'mode':<9} {'target':<22} {'tps':>8} {'/direct':>8} {'/pgbouncer':>10} {'CPU µs/tx':>10}")
+        for mode in args.modes.split(","):
             tps: dict[str, list[float]] = {name: [] for name in targets}
             cpu: dict[str, list[float]] = {name: [] for name in targets}
             for _ in range(args.rounds):
@@ -274,21 +355,17 @@ def main() -> int:
                     tps[name].append(rate)
                     if pid:
                         cpu[name].append((cpu_seconds(pid) - before) / done * 1e6)
-            rows.append((mode, {n: statistics.median(v) for n, v in tps.items()},
-                         {n: statistics.median(v) for n, v in cpu.items() if v}))
-        print(f"{'mode':<9} {'direct':>8} {'pgbouncer':>9} {'bare':>8} {'pgveil':>8} {'veil/direct':>11} "
-              f"{'veil/bouncer':>12} {'cpu µs/tx: pgbouncer':>20} {'bare':>5} {'pgveil':>6}")
-        for mode, tps_median, cpu_median in rows:
-            direct, veil_tps = tps_median["direct"], tps_median["pgveil"]
-            bouncer_tps = tps_median.get("pgbouncer")
-            bouncer_col = f"{bouncer_tps:.0f}" if bouncer_tps else "-"
-            ratio_col = f"{veil_tps / bouncer_tps:.2f}" if bouncer_tps else "-"
-            bouncer_cpu = f"{cpu_median['pgbouncer']:.1f}" if "pgbouncer" in cpu_median else "-"
-            print(f"{mode:<9} {direct:>8.0f} {bouncer_col:>9} {tps_median['bare']:>8.0f} {veil_tps:>8.0f} "
-                  f"{veil_tps / direct:>11.2f} {ratio_col:>12} {bouncer_cpu:>20} {cpu_median['bare']:>5.1f} "
-                  f"{cpu_median['pgveil']:>6.1f}", flush=True)
+            direct = statistics.median(tps["direct"])
+            bouncer_tps = statistics.median(tps["pgbouncer"]) if "pgbouncer" in tps else None
+            for name in targets:
+                rate = statistics.median(tps[name])
+                ratio = f"{rate / bouncer_tps:.2f}" if bouncer_tps else "-"
+                used = f"{statistics.median(cpu[name]):.1f}" if cpu[name] else "-"
+                print(f"{mode:<9} {name:<22} {rate:>8.0f} {rate / direct:>8.2f} {ratio:>10} {used:>10}",
+                      flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
 
-        if args.idle:
+        if args.idle and policy is None:
             base = rss_mib(veil.pid)
 
             async def idle_test() -> float:

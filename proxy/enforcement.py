@@ -213,7 +213,7 @@ class GuardedConnection:
     def context_and_key(self, role: Role) -> tuple[GuardContext, tuple[object, ...]]:
         """The guard context and verdict-cache key; rebuilt only when what they depend on changes."""
         state = self.enforcement.state
-        settings = tuple(sorted(self.session.settings.items()))
+        settings = tuple(sorted(self.session.settings.items())) if self.session.settings else ()
         cached = self._context
         if (cached is not None and cached[0][0] is state and cached[0][1] is role
                 and cached[0][2] == self.session.search_path and cached[0][3] == settings):
@@ -523,8 +523,9 @@ class GuardedConnection:
         context, key = self.context_and_key(role)
         hit = self.enforcement.cache.lookup(sql, key)
         if hit is not None:
-            return await self._fingerprinted(role, hit.verdict, hit.effects,
-                                             "ddl" in hit.verdict.info.kind.split(","))
+            if isinstance(hit.verdict, Refuse) or role.fingerprints == "off":  # no await on a plain hit
+                return hit.verdict, hit.effects, hit.ddl
+            return await self._fingerprinted(role, hit.verdict, hit.effects, hit.ddl)
         analysis = analyse(sql, context)
         verdict = analysis.verdict
         if (isinstance(verdict, Refuse) and verdict.rule == "unknown-relation"

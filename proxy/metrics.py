@@ -76,6 +76,8 @@ class Metrics:
         self.bytes_relayed_total = Counter(
             "pgveil_bytes_relayed", "Bytes relayed, by direction (client_to_server, server_to_client)",
             ["direction"], registry=r)
+        self._to_server = self.bytes_relayed_total.labels("client_to_server")  # children looked up once:
+        self._to_client = self.bytes_relayed_total.labels("server_to_client")  # labels() takes a lock
         self.audit_write_seconds = Histogram(
             "pgveil_audit_write_seconds", "Time to make one audit record durable", ["type"],
             buckets=_AUDIT_SECONDS, registry=r)
@@ -106,9 +108,9 @@ class Metrics:
 
     def bytes_relayed(self, to_upstream: int, to_client: int) -> None:
         if to_upstream:
-            self.bytes_relayed_total.labels("client_to_server").inc(to_upstream)
+            self._to_server.inc(to_upstream)
         if to_client:
-            self.bytes_relayed_total.labels("server_to_client").inc(to_client)
+            self._to_client.inc(to_client)
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind).inc()

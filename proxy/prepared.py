@@ -16,7 +16,6 @@ refuses to run what does not exist.
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -66,14 +65,20 @@ UNCERTAIN: Final = _Uncertain()
 State = Prepared | _Uncertain | None
 
 
-_KEYWORDS = re.compile(r"\b(?:execute|prepare|deallocate|discard|declare|fetch|move|close)\b", re.IGNORECASE)
+_KEYWORDS = ("execute", "prepare", "deallocate", "discard", "declare", "fetch", "move", "close")
 
 
 def session_object_events(sql: str) -> tuple[SessionObjectEvent, ...]:
     """SQL-level PREPARE, EXECUTE, DEALLOCATE, DISCARD ALL, DECLARE, FETCH/MOVE and CLOSE in `sql`,
-    in statement order. Cheap when none of their keywords occurs (a regular expression only).
+    in statement order. Cheap when none of their keywords occurs anywhere in the text (substring
+    tests of its lower-cased text: PostgreSQL's keywords are ASCII and it folds their case as
+    lower() does; lower() may find more, never fewer, which only costs a parse).
     Raises pglast.parser.ParseError for text PostgreSQL would not parse either."""
-    if _KEYWORDS.search(sql) is None:
+    lowered = sql.lower()
+    for keyword in _KEYWORDS:
+        if keyword in lowered:
+            break
+    else:
         return ()
     events: list[SessionObjectEvent] = []
     for raw in parser.parse_sql(sql):

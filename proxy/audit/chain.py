@@ -26,6 +26,7 @@ _HASH_SUFFIX = re.compile(r',"hash":"([0-9a-f]{64})"}$')
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_CHAIN_FIELDS = frozenset({"seq", "prev", "chain"})
 
 
 def serialise(record: Mapping[str, Any]) -> str:
@@ -57,7 +58,11 @@ class HashChain:
         no re-serialisation: any change to a byte of the record changes it.
         """
         seq = state.seq + 1
-        text = serialise({"seq": seq, **record, "prev": state.last_hash, "chain": self.algorithm})
+        if not record or _CHAIN_FIELDS.intersection(record):
+            text = serialise({"seq": seq, **record, "prev": state.last_hash, "chain": self.algorithm})
+        else:  # the same text, without copying the record into a new dict first
+            body = _ENCODER.encode(record)[1:-1]
+            text = f'{{"seq":{seq},{body},"prev":"{state.last_hash}","chain":"{self.algorithm}"}}'
         record_hash = self.digest(text)
         return f'{text[:-1]},"hash":"{record_hash}"}}', ChainState(seq, record_hash)
 

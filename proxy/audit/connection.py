@@ -37,8 +37,18 @@ class AuditTimer(Protocol):
     def audit_failed(self, record_type: str) -> None: ...
 
 
+_second: list[tuple[int, str]] = [(-1, "")]  # the last whole second formatted, and its text
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+    """UTC now as `datetime.isoformat(timespec="microseconds")` writes it; the date and time of
+    day are formatted once per second (a record is written for almost every statement)."""
+    now = time.time_ns() // 1000
+    second, micro = divmod(now, 1_000_000)
+    last = _second[0]
+    if last[0] != second:
+        last = _second[0] = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{last[1]}.{micro:06d}+00:00"
 
 
 class AuditedConnection:
@@ -66,6 +76,7 @@ class AuditedConnection:
         self.requests = 0
         # (request, role, policy version) of access records whose completion is still to come
         self._unfinished: deque[tuple[int, str | None, str | None]] = deque()
+        self._client_known: tuple[ClientInfo | None, dict[str, Any]] | None = None
 
     @property
     def role_name(self) -> str | None:
@@ -79,17 +90,21 @@ class AuditedConnection:
         return policy_version_of(self.inner)
 
     def _who(self, role: str | None, policy_version: str | None) -> dict[str, Any]:
+        return {"time": self.clock(), **self._client_fields(), "role": role, "policy_version": policy_version}
+
+    def _client_fields(self) -> dict[str, Any]:
+        """The client's part of every record, worked out once per client."""
         client = self.client
-        return {
-            "time": self.clock(),
-            "connection_id": client.connection_id if client else None,
-            "client_address": client.address if client else None,
-            "login": client.user if client else None,
-            "database": client.database if client else None,
-            "application_name": client.application_name if client else None,
-            "role": role,
-            "policy_version": policy_version,
-        }
+        known = self._client_known
+        if known is None or known[0] is not client:
+            known = self._client_known = (client, {
+                "connection_id": client.connection_id if client else None,
+                "client_address": client.address if client else None,
+                "login": client.user if client else None,
+                "database": client.database if client else None,
+                "application_name": client.application_name if client else None,
+            })
+        return known[1]
 
     async def _write(self, record: AuditRecord) -> None:
         record_type = str(record.get("type"))
@@ -121,7 +136,10 @@ class AuditedConnection:
         info = verdict.info
         record = {
             "type": "access",
-            **self._who(role, version),
+            "time": self.clock(),
+            **self._client_fields(),
+            "role": role,
+            "policy_version": version,
             "request": self.requests,
             "protocol": protocol,
             "statement_kind": info.kind,

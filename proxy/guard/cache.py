@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pglast import parser
 
@@ -77,6 +78,12 @@ def bucket(sql: str) -> bytes:
     return "'".join(sql.split("'")[::2]).encode("utf-8", "surrogatepass").translate(None, b"0123456789")
 
 
+class CacheHit(NamedTuple):
+    verdict: Verdict
+    effects: tuple[tuple[str, str], ...]
+    ddl: bool  # the statement kind includes ddl (the catalog is read again after it runs)
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     verdict: Verdict
@@ -84,6 +91,7 @@ class _Entry:
     kinds: str  # one letter per literal: s (string) or n (number)
     template: tuple[str, ...] | None  # rewritten text around the literals (None: Allow / Refuse)
     effects: tuple[tuple[str, str], ...]
+    hit: CacheHit  # the answer when the verdict needs no new text (exact entries, refusals)
 
     def extract(self, sql: str) -> list[str] | None:
         """The literals of `sql` when it is this entry's skeleton with other literals, else None.
@@ -121,12 +129,6 @@ class _Entry:
         return literals if position == len(sql) else None
 
 
-@dataclass(frozen=True, slots=True)
-class CacheHit:
-    verdict: Verdict
-    effects: tuple[tuple[str, str], ...]
-
-
 class VerdictCache:
     """Bounded map from (context key, statement shape) to verdict templates."""
 
@@ -148,7 +150,7 @@ class VerdictCache:
         entry = self._exact.get((context_key, sql))
         if entry is not None:
             self.hits += 1
-            return CacheHit(entry.verdict, entry.effects)
+            return entry.hit
         for entry in self._shapes.get((context_key, bucket(sql)), ()):
             literals = entry.extract(sql)
             if literals is None:
@@ -157,13 +159,18 @@ class VerdictCache:
             verdict = entry.verdict
             if entry.template is not None:
                 pieces = entry.template
-                text = pieces[0] + "".join(
-                    literal + piece for literal, piece in zip(literals, pieces[1:], strict=True)
-                )
+                if len(literals) == 1:
+                    text = pieces[0] + literals[0] + pieces[1]
+                else:
+                    text = pieces[0] + "".join(
+                        literal + piece for literal, piece in zip(literals, pieces[1:], strict=True)
+                    )
                 verdict = Rewrite(text, verdict.info)
             elif isinstance(verdict, Allow):
                 verdict = Allow(sql, verdict.info)
-            return CacheHit(verdict, entry.effects)
+            else:
+                return entry.hit
+            return CacheHit(verdict, entry.effects, entry.hit.ddl)
         self.misses += 1
         return None
 
@@ -172,8 +179,9 @@ class VerdictCache:
         if len(self._exact) + len(self._shapes) >= self.max_entries:
             self.clear()  # crude but bounded; a full cache refills from the hot shapes
         verdict = analysis.verdict
+        hit = CacheHit(verdict, effects, "ddl" in verdict.info.kind.split(","))
         if analysis.literal_dependent:
-            self._exact[(context_key, sql)] = _Entry(verdict, (sql,), "", None, effects)
+            self._exact[(context_key, sql)] = _Entry(verdict, (sql,), "", None, effects, hit)
             return
         shaped = shape(sql)
         if shaped is None or not _scanner_agrees(sql, shaped[2]):
@@ -189,7 +197,7 @@ class VerdictCache:
             if template is None:
                 return
         kinds = "".join("s" if literal[0] == "'" else "n" for literal in literals)
-        entry = _Entry(verdict, tuple(key.split("\x00")), kinds, template, effects)
+        entry = _Entry(verdict, tuple(key.split("\x00")), kinds, template, effects, hit)
         entries = self._shapes.setdefault((context_key, bucket(sql)), [])
         if all(existing.skeleton != entry.skeleton for existing in entries):
             entries.append(entry)

@@ -26,6 +26,11 @@ def start_eagerly(coro: Coroutine[Any, Any, T]) -> Answered[T] | asyncio.Future[
         yielded = coro.send(None)
     except StopIteration as stop:
         return Answered(stop.value)
+    return resume_later(coro, yielded)
+
+
+def resume_later(coro: Coroutine[Any, Any, T], yielded: Any) -> asyncio.Future[T]:
+    """The rest of a coroutine that was stepped once by hand and yielded `yielded`, as a task."""
     return asyncio.ensure_future(_resume(coro, yielded))
 
 

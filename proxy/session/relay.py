@@ -25,7 +25,7 @@ from typing import Any
 
 from proxy.connection_policy import REPORTED_SETTINGS, ConnectionPolicy, Outcome, PassThrough
 from proxy.guard.verdict import Refuse, Verdict
-from proxy.session.eager import Answered, start_eagerly
+from proxy.session.eager import resume_later
 from proxy.session.endpoint import Endpoint
 from proxy.session.observer import RelayObserver
 from proxy.wire import (
@@ -238,12 +238,12 @@ class Relay:
                     self._send_upstream(parts)
                     self.fail_client(exc)
                     return
-                if not isinstance(answer, Answered):
+                if isinstance(answer, asyncio.Future):
                     parts.append(emit[pos:start])
                     self._send_upstream(parts)
                     self._wait_for_verdict(answer, tag, message, emit, spans, index, start, end)
                     return
-                replacement = self._apply(tag, message, answer.value)
+                replacement = self._apply(tag, message, answer)
                 if replacement is not None:
                     parts.append(emit[pos:start])
                     parts.append(replacement)
@@ -259,12 +259,12 @@ class Relay:
                 if batch is not None and batch.parsed is not None and bound.statement in batch.parsed:
                     continue  # decided with its Parse, in this same request
                 answer = self._call(self._policy.on_bind, bound.statement)
-                if not isinstance(answer, Answered):
+                if isinstance(answer, asyncio.Future):
                     parts.append(emit[pos:start])
                     self._send_upstream(parts)
                     self._wait_for_verdict(answer, tag, bound, emit, spans, index, start, end)
                     return
-                replacement = self._apply(tag, bound, answer.value)
+                replacement = self._apply(tag, bound, answer)
                 if replacement is not None:
                     parts.append(emit[pos:start])
                     parts.append(replacement)
@@ -297,7 +297,7 @@ class Relay:
             self._observer.bytes_relayed(len(data), 0)
             self._upstream.write(data)
 
-    def _ask(self, tag: int, body: bytes) -> tuple[Guarded, Answered[Verdict] | asyncio.Future[Verdict]]:
+    def _ask(self, tag: int, body: bytes) -> tuple[Guarded, Verdict | asyncio.Future[Verdict]]:
         policy = self._policy
         message: Guarded
         if tag == _Q:
@@ -309,22 +309,25 @@ class Relay:
         message = FunctionCall.decode(body)
         return message, self._call(policy.on_function_call, message.function_oid)
 
-    def _call(
-        self, method: Callable[..., Coroutine[Any, Any, Any]], *args: Any
-    ) -> Answered[Any] | asyncio.Future[Any]:
-        """Policy calls run one at a time, in order; an answer that is ready costs no task."""
+    def _call(self, method: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+        """Policy calls run one at a time, in order. An answer that is ready is returned as it is
+        (no task, no future, no wrapper); one that is not is an asyncio.Future (never an answer)."""
         lane = self._lane
         if lane is not None and not lane.done():
             future: asyncio.Future[Any] = asyncio.ensure_future(self._after(lane, method, args))
             self._lane = future
             return future
         try:
-            result = start_eagerly(method(*args))
+            coroutine = method(*args)
+            try:
+                yielded = coroutine.send(None)
+            except StopIteration as stop:
+                return stop.value
         except Exception:
             log.exception("%s: the policy raised; refusing", self._label)
-            return Answered(INTERNAL_ERROR)
-        if not isinstance(result, Answered):
-            self._lane = result
+            return INTERNAL_ERROR
+        result = resume_later(coroutine, yielded)
+        self._lane = result
         return result
 
     @staticmethod
@@ -339,7 +342,7 @@ class Relay:
         if batch.parsed is not None:
             batch.parsed.discard(name)
         answer = self._call(self._policy.on_close_statement, name)
-        if not isinstance(answer, Answered):
+        if isinstance(answer, asyncio.Future):
             answer.add_done_callback(self._log_failure)
 
     def _batch(self) -> Request:
@@ -543,12 +546,8 @@ class Relay:
         outcome = Outcome(rows=request.rows, sqlstate=request.sqlstate,
                           upstream_seconds=max(0.0, now - started), verdicts=request.verdicts,
                           closes=request.closes)
-        try:
-            answer = self._call(self._policy.on_complete, outcome)
-        except Exception:
-            log.exception("%s: on_complete raised", self._label)
-            return
-        if not isinstance(answer, Answered):
+        answer = self._call(self._policy.on_complete, outcome)
+        if isinstance(answer, asyncio.Future):
             answer.add_done_callback(self._log_failure)
 
     def _log_failure(self, future: asyncio.Future[Any]) -> None:

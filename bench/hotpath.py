@@ -1,0 +1,253 @@
+"""Hot-path benchmark: pgveil's own CPU per pgbench -S transaction, in-process, without sockets.
+
+    python bench/hotpath.py [--transactions 20000] [--rounds 3] [--baseline SOURCE_TREE]
+                            [--profile FILE]
+
+Starts an embedded PostgreSQL 18 with pgbench's tables (scale 1) and the logins of
+`bench/relay.py --policy pgbench` (bench_full sees everything, bench_masked has
+pgbench_accounts.abalance and filler masked), builds the policy runtime exactly as
+`pgveil serve` does (Enforcement, AuditedConnection, MeteredConnection through
+proxy.operations), and drives one Relay with the bytes pgbench -S sends and PostgreSQL answers,
+in the simple, extended and prepared protocol. The legs are in-memory transports, so what is
+timed is pgveil's Python work per transaction only: framing, the policy (verdict-cache hit or
+prepared-statement re-check), audit records, metrics, completion reports. No kernel, no
+PostgreSQL round trip; the steadiest figure to compare code changes with.
+
+Configurations: relay without a policy; the policy for bench_full and bench_masked; bench_full
+with metrics (`--metrics`: the relay observer and MeteredConnection); bench_full with an audit
+file (fsync never, and batch: the batch figure includes the writer thread's hand-off and the
+fsync, as CPU time of the whole process from time.process_time). In-process, a completion
+record always shares its commit with the next access record (nothing runs in between), so
+batch here is one fsync per transaction.
+With --baseline the same runs are made with the proxy package of another source tree (e.g.
+`git archive` of an older commit), interleaved round by round, and both are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MODES = ("simple", "extended", "prepared")
+CONFIGURATIONS = ("relay", "full", "masked", "full+metrics", "full+audit never", "full+audit batch")
+
+
+# ---- the bytes pgbench -S exchanges ------------------------------------------------------------
+
+def _messages(mode: str, aid: int) -> tuple[bytes, bytes, bytes]:
+    """(first client request, later client request, PostgreSQL's answer to a later request)."""
+    from proxy.wire.backend import (
+        BindComplete,
+        CommandComplete,
+        DataRow,
+        FieldDescription,
+        ParseComplete,
+        ReadyForQuery,
+        RowDescription,
+    )
+    from proxy.wire.frontend import Bind, Describe, Execute, Parse, Query, Sync
+
+    rows = (RowDescription((FieldDescription("abalance", type_oid=23, type_size=4),)).encode()
+            + DataRow((b"0",)).encode() + CommandComplete("SELECT 1").encode() + ReadyForQuery("I").encode())
+    sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+    if mode == "simple":
+        query = Query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};").encode()
+        return query, query, rows
+    execute = Bind("", "" if mode == "extended" else "P0_1", (0,), (str(aid).encode(),), ()).encode() + \
+        Describe("P", "").encode() + Execute("").encode() + Sync().encode()
+    if mode == "extended":
+        request = Parse("", sql).encode() + execute
+        return request, request, ParseComplete().encode() + BindComplete().encode() + rows
+    return Parse("P0_1", sql).encode() + execute, execute, BindComplete().encode() + rows
+
+
+class _Transport:
+    """The in-memory end of a leg: collects what the relay writes."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.wake: asyncio.Event | None = None
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+        if self.wake is not None:
+            self.wake.set()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+
+async def _relay_run(policy: Any, observer: Any, mode: str, transactions: int) -> float:
+    """CPU µs per transaction of one Relay driven `transactions` times in `mode`."""
+    from proxy.session.endpoint import Endpoint
+    from proxy.session.observer import NullObserver
+    from proxy.session.relay import Relay
+
+    client, upstream = Endpoint(1 << 26), Endpoint(1 << 26)
+    client_transport, upstream_transport = _Transport(), _Transport()
+    client.transport, upstream.transport = client_transport, upstream_transport  # type: ignore[assignment]
+    upstream_transport.wake = asyncio.Event()
+    relay = Relay(client=client, upstream=upstream, policy=policy, observer=observer or NullObserver(),
+                  max_message_size=1 << 26, marker_prefix="pgveil_refused_bench",
+                  cancel_upstream=lambda: None, on_finished=lambda reason: None, label="bench")
+    relay.start(b"", b"")
+    first, later, answer = _messages(mode, 4242)
+    # the first request (a Parse of the prepared statement) is a verdict-cache miss: not timed
+    await _exchange(relay, upstream_transport, first, answer if mode != "prepared" else
+                    _messages("extended", 1)[2])
+    for _ in range(200):  # warm up
+        await _exchange(relay, upstream_transport, later, answer)
+    started = time.process_time()
+    for _ in range(transactions):
+        await _exchange(relay, upstream_transport, later, answer)
+    used = time.process_time() - started
+    relay.finish("bench over")
+    return used / transactions * 1e6
+
+
+async def _exchange(relay: Any, upstream: _Transport, request: bytes, answer: bytes) -> None:
+    wake = upstream.wake
+    assert wake is not None
+    wake.clear()
+    relay.from_client(request)
+    if not wake.is_set():  # the verdict is awaited (an audit write): let the loop run
+        await wake.wait()
+    relay.from_upstream(answer)
+
+
+async def _policy_for(configuration: str, dsn: str, policy_file: Path, workdir: Path,
+                      runtimes: dict[str, Any]) -> tuple[Any, Any]:
+    """(connection policy, relay observer) as `pgveil serve` builds them for `configuration`."""
+    from proxy.connection_policy import ClientInfo, PassThrough
+
+    if configuration == "relay":
+        return PassThrough(), None
+    from proxy.enforcement import Enforcement
+    from proxy.metrics import Metrics
+    from proxy.operations import AuditSettings, build_connection_policy_factory, open_audit_sink
+
+    if "enforcement" not in runtimes:
+        runtimes["enforcement"] = await Enforcement.create(str(policy_file), dsn)
+        runtimes["metrics"] = Metrics()
+    metrics = runtimes["metrics"] if configuration == "full+metrics" else None
+    login = "bench_masked" if configuration == "masked" else "bench_full"
+    sink = None
+    audit = AuditSettings()
+    if "audit" in configuration:
+        fsync = configuration.rsplit(" ", 1)[1]
+        audit = AuditSettings(log=str(workdir / f"audit-{fsync}.jsonl"), fsync=fsync)  # type: ignore[arg-type]
+        sink = runtimes.get(fsync) or open_audit_sink(audit)
+        runtimes[fsync] = sink
+    factory = build_connection_policy_factory(runtimes["enforcement"].connection_policy, sink,
+                                              metrics, audit)
+    client = ClientInfo(connection_id=1, address="127.0.0.1:1", user=login, database="bench",
+                        application_name="pgbench", tls=False)
+    policy = factory(client)
+    refusal = await policy.on_startup({"user": login, "database": "bench"}, client)
+    assert refusal is None, refusal
+    policy.on_parameter_status("search_path", '"$user", public')
+    assert not isinstance(policy, PassThrough)
+    return policy, metrics
+
+
+async def _child_main(dsn: str, policy_file: Path, transactions: int, configurations: list[str]) -> None:
+    """One measurement pass in this process (the tree on sys.path): prints a JSON line."""
+    workdir = Path(tempfile.mkdtemp(prefix="pgveil-hotpath-"))
+    runtimes: dict[str, Any] = {}
+    results: dict[str, float] = {}
+    for configuration in configurations:
+        for mode in MODES:
+            policy, observer = await _policy_for(configuration, dsn, policy_file, workdir, runtimes)
+            results[f"{configuration}|{mode}"] = await _relay_run(policy, observer, mode, transactions)
+    for name in ("never", "batch"):
+        if name in runtimes:
+            await runtimes[name].close()
+    if "enforcement" in runtimes:
+        await runtimes["enforcement"].close()
+    print(json.dumps(results), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--transactions", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", metavar="SOURCE_TREE")
+    parser.add_argument("--only", help="comma-separated configurations (default: all)")
+    parser.add_argument("--profile", metavar="FILE", help="profile the current tree's pass (cProfile)")
+    parser.add_argument("--child", nargs=3, metavar=("DSN", "POLICY", "CONFIGS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import uvloop
+
+        uvloop.install()
+        dsn, policy_file, chosen = args.child
+        asyncio.run(_child_main(dsn, Path(policy_file), args.transactions, chosen.split(",")))
+        return 0
+
+    sys.path.insert(0, str(HERE.parent))
+    from bench.relay import PASSWORD, PGBENCH_LOGINS, PGBENCH_POLICY
+    from proxy.embedded import EmbeddedPostgres, bin_dir
+
+    configurations = args.only.split(",") if args.only else list(CONFIGURATIONS)
+    pg = EmbeddedPostgres.start()
+    workdir = Path(tempfile.mkdtemp(prefix="pgveil-hotpath-"))
+    try:
+        pg.psql("create database bench")
+        subprocess.run([str(bin_dir() / "pgbench"), "-i", "-q", "-s", "1", "-d", pg.dsn(dbname="bench")],
+                       check=True, capture_output=True)
+        for login in PGBENCH_LOGINS:
+            pg.psql(f"create role {login} login password '{PASSWORD}'")
+        pg.psql("grant select on all tables in schema public to public", dbname="bench")
+        policy = workdir / "policy.yaml"
+        policy.write_text(PGBENCH_POLICY)
+        trees = [("after", HERE.parent)]
+        if args.baseline:
+            trees.insert(0, ("before", Path(args.baseline).resolve()))
+        results: dict[str, dict[str, list[float]]] = {name: {} for name, _ in trees}
+        for round_number in range(args.rounds):
+            for name, tree in trees:
+                command = [sys.executable]
+                if args.profile and name == "after" and round_number == 0:
+                    command += ["-m", "cProfile", "-o", args.profile]
+                command += [str(HERE / "hotpath.py"), "--transactions", str(args.transactions),
+                            "--child", pg.dsn(dbname="bench"), str(policy), ",".join(configurations)]
+                out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tree,
+                                     env={**os.environ, "PYTHONPATH": str(tree)}).stdout
+                for key, value in json.loads(out.strip().splitlines()[-1]).items():
+                    results[name].setdefault(key, []).append(value)
+        print(f"pgveil CPU µs per pgbench -S transaction, in-process, median of {args.rounds} rounds of "
+              f"{args.transactions} (load average {os.getloadavg()[0]:.1f})")
+        header = f"{'configuration':<18} {'mode':<9}" + "".join(f" {name:>8}" for name, _ in trees)
+        print(header)
+        for configuration in configurations:
+            for mode in MODES:
+                key = f"{configuration}|{mode}"
+                cells = "".join(f" {statistics.median(results[name][key]):>8.1f}" for name, _ in trees)
+                print(f"{configuration:<18} {mode:<9}{cells}")
+        return 0
+    finally:
+        pg.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
