@@ -9,6 +9,7 @@ them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from proxy.audit import JsonLinesFileSink, verify
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld
 from tests.proxy_harness import RunningProxy, running_proxy
@@ -113,3 +115,41 @@ def test_audit_log_is_not_readable_by_other_users(audited: tuple[RunningProxy, P
     _, log = audited
     audited_statement(audited, "gv_analyst", "select 1")
     assert os.stat(log).st_mode & 0o077 == 0, oct(os.stat(log).st_mode)
+
+
+# ---- `pgveil audit verify` and records removed at the end ----------------------------------------
+
+def _sealed_log(path: Path, count: int, **options: Any) -> None:
+    async def write() -> None:
+        sink = JsonLinesFileSink(path, **options)
+        for number in range(count):
+            await sink.write({"type": "access", "time": "2026-01-01T00:00:00+00:00", "request": number,
+                              "normalized_sql": f"select $1 from t{number}", "decision": "allow"})
+        await sink.close()
+
+    asyncio.run(write())
+
+
+def test_verify_detects_a_workers_log_emptied_in_a_log_directory(tmp_path: Path) -> None:
+    """`--workers 2` writes one chain per worker into the directory; emptying one worker's file
+    (every record of that worker gone) must not verify as an idle worker."""
+    _sealed_log(tmp_path / "audit-w0.jsonl", 3)
+    _sealed_log(tmp_path / "audit-w1.jsonl", 4)
+    (tmp_path / "audit-w1.jsonl").write_text("")
+    assert verify(tmp_path) != []
+
+
+def test_verify_detects_the_active_file_removed_after_a_rotation(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    _sealed_log(log, 30, max_bytes=1500)
+    assert log.exists() and (tmp_path / "audit.jsonl.1").exists()
+    log.unlink()  # every record since the last rotation
+    assert verify(log) != []
+
+
+def test_verify_detects_the_last_records_cut_off(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    _sealed_log(log, 5, key=b"k" * 32)
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:2]))
+    assert verify(log, key=b"k" * 32) != []
