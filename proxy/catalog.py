@@ -131,6 +131,20 @@ FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespa
 WHERE t.typtype = 'd' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 ORDER BY 1
 """
+# User functions that column defaults (generated columns included) and table CHECKs call: a write
+# runs them, and their results or errors reach the writer.
+_WRITE_CODE_SQL = """
+SELECT DISTINCT COALESCE(ad.adrelid, co.conrelid), fn.nspname || '.' || f.proname
+FROM pg_catalog.pg_depend d
+LEFT JOIN pg_catalog.pg_attrdef ad ON d.classid = 'pg_catalog.pg_attrdef'::regclass AND ad.oid = d.objid
+LEFT JOIN pg_catalog.pg_constraint co ON d.classid = 'pg_catalog.pg_constraint'::regclass
+     AND co.oid = d.objid AND co.conrelid <> 0
+JOIN pg_catalog.pg_proc f ON f.oid = d.refobjid
+JOIN pg_catalog.pg_namespace fn ON fn.oid = f.pronamespace
+WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass AND (ad.oid IS NOT NULL OR co.oid IS NOT NULL)
+  AND fn.nspname NOT IN ('pg_catalog', 'information_schema')
+ORDER BY 1, 2
+"""
 _ROLE_SETTINGS_SQL = """
 SELECT COALESCE(d.datname, ''), COALESCE(r.rolname, ''), s.setconfig
 FROM pg_catalog.pg_db_role_setting s
@@ -233,6 +247,7 @@ class CatalogSnapshot:
     operators: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)  # (schema, symbol)
     casts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # schema.type: its user types
     domains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # schema.domain: its checks' calls
+    write_code: dict[str, tuple[str, ...]] = field(default_factory=dict)  # schema.table: defaults', checks'
     builtin_functions: frozenset[str] | None = None  # schema.name in pg_catalog/information_schema
     builtin_operators: frozenset[str] = frozenset()  # operator symbols pg_catalog defines
     change_marker: str = ""  # catalog_watch.change_marker() read with this snapshot
@@ -384,6 +399,7 @@ async def load_catalog(dsn: str, timeout: float = 10.0, database: str | None = N
             operators = await connection.fetch(_OPERATORS_SQL)
             casts = await connection.fetch(_CASTS_SQL)
             domains = await connection.fetch(_DOMAINS_SQL)
+            write_code = await connection.fetch(_WRITE_CODE_SQL)
             marker = await change_marker(connection)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise CatalogError(f"cannot read the upstream catalog: {exc}") from exc
@@ -403,6 +419,7 @@ async def load_catalog(dsn: str, timeout: float = 10.0, database: str | None = N
         operator_rows=operators,
         cast_rows=casts,
         domain_rows=domains,
+        write_code_rows=write_code,
         change_marker=marker,
     )
 
@@ -434,6 +451,7 @@ def build_snapshot(
     operator_rows: Sequence[Sequence[Any]] = (),
     cast_rows: Sequence[Sequence[Any]] = (),
     domain_rows: Sequence[Sequence[Any]] = (),
+    write_code_rows: Sequence[Sequence[Any]] = (),
     change_marker: str = "",
 ) -> CatalogSnapshot:
     """Assemble a snapshot from catalog query rows (in the column order of the queries above)."""
@@ -487,10 +505,14 @@ def build_snapshot(
         for type_name in user_types or (source, target):
             casts[type_name] = (*casts.get(type_name, ()), function)
     domains = _domains(domain_rows)
+    write_code: dict[str, tuple[str, ...]] = {}
+    for relid, function in write_code_rows:
+        if relid in names:
+            write_code[names[relid]] = (*write_code.get(names[relid], ()), function)
 
     digest = hashlib.sha256()
     for part in (database, relations, functions, role_settings, server_search_path, operators, casts,
-                 domains):
+                 domains, write_code):
         digest.update(repr(part).encode("utf-8"))
     return CatalogSnapshot(
         database=database,
@@ -502,6 +524,7 @@ def build_snapshot(
         operators=operators,
         casts=casts,
         domains=domains,
+        write_code=write_code,
         builtin_functions=None if builtin_function_rows is None else frozenset(
             row[0] for row in builtin_function_rows),
         builtin_operators=frozenset(row[0] for row in builtin_operator_rows),

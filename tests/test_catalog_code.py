@@ -53,6 +53,8 @@ CREATE TYPE cc.label AS (t text);
 CREATE FUNCTION cc.label_text(cc.label) RETURNS text LANGUAGE internal IMMUTABLE STRICT AS 'textin';
 CREATE CAST (cc.label AS text) WITH FUNCTION cc.label_text(cc.label);
 CREATE TABLE cc.labelled (id integer, l cc.label);
+-- a table whose default and CHECK call a function that reads the masked table
+CREATE TABLE cc.tickets (id integer CHECK (cc.positive(id)), who text DEFAULT cc.assigned(1));
 """
 
 POLICY = """
@@ -60,7 +62,7 @@ version: 1
 roles:
   reader:
     members: [cc_reader]
-    statements: [select]
+    statements: [select, insert]
     tables: ["cc.*"]
     reveal: [public]
 datasets:
@@ -125,6 +127,13 @@ def test_operator_cast_domain_and_field_selection_reach_the_function_rule(catalo
     assert judged(catalog, "select 1::cc.checked_again") == "unlisted-function"
     assert judged(catalog, "select (p).assigned from cc.notes p") == "allowed"  # no such function on the path
     assert judged(catalog, "select (n).harmless from cc.notes n") == "allowed"
+
+
+def test_writing_a_table_whose_default_or_check_reads_a_masked_table_is_refused(
+        catalog: CatalogSnapshot) -> None:
+    assert set(catalog.write_code["cc.tickets"]) == {"cc.positive", "cc.assigned"}
+    assert judged(catalog, "select id from cc.tickets") == "allowed"
+    assert judged(catalog, "insert into cc.tickets (id) values (1) returning who") == "unlisted-function"
 
 
 def test_ordinary_casts_and_builtin_operator_symbols_stay_allowed(catalog: CatalogSnapshot) -> None:

@@ -136,6 +136,11 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
             candidates.extend((found, "") for found in _user_functions((name,), path, catalog.functions))
     candidates.extend(_code_behind_operators(statement, context))
     candidates.extend(_code_behind_types(statement, context))
+    copies_in = isinstance(statement.node, ast.CopyStmt) and statement.node.is_from
+    for ref in statement.relations:  # a write runs the table's defaults and CHECKs
+        if ref.qualified is not None and (ref.position == "target" or (ref.position == "copy" and copies_in)):
+            candidates.extend((function, f"a default or CHECK of {ref.qualified}")
+                              for function in catalog.write_code.get(ref.qualified, ()))
     statement.reads_definitions = statement.reads_definitions or bool(candidates)
     for qualified, reached in dict.fromkeys(candidates):
         if qualified in context.policy.datasets or qualified not in catalog.functions:
