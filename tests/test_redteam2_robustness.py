@@ -8,6 +8,8 @@ Every test asserts the SAFE behaviour; a failing test is a hole (docs/redteam.md
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import tempfile
 import threading
 import time
@@ -20,6 +22,7 @@ import pytest
 from proxy.config import Settings
 from proxy.connection_policy import ClientInfo, ConnectionPolicy
 from proxy.guard.verdict import Verdict
+from proxy.wire import StartupMessage
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld
 from tests.proxy_harness import RunningProxy, running_proxy
@@ -151,3 +154,20 @@ def test_deeply_nested_statement_is_refused_and_the_connection_stays_usable(
             conn.execute(NESTED[name].encode())  # type: ignore[call-overload]
         assert refused.value.sqlstate in ("42501", "54001"), refused.value
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_an_unauthenticated_client_cannot_make_pgveil_buffer_a_megabyte_password_message(
+        proxy: RunningProxy) -> None:
+    """Before authentication PostgreSQL reads at most 65,535 bytes of a password/SASL message
+    (PG_MAX_AUTH_TOKEN_LENGTH). pgveil buffers whatever `max_message_size` allows (64 MB by default)
+    from anyone who can reach the port, holds it until the startup timeout, and forwards it: 40
+    unauthenticated connections are gigabytes of memory. Here a 1 MB password message must be
+    refused by pgveil itself, not reach PostgreSQL (whose answer is `28P01`)."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=30) as client:
+        client.sendall(StartupMessage(3 << 16, (("user", "gv_analyst"), ("database", DATABASE))).encode())
+        assert client.recv(1)[:1] == b"R"  # PostgreSQL asks for the password
+        client.sendall(b"p" + struct.pack("!I", 4 + (1 << 20)) + b"x" * (1 << 20))
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    assert b"28P01" not in answer, "pgveil buffered the whole message and forwarded it to PostgreSQL"
