@@ -85,6 +85,9 @@ ONE_ROW_AGGREGATES = {
                              f"(order by birth_year) from {VIEW} group by review_id, gender, location",
     "window sum per review": "select review_id, gender, location, sum(birth_year) "
                              f"over (partition by review_id) from {VIEW}",
+    # dense_rank over the years is the year's ordinal: with one known year, the year itself
+    "dense rank": "select review_id, gender, location, dense_rank() over (order by birth_year) "
+                  f"from {VIEW}",
 }
 
 
