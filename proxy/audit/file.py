@@ -237,10 +237,42 @@ class JsonLinesFileSink:
     async def _commit(self, records: list[AuditRecord]) -> None:
         lines, states = self._seal(records)
         try:
-            await self._writer.run(lambda: self._append(lines))
+            if self._fits(lines):
+                await self._append_then_sync(lines)
+            else:
+                await self._writer.run(lambda: self._append(lines))
         except OSError as exc:
             raise self._failed(states, exc) from exc
         self.chain.state = states[-1]
+
+    def _fits(self, lines: list[bytes]) -> bool:
+        """The lines go into the current file without a rotation."""
+        limit = self.max_bytes if self._rotatable else None
+        return self._fd is not None and (limit is None or self._size + sum(map(len, lines)) <= limit)
+
+    async def _append_then_sync(self, lines: list[bytes]) -> None:
+        """The usual commit: one write(2) to the page cache on the event loop (as with `never`), and
+        only the fsync in the writer thread, so the thread takes the GIL back once per commit."""
+        self._appended = 0
+        fd = self._open()
+        data = b"".join(lines)
+        before = self._size
+        try:
+            self._write_all(data)
+        except OSError:
+            self._size = before
+            with contextlib.suppress(OSError):  # do not leave a torn record behind
+                os.ftruncate(fd, before)
+            raise
+        await self._writer.run(lambda: self._sync(fd))
+        self._appended = len(lines)
+
+    def _sync(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._broken = f"fsync of {self.path} failed ({exc.strerror}); restart pgveil"
+            raise
 
     def _write_now(self, record: AuditRecord) -> None:
         """`never`: one write(2) on the event loop; a page-cache write is cheaper than a hand-off."""

@@ -56,6 +56,9 @@ _UPSTREAM_WATCHED = b"CEZG"
 _UPSTREAM_WATCHED_SETTINGS = b"CEZGS"  # and ParameterStatus, for policies that follow settings
 _UPSTREAM_WATCHED_TRANSPARENT = b"EZG"  # no policy, no on_complete: row counts are not needed
 _TERMINATE = Terminate().encode()
+# Client bytes held while a verdict is awaited before the client is no longer read (flow control
+# without two epoll changes per audited statement).
+_BACKLOG_LIMIT = 256 * 1024
 
 @dataclass(frozen=True, slots=True)
 class BoundStatement:
@@ -155,6 +158,7 @@ class Relay:
         self._lane: asyncio.Future[Any] | None = None  # the policy call still running, if any
         self._blocked = False  # waiting for a verdict; client bytes wait in _backlog
         self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0  # past _BACKLOG_LIMIT the client is not read until the verdict
         self._upstream_full = False
         self._client_paused = False
         self._client_copy = False  # the client is sending COPY data
@@ -204,6 +208,9 @@ class Relay:
             return
         if self._blocked:
             self._backlog.append(data)
+            self._backlog_bytes += len(data)
+            if self._backlog_bytes >= _BACKLOG_LIMIT:
+                self._update_client_reading()
             return
         try:
             emit, spans = self._client_scanner.feed(data)
@@ -355,8 +362,7 @@ class Relay:
         self, future: asyncio.Future[Any], tag: int, message: Guarded,
         emit: bytes, spans: list[tuple[int, int, int]], index: int, start: int, end: int,
     ) -> None:
-        self._blocked = True
-        self._update_client_reading()
+        self._blocked = True  # reading goes on until the backlog is full: most clients wait anyway
 
         def resume(done: asyncio.Future[Any]) -> None:
             if self.finished:
@@ -372,7 +378,9 @@ class Relay:
             self._send_upstream([replacement if replacement is not None else emit[start:end]])
             self._process_client(emit, spans, index, end)
             while self._backlog and not self._blocked and not self.finished:
-                self.from_client(self._backlog.popleft())
+                data = self._backlog.popleft()
+                self._backlog_bytes -= len(data)
+                self.from_client(data)
             self._update_client_reading()
 
         future.add_done_callback(resume)
@@ -560,7 +568,7 @@ class Relay:
         transport = self._client.transport
         if transport is None or self.finished:
             return
-        pause = self._blocked or self._upstream_full
+        pause = (self._blocked and self._backlog_bytes >= _BACKLOG_LIMIT) or self._upstream_full
         if pause != self._client_paused:
             self._client_paused = pause
             if pause:
