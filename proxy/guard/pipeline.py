@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pglast import parser
-
 from proxy.firewall import passes as firewall
 from proxy.guard import rules, settings
 from proxy.guard.agreement import parsers_agree
@@ -23,6 +21,7 @@ from proxy.guard.classify import classify
 from proxy.guard.gate import gate
 from proxy.guard.lexical import backslash_in_plain_string
 from proxy.guard.mask import Edit, rewrite_statements
+from proxy.guard.normalize import normalized_sql
 from proxy.guard.regate import regate
 from proxy.guard.resolve import resolve
 from proxy.guard.statement import GuardContext, GuardStatement, Rule
@@ -125,10 +124,7 @@ def apply_edits(sql: str, edits: list[Edit] | tuple[Edit, ...]) -> str:
 
 
 def statement_info(statement: GuardStatement, masks: tuple[str, ...]) -> StatementInfo:
-    try:
-        normalized = parser.normalize(statement.text)
-    except parser.ParseError:
-        normalized = ""
+    normalized = normalized_sql(statement.text)
     relations = tuple(dict.fromkeys(ref.qualified for ref in statement.relations if ref.qualified))
     return StatementInfo(
         kind=statement.statement_class,
