@@ -8,6 +8,10 @@ from typing import cast
 
 from proxy.wire import ReceiveBuffer
 
+SETUP_BUFFER_LIMIT = 256 * 1024
+"""Bytes held unread while setting up before the peer is no longer read (it waits in its own send
+buffer, as it would in front of PostgreSQL); reading resumes when the session wants more."""
+
 
 class ConnectionClosed(Exception):
     """The peer went away."""
@@ -28,6 +32,7 @@ class Endpoint(asyncio.Protocol):
         self.on_write_paused: Callable[[bool], None] | None = None
         self.connected: Callable[[Endpoint], None] | None = None
         self.lost = False
+        self._setup_paused = False
         self._waiter: asyncio.Future[None] | None = None
 
     # ---- asyncio.Protocol --------------------------------------------------------------
@@ -44,6 +49,9 @@ class Endpoint(asyncio.Protocol):
             relay(data)
             return
         self.buffer.feed(data)
+        if len(self.buffer) > SETUP_BUFFER_LIMIT and not self._setup_paused and self.transport is not None:
+            self._setup_paused = True
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -70,9 +78,22 @@ class Endpoint(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def resume_setup_reading(self) -> None:
+        """Read the peer again if too many unread bytes had stopped it."""
+        if self._setup_paused:
+            self._setup_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def hand_over(self) -> bytes:
+        """Everything still buffered, with reading resumed: the relay takes the stream from here."""
+        self.resume_setup_reading()
+        return self.buffer.take()
+
     async def _wait(self) -> None:
         if self.lost:
             raise ConnectionClosed()
+        self.resume_setup_reading()
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter

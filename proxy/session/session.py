@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -45,6 +46,12 @@ PolicyFactory = Callable[[ClientInfo], ConnectionPolicy]
 """Builds the policy of one connection, once its ClientInfo is known (before on_startup)."""
 
 SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+PG_MAX_AUTH_TOKEN_LENGTH = 65_535
+"""PostgreSQL's cap on a password/SASL message before authentication; pgveil holds every client
+message to it until PostgreSQL sent AuthenticationOk (the startup packet to MAX_STARTUP_PACKET)."""
+LINGER_SECONDS = 2.0
+"""After a FATAL before relaying, how long pgveil drops what the client still sends before closing
+(closing with unread bytes resets the connection, and the client may never read the FATAL)."""
 _FALSE_WORDS = {"false", "off", "no", "0"}
 
 
@@ -96,6 +103,9 @@ class Session:
         self.upstream_key: BackendKeyData | None = None
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._capped_minor = False
+        self._linger = False  # a FATAL went to the client before relaying: close gently
+        # whoever can reach the port may send this much per message until authenticated
+        client.buffer.max_message_size = min(PG_MAX_AUTH_TOKEN_LENGTH, context.settings.max_message_size)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -134,11 +144,15 @@ class Session:
             log.exception("%s: internal error", self.label)
             self._fatal("XX000", "pgveil: internal error; the pgveil log says more")
         finally:
-            if self.relay is None or not self.relay.finished:
-                self._close_legs()
-            context.sessions.discard(self)
-            context.observer.connection_closed(self.connection_id, reason)
-            log.debug("%s: closed (%s)", self.label, reason)
+            try:
+                if self._linger and not context.draining:
+                    await self._drop_input_until_closed()
+            finally:
+                if self.relay is None or not self.relay.finished:
+                    self._close_legs()
+                context.sessions.discard(self)
+                context.observer.connection_closed(self.connection_id, reason)
+                log.debug("%s: closed (%s)", self.label, reason)
 
     def drain(self) -> None:
         """Close after the current request; before relaying starts, close now."""
@@ -153,6 +167,32 @@ class Session:
     def _fatal(self, sqlstate: str, message: str) -> None:
         if self.relay is None and not self.client.lost:
             self.client.write(ErrorResponse.build("FATAL", sqlstate, message).encode())
+            self._linger = True
+
+    async def _drop_input_until_closed(self) -> None:
+        """Send end-of-file after the FATAL and drop what the client still sends until it closes
+        (at most LINGER_SECONDS), so the FATAL is read rather than lost to a connection reset."""
+        client = self.client
+        transport = client.transport
+        if transport is None or client.lost or transport.is_closing():
+            return
+        if self.upstream is not None:
+            self.upstream.close()
+        closed = asyncio.get_running_loop().create_future()
+
+        def lost(exc: Exception | None) -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+        client.on_lost = lost
+        client.relay = _drop
+        client.buffer.take()
+        client.resume_setup_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                await closed
 
     def _close_legs(self) -> None:
         self.client.close()
@@ -215,7 +255,7 @@ class Session:
             on_finished=self._finished,
             label=self.label,
         )
-        self.relay.start(self.client.buffer.take(), self.upstream.buffer.take())
+        self.relay.start(self.client.hand_over(), self.upstream.hand_over())
         if context.draining:
             self.relay.drain()
         return True
@@ -311,6 +351,7 @@ class Session:
             if isinstance(request, AuthenticationOk):
                 client.write(frame(b"R", body))
                 self.state.handle(Event.AUTHENTICATION_OK)
+                client.buffer.max_message_size = self.context.settings.max_message_size
                 return
             if isinstance(request, AuthenticationSASL):
                 client.write(sasl_mechanisms_for_client(request).encode())
@@ -318,7 +359,12 @@ class Session:
                 client.write(frame(b"R", body))
             if request.CODE == 12:  # SASLFinal: no answer expected, AuthenticationOk follows
                 continue
-            answer_tag, answer = await client.read_message()
+            try:
+                answer_tag, answer = await client.read_message()
+            except ProtocolViolation as exc:
+                limit = client.buffer.max_message_size
+                reason = f"{exc.reason}: at most {limit} bytes before authentication"
+                raise ProtocolViolation(reason) from None
             if answer_tag != ord("p"):
                 if answer_tag == ord("X"):
                     raise ConnectionClosed("client gave up during authentication")
@@ -361,6 +407,10 @@ def sasl_mechanisms_for_client(request: AuthenticationSASL) -> AuthenticationSAS
     """Drop SCRAM-SHA-256-PLUS: channel binding binds SCRAM to the TLS channel the client sees,
     which ends at pgveil, so PostgreSQL's check against its own channel could never pass."""
     return AuthenticationSASL(tuple(m for m in request.mechanisms if m != SCRAM_PLUS))
+
+
+def _drop(data: bytes) -> None:
+    """What a client sends after its FATAL."""
 
 
 def _ignore_result(task: asyncio.Future[None]) -> None:
