@@ -88,6 +88,18 @@ CORRELATING = [
     "SELECT u.id FROM users u JOIN blocklist b ON starts_with(u.ssn, b.ssn)",
     "SELECT u.id FROM users u JOIN orders o ON (u.ssn, u.id) = (o.ssn, o.user_id)",
     "SELECT u.id FROM users u JOIN orders o ON u.ssn IS NOT DISTINCT FROM o.ssn",
+    # chained through a third value: a.ssn = s AND s = b.ssn is a.ssn = b.ssn
+    "SELECT a.id, b.id FROM users a, users b, unnest(ARRAY['1', '2']) s WHERE s = a.ssn AND s = b.ssn",
+    "SELECT u.id FROM users u, orders o, (VALUES ('1'), ('2')) v(k) WHERE v.k = u.ssn AND lower(v.k) = o.ssn",
+    "SELECT u.id FROM users u JOIN generate_series(1, 9) g ON g::text = u.ssn "
+    "JOIN orders o ON o.ssn = g::text",
+    "WITH k AS (SELECT generate_series(1, 9)::text AS k) SELECT 1 FROM users u, blocklist b, k "
+    "WHERE k.k = u.ssn AND b.ssn = k.k",
+    "SELECT u.id FROM users u, orders o, unnest(ARRAY['1']) s "
+    "WHERE u.ssn = s AND s IN (SELECT ssn FROM blocklist)",
+    "SELECT u.id FROM users u, orders o WHERE u.ssn = u.tax_id AND u.tax_id = o.ssn",
+    "SELECT u.id FROM users u, orders o, unnest(ARRAY['1'], ARRAY[2]) s(k, n) "
+    "WHERE (u.ssn, u.id) = (s.k, s.n) AND o.ssn = s.k",
 ]
 
 NOT_CORRELATING = [
@@ -103,6 +115,16 @@ NOT_CORRELATING = [
     "WITH s AS (SELECT id, ssn FROM users) SELECT s.ssn FROM s JOIN orders o ON o.user_id = s.id",
     "SELECT u.id FROM users u JOIN orders o ON o.user_id = u.id WHERE u.ssn LIKE '9%' AND o.amount > 5",
     "SELECT concat(u.ssn, o.amount) FROM users u JOIN orders o ON o.user_id = u.id",
+    # a list of values to look for filters, it does not correlate
+    "SELECT id FROM users WHERE ssn IN (VALUES ('1'), ('2'))",
+    "SELECT id FROM users WHERE ssn IN (SELECT s FROM unnest(ARRAY['1', '2']) s)",
+    "SELECT u.id FROM users u, unnest(ARRAY['1', '2']) s WHERE s = u.ssn",
+    "SELECT u.id FROM users u JOIN (VALUES ('1', 'x'), ('2', 'y')) v(k, note) ON v.k = u.ssn",
+    "WITH p AS (SELECT $1::text AS ssn) SELECT u.id, t.id FROM users u, tax_records t, p "
+    "WHERE u.ssn = p.ssn AND t.ssn = p.ssn",
+    "SELECT u.id FROM users u, orders o, generate_series(1, 9) g "
+    "WHERE u.id = g::text AND o.user_id = g::text AND u.ssn LIKE '9%'",
+    "SELECT u.id FROM users u JOIN orders o ON o.user_id = u.id WHERE coalesce(u.ssn, u.tax_id) = $1",
 ]
 
 
@@ -136,6 +158,20 @@ CONCENTRATED = [
     "SELECT row_to_json(u) FROM users u",
     "SELECT zip || gender || birth_date FROM users",
     "SELECT zip, gender, (SELECT birth_date FROM users x WHERE x.id = u.id) FROM users u",
+    # over a group of one row an aggregate is the value
+    "SELECT id, zip, gender, avg(birth_date) FROM users GROUP BY id, zip, gender",
+    "SELECT id, zip, gender, sum(birth_date) FROM users GROUP BY id, zip, gender",
+    "SELECT id, zip, gender, percentile_cont(0.5) WITHIN GROUP (ORDER BY birth_date) FROM users "
+    "GROUP BY id, zip, gender",
+    "SELECT id, zip, gender, mode() WITHIN GROUP (ORDER BY birth_date) FROM users GROUP BY id, zip, gender",
+    "SELECT id, zip, gender, sum(birth_date) OVER (PARTITION BY id) FROM users",
+    "SELECT id, zip, gender, dense_rank() OVER (ORDER BY birth_date) FROM users",
+    "SELECT id, zip, gender, rank() OVER w FROM users WINDOW w AS (ORDER BY birth_date)",
+    "SELECT id, zip, gender, count(*) OVER (ORDER BY birth_date) FROM users",
+    "SELECT id, zip, gender, count(*) FILTER (WHERE birth_date > '1990') FROM users GROUP BY id, zip, gender",
+    "SELECT id, zip, gender, count(CASE WHEN birth_date > '1990' THEN 1 END) FROM users "
+    "GROUP BY id, zip, gender",
+    "SELECT id, zip, gender, string_agg(birth_date, ',') FROM users GROUP BY id, zip, gender",
 ]
 
 WITHIN_LIMIT = [
@@ -145,6 +181,8 @@ WITHIN_LIMIT = [
     "SELECT zip, gender, count(DISTINCT birth_date), avg(length(zip)) FROM users GROUP BY zip, gender",
     "SELECT a.zip, b.zip FROM users a JOIN users b ON a.id = b.id",
     "SELECT count(*) FROM users",
+    "SELECT zip, gender, count(birth_date), count(DISTINCT birth_date) FROM users GROUP BY zip, gender",
+    "SELECT zip, gender, count(*) OVER (PARTITION BY birth_date) FROM users",
 ]
 
 
@@ -163,7 +201,8 @@ def test_concentration_refusal_lists_the_columns_and_the_limit() -> None:
     assert message == (
         "the statement returns 3 quasi-identifiers together (public.users.birth_date, public.users.gender, "
         "public.users.zip); role fw_qi_analyst may return at most 2 in one statement: leave some out, "
-        "or aggregate them (count, avg) instead of returning their values"
+        "or only count them (count(*), count(DISTINCT col)); sum, avg, min/max, percentiles and ranks over "
+        "a group of one row are the value, so they count as returning it"
     )
 
 

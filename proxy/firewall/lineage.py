@@ -8,7 +8,12 @@ users b`) and two references to one CTE are told apart.
 
 While tracing, the analysis records *correlations*: predicates that match values of one row
 source against another (`=`, `<`, LIKE, IN lists, IN/ANY/ALL subqueries, JOIN ... USING,
-NATURAL JOIN, INTERSECT/EXCEPT), with the base columns on each side.
+NATURAL JOIN, INTERSECT/EXCEPT), with the base columns on each side. Comparisons also chain:
+every compared value is a node of an equivalence class (union-find), so `a.key = g AND g = b.key`
+matches `a` against `b` through `g`. Values that come from no table but vary per row (a function in
+FROM such as generate_series or unnest, a VALUES list, a CTE or subquery computing them) are
+*derived columns* of their row source: they never make a correlation on their own (`ssn IN (VALUES
+...)` filters), only by linking two table columns.
 """
 
 from __future__ import annotations
@@ -20,18 +25,14 @@ from pglast import ast
 from pglast.enums import SetOperation, SubLinkType
 
 from proxy.catalog import CatalogSnapshot
-from proxy.firewall.tree import children, function_name, is_comparison
+from proxy.firewall.tree import children, function_name, is_comparison, walk
 
 Instance = tuple[int, ...]
 
-# Aggregates whose result does not reveal the values they read (unlike min/max/array_agg).
-REDUCING_AGGREGATES = frozenset({
-    "count", "sum", "avg", "stddev", "stddev_pop", "stddev_samp", "variance", "var_pop", "var_samp",
-    "corr", "covar_pop", "covar_samp", "regr_avgx", "regr_avgy", "regr_count", "regr_intercept",
-    "regr_r2", "regr_slope", "regr_sxx", "regr_sxy", "regr_syy", "bool_and", "bool_or", "every",
-    "bit_and", "bit_or", "bit_xor", "rank", "dense_rank", "row_number", "ntile", "cume_dist",
-    "percent_rank",
-})
+# Aggregates that only count the rows where a column is not null: over a plain column they do not
+# reveal its values. Every other aggregate or window function (sum, avg, percentiles, ranks over an
+# ORDER BY ...) is the value itself over a group of one row, so it shows what it reads.
+COUNTING_AGGREGATES = frozenset({"count", "regr_count"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,11 @@ class BaseColumn:
     @property
     def qualified(self) -> str:
         return f"{self.relation}.{self.column}"
+
+    @property
+    def derived(self) -> bool:
+        """A column of a row source that reads no table (`(generate_series).g`), not a catalog column."""
+        return self.relation.startswith("(")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,28 +104,34 @@ class LineageAnalysis:
         self.correlations: list[Correlation] = []
         self.outputs: list[ColumnLineage] = []
         self._sublinks: dict[int, list[ColumnLineage]] = {}
+        self._compared: list[tuple[frozenset[BaseColumn], frozenset[BaseColumn]]] = []
+        self._windows: dict[str, ast.WindowDef] = {}
 
     # --- statements ------------------------------------------------------------------------
 
     def statement(self, node: ast.Node) -> LineageAnalysis:
         """Analyse a statement; `outputs` is set for statements that return or store rows."""
+        self._statement(node)
+        self._chain_correlations()
+        return self
+
+    def _statement(self, node: ast.Node) -> None:
         if isinstance(node, ast.SelectStmt):
             self.outputs = self.select(node, [], {})
         elif isinstance(node, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt):
             self.outputs = self._modification(node)
         elif isinstance(node, ast.ExplainStmt):  # returns a plan, not the rows
             if node.query is not None:
-                self.statement(node.query)
+                self._statement(node.query)
             self.outputs = []
         elif isinstance(node, ast.CopyStmt | ast.DeclareCursorStmt | ast.CreateTableAsStmt | ast.PrepareStmt
                         | ast.ViewStmt):
             inner = getattr(node, "query", None)
             if isinstance(inner, ast.Node):
-                self.statement(inner)
+                self._statement(inner)
         else:
             for select in _top_selects(node):
                 self.select(select, [], {})
-        return self
 
     def _modification(self, node: ast.Node) -> list[ColumnLineage]:
         ctes: dict[str, list[ColumnLineage]] = {}
@@ -173,7 +185,13 @@ class LineageAnalysis:
             self._check(clause, chain, ctes)
         for condition in (node.whereClause, node.havingClause):
             self._check_conditions(condition, chain, ctes)
-        return self._targets(node.targetList or (), chain, ctes)
+        enclosing = self._windows
+        self._windows = {str(window.name): window for window in node.windowClause or ()
+                         if isinstance(window, ast.WindowDef) and window.name}
+        try:
+            return self._targets(node.targetList or (), chain, ctes)
+        finally:
+            self._windows = enclosing
 
     def _with(self, clause: ast.WithClause, outer: list[_Scope],
               ctes: dict[str, list[ColumnLineage]]) -> dict[str, list[ColumnLineage]]:
@@ -187,10 +205,11 @@ class LineageAnalysis:
                     and query.op == SetOperation.SETOP_UNION):
                 ctes[name] = _renamed(self.select(query.larg, outer, ctes), _strings(cte.aliascolnames))
             if isinstance(query, ast.SelectStmt):
-                columns = self.select(query, outer, ctes)
+                columns = _derived(_renamed(self.select(query, outer, ctes), _strings(cte.aliascolnames)),
+                                   name, (id(cte),), query)
             else:
-                columns = self._modification(query)
-            ctes[name] = _renamed(columns, _strings(cte.aliascolnames))
+                columns = _renamed(self._modification(query), _strings(cte.aliascolnames))
+            ctes[name] = columns
         return ctes
 
     def _targets(self, targets: Iterable[ast.Node], chain: list[_Scope],
@@ -224,8 +243,10 @@ class LineageAnalysis:
             return [self._relation(item, ctes)]
         if isinstance(item, ast.RangeSubselect) and isinstance(item.subquery, ast.SelectStmt):
             visible = [scope, *outer] if item.lateral else outer
-            columns = self.select(item.subquery, visible, ctes)
-            return [_RowSource(_alias_names(item.alias), _renamed(columns, _alias_columns(item.alias)))]
+            columns = _renamed(self.select(item.subquery, visible, ctes), _alias_columns(item.alias))
+            label = str(item.alias.aliasname) if item.alias is not None else "subquery"
+            columns = _derived(columns, label, (id(item),), item.subquery)
+            return [_RowSource(_alias_names(item.alias), columns)]
         if isinstance(item, ast.JoinExpr):
             left = self._from_item(item.larg, scope, outer, ctes) if item.larg is not None else []
             scope.sources.extend(left)
@@ -282,7 +303,9 @@ class LineageAnalysis:
             if isinstance(definition, ast.ColumnDef) and definition.colname:
                 names.append(str(definition.colname))
         columns = [ColumnLineage(name, value.sources, value.exposed) for name in names or ["?column?"]]
-        return _RowSource(_alias_names(item.alias), columns)
+        label = ", ".join(function_name(call) for call in calls if isinstance(call, ast.FuncCall))
+        label = label or "function"
+        return _RowSource(_alias_names(item.alias), _derived(columns, label, (id(item),)))
 
     # --- expressions -----------------------------------------------------------------------
 
@@ -334,17 +357,38 @@ class LineageAnalysis:
                 sources |= {base for column in columns for base in column.sources}
             return sources, exposed
         if isinstance(node, ast.FuncCall):
-            reducing = function_name(node) in REDUCING_AGGREGATES or node.agg_star
+            counting = function_name(node) in COUNTING_AGGREGATES
             for argument in node.args or ():
                 found_sources, found_exposed = self._expression(argument, chain, ctes)
                 sources |= found_sources
-                if not reducing:
+                if not (counting and _plain_column(argument)):  # count(CASE WHEN zip = ...) shows zip
                     exposed |= found_exposed
-            for part in (node.agg_order, node.agg_filter, node.over):
-                found_sources, _ = self._expression_list(part, chain, ctes)
+            # WITHIN GROUP (ORDER BY x), FILTER (WHERE x = ...) and a window's ORDER BY (ranks,
+            # running sums) are values derived from x; PARTITION BY only groups, like GROUP BY.
+            shown: list[object] = [node.agg_order, node.agg_filter]
+            grouped: list[object] = []
+            if node.over is not None:
+                window = self._window(node.over)
+                shown.append([definition.orderClause for definition in window])
+                grouped.append([(definition.partitionClause, definition.startOffset, definition.endOffset)
+                                for definition in window])
+            for part in shown:
+                found_sources, found_exposed = self._expression_list(_flat(part), chain, ctes)
                 sources |= found_sources
+                exposed |= found_exposed
+            for part in grouped:
+                sources |= self._expression_list(_flat(part), chain, ctes)[0]
             return sources, exposed
         return self._expression_list(list(children(node)), chain, ctes)
+
+    def _window(self, window: ast.WindowDef) -> list[ast.WindowDef]:
+        """A window and the named windows it builds on (`OVER w`, `OVER (w ORDER BY x)`)."""
+        found = [window]
+        name = window.refname or (window.name if not (window.partitionClause or window.orderClause) else None)
+        while name and (named := self._windows.get(str(name))) is not None and named not in found:
+            found.append(named)
+            name = named.refname
+        return found
 
     def _expression_list(self, nodes: object, chain: list[_Scope],
                          ctes: dict[str, list[ColumnLineage]]) -> tuple[set[BaseColumn], set[BaseColumn]]:
@@ -381,12 +425,23 @@ class LineageAnalysis:
                     left, _ = self._expression(node.testexpr, chain, ctes)
                     right = {base for column in columns for base in column.sources}
                     self._correlate(left, right, "IN subquery")
+                    self._compare(left, right)
+                    items = _row_items(node.testexpr)
+                    if len(items) > 1 and len(items) == len(columns):
+                        for item, column in zip(items, columns, strict=True):
+                            self._compare(self._expression(item, chain, ctes)[0], column.sources)
                     stack.append(node.testexpr)
                 continue
             if isinstance(node, ast.A_Expr) and is_comparison(node):
                 left, _ = self._expression(node.lexpr, chain, ctes)
                 right, _ = self._expression_list(node.rexpr, chain, ctes)
                 self._correlate(left, right, "comparison")
+                self._compare(left, right)
+                mine, theirs = _row_items(node.lexpr), _row_items(node.rexpr)
+                if len(mine) > 1 and len(mine) == len(theirs):
+                    for one, other in zip(mine, theirs, strict=True):
+                        self._compare(self._expression(one, chain, ctes)[0],
+                                      self._expression(other, chain, ctes)[0])
             stack.extend(children(node))
 
     def _check_conditions(self, clause: ast.Node | None, chain: list[_Scope],
@@ -410,16 +465,58 @@ class LineageAnalysis:
         theirs = next((column for source in right if (column := source.column(name)) is not None), None)
         if mine is not None and theirs is not None:
             self._correlate(mine.sources, theirs.sources, how)
+            self._compare(mine.sources, theirs.sources)
 
     def _correlate(self, left: Iterable[BaseColumn], right: Iterable[BaseColumn], how: str,
                    any_instance: bool = False) -> None:
-        others = list(right)
+        others = [theirs for theirs in right if not theirs.derived]
         for mine in left:
+            if mine.derived:
+                continue
             for theirs in others:
                 if (mine.instance != theirs.instance or any_instance) and (
                         self.sensitive(mine) or self.sensitive(theirs)):
                     self.correlations.append(Correlation(how, mine, theirs))
                     return
+
+    def _compare(self, left: Iterable[BaseColumn], right: Iterable[BaseColumn]) -> None:
+        """Remember that two values were compared: they join one equivalence class."""
+        mine, theirs = frozenset(left), frozenset(right)
+        if mine and theirs:
+            self._compared.append((mine, theirs))
+
+    def _chain_correlations(self) -> None:
+        """Comparisons chain: `a.key = g AND g = b.key` matches `a.key` against `b.key`. Every compared
+        value (the set of columns it reads) is a node; a class of nodes linked by comparisons that holds
+        a sensitive table column and a table column of another row source is a correlation."""
+        compared, self._compared = self._compared, []
+        if self.correlations or not compared:
+            return
+        parent: dict[frozenset[BaseColumn], frozenset[BaseColumn]] = {}
+
+        def root(node: frozenset[BaseColumn]) -> frozenset[BaseColumn]:
+            parent.setdefault(node, node)
+            while parent[node] != node:
+                parent[node] = parent[parent[node]]
+                node = parent[node]
+            return node
+
+        for left, right in compared:
+            parent[root(left)] = root(right)
+        classes: dict[frozenset[BaseColumn], set[BaseColumn]] = {}
+        for node in parent:
+            classes.setdefault(root(node), set()).update(node)
+        for members in classes.values():
+            tables = sorted((base for base in members if not base.derived),
+                            key=lambda base: (base.qualified, base.instance))
+            for sensitive in (base for base in tables if self.sensitive(base)):
+                other = next((base for base in tables if base.instance != sensitive.instance), None)
+                if other is None:
+                    continue
+                hubs = sorted(base.qualified for base in members if base.derived)
+                how = f"comparisons chained through {hubs[0]}" if hubs else "chained comparisons"
+                self.correlations.append(Correlation(how, sensitive, other))
+                return
 
 
 def _top_selects(node: ast.Node) -> list[ast.SelectStmt]:
@@ -461,6 +558,51 @@ def _reinstanced(column: ColumnLineage, prefix: Instance) -> ColumnLineage:
 def _merged(name: str, columns: list[ColumnLineage]) -> ColumnLineage:
     return ColumnLineage(name, frozenset().union(*(c.sources for c in columns)),
                          frozenset().union(*(c.exposed for c in columns)))
+
+
+def _derived(columns: list[ColumnLineage], label: str, instance: Instance,
+             query: ast.SelectStmt | None = None) -> list[ColumnLineage]:
+    """Columns of a row source that read no table become its derived columns (`(label).name`), so
+    comparisons can chain through them; one row of constants stays constants (like `$1`)."""
+    if query is not None and _one_row_of_constants(query):
+        return columns
+    return [column if column.sources else ColumnLineage(
+                column.name, frozenset({BaseColumn(f"({label})", column.name, instance)}), column.exposed)
+            for column in columns]
+
+
+def _one_row_of_constants(query: ast.SelectStmt) -> bool:
+    """`SELECT $1::date AS since`, `VALUES (1, 'x')`: no FROM, one row, no function that may return a set."""
+    if query.op != SetOperation.SETOP_NONE or query.fromClause:
+        return False
+    rows = query.valuesLists or ()
+    if len(rows) > 1:
+        return False
+    parts = [node for row in rows for node in row] + list(query.targetList or ())
+    return not any(isinstance(found, ast.FuncCall | ast.SubLink) for part in parts for found in walk(part))
+
+
+def _plain_column(node: ast.Node) -> bool:
+    """`zip`, `u.zip`, `zip::text`: what count(...) of it shows is only whether it is null."""
+    while isinstance(node, ast.TypeCast) and node.arg is not None:
+        node = node.arg
+    return isinstance(node, ast.ColumnRef)
+
+
+def _flat(value: object) -> list[ast.Node]:
+    """Nodes in a value that may be a node, None, or nested lists/tuples of them."""
+    if isinstance(value, ast.Node):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [node for item in value for node in _flat(item)]
+    return []
+
+
+def _row_items(node: object) -> list[ast.Node]:
+    """The fields of a row constructor `(a, b)`, else the value itself (nothing for an IN list)."""
+    if isinstance(node, ast.RowExpr):
+        return [item for item in node.args or () if isinstance(item, ast.Node)]
+    return [node] if isinstance(node, ast.Node) else []
 
 
 def _output_name(value: ast.Node) -> str:

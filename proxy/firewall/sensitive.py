@@ -5,14 +5,18 @@ Caught: `JOIN b ON a.ssn = b.ssn`, `JOIN b USING (ssn)`, `NATURAL JOIN` sharing 
 `WHERE a.ssn = b.ssn`, `lower(a.ssn) = b.tax_id`, `ssn IN (SELECT ssn FROM other)`,
 `EXISTS (SELECT 1 FROM other o WHERE o.ssn = u.ssn)`, `ssn = ANY (ARRAY(SELECT ...))`,
 `SELECT ssn FROM a INTERSECT SELECT ssn FROM b` (and EXCEPT) — through aliases, CTEs, derived
-tables and self-joins. Let through: reading or filtering the column on its own
-(`WHERE ssn = $1`, `GROUP BY ssn`), joins on other keys, UNION.
+tables and self-joins — and comparisons chained through a third value
+(`a.ssn = s AND s = b.ssn` with `s` from unnest, generate_series, VALUES, a CTE or another table).
+Let through: reading or filtering the column on its own (`WHERE ssn = $1`, `ssn IN (VALUES ...)`,
+`GROUP BY ssn`), joins on other keys, UNION.
 
 `quasi-identifier-concentration`: a role's `max_quasi_identifiers` caps how many distinct
 `quasi_identifier: true` columns one statement may return. Columns count when their values reach
 the result — directly, through `*`, aliases, CTEs, derived tables, expressions (`extract(year from
-birth_date)`), `min`/`max`/`array_agg` — but not when only counted or summed (`count(DISTINCT zip)`,
-`avg(age)`) or only used in WHERE/JOIN/GROUP BY.
+birth_date)`), and every aggregate or window function derived from them (`min`, `sum`, `avg`,
+`percentile_cont(...) WITHIN GROUP (ORDER BY age)`, `dense_rank() OVER (ORDER BY age)`, FILTER
+conditions): over a group of one row they are the value. Not when only counted (`count(zip)`,
+`count(DISTINCT zip)`) or only used in WHERE/JOIN/GROUP BY/PARTITION BY.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def find_quasi_identifier_concentration(analysis: LineageAnalysis, columns: Sens
     return Finding(
         CONCENTRATION_RULE,
         f"the statement returns {len(returned)} quasi-identifiers together ({', '.join(returned)}); "
-        f"role {role.name} may return at most {limit} in one statement: leave some out, "
-        "or aggregate them (count, avg) instead of returning their values",
+        f"role {role.name} may return at most {limit} in one statement: leave some out, or only count "
+        "them (count(*), count(DISTINCT col)); sum, avg, min/max, percentiles and ranks over a group of "
+        "one row are the value, so they count as returning it",
     )
