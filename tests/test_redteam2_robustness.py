@@ -171,3 +171,20 @@ def test_an_unauthenticated_client_cannot_make_pgveil_buffer_a_megabyte_password
         while chunk := client.recv(65536):
             answer += chunk
     assert b"28P01" not in answer, "pgveil buffered the whole message and forwarded it to PostgreSQL"
+
+
+def test_the_verdict_cache_stays_within_its_size_with_many_shapes_of_one_bucket(world: GuardWorld) -> None:
+    """The cache counts buckets, not entries: a bucket is the text without digits and string
+    contents, so `select id as a1 ...`, `select id as a2 ...`, ... are distinct shapes in one
+    bucket, and the list behind it grows without bound (measured: 100,000 entries with
+    max_entries 20,000; a lookup in that bucket, for every connection of the role, scans them all,
+    16 ms each at 100,000)."""
+    from proxy.guard.cache import VerdictCache
+    from proxy.guard.pipeline import analyse
+
+    context = world.context("gv_analyst")
+    cache = VerdictCache(max_entries=100)
+    for number in range(300):
+        sql = f"select id as a{number} from gv.orders where id = 10"
+        cache.store(sql, "key", analyse(sql, context))
+    assert len(cache) <= 100
