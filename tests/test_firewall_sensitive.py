@@ -100,6 +100,8 @@ CORRELATING = [
     "SELECT u.id FROM users u, orders o WHERE u.ssn = u.tax_id AND u.tax_id = o.ssn",
     "SELECT u.id FROM users u, orders o, unnest(ARRAY['1'], ARRAY[2]) s(k, n) "
     "WHERE (u.ssn, u.id) = (s.k, s.n) AND o.ssn = s.k",
+    "SELECT u.id FROM users u, orders o, unnest(ARRAY['1'], ARRAY['2']) s(k, n) WHERE s.k || s.n = u.ssn "
+    "AND o.ssn = s.k",
 ]
 
 NOT_CORRELATING = [

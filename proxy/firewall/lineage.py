@@ -480,10 +480,16 @@ class LineageAnalysis:
                     return
 
     def _compare(self, left: Iterable[BaseColumn], right: Iterable[BaseColumn]) -> None:
-        """Remember that two values were compared: they join one equivalence class."""
+        """Remember that two values were compared: they join one equivalence class. A value computed
+        from derived columns (`g || h`) stays linked to each of them, so `g || h = a.ssn AND g = b.ssn`
+        chains too (table columns are not split that way: `coalesce(ssn, tax_id) = $1` does not make
+        tax_id the ssn)."""
         mine, theirs = frozenset(left), frozenset(right)
         if mine and theirs:
             self._compared.append((mine, theirs))
+            for value in (mine, theirs):
+                if len(value) > 1:
+                    self._compared.extend((value, frozenset({base})) for base in value if base.derived)
 
     def _chain_correlations(self) -> None:
         """Comparisons chain: `a.key = g AND g = b.key` matches `a.key` against `b.key`. Every compared
