@@ -453,8 +453,9 @@ def test_workers_keep_their_own_audit_chains_and_metrics_ports_and_all_get_signa
                                for p in (port, port + 1)), "both workers to reload")
         served.terminate()
         assert served.wait() == 0
-    assert sorted(p.name for p in log.parent.iterdir()) == ["audit-w0.jsonl", "audit-w1.jsonl"]
-    assert sum(len(audit_records(p)) for p in log.parent.iterdir()) >= 6 * 3
+    assert sorted(p.name for p in log.parent.iterdir()) == [  # each log with its head file
+        "audit-w0.jsonl", "audit-w0.jsonl-head", "audit-w1.jsonl", "audit-w1.jsonl-head"]
+    assert sum(len(audit_records(p)) for p in log.parent.glob("*.jsonl")) >= 6 * 3
     assert verify(log.parent) == []
 
 

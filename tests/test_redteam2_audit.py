@@ -64,7 +64,7 @@ def audited_statement(audited: tuple[RunningProxy, Path], login: str, sql: str) 
     before = len(access_records(log))
     with psycopg.connect(proxy.dsn(login, PASSWORD, DATABASE), autocommit=True,
                          prepare_threshold=None) as conn, contextlib.suppress(psycopg.Error):
-        conn.execute(sql.encode())  # type: ignore[call-overload]
+        conn.execute(sql.encode())
     deadline = time.monotonic() + 10
     while len(access_records(log)) <= before:
         assert time.monotonic() < deadline, "no access record was written"
@@ -153,3 +153,23 @@ def test_verify_detects_the_last_records_cut_off(tmp_path: Path) -> None:
     lines = log.read_text().splitlines(keepends=True)
     log.write_text("".join(lines[:2]))
     assert verify(log, key=b"k" * 32) != []
+
+
+def test_a_restart_after_records_were_cut_off_keeps_the_gap_visible(tmp_path: Path) -> None:
+    """The head file outlives the cut: a restarted writer goes on from it instead of sealing over
+    the gap, so the cut still shows in the chain after new records were written."""
+    log = tmp_path / "audit.jsonl"
+    _sealed_log(log, 5)
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:2]))
+    _sealed_log(log, 2)
+    problems = verify(log)
+    assert len(problems) == 1 and "record seq 5 does not follow seq 1" in problems[0], problems
+
+
+def test_verify_reports_an_edited_head_file(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    _sealed_log(log, 5, key=b"k" * 32)
+    head = tmp_path / "audit.jsonl-head"
+    head.write_text(head.read_text().replace('"seq":4', '"seq":1'))
+    assert [problem.split(": ")[0] for problem in verify(log, key=b"k" * 32)] == [str(head)]

@@ -48,7 +48,7 @@ class HashChain:
     def digest(self, text: str) -> str:
         data = text.encode()
         if self.key:
-            return hmac.new(self.key, data, hashlib.sha256).hexdigest()
+            return hmac.digest(self.key, data, "sha256").hex()
         return hashlib.sha256(data).hexdigest()
 
     def seal(self, record: Mapping[str, Any], state: ChainState) -> tuple[str, ChainState]:
@@ -77,6 +77,36 @@ def unseal(line: str, key: bytes | None) -> tuple[dict[str, Any], bool]:
         return record, False
     body = line[: sealed.start()] + "}"
     return record, hmac.compare_digest(HashChain(key=key).digest(body), sealed.group(1))
+
+
+HEAD_SIZE = 256
+"""Bytes of a head record: fixed, so it is rewritten in place with one pwrite of one sector."""
+
+
+def _head_body(state: ChainState) -> str:
+    return f'{{"seq":{state.seq},"hash":"{state.last_hash}"'
+
+
+def head_record(state: ChainState, chain: HashChain) -> bytes:
+    """The head of a log: the seq and hash of its last record, sealed like a record (`mac`)."""
+    body = _head_body(state)
+    mac = chain.digest(f"pgveil audit head {body}")
+    return f'{body},"mac":"{mac}"}}'.encode().ljust(HEAD_SIZE - 1) + b"\n"
+
+
+def read_head(data: bytes, key: bytes | None) -> ChainState:
+    """The state a head record names; ValueError when it is not a head or its mac does not match."""
+    record = json.loads(data)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    seq, last_hash, mac = record.get("seq"), record.get("hash"), record.get("mac")
+    if not isinstance(seq, int) or not isinstance(last_hash, str) or not isinstance(mac, str):
+        raise ValueError("not a head record")
+    state = ChainState(seq, last_hash)
+    expected = HashChain(key=key).digest(f"pgveil audit head {_head_body(state)}")
+    if not hmac.compare_digest(expected, mac):
+        raise ValueError("the head does not match its mac")
+    return state
 
 
 def state_after(line: str) -> ChainState | None:

@@ -13,13 +13,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from proxy.audit.chain import ChainState, HashChain, state_after
+from proxy.audit.chain import HEAD_SIZE, ChainState, HashChain, head_record, read_head, state_after
 from proxy.audit.sink import AuditError, AuditRecord, GroupCommit, log
 
 FsyncMode = Literal["always", "batch", "never"]
 FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "batch", "never")
 
 _TAIL_BYTES = 1 << 20
+HEAD_SUFFIX = "-head"
+
+
+def head_path(path: Path) -> Path:
+    """The head file of an audit log (`audit.jsonl-head`): seq and hash of its last record, so
+    records cut off the end (or a whole file removed) show against something outside the log.
+    Named so that neither `*.jsonl` nor `audit.jsonl.*` (the rotated files) matches it."""
+    return path.with_name(f"{path.name}{HEAD_SUFFIX}")
+
+
+def read_head_file(path: Path, key: bytes | None) -> ChainState | None:
+    """The state in the head file of the log at `path`; None when there is none; ValueError when
+    it is unreadable or does not match its mac. A read torn by a concurrent rewrite is retried."""
+    error = ValueError("unreadable")
+    for _ in range(3):
+        try:
+            data = head_path(path).read_bytes()[:HEAD_SIZE]
+        except FileNotFoundError:
+            return None
+        try:
+            return read_head(data, key)
+        except ValueError as exc:
+            error = exc
+    raise error
 
 
 def rotated_files(path: Path) -> list[Path]:
@@ -123,13 +147,20 @@ class JsonLinesFileSink:
         self._broken: str | None = None
         self._appended = 0
         self._rotatable = False
-        self.chain = HashChain(self._resume(), key)
+        self._head_fd: int | None = None
+        self._head_failed = False
+        self.chain = HashChain(self._resume(key), key)
         self._open()  # fail at start-up, not at the first statement
+        self._advance(self.chain.state)  # the head exists from the start, also for an idle worker
         self._committer = GroupCommit(self._commit, max_batch=1 if fsync == "always" else 1024)
         self._writer = _WriterThread(f"pgveil-audit {self.path.name}")
 
-    def _resume(self) -> ChainState:
-        """Continue the chain of what is already on disk (this file, else its newest rotation)."""
+    def _resume(self, key: bytes | None) -> ChainState:
+        """Continue the chain of what is already on disk (this file, else its newest rotation).
+
+        When the head file names a later record (or another record at the same seq), records were
+        cut off the end: the chain goes on from the head, so the gap stays visible to `verify`
+        instead of being sealed over."""
         state, ends_mid_line = _last_sealed_line(self.path)
         if ends_mid_line:  # a torn last line stays as evidence; the next record starts a new line
             try:
@@ -141,7 +172,18 @@ class JsonLinesFileSink:
                 state, _ = _last_sealed_line(older)
                 if state is not None:
                     break
-        return state or ChainState()
+        state = state or ChainState()
+        try:
+            head = read_head_file(self.path, key)
+        except (OSError, ValueError) as exc:
+            log.warning("audit head %s ignored: %s", head_path(self.path), exc)
+            return state
+        if head is not None and (head.seq > state.seq or
+                                 (head.seq == state.seq and head.last_hash != state.last_hash)):
+            log.warning("audit log %s ends at seq %d but its head records seq %d: records were cut "
+                        "off; the chain goes on from the head", self.path, state.seq, head.seq)
+            return head
+        return state
 
     def _open(self) -> int:
         if self._fd is None:
@@ -229,9 +271,23 @@ class JsonLinesFileSink:
             states.append(state)
         return lines, states
 
+    def _advance(self, state: ChainState) -> None:
+        """The chain stands at `state`, written: the head file says so too (one pwrite in place)."""
+        self.chain.state = state
+        if not self._rotatable or self._head_failed:
+            return
+        try:
+            if self._head_fd is None:
+                self._head_fd = os.open(head_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.pwrite(self._head_fd, head_record(state, self.chain), 0)
+        except OSError as exc:
+            self._head_failed = True
+            log.error("audit head %s cannot be written (%s): records cut off the end of the log "
+                      "will not be detected", head_path(self.path), exc.strerror)
+
     def _failed(self, states: list[ChainState], exc: OSError) -> AuditError:
         if self._appended:  # those lines are in the file: the chain goes on from the last of them
-            self.chain.state = states[self._appended - 1]
+            self._advance(states[self._appended - 1])
         return AuditError(f"cannot write audit log {self.path}: {exc.strerror or exc}")
 
     async def _commit(self, records: list[AuditRecord]) -> None:
@@ -243,7 +299,7 @@ class JsonLinesFileSink:
                 await self._writer.run(lambda: self._append(lines))
         except OSError as exc:
             raise self._failed(states, exc) from exc
-        self.chain.state = states[-1]
+        self._advance(states[-1])
 
     def _fits(self, lines: list[bytes]) -> bool:
         """The lines go into the current file without a rotation."""
@@ -281,7 +337,7 @@ class JsonLinesFileSink:
             self._append(lines)
         except OSError as exc:
             raise self._failed(states, exc) from exc
-        self.chain.state = states[-1]
+        self._advance(states[-1])
 
     async def write(self, record: AuditRecord) -> None:
         if self.fsync == "never":
@@ -307,3 +363,6 @@ class JsonLinesFileSink:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._head_fd is not None:
+            os.close(self._head_fd)
+            self._head_fd = None
