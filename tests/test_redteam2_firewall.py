@@ -156,12 +156,30 @@ TAUTOLOGIES = {
     "empty regex": Q + "or id::text ~ ''",
     "exists table": Q + "or exists (select 1 from gv.orders)",
     "array contains": Q + "or array[1] @> array[1]",
+    "arithmetic self, other side": Q + "or id * 1 = id",
+    "constant in uncorrelated subquery": Q + "or 1 in (select 1 from gv.orders)",
+    "uncorrelated boolean subquery": Q + "or (select true from gv.orders limit 1)",
 }
 
 
 @pytest.mark.parametrize("name", sorted(TAUTOLOGIES))
 def test_tautology_that_reads_a_column_is_refused(world: GuardWorld, policy: Policy, name: str) -> None:
     assert isinstance(verdict(world, policy, TAUTOLOGIES[name]), Refuse)
+
+
+# UNION extraction with the column count matched by an aggregate instead of NULL padding.
+UNIONS = {
+    "string_agg": "select full_name from gv.people where id = 1 union all select string_agg(ssn, ',') "
+                  "from gv.people",
+    "row_to_json": "select full_name from gv.people where id = 1 union all select row_to_json(p)::text "
+                   "from gv.people p",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNIONS))
+def test_union_that_appends_another_columns_values_is_refused(world: GuardWorld, policy: Policy,
+                                                              name: str) -> None:
+    assert isinstance(verdict(world, policy, UNIONS[name]), Refuse)
 
 
 # Heavy queries as a timing oracle (pg_sleep is caught; these are not). Never executed here.
@@ -231,7 +249,7 @@ def proxy(world: GuardWorld) -> Iterator[RunningProxy]:
 def _rows_or_refusal(proxy: RunningProxy, sql: str) -> Any:
     with psycopg.connect(proxy.dsn(APPLICATION, PASSWORD, DATABASE), autocommit=True) as conn:
         try:
-            return conn.execute(sql.encode()).fetchall()  # type: ignore[call-overload]
+            return conn.execute(sql.encode()).fetchall()
         except psycopg.Error as exc:
             return exc.sqlstate
 
@@ -245,3 +263,32 @@ def test_application_cannot_read_another_customers_ssn_one_character_at_a_time(p
 
 def test_application_tautology_with_an_untyped_literal_is_refused_by_the_proxy(proxy: RunningProxy) -> None:
     assert _rows_or_refusal(proxy, "select id from gv.orders where id = 10 or 't'") == "42501"
+
+
+# ---- the table allow-list of a role that sees its tables raw ----------------------------------
+
+# A role that may read gv.orders only, unmasked (what an application or a support role looks like).
+# The table allow-list is its only restriction; the checks for functions and side doors apply to
+# masked roles only.
+NARROW_POLICY = guard_setup.POLICY.replace(
+    '  admin:\n    members: [gv_admin]\n    statements: [all]\n    tables: ["*"]\n',
+    '  admin:\n    members: [gv_admin]\n    statements: [select]\n    tables: ["gv.orders"]\n')
+
+OTHER_TABLE_READS = {
+    "function": "select gv.leak_ssn(1)",
+    "ts_stat": "select string_agg(word, ',') from ts_stat('select to_tsvector(''simple'', "
+               "replace(ssn, ''-'', '''')) from gv.people')",
+    "ts_rewrite": "select ts_rewrite(to_tsquery('simple', 'a'), 'select to_tsquery(''simple'', ''a''), "
+                  "to_tsquery(''simple'', replace(ssn, ''-'', '''')) from gv.people where id = 1')",
+    "dynamic sql function": "select gv.dyn('select count(*) from gv.people where ssn like ''9%''')",
+    "query_to_xml": "select query_to_xml('select ssn from gv.people', true, true, '')",
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_TABLE_READS))
+def test_role_limited_to_one_table_cannot_read_another_through_functions(world: GuardWorld,
+                                                                          name: str) -> None:
+    narrow = parse_policy(NARROW_POLICY, "redteam2-narrow.yaml")
+    assert "gv.orders" in str(narrow.role_for_user("gv_admin"))
+    assert isinstance(verdict(world, narrow, "select ssn from gv.people"), Refuse)
+    assert isinstance(verdict(world, narrow, OTHER_TABLE_READS[name]), Refuse)
