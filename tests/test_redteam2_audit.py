@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from proxy.audit import JsonLinesFileSink, verify
+from proxy.guard.normalize import normalized_sql
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld
 from tests.proxy_harness import RunningProxy, running_proxy
@@ -109,6 +110,18 @@ def test_audit_record_does_not_keep_the_literal_values_of_the_statement(
     login, sql = KEPT[name]
     record = audited_statement(audited, login, sql)
     assert SSN not in json.dumps(record) and SECRET not in json.dumps(record), record["normalized_sql"]
+
+
+@pytest.mark.parametrize("sql", [
+    f"create user rt2_u password '{SECRET}'",
+    f"create function rt2_f() returns text language sql as $body$ select '{SSN}' $body$",
+    "prepare rt2_p as select id from gv.people where id = 914276380",
+    f"comment on column gv.people.ssn is E'{SECRET}'",
+    f"do $$ begin perform '{SECRET}'; end $$",
+])
+def test_normalized_sql_keeps_no_constant_of_any_statement_kind(sql: str) -> None:
+    normalized = normalized_sql(sql)
+    assert normalized and not any(secret in normalized for secret in (SSN, SECRET, "914276380")), normalized
 
 
 def test_audit_log_is_not_readable_by_other_users(audited: tuple[RunningProxy, Path]) -> None:
