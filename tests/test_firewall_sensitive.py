@@ -102,6 +102,13 @@ CORRELATING = [
     "WHERE (u.ssn, u.id) = (s.k, s.n) AND o.ssn = s.k",
     "SELECT u.id FROM users u, orders o, unnest(ARRAY['1'], ARRAY['2']) s(k, n) WHERE s.k || s.n = u.ssn "
     "AND o.ssn = s.k",
+    # grouping a value merged from two tables' keys puts matching rows in one group
+    "SELECT k, array_agg(src) FROM (SELECT ssn k, 'u' src FROM users UNION ALL SELECT ssn, 't' "
+    "FROM tax_records) x GROUP BY 1",
+    "SELECT DISTINCT ON (k) k, src FROM (SELECT ssn k, 'u' src FROM users UNION ALL SELECT ssn, 't' "
+    "FROM tax_records) x ORDER BY k, src",
+    "SELECT k, count(*) OVER w FROM (SELECT ssn k FROM users UNION ALL SELECT ssn FROM tax_records) x "
+    "WINDOW w AS (PARTITION BY k)",
 ]
 
 NOT_CORRELATING = [
@@ -127,6 +134,8 @@ NOT_CORRELATING = [
     "SELECT u.id FROM users u, orders o, generate_series(1, 9) g "
     "WHERE u.id = g::text AND o.user_id = g::text AND u.ssn LIKE '9%'",
     "SELECT u.id FROM users u JOIN orders o ON o.user_id = u.id WHERE coalesce(u.ssn, u.tax_id) = $1",
+    "SELECT ssn, count(*) OVER (PARTITION BY ssn) FROM users",
+    "SELECT u.ssn, count(o.id) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY u.ssn",
 ]
 
 

@@ -185,6 +185,7 @@ class LineageAnalysis:
             self._check(clause, chain, ctes)
         for condition in (node.whereClause, node.havingClause):
             self._check_conditions(condition, chain, ctes)
+        self._check_grouping(node, chain, ctes)
         enclosing = self._windows
         self._windows = {str(window.name): window for window in node.windowClause or ()
                          if isinstance(window, ast.WindowDef) and window.name}
@@ -432,6 +433,10 @@ class LineageAnalysis:
                             self._compare(self._expression(item, chain, ctes)[0], column.sources)
                     stack.append(node.testexpr)
                 continue
+            if isinstance(node, ast.WindowDef):
+                for item in _flat(node.partitionClause):
+                    sources, _ = self._expression(item, chain, ctes)
+                    self._correlate(sources, sources, "PARTITION BY")
             if isinstance(node, ast.A_Expr) and is_comparison(node):
                 left, _ = self._expression(node.lexpr, chain, ctes)
                 right, _ = self._expression_list(node.rexpr, chain, ctes)
@@ -443,6 +448,22 @@ class LineageAnalysis:
                         self._compare(self._expression(one, chain, ctes)[0],
                                       self._expression(other, chain, ctes)[0])
             stack.extend(children(node))
+
+    def _check_grouping(self, node: ast.SelectStmt, chain: list[_Scope],
+                        ctes: dict[str, list[ColumnLineage]]) -> None:
+        """GROUP BY or DISTINCT ON a value that merges a sensitive column with another row source's
+        columns (a UNION of two tables' keys) puts matching rows in one group: that matches them."""
+        targets = [target for target in node.targetList or () if isinstance(target, ast.ResTarget)]
+        stack = _flat([node.groupClause, node.distinctClause])
+        while stack:
+            item = stack.pop()
+            if isinstance(item, ast.GroupingSet | ast.RowExpr):
+                stack.extend(children(item))
+                continue
+            sources: set[BaseColumn] = set()
+            for value in (item, *_output_references(item, targets)):
+                sources |= self._expression(value, chain, ctes)[0]
+            self._correlate(sources, sources, "GROUP BY")
 
     def _check_conditions(self, clause: ast.Node | None, chain: list[_Scope],
                           ctes: dict[str, list[ColumnLineage]]) -> None:
@@ -586,6 +607,19 @@ def _one_row_of_constants(query: ast.SelectStmt) -> bool:
         return False
     parts = [node for row in rows for node in row] + list(query.targetList or ())
     return not any(isinstance(found, ast.FuncCall | ast.SubLink) for part in parts for found in walk(part))
+
+
+def _output_references(item: ast.Node, targets: list[ast.ResTarget]) -> list[ast.Node]:
+    """Select-list items a GROUP BY item may name: `GROUP BY 1`, `GROUP BY alias`."""
+    if isinstance(item, ast.A_Const) and isinstance(item.val, ast.Integer):
+        index = int(item.val.ival) - 1
+        value = targets[index].val if 0 <= index < len(targets) else None
+        return [value] if isinstance(value, ast.Node) else []
+    fields = item.fields or () if isinstance(item, ast.ColumnRef) else ()
+    if len(fields) == 1 and isinstance(fields[0], ast.String):
+        name = str(fields[0].sval)
+        return [target.val for target in targets if target.name == name and isinstance(target.val, ast.Node)]
+    return []
 
 
 def _plain_column(node: ast.Node) -> bool:
