@@ -612,7 +612,7 @@ def _one_row_of_constants(query: ast.SelectStmt) -> bool:
 def _output_references(item: ast.Node, targets: list[ast.ResTarget]) -> list[ast.Node]:
     """Select-list items a GROUP BY item may name: `GROUP BY 1`, `GROUP BY alias`."""
     if isinstance(item, ast.A_Const) and isinstance(item.val, ast.Integer):
-        index = int(item.val.ival) - 1
+        index = (item.val.ival or 0) - 1
         value = targets[index].val if 0 <= index < len(targets) else None
         return [value] if isinstance(value, ast.Node) else []
     fields = item.fields or () if isinstance(item, ast.ColumnRef) else ()
