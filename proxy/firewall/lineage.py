@@ -8,7 +8,8 @@ users b`) and two references to one CTE are told apart.
 
 While tracing, the analysis records *correlations*: predicates that match values of one row
 source against another (`=`, `<`, LIKE, IN lists, IN/ANY/ALL subqueries, JOIN ... USING,
-NATURAL JOIN, INTERSECT/EXCEPT), with the base columns on each side. Comparisons also chain:
+NATURAL JOIN, INTERSECT/EXCEPT, GROUP BY/DISTINCT ON/PARTITION BY a value merged from two row
+sources), with the base columns on each side. Comparisons also chain:
 every compared value is a node of an equivalence class (union-find), so `a.key = g AND g = b.key`
 matches `a` against `b` through `g`. Values that come from no table but vary per row (a function in
 FROM such as generate_series or unnest, a VALUES list, a CTE or subquery computing them) are

@@ -6,7 +6,8 @@ Caught: `JOIN b ON a.ssn = b.ssn`, `JOIN b USING (ssn)`, `NATURAL JOIN` sharing 
 `EXISTS (SELECT 1 FROM other o WHERE o.ssn = u.ssn)`, `ssn = ANY (ARRAY(SELECT ...))`,
 `SELECT ssn FROM a INTERSECT SELECT ssn FROM b` (and EXCEPT) — through aliases, CTEs, derived
 tables and self-joins — and comparisons chained through a third value
-(`a.ssn = s AND s = b.ssn` with `s` from unnest, generate_series, VALUES, a CTE or another table).
+(`a.ssn = s AND s = b.ssn` with `s` from unnest, generate_series, VALUES, a CTE or another table),
+GROUP BY / DISTINCT ON / PARTITION BY a UNION of two tables' ssn.
 Let through: reading or filtering the column on its own (`WHERE ssn = $1`, `ssn IN (VALUES ...)`,
 `GROUP BY ssn`), joins on other keys, UNION.
 
