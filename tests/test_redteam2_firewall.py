@@ -173,6 +173,9 @@ UNIONS = {
                   "from gv.people",
     "row_to_json": "select full_name from gv.people where id = 1 union all select row_to_json(p)::text "
                    "from gv.people p",
+    # the same without UNION: an uncorrelated scalar subquery injected into the select list
+    "select-list subquery": "select *, (select string_agg(ssn, ',') from gv.people) from gv.orders "
+                            "where id = 10",
 }
 
 
