@@ -53,7 +53,7 @@ def answer(proxy: RunningProxy, login: str, sql: str) -> Any:
     dsn = proxy.dsn(login, PASSWORDS[login], proxy.database)  # type: ignore[attr-defined]
     with psycopg.connect(dsn, autocommit=True) as conn:
         try:
-            return conn.execute(sql.encode()).fetchall()  # type: ignore[call-overload]
+            return conn.execute(sql.encode()).fetchall()
         except psycopg.Error as exc:
             return exc.sqlstate
 

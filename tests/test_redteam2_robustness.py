@@ -68,7 +68,7 @@ class LateBound:
         self.judging, self.judged = threading.Event(), threading.Event()
 
     def __call__(self, client: ClientInfo) -> ConnectionPolicy:
-        return WatchedPolicy(self.factory(client), self.judging, self.judged)  # type: ignore[return-value]
+        return WatchedPolicy(self.factory(client), self.judging, self.judged)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_deeply_nested_statement_is_refused_and_the_connection_stays_usable(
         proxy: RunningProxy, name: str) -> None:
     with connect(proxy) as conn:
         with pytest.raises(psycopg.Error) as refused:
-            conn.execute(NESTED[name].encode())  # type: ignore[call-overload]
+            conn.execute(NESTED[name].encode())
         assert refused.value.sqlstate in ("42501", "54001"), refused.value
         assert conn.execute("select 1").fetchone() == (1,)
 
