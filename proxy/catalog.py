@@ -51,7 +51,8 @@ SELECT a.attrelid, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a
        COALESCE((SELECT pg_catalog.format_type(d.base, d.typmod) FROM domain_base d
                  JOIN pg_catalog.pg_type b ON b.oid = d.base AND b.typtype <> 'd'
                  WHERE d.oid = a.atttypid),
-                pg_catalog.format_type(a.atttypid, a.atttypmod))
+                pg_catalog.format_type(a.atttypid, a.atttypmod)),
+       a.attnotnull
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -174,6 +175,7 @@ class Column:
     type_sql: str  # format_type(): 'text', 'character varying(100)', 'numeric(10,2)', ...
     type_oid: int
     base_type_sql: str = ""  # for a domain: format_type of its underlying base type
+    not_null: bool = False  # NOT NULL constraint (the firewall reads `col IS NOT NULL` as always true)
 
     @property
     def mask_type_sql(self) -> str:
@@ -457,9 +459,10 @@ def build_snapshot(
     """Assemble a snapshot from catalog query rows (in the column order of the queries above)."""
     names: dict[int, str] = {row[0]: f"{row[1]}.{row[2]}" for row in relation_rows}
     columns_of: dict[int, list[Column]] = {}
-    for relid, name, type_sql, type_oid, base_type_sql in column_rows:
+    for relid, name, type_sql, type_oid, base_type_sql, not_null in column_rows:
         columns_of.setdefault(relid, []).append(
-            Column(name, type_sql, type_oid, "" if base_type_sql == type_sql else base_type_sql))
+            Column(name, type_sql, type_oid, "" if base_type_sql == type_sql else base_type_sql,
+                   bool(not_null)))
     direct_parents: dict[int, list[int]] = {}
     for child, parent in inherit_rows:
         if child in names and parent in names:

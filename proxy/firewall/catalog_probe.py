@@ -19,6 +19,7 @@ from __future__ import annotations
 from pglast import ast
 from pglast.enums import SQLValueFunctionOp
 
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import function_name, is_catalog_relation, walk
 from proxy.policy.model import Role
@@ -48,7 +49,7 @@ SYSTEM_INFORMATION_VALUES = frozenset({
 })
 
 
-def find_catalog_probe(submitted: SubmittedSql, role: Role) -> Finding | None:
+def find_catalog_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     if not role.application:
         return None
     for raw in submitted.statements:

@@ -12,6 +12,7 @@ newline ends them (psql and BI tools send people's comments).
 
 from __future__ import annotations
 
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql
 from proxy.policy.model import Role
 
@@ -19,7 +20,7 @@ RULE = "comment-truncation"
 COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
 
 
-def find_comment_truncation(submitted: SubmittedSql, role: Role) -> Finding | None:
+def find_comment_truncation(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     if "--" not in submitted.sql and "/*" not in submitted.sql:
         return None
     tokens = submitted.tokens

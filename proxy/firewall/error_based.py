@@ -16,6 +16,7 @@ from __future__ import annotations
 from pglast import ast
 from pglast.enums import SubLinkType
 
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import AGGREGATES, function_name, is_concatenation, type_name, walk
 from proxy.policy.model import Role
@@ -32,7 +33,7 @@ SYSTEM_VALUE_FUNCTIONS = frozenset({"version", "current_database", "current_sett
                                     "current_schemas", "inet_server_addr", "pg_read_file", "user"})
 
 
-def find_error_based_extraction(submitted: SubmittedSql, role: Role) -> Finding | None:
+def find_error_based_extraction(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     for node in submitted.nodes_of(ast.TypeCast):
         assert isinstance(node, ast.TypeCast)
         target = type_name(node)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from proxy.firewall.catalog_probe import find_catalog_probe
 from proxy.firewall.comments import find_comment_truncation
 from proxy.firewall.error_based import find_error_based_extraction
+from proxy.firewall.facts import DatabaseFacts
+from proxy.firewall.inference import find_inference_probe
 from proxy.firewall.obfuscation import find_char_obfuscation
 from proxy.firewall.server_files import find_server_side_file
 from proxy.firewall.stacked import find_stacked_statements
@@ -17,7 +19,7 @@ from proxy.firewall.timing import find_time_based_probe
 from proxy.firewall.union import find_union_extraction
 from proxy.policy.model import Role
 
-InjectionRule = Callable[[SubmittedSql, Role], Finding | None]
+InjectionRule = Callable[[SubmittedSql, Role, DatabaseFacts], Finding | None]
 
 # Cheapest and most certain first: enforce mode stops at the first finding.
 INJECTION_RULES: tuple[InjectionRule, ...] = (
@@ -30,6 +32,7 @@ INJECTION_RULES: tuple[InjectionRule, ...] = (
     find_error_based_extraction,
     find_catalog_probe,
     find_tautology,
+    find_inference_probe,
 )
 
 
@@ -45,15 +48,20 @@ class Screening:
         return tuple(finding.rule for finding in self.findings)
 
 
-def screen_injection(submitted: SubmittedSql, role: Role) -> Screening:
-    """Apply the injection rules as the role's `injection:` mode says (enforce | alert | off)."""
+def screen_injection(submitted: SubmittedSql, role: Role, facts: DatabaseFacts | None = None) -> Screening:
+    """Apply the injection rules as the role's `injection:` mode says (enforce | alert | off).
+
+    Without `facts` (no catalog and policy) the rules that need them (sensitive columns, NOT NULL)
+    see nothing to match."""
+    known = facts if facts is not None else DatabaseFacts()
     if role.injection == "off":
         return Screening()
     if role.injection == "enforce":
         for rule in INJECTION_RULES:
-            finding = rule(submitted, role)
+            finding = rule(submitted, role, known)
             if finding is not None:
                 return Screening(refusal=finding, findings=(finding,))
         return Screening()
-    findings = tuple(finding for rule in INJECTION_RULES if (finding := rule(submitted, role)) is not None)
+    findings = tuple(finding for rule in INJECTION_RULES
+                     if (finding := rule(submitted, role, known)) is not None)
     return Screening(findings=findings)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pglast import ast
 
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import concatenation_operands, function_name, is_concatenation
 from proxy.policy.model import Role
@@ -21,7 +22,7 @@ RULE = "char-obfuscation"
 CONCAT_FUNCTIONS = frozenset({"concat", "concat_ws"})
 
 
-def find_char_obfuscation(submitted: SubmittedSql, role: Role) -> Finding | None:
+def find_char_obfuscation(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     for node in submitted.nodes:
         if is_concatenation(node):
             operands = concatenation_operands(node)

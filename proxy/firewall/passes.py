@@ -8,8 +8,10 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from pglast import ast
+from pglast.enums import BoolExprType
 
 from proxy.catalog import CatalogSnapshot
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.injection import screen_injection
 from proxy.firewall.lineage import LineageAnalysis
 from proxy.firewall.sensitive import (
@@ -68,13 +70,17 @@ def injection_rules(statement: GuardStatement, context: GuardContext) -> Refuse 
     submitted = _message_of(statement)
     if not submitted.statements or statement.start != (submitted.statements[0].stmt_location or 0):
         return None
-    screening = screen_injection(submitted, context.role)
+    facts = DatabaseFacts(context.policy, context.catalog, context.search_path, context.user)
+    screening = screen_injection(submitted, context.role, facts)
     if screening.findings or _depends_on_literals(submitted):
         statement.mark_literal_dependent()
     statement.findings.extend(screening.rule_names)
     if screening.refusal is None:
         return None
     return Refuse(screening.refusal.rule, screening.refusal.message)
+
+
+_SIZED_BY_LITERALS = frozenset({"generate_series", "repeat", "lpad", "rpad", "array_fill"})
 
 
 def _depends_on_literals(submitted: SubmittedSql) -> bool:
@@ -84,8 +90,10 @@ def _depends_on_literals(submitted: SubmittedSql) -> bool:
     for node in submitted.nodes:
         if isinstance(node, ast.A_Expr) and is_comparison(node) and is_row_independent(node.lexpr):
             return True  # `1=1` is the builder idiom, `2=2` a tautology (rule tautology)
-        if isinstance(node, ast.FuncCall) and function_name(node) in ("generate_series", "repeat"):
-            return True  # the size of the series decides (rule time-based-probe)
+        if isinstance(node, ast.FuncCall) and function_name(node) in _SIZED_BY_LITERALS:
+            return True  # the size of the series or string decides (rule time-based-probe)
+        if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.OR_EXPR:
+            return True  # `id = 10 OR id > -1` widens, `OR x LIKE '%'` matches all (rule tautology)
     return False
 
 

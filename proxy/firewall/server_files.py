@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pglast import ast
 
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import function_name
 from proxy.policy.model import Role
@@ -28,7 +29,7 @@ SERVER_FILE_FUNCTIONS = frozenset({
 })
 
 
-def find_server_side_file(submitted: SubmittedSql, role: Role) -> Finding | None:
+def find_server_side_file(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     administrator = role.may_run("admin")
     for node in submitted.nodes:
         if isinstance(node, ast.CopyStmt) and node.filename is not None:

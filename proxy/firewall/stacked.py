@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pglast import ast
 
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql
 from proxy.policy.model import Role
 
@@ -22,7 +23,7 @@ SESSION_CONTROL = (ast.TransactionStmt, ast.VariableSetStmt, ast.VariableShowStm
                    ast.ClosePortalStmt, ast.UnlistenStmt, ast.ListenStmt, ast.DeallocateStmt)
 
 
-def find_stacked_statements(submitted: SubmittedSql, role: Role) -> Finding | None:
+def find_stacked_statements(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     if not role.application or len(submitted.statements) < 2:
         return None
     work = [raw.stmt for raw in submitted.statements if not isinstance(raw.stmt, SESSION_CONTROL)]

@@ -18,22 +18,33 @@ rule must not be shared between statements that differ only in literals.
 
 from __future__ import annotations
 
-from pglast import ast
-from pglast.enums import A_Expr_Kind, BoolExprType
+from dataclasses import dataclass
 
+from pglast import ast
+from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, NullTestType, SubLinkType
+
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
-from proxy.firewall.tree import is_comparison, is_row_independent, operator_name, type_name, walk
+from proxy.firewall.timing import constant_number
+from proxy.firewall.tree import (
+    function_name,
+    is_comparison,
+    is_row_independent,
+    operator_name,
+    type_name,
+    walk,
+)
 from proxy.policy.model import Role
 
 RULE = "tautology"
 
 
-def find_tautology(submitted: SubmittedSql, role: Role) -> Finding | None:
+def find_tautology(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     idioms = _builder_idioms(submitted)
     for node in submitted.nodes:
         if id(node) in idioms:
             continue
-        if isinstance(node, ast.A_Expr) and is_comparison(node) and _compares_constants(node):
+        if isinstance(node, ast.A_Expr) and _is_test(node) and _compares_constants(node):
             return Finding(
                 RULE,
                 f"the condition `{quote(node)}` compares constants, so it holds for every row or for "
@@ -56,7 +67,11 @@ def find_tautology(submitted: SubmittedSql, role: Role) -> Finding | None:
                         f"`{word} {quote(operand)}` makes the condition the same for every row (an "
                         "injected tautology); remove the constant operand",
                     )
-    return None
+            if either:
+                finding = _always_true_branch(node) or _widening_branch(node)
+                if finding is not None:
+                    return finding
+    return _not_null_branch(submitted, facts)
 
 
 def _compares_constants(node: ast.A_Expr) -> bool:
@@ -75,15 +90,44 @@ _SELF_KINDS = frozenset({A_Expr_Kind.AEXPR_DISTINCT, A_Expr_Kind.AEXPR_NOT_DISTI
 
 
 def _compares_with_itself(node: ast.A_Expr) -> bool:
-    """`name = name`, `id >= id`, `x LIKE x`: pglast nodes compare equal without their locations."""
+    """`name = name`, `id >= id`, `x LIKE x`, `id = id + 0`, `id < id + 1`: pglast nodes compare equal
+    without their locations; adding or subtracting a constant leaves the outcome fixed."""
     if node.lexpr is None or not isinstance(node.rexpr, ast.Node):
         return False
     if node.kind == A_Expr_Kind.AEXPR_OP:
         if operator_name(node) not in _SELF_COMPARISONS:
             return False
-    elif node.kind not in _SELF_KINDS:
+        return bool(_shifted(node.lexpr) == _shifted(node.rexpr))
+    if node.kind not in _SELF_KINDS:
         return False
     return bool(node.lexpr == node.rexpr)
+
+
+def _shifted(node: ast.Node) -> ast.Node:
+    """The expression under `+ c`, `- c` and `c +` with numeric constants c (whatever their values,
+    so the verdict does not depend on them)."""
+    while isinstance(node, ast.A_Expr) and node.kind == A_Expr_Kind.AEXPR_OP:
+        operator, left, right = operator_name(node), node.lexpr, node.rexpr
+        if left is None or not isinstance(right, ast.Node):
+            break
+        if operator in ("+", "-") and constant_number(right) is not None:
+            node = left
+        elif operator == "+" and constant_number(left) is not None:
+            node = right
+        else:
+            break
+    return node
+
+
+# Operators that test containment or a match (both sides constant: a constant outcome, like `=`).
+_TEST_OPERATORS = frozenset({"@>", "<@", "&&", "^@", "@?", "@@", "?", "?|", "?&"})
+
+
+def _is_test(node: ast.A_Expr) -> bool:
+    if is_comparison(node):
+        return True
+    return (node.kind == A_Expr_Kind.AEXPR_OP and node.lexpr is not None
+            and operator_name(node) in _TEST_OPERATORS)
 
 
 def _is_constant_condition(node: ast.Node) -> bool:
@@ -99,11 +143,11 @@ def _is_constant_condition(node: ast.Node) -> bool:
 
 
 def _is_bare_boolean(node: ast.Node) -> bool:
-    """A boolean that involves no comparison and no row: `TRUE`, `NOT FALSE`, `'t'::boolean`."""
+    """A boolean that involves no comparison and no row: `TRUE`, `NOT FALSE`, `'t'::boolean`, `'t'`."""
     if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.NOT_EXPR and node.args:
         return _is_bare_boolean(node.args[0])
-    if isinstance(node, ast.A_Const):
-        return isinstance(node.val, ast.Boolean)
+    if isinstance(node, ast.A_Const):  # an untyped 't' is read as a boolean here
+        return isinstance(node.val, ast.Boolean | ast.String)
     if isinstance(node, ast.TypeCast):
         return isinstance(node.arg, ast.A_Const) and "bool" in type_name(node)
     return False
@@ -133,3 +177,219 @@ def _integer_value(node: object) -> int | None:
     if isinstance(node, ast.A_Const) and isinstance(node.val, ast.Integer):
         return int(node.val.ival or 0)
     return None
+
+
+def _always_true_branch(disjunction: ast.BoolExpr) -> Finding | None:
+    """OR operands that hold for every row whatever its values: a pattern that matches every string
+    (`LIKE '%'`, `~ ''`, `~ '.*'`), an EXISTS over a table with no condition (true when it has rows)."""
+    for operand in disjunction.args or ():
+        if _matches_everything(operand) or _table_is_not_empty(operand):
+            return Finding(
+                RULE,
+                f"`OR {quote(operand)}` holds for every row (an injected tautology); remove the operand",
+            )
+    return None
+
+
+_MATCH_ALL_REGEXES = frozenset({"", ".*", "^", "$", "^.*", ".*$", "^.*$"})
+
+
+def _matches_everything(node: ast.Node) -> bool:
+    if not isinstance(node, ast.A_Expr) or not isinstance(node.rexpr, ast.Node):
+        return False
+    pattern = _string_value(node.rexpr)
+    if pattern is None:
+        return False
+    if node.kind in (A_Expr_Kind.AEXPR_LIKE, A_Expr_Kind.AEXPR_ILIKE):
+        return operator_name(node) in ("~~", "~~*") and bool(pattern) and set(pattern) == {"%"}
+    if node.kind == A_Expr_Kind.AEXPR_SIMILAR:
+        return operator_name(node) == "~" and pattern in ("%", ".*", "%*")
+    return (node.kind == A_Expr_Kind.AEXPR_OP and operator_name(node) in ("~", "~*")
+            and pattern in _MATCH_ALL_REGEXES)
+
+
+def _string_value(node: ast.Node) -> str | None:
+    if isinstance(node, ast.TypeCast) and node.arg is not None:
+        return _string_value(node.arg)
+    if isinstance(node, ast.FuncCall) and function_name(node) == "similar_to_escape" and node.args:
+        return _string_value(node.args[0])  # how pglast writes SIMILAR TO's pattern
+    if isinstance(node, ast.A_Const) and isinstance(node.val, ast.String):
+        return str(node.val.sval)
+    return None
+
+
+def _table_is_not_empty(node: ast.Node) -> bool:
+    """`EXISTS (SELECT 1 FROM t)` (or NOT EXISTS) with no WHERE, HAVING, LIMIT or join condition."""
+    if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.NOT_EXPR and node.args:
+        return _table_is_not_empty(node.args[0])
+    if not (isinstance(node, ast.SubLink) and node.subLinkType == SubLinkType.EXISTS_SUBLINK
+            and isinstance(node.subselect, ast.SelectStmt)):
+        return False
+    select = node.subselect
+    if select.larg is not None or select.whereClause is not None or select.havingClause is not None:
+        return False
+    if select.limitCount is not None or select.limitOffset is not None or select.groupClause:
+        return False
+    from_items = select.fromClause or ()
+    return bool(from_items) and all(isinstance(item, ast.RangeVar) for item in from_items) and not any(
+        isinstance(target, ast.ResTarget) and isinstance(target.val, ast.Node)
+        and any(isinstance(inner, ast.FuncCall | ast.SubLink) for inner in walk(target.val))
+        for target in select.targetList or ())
+
+
+def _widening_branch(disjunction: ast.BoolExpr) -> Finding | None:
+    """`id = 10 OR id > -1`: an OR operand that includes another one on the same expression, so the
+    OR only widens the condition (an injected tautology that reads a column)."""
+    ranges = [(operand, found) for operand in disjunction.args or ()
+              if (found := _range_of(operand)) is not None]
+    for narrow, (narrow_expr, narrow_set) in ranges:
+        for wide, (wide_expr, wide_set) in ranges:
+            if narrow is not wide and narrow_expr == wide_expr and narrow != wide and narrow_set <= wide_set:
+                return Finding(
+                    RULE,
+                    f"`OR {quote(wide)}` already includes `{quote(narrow)}`, so it only widens the condition "
+                    "(an injected tautology); remove the operand",
+                )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _ValueSet:
+    """The values a comparison with one constant lets through: `op` against `value`."""
+
+    op: str  # one of = <> < <= > >=
+    value: float | str
+
+    def holds(self, value: float | str) -> bool:
+        if self.op in ("=", "<>"):
+            return (value == self.value) == (self.op == "=")
+        if isinstance(value, str) or isinstance(self.value, str):
+            return False
+        return {"<": value < self.value, "<=": value <= self.value,
+                ">": value > self.value, ">=": value >= self.value}[self.op]
+
+    def __le__(self, other: _ValueSet) -> bool:
+        """Is every value this set lets through let through by `other` too?"""
+        if self.op == "=":
+            return other.holds(self.value)
+        if self.op == "<>":
+            return other.op == "<>" and other.value == self.value
+        if isinstance(self.value, str) or other.op in ("=",):
+            return False
+        if other.op == "<>":
+            return not self.holds(other.value)
+        if (self.op in ("<", "<=")) != (other.op in ("<", "<=")):
+            return False
+        if self.value == other.value:
+            return self.op == other.op or len(other.op) == 2
+        return other.holds(self.value)
+
+
+_FLIPPED = {"=": "=", "<>": "<>", "!=": "<>", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+
+
+def _range_of(node: ast.Node) -> tuple[ast.Node, _ValueSet] | None:
+    """(expression, values) of `expr <op> constant` or `constant <op> expr`: numbers with = <> < <= >
+    >=, strings with = and <> (their order depends on the collation)."""
+    if not (isinstance(node, ast.A_Expr) and node.kind == A_Expr_Kind.AEXPR_OP and node.lexpr is not None
+            and isinstance(node.rexpr, ast.Node) and operator_name(node) in _FLIPPED):
+        return None
+    op = operator_name(node)
+    left, right = node.lexpr, node.rexpr
+    if _literal(left) is not None and _literal(right) is None:
+        left, right, op = right, left, _FLIPPED[op]
+    value = _literal(right)
+    if value is None or is_row_independent(left):
+        return None
+    op = "<>" if op == "!=" else op
+    if isinstance(value, str) and op not in ("=", "<>"):
+        return None
+    return left, _ValueSet(op, value)
+
+
+def _literal(node: ast.Node) -> float | str | None:
+    number = constant_number(node)
+    if number is not None:
+        return number
+    return _string_value(node) if isinstance(node, ast.A_Const | ast.TypeCast) else None
+
+
+def _not_null_branch(submitted: SubmittedSql, facts: DatabaseFacts) -> Finding | None:
+    """`OR id IS NOT NULL` (or `OR NOT (id IS NULL)`) on a NOT NULL column of the query's own FROM."""
+    for node in submitted.nodes:
+        where = getattr(node, "whereClause", None)
+        if not isinstance(where, ast.Node):
+            continue
+        disjunctions = [inner for inner in _boolean_tree(where)
+                        if isinstance(inner, ast.BoolExpr) and inner.boolop == BoolExprType.OR_EXPR]
+        if not disjunctions:
+            continue
+        required = _not_null_columns(node, facts)
+        for disjunction in disjunctions:
+            for operand in disjunction.args or ():
+                column = _tested_not_null(operand)
+                if column is not None and column in required:
+                    return Finding(
+                        RULE,
+                        f"`OR {quote(operand)}` holds for every row: the column is NOT NULL (an injected "
+                        "tautology); remove the operand",
+                    )
+    return None
+
+
+def _boolean_tree(node: ast.Node) -> list[ast.Node]:
+    """A condition and its AND/OR/NOT operands, recursively (not into subqueries)."""
+    found = [node]
+    if isinstance(node, ast.BoolExpr):
+        for operand in node.args or ():
+            found.extend(_boolean_tree(operand))
+    return found
+
+
+def _tested_not_null(node: ast.Node) -> tuple[str | None, str] | None:
+    """(qualifier, column) of `col IS NOT NULL` or `NOT (col IS NULL)`."""
+    if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.NOT_EXPR and node.args:
+        inner = node.args[0]
+        if isinstance(inner, ast.NullTest) and inner.nulltesttype == NullTestType.IS_NULL:
+            return _column_name(inner.arg)
+        return None
+    if isinstance(node, ast.NullTest) and node.nulltesttype == NullTestType.IS_NOT_NULL:
+        return _column_name(node.arg)
+    return None
+
+
+def _column_name(node: ast.Node | None) -> tuple[str | None, str] | None:
+    if not isinstance(node, ast.ColumnRef):
+        return None
+    names = [str(part.sval) for part in node.fields or () if isinstance(part, ast.String)]
+    if len(names) != len(node.fields or ()) or not 1 <= len(names) <= 2:
+        return None
+    return (names[0] if len(names) == 2 else None), names[-1]
+
+
+def _not_null_columns(statement: ast.Node, facts: DatabaseFacts) -> set[tuple[str | None, str]]:
+    """(qualifier, column) and (None, column) of NOT NULL columns of relations in a statement's own
+    FROM; nothing when an outer join may make them NULL or a name is ambiguous."""
+    items: list[ast.Node] = list(getattr(statement, "fromClause", None) or ())
+    relation = getattr(statement, "relation", None)
+    if isinstance(relation, ast.RangeVar):
+        items.append(relation)
+    found: set[tuple[str | None, str]] = set()
+    unqualified: dict[str, int] = {}
+    while items:
+        item = items.pop()
+        if isinstance(item, ast.JoinExpr):
+            if item.jointype != JoinType.JOIN_INNER:
+                return set()
+            items.extend(side for side in (item.larg, item.rarg) if side is not None)
+        elif isinstance(item, ast.RangeVar):
+            resolved = facts.relation(item)
+            if resolved is None:
+                continue
+            name = str(item.alias.aliasname) if item.alias is not None else str(item.relname)
+            for column in resolved.columns:
+                unqualified[column.name] = unqualified.get(column.name, 0) + 1
+                if column.not_null:
+                    found.add((name, column.name))
+    found.update((None, column) for qualifier, column in list(found) if unqualified.get(column) == 1)
+    return found

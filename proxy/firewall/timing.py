@@ -12,8 +12,13 @@ be shared between statements that differ only in literals.
 
 from __future__ import annotations
 
-from pglast import ast
+import math
+from collections.abc import Callable
 
+from pglast import ast
+from pglast.enums import A_Expr_Kind
+
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import function_name, operator_name
 from proxy.policy.model import Role
@@ -25,39 +30,137 @@ MAX_SERIES_SPAN = 100_000
 MAX_REPEAT_COUNT = 1_000_000
 
 
-def find_time_based_probe(submitted: SubmittedSql, role: Role) -> Finding | None:
+def find_time_based_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     if not role.application:
         return None
-    for node in submitted.nodes_of(ast.FuncCall):
-        assert isinstance(node, ast.FuncCall)
-        name = function_name(node)
-        arguments = list(node.args or ())
-        if name in SLEEP_FUNCTIONS:
-            return Finding(RULE, f"`{quote(node)}` only makes the query slow, the tool of time-based blind "
-                                 "injection; an application has no use for it")
-        if name == "generate_series" and len(arguments) >= 2:
-            start, stop = _number(arguments[0]), _number(arguments[1])
-            if start is not None and stop is not None and abs(stop - start) > MAX_SERIES_SPAN:
-                return Finding(RULE, f"`{quote(node)}` generates more than {MAX_SERIES_SPAN:,} rows, the "
-                                     "heavy-query probe of time-based injection; generate a smaller series")
-        if name == "repeat" and len(arguments) == 2:
-            count = _number(arguments[1])
-            if count is not None and count > MAX_REPEAT_COUNT:
-                return Finding(RULE, f"`{quote(node)}` builds a string of more than {MAX_REPEAT_COUNT:,} "
-                                     "copies, the heavy-query probe of time-based injection")
+    for node in submitted.nodes:
+        if isinstance(node, ast.FuncCall):
+            finding = _heavy_call(node)
+        elif isinstance(node, ast.SelectStmt):
+            finding = _heavy_product(node)
+        else:
+            continue
+        if finding is not None:
+            return finding
     return None
 
 
-def _number(node: ast.Node | None) -> float | None:
-    """The value of a numeric literal, possibly signed or cast (`5000000`, `-5`, `5::bigint`)."""
+def _heavy_call(node: ast.FuncCall) -> Finding | None:
+    name = function_name(node)
+    arguments = list(node.args or ())
+    if name in SLEEP_FUNCTIONS:
+        return Finding(RULE, f"`{quote(node)}` only makes the query slow, the tool of time-based blind "
+                             "injection; an application has no use for it")
+    rows = rows_of(node)
+    if rows is not None and rows > MAX_SERIES_SPAN:
+        return Finding(RULE, f"`{quote(node)}` makes more than {MAX_SERIES_SPAN:,} rows or elements, the "
+                             "heavy-query probe of time-based injection; generate a smaller series")
+    if name in ("repeat", "lpad", "rpad") and len(arguments) >= 2:
+        count = constant_number(arguments[1])
+        if count is not None and count > MAX_REPEAT_COUNT:
+            return Finding(RULE, f"`{quote(node)}` builds a string of more than {MAX_REPEAT_COUNT:,} "
+                                 "characters or copies, the heavy-query probe of time-based injection")
+    return None
+
+
+def _heavy_product(select: ast.SelectStmt) -> Finding | None:
+    """Row sources of one FROM clause multiply: two series of 99,999 rows make 10^10 combinations."""
+    sizes: list[float] = []
+    calls: list[ast.FuncCall] = []
+    pending: list[ast.Node] = list(select.fromClause or ())
+    while pending:
+        item = pending.pop()
+        if isinstance(item, ast.JoinExpr):
+            pending.extend(side for side in (item.larg, item.rarg) if side is not None)
+        elif isinstance(item, ast.RangeFunction):
+            for call in _range_calls(item):
+                rows = rows_of(call)
+                if rows is not None:
+                    sizes.append(rows)
+                    calls.append(call)
+    if len(sizes) < 2 or math.prod(sizes) <= MAX_SERIES_SPAN:
+        return None
+    return Finding(RULE, f"the FROM clause combines {', '.join(f'`{quote(call)}`' for call in calls)} into "
+                         f"more than {MAX_SERIES_SPAN:,} rows, the heavy-query probe of time-based injection")
+
+
+def _range_calls(item: ast.RangeFunction) -> list[ast.FuncCall]:
+    """The calls of a FROM-clause function item (`f(...)` or `ROWS FROM (f(...), g(...))`)."""
+    entries = [entry if isinstance(entry, tuple | list) else (entry,) for entry in item.functions or ()]
+    return [node for entry in entries for node in entry if isinstance(node, ast.FuncCall)]
+
+
+def rows_of(call: ast.FuncCall) -> float | None:
+    """How many rows or elements a call makes, when its arguments are constants: `generate_series`
+    (integer bounds and step), `array_fill` (dimensions), `unnest` of those or of an ARRAY[...]."""
+    name = function_name(call)
+    arguments = list(call.args or ())
+    if name == "generate_series" and len(arguments) >= 2:
+        start, stop = constant_number(arguments[0]), constant_number(arguments[1])
+        step = constant_number(arguments[2]) if len(arguments) >= 3 else 1.0
+        if start is None or stop is None or step is None or step == 0:
+            return None
+        return abs(stop - start) / abs(step)
+    if name == "array_fill" and len(arguments) >= 2:
+        dimensions = _array_numbers(arguments[1])
+        return math.prod(dimensions) if dimensions else None
+    if name == "unnest" and len(arguments) == 1:
+        argument = arguments[0]
+        if isinstance(argument, ast.FuncCall):
+            return rows_of(argument)
+        if isinstance(argument, ast.A_ArrayExpr):
+            return float(len(argument.elements or ()))
+    return None
+
+
+def _array_numbers(node: ast.Node) -> list[float] | None:
+    """Numbers of `ARRAY[1000, 1000]` or `'{1000,1000}'` (possibly cast)."""
+    if isinstance(node, ast.TypeCast) and node.arg is not None:
+        return _array_numbers(node.arg)
+    if isinstance(node, ast.A_ArrayExpr):
+        numbers = [constant_number(element) for element in node.elements or ()]
+        return None if any(number is None for number in numbers) else [n for n in numbers if n is not None]
+    if isinstance(node, ast.A_Const) and isinstance(node.val, ast.String):
+        text = str(node.val.sval).strip().strip("{}")
+        try:
+            return [float(part) for part in text.split(",")]
+        except ValueError:
+            return None
+    return None
+
+
+def constant_number(node: ast.Node | None) -> float | None:
+    """The value of a numeric constant expression: literals, signs, casts and + - * / % ^ between
+    them (`5000000`, `-5`, `5::bigint`, `50000 * 1000`, `10 ^ 9`); too large values are infinite."""
     if isinstance(node, ast.TypeCast):
-        return _number(node.arg)
+        return constant_number(node.arg)
     if isinstance(node, ast.A_Const):
         if isinstance(node.val, ast.Integer):
             return float(node.val.ival or 0)
         if isinstance(node.val, ast.Float):
             return float(node.val.fval or 0)
-    if isinstance(node, ast.A_Expr) and node.lexpr is None and isinstance(node.rexpr, ast.Node):
-        value = _number(node.rexpr)
-        return -value if value is not None and operator_name(node) == "-" else value
-    return None
+        return None
+    if not (isinstance(node, ast.A_Expr) and node.kind == A_Expr_Kind.AEXPR_OP
+            and isinstance(node.rexpr, ast.Node)):
+        return None
+    right = constant_number(node.rexpr)
+    operator = operator_name(node)
+    if node.lexpr is None:
+        return -right if right is not None and operator == "-" else right if operator == "+" else None
+    left = constant_number(node.lexpr)
+    if left is None or right is None:
+        return None
+    try:
+        return _ARITHMETIC[operator](left, right) if operator in _ARITHMETIC else None
+    except (OverflowError, ZeroDivisionError, ValueError):
+        return math.inf if operator in ("*", "^") else None
+
+
+_ARITHMETIC: dict[str, Callable[[float, float], float]] = {
+    "+": lambda left, right: left + right,
+    "-": lambda left, right: left - right,
+    "*": lambda left, right: left * right,
+    "/": lambda left, right: left / right,
+    "%": lambda left, right: math.fmod(left, right),
+    "^": lambda left, right: left ** right,
+}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pglast import ast
 from pglast.enums import SetOperation
 
+from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import (
     is_catalog_relation,
@@ -30,7 +31,7 @@ from proxy.policy.model import Role
 RULE = "union-extraction"
 
 
-def find_union_extraction(submitted: SubmittedSql, role: Role) -> Finding | None:
+def find_union_extraction(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     cte_names: set[str] | None = None
     for node in submitted.nodes_of(ast.SelectStmt):
         assert isinstance(node, ast.SelectStmt)
