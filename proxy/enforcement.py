@@ -8,16 +8,19 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from pglast import ast, parse_sql
 from pglast.enums import DiscardMode, VariableSetKind
 
 from proxy.catalog import CatalogSnapshot, load_catalog, parse_search_path
 from proxy.catalog_watch import CatalogWatch
+from proxy.config import DEFAULT_MAX_STATEMENT_SIZE
 from proxy.connection_policy import ClientInfo, Outcome
 from proxy.firewall.fingerprints import FingerprintKeeper
-from proxy.guard.cache import VerdictCache
+from proxy.guard.cache import CacheHit, VerdictCache
 from proxy.guard.pipeline import Analysis, analyse
 from proxy.guard.settings import setting_refusal
 from proxy.guard.statement import GuardContext, role_is_masked
@@ -36,8 +39,15 @@ from proxy.prepared import (
 from proxy.upstream_setup import install_catalog_watch, install_masking_functions
 
 log = logging.getLogger("pgveil.enforcement")
+_T = TypeVar("_T")
 
 _UNKNOWN_RELATION_REFRESH_SECONDS = 2.0
+LONG_STATEMENT = 4096
+"""Statements this long or longer are judged (cache lookup, analysis, cache store) on an analysis
+worker thread: at 4-7 microseconds per byte, judging them on the event loop would hold up every
+other connection of the process."""
+ANALYSIS_WORKERS = 2
+"""Threads judging long statements; more would only take turns at the GIL with the event loop."""
 # How stale the catalog may get for verdicts that read no views or user code (tables only): a table
 # replaced by a view, or a user function shadowing a built-in one, directly in PostgreSQL.
 _CATALOG_CHECK_SECONDS = 1.0
@@ -64,8 +74,11 @@ class Enforcement:
     """Shared by every connection of one serving process; swapped atomically on reload."""
 
     def __init__(self, policy_path: str, upstream_dsn: str, state: _State,
-                 active_role: Callable[[str], str | None] | None = None) -> None:
+                 active_role: Callable[[str], str | None] | None = None,
+                 max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE) -> None:
         self.policy_path = policy_path
+        self.max_statement_size = max_statement_size
+        self.analysis_workers = ThreadPoolExecutor(ANALYSIS_WORKERS, thread_name_prefix="pgveil-analysis")
         self.upstream_dsn = upstream_dsn
         self.state = state
         self.active_role = active_role
@@ -78,9 +91,11 @@ class Enforcement:
 
     @classmethod
     async def create(cls, policy_path: str, upstream_dsn: str,
-                     active_role: Callable[[str], str | None] | None = None) -> Enforcement:
+                     active_role: Callable[[str], str | None] | None = None,
+                     max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE) -> Enforcement:
         """Load the policy, install the masking functions it needs, read the catalog."""
-        return cls(policy_path, upstream_dsn, await cls._load(policy_path, upstream_dsn), active_role)
+        return cls(policy_path, upstream_dsn, await cls._load(policy_path, upstream_dsn), active_role,
+                   max_statement_size)
 
     @staticmethod
     async def _load(policy_path: str, upstream_dsn: str) -> _State:
@@ -161,7 +176,12 @@ class Enforcement:
 
     async def close(self) -> None:
         """Close the catalog watch's connection (the serving process stops)."""
+        self.analysis_workers.shutdown(wait=False, cancel_futures=True)
         await self.catalog_watch.close()
+
+    async def off_loop(self, work: Callable[[], _T]) -> _T:
+        """`work()` on an analysis worker thread (for LONG_STATEMENTs), the event loop free meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.analysis_workers, work)
 
     def may_refresh_for_unknown_relation(self) -> bool:
         return time.monotonic() - self._last_refresh > _UNKNOWN_RELATION_REFRESH_SECONDS
@@ -425,7 +445,10 @@ class GuardedConnection:
         if isinstance(verdict, Refuse):
             return verdict, None
         try:
-            events = session_object_events(sql)
+            if len(sql) < LONG_STATEMENT:
+                events = session_object_events(sql)
+            else:
+                events = await self.enforcement.off_loop(lambda: session_object_events(sql))
         except Exception:  # the guard parsed it; pglast failing here is a pgveil bug: fail closed
             log.exception("cannot read the prepared statements and cursors of a statement")
             return Refuse("analysis-failed", "pgveil could not analyse the statement; the pgveil log "
@@ -520,6 +543,8 @@ class GuardedConnection:
         return decided
 
     async def _decide_now(self, sql: str, role: Role) -> tuple[Verdict, Effects, bool]:
+        if len(sql) >= LONG_STATEMENT:
+            return await self._decide_long(sql, role)
         context, key = self.context_and_key(role)
         hit = self.enforcement.cache.lookup(sql, key)
         if hit is not None:
@@ -539,6 +564,39 @@ class GuardedConnection:
         ddl = not isinstance(verdict, Refuse) and any(s.statement_class == "ddl" for s in analysis.statements)
         return await self._fingerprinted(role, verdict, effects, ddl)
 
+    async def _decide_long(self, sql: str, role: Role) -> tuple[Verdict, Effects, bool]:
+        """_decide_now for a LONG_STATEMENT: refused when over max_statement_size, else judged as
+        _decide_now does, the lookup, analysis and store on an analysis worker thread."""
+        enforcement = self.enforcement
+        if len(sql) > enforcement.max_statement_size:
+            why = (f"the statement is {len(sql)} characters long and pgveil judges at most "
+                   f"{enforcement.max_statement_size}; send data as bind parameters or with COPY, "
+                   "or split it")
+            return Refuse(STATEMENT_TOO_LARGE, why), (), False
+        cache = enforcement.cache
+        context, key = self.context_and_key(role)
+        hit: CacheHit | None = await enforcement.off_loop(lambda: cache.lookup(sql, key))
+        if hit is not None:
+            if isinstance(hit.verdict, Refuse) or role.fingerprints == "off":
+                return hit.verdict, hit.effects, hit.ddl
+            return await self._fingerprinted(role, hit.verdict, hit.effects, hit.ddl)
+        analysis = await enforcement.off_loop(lambda: analyse(sql, context))
+        if (isinstance(analysis.verdict, Refuse) and analysis.verdict.rule == "unknown-relation"
+                and enforcement.may_refresh_for_unknown_relation()):
+            await enforcement.refresh_catalog()
+            context, key = self.context_and_key(role)
+            analysis = await enforcement.off_loop(lambda: analyse(sql, context))
+        verdict = analysis.verdict
+
+        def store() -> Effects:
+            effects = _effects(analysis)
+            cache.store(sql, key, analysis, effects)
+            return effects
+
+        effects = await enforcement.off_loop(store)
+        ddl = not isinstance(verdict, Refuse) and any(s.statement_class == "ddl" for s in analysis.statements)
+        return await self._fingerprinted(role, verdict, effects, ddl)
+
     async def _fingerprinted(self, role: Role, verdict: Verdict, effects: Effects,
                              ddl: bool) -> tuple[Verdict, Effects, bool]:
         """The role's fingerprint allow-list (firewall rule unknown-fingerprint), after the verdict cache:
@@ -552,6 +610,7 @@ class GuardedConnection:
 
 
 STALE = "prepared-statement-stale"
+STATEMENT_TOO_LARGE = "statement-too-large"
 CATALOG_UNKNOWN = "catalog-unavailable"
 _CATALOG_UNKNOWN_MESSAGE = ("pgveil cannot tell whether the database's definitions changed since it read "
                             "them; retry, and see the pgveil log if it persists")
@@ -606,7 +665,7 @@ def _effects(analysis: Analysis) -> tuple[tuple[str, str], ...]:
 
 def _only_settings(sql: str) -> bool:
     """`sql` is plain ASCII (read alike in every client encoding) and only SETs or RESETs settings."""
-    if not sql.isascii():
+    if len(sql) >= LONG_STATEMENT or not sql.isascii():  # SETs are short; parsing is not free
         return False
     try:
         statements = parse_sql(sql)

@@ -307,7 +307,8 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
         from proxy.enforcement import Enforcement
 
         enforcement = await Enforcement.create(settings.policy, settings.upstream,
-                                               active_role=active_role_of(grants))
+                                               active_role=active_role_of(grants),
+                                               max_statement_size=settings.max_statement_size)
         inner = enforcement.connection_policy
         closing.append(enforcement.close)
         loaded.append(enforcement.policy)

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file with the same settings")
     parser.add_argument("--max-message-size", metavar="BYTES", type=int,
                         help="largest client message accepted (64 MiB)")
+    parser.add_argument("--max-statement-size", metavar="CHARS", type=int,
+                        help="longest SQL statement the guard judges; longer ones are refused (1 MiB)")
     parser.add_argument("--startup-timeout", metavar="SECONDS", type=float,
                         help="time a client has to start up and authenticate (10)")
     parser.add_argument("--drain-timeout", metavar="SECONDS", type=float,
