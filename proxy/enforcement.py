@@ -4,6 +4,7 @@ GuardedConnection per client, reload on SIGHUP and catalog refresh after DDL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -45,7 +46,8 @@ _UNKNOWN_RELATION_REFRESH_SECONDS = 2.0
 LONG_STATEMENT = 4096
 """Statements this long or longer are judged (cache lookup, analysis, cache store) on an analysis
 worker thread: at 4-7 microseconds per byte, judging them on the event loop would hold up every
-other connection of the process."""
+other connection of the process. The VerdictCache is thus used from two threads: its operations
+must stay single dict/list operations (atomic under the GIL), with no iteration over a dict."""
 ANALYSIS_WORKERS = 2
 """Threads judging long statements; more would only take turns at the GIL with the event loop."""
 # How stale the catalog may get for verdicts that read no views or user code (tables only): a table
@@ -575,7 +577,14 @@ class GuardedConnection:
             return Refuse(STATEMENT_TOO_LARGE, why), (), False
         cache = enforcement.cache
         context, key = self.context_and_key(role)
-        hit: CacheHit | None = await enforcement.off_loop(lambda: cache.lookup(sql, key))
+
+        def lookup() -> CacheHit | None:
+            try:
+                return cache.lookup(sql, key)
+            except RuntimeError:  # the loop changed the cache meanwhile: judge the statement anew
+                return None
+
+        hit = await enforcement.off_loop(lookup)
         if hit is not None:
             if isinstance(hit.verdict, Refuse) or role.fingerprints == "off":
                 return hit.verdict, hit.effects, hit.ddl
@@ -590,7 +599,8 @@ class GuardedConnection:
 
         def store() -> Effects:
             effects = _effects(analysis)
-            cache.store(sql, key, analysis, effects)
+            with contextlib.suppress(RuntimeError):  # the loop changed the cache meanwhile: not kept
+                cache.store(sql, key, analysis, effects)
             return effects
 
         effects = await enforcement.off_loop(store)
