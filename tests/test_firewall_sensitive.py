@@ -183,6 +183,11 @@ CONCENTRATED = [
     "SELECT id, zip, gender, count(CASE WHEN birth_date > '1990' THEN 1 END) FROM users "
     "GROUP BY id, zip, gender",
     "SELECT id, zip, gender, string_agg(birth_date, ',') FROM users GROUP BY id, zip, gender",
+    # a subquery that reads the outer row is a value per row: its conditions decide it
+    "SELECT id, zip, gender, (SELECT count(*) FROM users x WHERE x.id = u.id AND x.birth_date > '1990') "
+    "FROM users u",
+    "SELECT id, zip, gender, EXISTS (SELECT 1 FROM users x WHERE x.id = u.id AND x.birth_date > '1990') "
+    "FROM users u",
 ]
 
 WITHIN_LIMIT = [
@@ -194,6 +199,7 @@ WITHIN_LIMIT = [
     "SELECT count(*) FROM users",
     "SELECT zip, gender, count(birth_date), count(DISTINCT birth_date) FROM users GROUP BY zip, gender",
     "SELECT zip, gender, count(*) OVER (PARTITION BY birth_date) FROM users",
+    "SELECT zip, gender, (SELECT count(*) FROM users WHERE birth_date > '1990') FROM users",
 ]
 
 

@@ -107,6 +107,10 @@ class LineageAnalysis:
         self._sublinks: dict[int, list[ColumnLineage]] = {}
         self._compared: list[tuple[frozenset[BaseColumn], frozenset[BaseColumn]]] = []
         self._windows: dict[str, ast.WindowDef] = {}
+        self._filtered: list[set[BaseColumn]] = []  # per query being read: columns its conditions read
+        self._filters: dict[int, set[BaseColumn]] = {}  # id(SelectStmt) -> columns its conditions read
+        self._reached: set[int] = set()  # id(_Scope) of scopes column references resolved in
+        self._sublink_filters: dict[int, frozenset[BaseColumn]] = {}
 
     # --- statements ------------------------------------------------------------------------
 
@@ -160,6 +164,17 @@ class LineageAnalysis:
 
     def select(self, node: ast.SelectStmt, outer: list[_Scope],
                ctes: dict[str, list[ColumnLineage]]) -> list[ColumnLineage]:
+        self._filtered.append(set())
+        try:
+            return self._select(node, outer, ctes)
+        finally:
+            filtered = self._filtered.pop()
+            self._filters[id(node)] = filtered
+            if self._filtered:
+                self._filtered[-1] |= filtered
+
+    def _select(self, node: ast.SelectStmt, outer: list[_Scope],
+                ctes: dict[str, list[ColumnLineage]]) -> list[ColumnLineage]:
         if node.withClause is not None:
             ctes = self._with(node.withClause, outer, ctes)
         if node.op != SetOperation.SETOP_NONE and node.larg is not None and node.rarg is not None:
@@ -317,6 +332,7 @@ class LineageAnalysis:
         star = bool(fields) and isinstance(fields[-1], ast.A_Star)
         for scope in chain:
             if star and not names:
+                self._reached.add(id(scope))
                 return [column for source in scope.sources for column in source.columns]
             qualifier = ".".join(names[-3:-1]) if not star else ".".join(names[-2:])
             column_name = names[-1] if names and not star else ""
@@ -324,15 +340,18 @@ class LineageAnalysis:
                 if qualifier and not (qualifier in source.names or qualifier.split(".")[-1] in source.names):
                     continue
                 if star:
+                    self._reached.add(id(scope))
                     return list(source.columns)
                 column = source.column(column_name)
                 if column is not None:
+                    self._reached.add(id(scope))
                     return [column]
                 if qualifier and source.known:
                     return []
             if not qualifier and not star:
                 whole_row = next((source for source in scope.sources if column_name in source.names), None)
                 if whole_row is not None:
+                    self._reached.add(id(scope))
                     return [_merged(column_name, whole_row.columns)]
         return []
 
@@ -357,6 +376,7 @@ class LineageAnalysis:
                 exposed |= columns[0].exposed
             else:
                 sources |= {base for column in columns for base in column.sources}
+            exposed |= self._sublink_filters.get(id(node), frozenset())
             return sources, exposed
         if isinstance(node, ast.FuncCall):
             counting = function_name(node) in COUNTING_AGGREGATES
@@ -409,8 +429,14 @@ class LineageAnalysis:
         known = self._sublinks.get(id(node))
         if known is None:
             subquery = node.subselect
+            reached, self._reached = self._reached, set()
             known = self.select(subquery, chain, ctes) if isinstance(subquery, ast.SelectStmt) else []
             self._sublinks[id(node)] = known
+            # A subquery that reads the outer row is evaluated per row: its conditions decide its value
+            # (`(SELECT count(*) FROM t x WHERE x.id = u.id AND x.zip = '10115')`).
+            if any(id(scope) in self._reached for scope in chain):
+                self._sublink_filters[id(node)] = frozenset(self._filters.get(id(subquery), ()))
+            self._reached |= reached
         return known
 
     # --- correlations ----------------------------------------------------------------------
@@ -478,8 +504,12 @@ class LineageAnalysis:
                 self._check_conditions(operand, chain, ctes)
             return
         if isinstance(clause, ast.SubLink):
+            if clause.testexpr is not None and self._filtered:
+                self._filtered[-1] |= self._expression(clause.testexpr, chain, ctes)[0]
             return  # subqueries are checked on their own (IN/ANY/EXISTS)
         sources, _ = self._expression(clause, chain, ctes)
+        if self._filtered:
+            self._filtered[-1] |= sources
         self._correlate(sources, sources, "condition")
 
     def _match_named(self, left: list[_RowSource], right: list[_RowSource], name: str, how: str) -> None:
