@@ -40,15 +40,18 @@ class _GuardDatabase:
         return self.world.upstream.dsn(user, password, dbname)
 
 
+ATTACK_MARK = "redteam2_attack"
+
+
 class WatchedPolicy:
-    """pgveil's own per-connection policy, noting (for the test thread) when it starts to judge a
-    long statement. Everything else is pgveil's."""
+    """pgveil's own per-connection policy, noting (for the test thread) when it starts and ends
+    judging a statement that names ATTACK_MARK. Everything else is pgveil's."""
 
     def __init__(self, inner: ConnectionPolicy, judging: threading.Event, judged: threading.Event) -> None:
         self.inner, self.judging, self.judged = inner, judging, judged
 
     async def on_query(self, sql: str) -> Verdict:
-        if len(sql) <= 100_000:
+        if ATTACK_MARK not in sql:
             return await self.inner.on_query(sql)
         self.judging.set()
         try:
@@ -102,21 +105,32 @@ def connect(proxy: RunningProxy, login: str = "gv_analyst") -> psycopg.Connectio
     return psycopg.connect(proxy.dsn(login, PASSWORD, DATABASE), autocommit=True)
 
 
-def test_a_long_in_list_from_one_client_does_not_hold_up_other_connections(
-        watched: tuple[RunningProxy, LateBound]) -> None:
-    """60,000 values (about 350 kB, far below the 64 MB message limit) take pgveil seconds to judge.
-    Another connection's `select 1` sent meanwhile must be answered while the long statement is
-    still being judged, or the long statement must be refused at once for its size; today the other
-    connection waits until the long statement has been judged."""
+SLOW_TO_JUDGE = {
+    # 60,000 values (about 350 kB, far below the 64 MB message limit): seconds of analysis
+    "long IN list": f"select id as {ATTACK_MARK} from gv.orders where id in "
+                    f"({','.join(str(number) for number in range(60_000))})",
+    # under 4096 characters, so judged on the event loop: the tautology rule's check for an OR
+    # branch that includes another compares every pair of branches (1.3-3.6 s for 4 kB)
+    "short OR chain": f"select id as {ATTACK_MARK} from gv.orders where "
+                      + " or ".join(f"id = {number}" for number in range(330)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLOW_TO_JUDGE))
+def test_a_statement_slow_to_judge_does_not_hold_up_other_connections(
+        watched: tuple[RunningProxy, LateBound], name: str) -> None:
+    """Another connection's `select 1` sent while pgveil judges a slow statement must be answered
+    while that statement is still being judged (or the statement must be refused at once)."""
     proxy, late = watched
-    values = ",".join(str(number) for number in range(60_000))
-    attack = f"select id from gv.orders where id in ({values})"
+    late.judging.clear()
+    late.judged.clear()
+    attack = SLOW_TO_JUDGE[name]
     with connect(proxy) as victim, connect(proxy, "gv_admin") as attacker:
         victim.execute("select 1")
         attacker.pgconn.send_query(attack.encode())
         while attacker.pgconn.flush():
             pass
-        assert late.judging.wait(60), "pgveil never started to judge the long statement"
+        assert late.judging.wait(60), "pgveil never started to judge the statement"
         assert victim.execute("select 1").fetchone() == (1,)
         still_judged = not late.judged.is_set()
         deadline = time.monotonic() + 120
@@ -131,7 +145,7 @@ def test_a_long_in_list_from_one_client_does_not_hold_up_other_connections(
         error = (result.error_message or b"").decode(errors="replace")
         refused_at_once = "pgveil" in error
         assert still_judged or refused_at_once, (
-            "the other connection was answered only after pgveil had finished judging the long statement")
+            "the other connection was answered only after pgveil had finished judging the statement")
 
 
 # ---- blocked: kept as regression tests ------------------------------------------------------------
