@@ -59,6 +59,21 @@ PROBES = {
 }
 
 
+APPENDED = {
+    "UNION branch returning another column": "select full_name from gv.people where id = 1 union all "
+                                             "select max(email) from gv.people",
+    "UNION branch returning a whole row": "select id::text from gv.orders union all "
+                                          "select p::text from gv.people p",
+    "select-list array subquery": "select o.*, array(select card from gv.people) from gv.orders o",
+}
+
+
+@pytest.mark.parametrize("name", sorted(APPENDED))
+def test_appending_another_tables_confidential_values_is_union_extraction(world: GuardWorld, policy: Policy,
+                                                                          name: str) -> None:
+    assert rule_of(verdict(world, policy, APPENDED[name])) == "union-extraction"
+
+
 @pytest.mark.parametrize("name", sorted(PROBES))
 def test_subquery_testing_a_confidential_column_against_a_constant_is_an_inference_probe(
         world: GuardWorld, policy: Policy, name: str) -> None:
@@ -79,11 +94,16 @@ ORDINARY_APPLICATION_SQL = {
     "IS NOT NULL on the outer side of a LEFT JOIN":
         "select o.id from gv.orders o left join gv.people p on p.id = o.person_id "
         "where o.id = 10 or p.id is not null",
-    "EXISTS with a condition": Q + "or exists (select 1 from gv.people where region = 'north')",
+    "EXISTS with a parameter": Q + "or exists (select 1 from gv.people where region = $1)",
     "small cross join of series": "select count(*) from generate_series(1, 100) a, generate_series(1, 100) b",
     "series with a step": "select * from generate_series(0, 1000000, 1000)",
     "short lpad": "select lpad(id::text, 8, '0') from gv.orders",
     "a LIKE pattern that filters": Q + "or o.placed::text like '2024-%'",
+    "UNION of the same column": "select email from gv.people where id = 1 union select email from gv.people "
+                                "where region = $1",
+    "select-list count of another table": "select o.*, (select count(*) from gv.people) from gv.orders o",
+    "select-list average of the same table": "select p.id, p.salary, (select avg(salary) from gv.people) "
+                                             "from gv.people p",
 }
 
 
@@ -102,6 +122,7 @@ TAUTOLOGIES = {
     "ILIKE of percent signs": Q + "or o.placed::text ilike '%%'",
     "SIMILAR TO everything": Q + "or o.placed::text similar to '%'",
     "NOT EXISTS of a table": Q + "or not exists (select 1 from gv.people)",
+    "EXISTS with a constant condition": Q + "or exists (select 1 from gv.people where region = 'north')",
     "untyped literal under AND": Q + "and 'yes'",
     "constant containment": Q + "or '{1,2}'::int[] && '{2}'::int[]",
 }

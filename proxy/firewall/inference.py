@@ -46,7 +46,7 @@ class _Scope:
 def find_inference_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     if not role.application or not facts.knows_sensitive_columns:
         return None
-    probe = _Probes(facts, _decision_positions(submitted), _common_tables(submitted))
+    probe = SensitiveReads.of(submitted, facts)
     for raw in submitted.statements:
         found = probe.search(raw.stmt, None) if raw.stmt is not None else None
         if found is not None:
@@ -87,7 +87,13 @@ def _common_tables(submitted: SubmittedSql) -> dict[str, ast.Node]:
             if isinstance(node, ast.CommonTableExpr) and node.ctename and node.ctequery is not None}
 
 
-class _Probes:
+class SensitiveReads:
+    """Which confidential or restricted columns the expressions of one submission read."""
+
+    @classmethod
+    def of(cls, submitted: SubmittedSql, facts: DatabaseFacts) -> SensitiveReads:
+        return cls(facts, _decision_positions(submitted), _common_tables(submitted))
+
     def __init__(self, facts: DatabaseFacts, decisions: set[int], common_tables: dict[str, ast.Node]) -> None:
         self.facts = facts
         self.decisions = decisions
@@ -105,12 +111,13 @@ class _Probes:
             if isinstance(current, ast.SubLink) and isinstance(current.subselect, ast.SelectStmt):
                 if current.testexpr is not None:
                     stack.append((current.testexpr, current_scope))
-                stack.append((current.subselect, self._inner(current.subselect, current_scope)))
+                stack.append((current.subselect, self.scope_of(current.subselect, current_scope)))
                 continue
             stack.extend((child, current_scope) for child in children(current))
         return None
 
-    def _inner(self, select: ast.SelectStmt, outer: _Scope | None) -> _Scope:
+    def scope_of(self, select: ast.SelectStmt, outer: _Scope | None) -> _Scope:
+        """Sensitive names a SELECT's own tables (and CTEs) bring into scope, plus the enclosing ones."""
         own = self.own_names.get(id(select))
         if own is None:
             relations, common = self._relations(select)
@@ -154,8 +161,8 @@ class _Probes:
                                     if isinstance(when, ast.CaseWhen) and when.expr is not None)]
         elif (isinstance(node, ast.SubLink) and node.subLinkType in _TESTED_SUBLINKS
               and node.testexpr is not None and isinstance(node.subselect, ast.SelectStmt)):
-            inner = self._inner(node.subselect, scope)
-            output = self._output_reads(node.subselect, inner)
+            inner = self.scope_of(node.subselect, scope)
+            output = self.output_reads(node.subselect, inner)
             return output if output is not None and _constant(node.testexpr) else None
         if len(operands) < 2:
             return None
@@ -167,30 +174,35 @@ class _Probes:
         return None
 
     def _reads(self, expr: ast.Node, scope: _Scope | None) -> str | None:
-        """The sensitive column an expression reads: in a subquery's scope by name (or a whole-row
-        reference to a table that has one), or as the result of a scalar or array subquery."""
+        return next(iter(self.reads(expr, scope)), None)
+
+    def reads(self, expr: ast.Node, scope: _Scope | None) -> list[str]:
+        """Sensitive columns an expression reads: in a subquery's scope by name (or a whole-row
+        reference to a table that has one), through a user function, or as the result of a scalar
+        or array subquery."""
+        found: list[str] = []
         stack = [expr]
         while stack:
             node = stack.pop()
             if isinstance(node, ast.ColumnRef) and scope is not None:
                 column = _column_in(node, scope)
                 if column is not None:
-                    return column
+                    found.append(column)
             if isinstance(node, ast.FuncCall):
                 column = self.facts.function_reads_sensitive(node)
                 if column is not None:
-                    return column
+                    found.append(column)
             if isinstance(node, ast.SubLink):
                 if (node.subLinkType in (SubLinkType.EXPR_SUBLINK, SubLinkType.ARRAY_SUBLINK)
                         and isinstance(node.subselect, ast.SelectStmt)):
-                    column = self._output_reads(node.subselect, self._inner(node.subselect, scope))
+                    column = self.output_reads(node.subselect, self.scope_of(node.subselect, scope))
                     if column is not None:
-                        return column
+                        found.append(column)
                 continue
             stack.extend(children(node))
-        return None
+        return found
 
-    def _output_reads(self, select: ast.SelectStmt, scope: _Scope) -> str | None:
+    def output_reads(self, select: ast.SelectStmt, scope: _Scope) -> str | None:
         for leaf in select_leaves(select):
             for target in leaf.targetList or ():
                 if isinstance(target, ast.ResTarget) and target.val is not None:

@@ -21,7 +21,8 @@ from proxy.firewall.sensitive import (
     trace,
 )
 from proxy.firewall.statement import Finding, SubmittedSql
-from proxy.firewall.tree import function_name, is_comparison, is_row_independent
+from proxy.firewall.timing import constant_number
+from proxy.firewall.tree import function_name, is_comparison, is_row_independent, operator_name
 from proxy.guard.statement import GuardContext, GuardStatement
 from proxy.guard.verdict import Refuse
 
@@ -94,6 +95,10 @@ def _depends_on_literals(submitted: SubmittedSql) -> bool:
             return True  # the size of the series or string decides (rule time-based-probe)
         if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.OR_EXPR:
             return True  # `id = 10 OR id > -1` widens, `OR x LIKE '%'` matches all (rule tautology)
+        if (isinstance(node, ast.A_Expr) and operator_name(node) in ("*", "/")
+                and isinstance(node.rexpr, ast.Node)
+                and (constant_number(node.lexpr) is not None or constant_number(node.rexpr) is not None)):
+            return True  # `id * 1 = id` holds for every row, `id * 2 = id` does not (rule tautology)
     return False
 
 

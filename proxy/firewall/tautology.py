@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pglast import ast
-from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, NullTestType, SubLinkType
+from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, NullTestType
 
 from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
@@ -104,8 +104,7 @@ def _compares_with_itself(node: ast.A_Expr) -> bool:
 
 
 def _shifted(node: ast.Node) -> ast.Node:
-    """The expression under `+ c`, `- c` and `c +` with numeric constants c (whatever their values,
-    so the verdict does not depend on them)."""
+    """The expression under `+ c`, `- c`, `c +` (numeric constants c), `* 1`, `1 *` and `/ 1`."""
     while isinstance(node, ast.A_Expr) and node.kind == A_Expr_Kind.AEXPR_OP:
         operator, left, right = operator_name(node), node.lexpr, node.rexpr
         if left is None or not isinstance(right, ast.Node):
@@ -113,6 +112,10 @@ def _shifted(node: ast.Node) -> ast.Node:
         if operator in ("+", "-") and constant_number(right) is not None:
             node = left
         elif operator == "+" and constant_number(left) is not None:
+            node = right
+        elif operator in ("*", "/") and constant_number(right) == 1:
+            node = left
+        elif operator == "*" and constant_number(left) == 1:
             node = right
         else:
             break
@@ -131,15 +134,16 @@ def _is_test(node: ast.A_Expr) -> bool:
 
 
 def _is_constant_condition(node: ast.Node) -> bool:
-    """An OR operand that reads no row and no table: `TRUE`, `NOT false`, `'t'::boolean`,
-    `pg_sleep(5) IS NOT NULL`, `(SELECT true)`. Subqueries that read tables are conditions on data
-    (`OR EXISTS (SELECT 1 FROM admins WHERE ...)`) and are left alone; under AND only bare booleans
-    count (psql filters with `AND pg_relation_is_publishable('1259')`)."""
+    """An OR operand that reads no row and takes no parameter: `TRUE`, `NOT false`, `'t'::boolean`,
+    `pg_sleep(5) IS NOT NULL`, `(SELECT true)`, uncorrelated subqueries (`EXISTS (SELECT 1 FROM t)`,
+    `1 IN (SELECT 1 FROM t)`, `(SELECT true FROM t LIMIT 1)`): the same for every row. A parameter
+    makes it the application's switch (`OR EXISTS (SELECT 1 FROM admins WHERE name = $1)`); under
+    AND only bare booleans count (psql filters with `AND pg_relation_is_publishable('1259')`)."""
     if _is_bare_boolean(node):
         return True
     if isinstance(node, ast.A_Const | ast.A_Expr):
         return False  # literals of other types are type errors; comparisons are checked above
-    return is_row_independent(node) and not any(isinstance(inner, ast.RangeVar) for inner in walk(node))
+    return is_row_independent(node) and not any(isinstance(inner, ast.ParamRef) for inner in walk(node))
 
 
 def _is_bare_boolean(node: ast.Node) -> bool:
@@ -181,9 +185,9 @@ def _integer_value(node: object) -> int | None:
 
 def _always_true_branch(disjunction: ast.BoolExpr) -> Finding | None:
     """OR operands that hold for every row whatever its values: a pattern that matches every string
-    (`LIKE '%'`, `~ ''`, `~ '.*'`), an EXISTS over a table with no condition (true when it has rows)."""
+    (`LIKE '%'`, `~ ''`, `~ '.*'`)."""
     for operand in disjunction.args or ():
-        if _matches_everything(operand) or _table_is_not_empty(operand):
+        if _matches_everything(operand):
             return Finding(
                 RULE,
                 f"`OR {quote(operand)}` holds for every row (an injected tautology); remove the operand",
@@ -216,25 +220,6 @@ def _string_value(node: ast.Node) -> str | None:
     if isinstance(node, ast.A_Const) and isinstance(node.val, ast.String):
         return str(node.val.sval)
     return None
-
-
-def _table_is_not_empty(node: ast.Node) -> bool:
-    """`EXISTS (SELECT 1 FROM t)` (or NOT EXISTS) with no WHERE, HAVING, LIMIT or join condition."""
-    if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.NOT_EXPR and node.args:
-        return _table_is_not_empty(node.args[0])
-    if not (isinstance(node, ast.SubLink) and node.subLinkType == SubLinkType.EXISTS_SUBLINK
-            and isinstance(node.subselect, ast.SelectStmt)):
-        return False
-    select = node.subselect
-    if select.larg is not None or select.whereClause is not None or select.havingClause is not None:
-        return False
-    if select.limitCount is not None or select.limitOffset is not None or select.groupClause:
-        return False
-    from_items = select.fromClause or ()
-    return bool(from_items) and all(isinstance(item, ast.RangeVar) for item in from_items) and not any(
-        isinstance(target, ast.ResTarget) and isinstance(target.val, ast.Node)
-        and any(isinstance(inner, ast.FuncCall | ast.SubLink) for inner in walk(target.val))
-        for target in select.targetList or ())
 
 
 def _widening_branch(disjunction: ast.BoolExpr) -> Finding | None:

@@ -14,17 +14,20 @@ computed from tables, VALUES lists, all-constant UNIONs that read no table.
 from __future__ import annotations
 
 from pglast import ast
-from pglast.enums import SetOperation
+from pglast.enums import SetOperation, SubLinkType
 
 from proxy.firewall.facts import DatabaseFacts
+from proxy.firewall.inference import SensitiveReads
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import (
     is_catalog_relation,
     is_null_constant,
     is_row_independent,
+    references_outer_row,
     relation_name,
     relations_in,
     select_leaves,
+    walk,
 )
 from proxy.policy.model import Role
 
@@ -33,16 +36,77 @@ RULE = "union-extraction"
 
 def find_union_extraction(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     cte_names: set[str] | None = None
+    reads = (SensitiveReads.of(submitted, facts)
+             if role.application and facts.knows_sensitive_columns else None)
     for node in submitted.nodes_of(ast.SelectStmt):
         assert isinstance(node, ast.SelectStmt)
+        if reads is not None:
+            finding = _select_list_subquery(node, reads)
+            if finding is not None:
+                return finding
         if node.op != SetOperation.SETOP_UNION:
             continue
         if cte_names is None:
             cte_names = {str(item.ctename) for item in submitted.nodes
                          if isinstance(item, ast.CommonTableExpr)}
         finding = _union_finding(select_leaves(node), role, cte_names)
+        if finding is None and reads is not None:
+            finding = _branch_appends_sensitive_values(select_leaves(node), reads)
         if finding is not None:
             return finding
+    return None
+
+
+def _targets(select: ast.SelectStmt) -> list[ast.Node]:
+    return [target.val for target in select.targetList or ()
+            if isinstance(target, ast.ResTarget) and target.val is not None]
+
+
+def _branch_appends_sensitive_values(leaves: list[ast.SelectStmt], reads: SensitiveReads) -> Finding | None:
+    """A later UNION branch returns a confidential or restricted column in a position where the first
+    branch does not (`SELECT full_name ... UNION ALL SELECT string_agg(ssn, ',') FROM people`)."""
+    first = leaves[0]
+    first_scope = reads.scope_of(first, None)
+    expected = [set(reads.reads(value, first_scope)) for value in _targets(first)]
+    for leaf in leaves[1:]:
+        if leaf.valuesLists:
+            continue
+        scope = reads.scope_of(leaf, None)
+        for position, value in enumerate(_targets(leaf)):
+            extra = sorted(set(reads.reads(value, scope)) - (expected[position] if position < len(expected)
+                                                            else set()))
+            if extra:
+                return Finding(
+                    RULE,
+                    f"the UNION branch `{quote(leaf)}` returns {extra[0]} (confidential or restricted in the "
+                    "policy) where the first branch returns something else, the shape of UNION-based "
+                    "extraction; return the same columns in every branch",
+                )
+    return None
+
+
+def _select_list_subquery(select: ast.SelectStmt, reads: SensitiveReads) -> Finding | None:
+    """An uncorrelated subquery in the select list that returns a confidential or restricted column of
+    a table the query does not read: the same value appended to every row, a UNION without UNION."""
+    if not select.targetList:
+        return None
+    outer = {relation_name(relation) for item in select.fromClause or () for relation in relations_in(item)}
+    for value in _targets(select):
+        for node in walk(value):
+            if not (isinstance(node, ast.SubLink) and isinstance(node.subselect, ast.SelectStmt)
+                    and node.subLinkType in (SubLinkType.EXPR_SUBLINK, SubLinkType.ARRAY_SUBLINK)):
+                continue
+            other = {relation_name(relation) for relation in relations_in(node.subselect)} - outer
+            if not other or references_outer_row(node.subselect):
+                continue
+            column = reads.output_reads(node.subselect, reads.scope_of(node.subselect, None))
+            if column is not None:
+                return Finding(
+                    RULE,
+                    f"the select-list subquery `{quote(node)}` appends {column} (confidential or restricted "
+                    f"in the policy) of {sorted(other)[0]}, which the query does not read, to every row: "
+                    "UNION-based extraction without UNION; read the table in the query's FROM",
+                )
     return None
 
 
