@@ -129,13 +129,21 @@ class _Entry:
         return literals if position == len(sql) else None
 
 
-class VerdictCache:
-    """Bounded map from (context key, statement shape) to verdict templates."""
+_BUCKET_SHAPES = 8
+"""Shapes kept per bucket (the oldest goes first): every lookup of a bucket may scan them all."""
 
-    def __init__(self, max_entries: int = 20000) -> None:
+
+class VerdictCache:
+    """Bounded map from (context key, statement shape) to verdict templates: at most `max_entries`
+    entries and `max_chars` characters of stored statements (running totals; emptied when full)."""
+
+    def __init__(self, max_entries: int = 20000, max_chars: int = 32 * 1024 * 1024) -> None:
         self.max_entries = max_entries
+        self.max_chars = max_chars
         self._exact: dict[tuple[Hashable, str], _Entry] = {}
         self._shapes: dict[tuple[Hashable, bytes], list[_Entry]] = {}
+        self._entries = 0  # entries stored since the last clear (an upper bound of len(self))
+        self._chars = 0  # characters of the statements behind them
         self.hits = 0
         self.misses = 0
 
@@ -145,6 +153,7 @@ class VerdictCache:
     def clear(self) -> None:
         self._exact.clear()
         self._shapes.clear()
+        self._entries = self._chars = 0
 
     def lookup(self, sql: str, context_key: Hashable) -> CacheHit | None:
         entry = self._exact.get((context_key, sql))
@@ -176,12 +185,14 @@ class VerdictCache:
 
     def store(self, sql: str, context_key: Hashable, analysis: Analysis,
               effects: tuple[tuple[str, str], ...] = ()) -> None:
-        if len(self._exact) + len(self._shapes) >= self.max_entries:
+        if self._entries >= self.max_entries or self._chars + len(sql) > self.max_chars:
             self.clear()  # crude but bounded; a full cache refills from the hot shapes
         verdict = analysis.verdict
         hit = CacheHit(verdict, effects, "ddl" in verdict.info.kind.split(","))
         if analysis.literal_dependent:
             self._exact[(context_key, sql)] = _Entry(verdict, (sql,), "", None, effects, hit)
+            self._entries += 1
+            self._chars += len(sql)
             return
         shaped = shape(sql)
         if shaped is None or not _scanner_agrees(sql, shaped[2]):
@@ -200,7 +211,11 @@ class VerdictCache:
         entry = _Entry(verdict, tuple(key.split("\x00")), kinds, template, effects, hit)
         entries = self._shapes.setdefault((context_key, bucket(sql)), [])
         if all(existing.skeleton != entry.skeleton for existing in entries):
+            if len(entries) >= _BUCKET_SHAPES:
+                del entries[0]
             entries.append(entry)
+            self._entries += 1
+            self._chars += len(sql)
 
 
 def _template(sql: str, spans: list[tuple[int, int]], edits: tuple[Edit, ...]) -> tuple[str, ...] | None:
