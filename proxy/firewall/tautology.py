@@ -223,18 +223,53 @@ def _string_value(node: ast.Node) -> str | None:
 
 
 def _widening_branch(disjunction: ast.BoolExpr) -> Finding | None:
-    """`id = 10 OR id > -1`: an OR operand that includes another one on the same expression, so the
-    OR only widens the condition (an injected tautology that reads a column)."""
-    ranges = [(operand, found) for operand in disjunction.args or ()
-              if (found := _range_of(operand)) is not None]
-    for narrow, (narrow_expr, narrow_set) in ranges:
-        for wide, (wide_expr, wide_set) in ranges:
-            if narrow is not wide and narrow_expr == wide_expr and narrow != wide and narrow_set <= wide_set:
-                return Finding(
-                    RULE,
-                    f"`OR {quote(wide)}` already includes `{quote(narrow)}`, so it only widens the condition "
-                    "(an injected tautology); remove the operand",
-                )
+    """`id = 10 OR id > -1`: an OR operand that includes another one on the same column, so the OR
+    only widens the condition (an injected tautology that reads a column). Linear in the operands:
+    long `id = 1 OR id = 2 OR ...` chains are ordinary and must stay cheap to judge."""
+    by_column: dict[tuple[str, ...], dict[tuple[str, float | str], ast.Node]] = {}
+    for operand in disjunction.args or ():
+        found = _range_of(operand)
+        if found is not None:
+            by_column.setdefault(found[0], {}).setdefault((found[1].op, found[1].value), operand)
+    for sets in by_column.values():
+        pair = _included_pair([(_ValueSet(op, value), node) for (op, value), node in sets.items()])
+        if pair is not None:
+            narrow, wide = pair
+            return Finding(
+                RULE,
+                f"`OR {quote(wide)}` already includes `{quote(narrow)}`, so it only widens the condition "
+                "(an injected tautology); remove the operand",
+            )
+    return None
+
+
+def _included_pair(sets: list[tuple[_ValueSet, ast.Node]]) -> tuple[ast.Node, ast.Node] | None:
+    """(narrow, wide) operands of distinct value sets where the first is included in the second."""
+    rays: dict[bool, tuple[_ValueSet, ast.Node]] = {}
+    unequal: list[tuple[_ValueSet, ast.Node]] = []
+    for entry in sets:
+        value_set, node = entry
+        if value_set.op == "<>":
+            unequal.append(entry)
+        elif value_set.op != "=":
+            upward = value_set.op in (">", ">=")
+            other = rays.get(upward)
+            if other is not None:  # two rays in one direction: one includes the other
+                return (node, other[1]) if value_set <= other[0] else (other[1], node)
+            rays[upward] = entry
+    for value_set, node in sets:
+        if value_set.op != "=":
+            continue
+        for ray, ray_node in rays.values():
+            if value_set <= ray:
+                return node, ray_node
+        wider = next((entry for entry in unequal if entry[0].value != value_set.value), None)
+        if wider is not None:
+            return node, wider[1]
+    for ray, ray_node in rays.values():
+        for value_set, node in unequal:
+            if ray <= value_set:
+                return ray_node, node
     return None
 
 
@@ -273,9 +308,9 @@ class _ValueSet:
 _FLIPPED = {"=": "=", "<>": "<>", "!=": "<>", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 
 
-def _range_of(node: ast.Node) -> tuple[ast.Node, _ValueSet] | None:
-    """(expression, values) of `expr <op> constant` or `constant <op> expr`: numbers with = <> < <= >
-    >=, strings with = and <> (their order depends on the collation)."""
+def _range_of(node: ast.Node) -> tuple[tuple[str, ...], _ValueSet] | None:
+    """(column key, values) of `column <op> constant` or `constant <op> column` (a column possibly
+    cast): numbers with = <> < <= > >=, strings with = and <> (their order depends on the collation)."""
     if not (isinstance(node, ast.A_Expr) and node.kind == A_Expr_Kind.AEXPR_OP and node.lexpr is not None
             and isinstance(node.rexpr, ast.Node) and operator_name(node) in _FLIPPED):
         return None
@@ -283,13 +318,25 @@ def _range_of(node: ast.Node) -> tuple[ast.Node, _ValueSet] | None:
     left, right = node.lexpr, node.rexpr
     if _literal(left) is not None and _literal(right) is None:
         left, right, op = right, left, _FLIPPED[op]
+    key = _column_key(left)
     value = _literal(right)
-    if value is None or is_row_independent(left):
+    if key is None or value is None:
         return None
     op = "<>" if op == "!=" else op
     if isinstance(value, str) and op not in ("=", "<>"):
         return None
-    return left, _ValueSet(op, value)
+    return key, _ValueSet(op, value)
+
+
+def _column_key(node: ast.Node) -> tuple[str, ...] | None:
+    """`t.id` -> ('t', 'id'); `t.id::text` -> ('t', 'id', '::text'); other expressions: None."""
+    if isinstance(node, ast.TypeCast) and node.arg is not None:
+        inner = _column_key(node.arg)
+        return None if inner is None else (*inner, f"::{type_name(node)}")
+    if isinstance(node, ast.ColumnRef):
+        names = tuple(str(part.sval) for part in node.fields or () if isinstance(part, ast.String))
+        return names if names and len(names) == len(node.fields or ()) else None
+    return None
 
 
 def _literal(node: ast.Node) -> float | str | None:

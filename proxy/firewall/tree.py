@@ -121,9 +121,15 @@ def concatenation_operands(node: object) -> list[ast.Node]:
 
 def select_leaves(select: ast.SelectStmt) -> list[ast.SelectStmt]:
     """The plain SELECTs combined by a UNION/INTERSECT/EXCEPT tree (the statement itself if none)."""
-    if select.larg is None or select.rarg is None:
-        return [select]
-    return select_leaves(select.larg) + select_leaves(select.rarg)
+    leaves: list[ast.SelectStmt] = []
+    pending = [select]
+    while pending:  # iterative and linear: UNION chains of thousands of branches are left-deep trees
+        current = pending.pop()
+        if current.larg is None or current.rarg is None:
+            leaves.append(current)
+        else:
+            pending.extend((current.rarg, current.larg))
+    return leaves
 
 
 def relations_in(node: ast.Node) -> Iterator[ast.RangeVar]:

@@ -38,20 +38,24 @@ def find_union_extraction(submitted: SubmittedSql, role: Role, facts: DatabaseFa
     cte_names: set[str] | None = None
     reads = (SensitiveReads.of(submitted, facts)
              if role.application and facts.knows_sensitive_columns else None)
-    for node in submitted.nodes_of(ast.SelectStmt):
-        assert isinstance(node, ast.SelectStmt)
+    selects = [node for node in submitted.nodes_of(ast.SelectStmt) if isinstance(node, ast.SelectStmt)]
+    # A UNION inside a UNION is judged with its parent's branches (once: chains are left-deep trees).
+    inner_unions = {id(side) for node in selects if node.op == SetOperation.SETOP_UNION
+                    for side in (node.larg, node.rarg) if side is not None}
+    for node in selects:
         if reads is not None:
             finding = _select_list_subquery(node, reads)
             if finding is not None:
                 return finding
-        if node.op != SetOperation.SETOP_UNION:
+        if node.op != SetOperation.SETOP_UNION or id(node) in inner_unions:
             continue
         if cte_names is None:
             cte_names = {str(item.ctename) for item in submitted.nodes
                          if isinstance(item, ast.CommonTableExpr)}
-        finding = _union_finding(select_leaves(node), role, cte_names)
+        leaves = select_leaves(node)
+        finding = _union_finding(leaves, role, cte_names)
         if finding is None and reads is not None:
-            finding = _branch_appends_sensitive_values(select_leaves(node), reads)
+            finding = _branch_appends_sensitive_values(leaves, reads)
         if finding is not None:
             return finding
     return None
