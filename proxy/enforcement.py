@@ -43,11 +43,16 @@ log = logging.getLogger("pgveil.enforcement")
 _T = TypeVar("_T")
 
 _UNKNOWN_RELATION_REFRESH_SECONDS = 2.0
+JUDGED_OFF_LOOP = 512
+"""Cache misses this long or longer are analysed (and stored in the verdict cache) on an analysis
+worker thread: analysis costs 4-7 microseconds per character of dense SQL, and some rules are
+quadratic in the branches of an OR or a UNION (a 4 kB OR chain took seconds), so judging them on
+the event loop would hold up every other connection of the process. Cache hits stay on the loop.
+The VerdictCache is thus used from several threads: its operations must stay single dict/list
+operations (atomic under the GIL), with no iteration over a dict."""
 LONG_STATEMENT = 4096
-"""Statements this long or longer are judged (cache lookup, analysis, cache store) on an analysis
-worker thread: at 4-7 microseconds per byte, judging them on the event loop would hold up every
-other connection of the process. The VerdictCache is thus used from two threads: its operations
-must stay single dict/list operations (atomic under the GIL), with no iteration over a dict."""
+"""Statements this long or longer are also looked up in the cache and scanned for PREPARE/DECLARE
+on an analysis worker thread (both are linear in the text)."""
 ANALYSIS_WORKERS = 2
 """Threads judging long statements; more would only take turns at the GIL with the event loop."""
 # How stale the catalog may get for verdicts that read no views or user code (tables only): a table
@@ -182,7 +187,7 @@ class Enforcement:
         await self.catalog_watch.close()
 
     async def off_loop(self, work: Callable[[], _T]) -> _T:
-        """`work()` on an analysis worker thread (for LONG_STATEMENTs), the event loop free meanwhile."""
+        """`work()` on an analysis worker thread, the event loop free meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self.analysis_workers, work)
 
     def may_refresh_for_unknown_relation(self) -> bool:
@@ -553,6 +558,8 @@ class GuardedConnection:
             if isinstance(hit.verdict, Refuse) or role.fingerprints == "off":  # no await on a plain hit
                 return hit.verdict, hit.effects, hit.ddl
             return await self._fingerprinted(role, hit.verdict, hit.effects, hit.ddl)
+        if len(sql) >= JUDGED_OFF_LOOP:
+            return await self._judge_off_loop(sql, role, context, key)
         analysis = analyse(sql, context)
         verdict = analysis.verdict
         if (isinstance(verdict, Refuse) and verdict.rule == "unknown-relation"
@@ -568,7 +575,7 @@ class GuardedConnection:
 
     async def _decide_long(self, sql: str, role: Role) -> tuple[Verdict, Effects, bool]:
         """_decide_now for a LONG_STATEMENT: refused when over max_statement_size, else judged as
-        _decide_now does, the lookup, analysis and store on an analysis worker thread."""
+        _decide_now does, the cache lookup too on an analysis worker thread."""
         enforcement = self.enforcement
         if len(sql) > enforcement.max_statement_size:
             why = (f"the statement is {len(sql)} characters long and pgveil judges at most "
@@ -589,21 +596,34 @@ class GuardedConnection:
             if isinstance(hit.verdict, Refuse) or role.fingerprints == "off":
                 return hit.verdict, hit.effects, hit.ddl
             return await self._fingerprinted(role, hit.verdict, hit.effects, hit.ddl)
-        analysis = await enforcement.off_loop(lambda: analyse(sql, context))
-        if (isinstance(analysis.verdict, Refuse) and analysis.verdict.rule == "unknown-relation"
-                and enforcement.may_refresh_for_unknown_relation()):
-            await enforcement.refresh_catalog()
-            context, key = self.context_and_key(role)
-            analysis = await enforcement.off_loop(lambda: analyse(sql, context))
-        verdict = analysis.verdict
+        return await self._judge_off_loop(sql, role, context, key)
 
-        def store() -> Effects:
+    async def _judge_off_loop(self, sql: str, role: Role, context: GuardContext,
+                              key: tuple[object, ...]) -> tuple[Verdict, Effects, bool]:
+        """The analysis and cache store of a cache miss of JUDGED_OFF_LOOP characters or more, on an
+        analysis worker thread (as _decide_now does them on the loop for shorter statements)."""
+        enforcement = self.enforcement
+        cache = enforcement.cache
+
+        def judge(context: GuardContext, key: tuple[object, ...],
+                  may_refresh: bool) -> tuple[Analysis, Effects | None]:
+            analysis = analyse(sql, context)
+            verdict = analysis.verdict
+            if may_refresh and isinstance(verdict, Refuse) and verdict.rule == "unknown-relation":
+                return analysis, None  # judged again after a catalog refresh
             effects = _effects(analysis)
             with contextlib.suppress(RuntimeError):  # the loop changed the cache meanwhile: not kept
                 cache.store(sql, key, analysis, effects)
-            return effects
+            return analysis, effects
 
-        effects = await enforcement.off_loop(store)
+        may_refresh = enforcement.may_refresh_for_unknown_relation()
+        analysis, effects = await enforcement.off_loop(lambda: judge(context, key, may_refresh))
+        if effects is None:
+            await enforcement.refresh_catalog()
+            context, key = self.context_and_key(role)
+            analysis, effects = await enforcement.off_loop(lambda: judge(context, key, False))
+        assert effects is not None
+        verdict = analysis.verdict
         ddl = not isinstance(verdict, Refuse) and any(s.statement_class == "ddl" for s in analysis.statements)
         return await self._fingerprinted(role, verdict, effects, ddl)
 
