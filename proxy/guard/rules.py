@@ -91,16 +91,27 @@ def pgveil_schema(statement: GuardStatement, context: GuardContext) -> Refuse | 
     return None
 
 
+def tables_restricted(context: GuardContext) -> bool:
+    """The role's `tables` do not allow every relation (`*`, `*.*`): what a statement reads
+    indirectly (function bodies, SQL given as text) must stay inside them too."""
+    return not any(pattern in ("*", "*.*") for pattern in context.role.tables)
+
+
 def function_side_doors(statement: GuardStatement, context: GuardContext) -> Refuse | None:
-    if not context.masked:
+    """Functions that run SQL given as text or read whole tables, schemas, files or large objects
+    read what neither masking nor the table allow-list sees: refused for masked roles and for roles
+    limited to some tables."""
+    masked = context.masked
+    if not masked and not tables_restricted(context):
         return None
+    bypassed = "masking" if masked else "the table allow-list"
     for function in statement.functions:
         name = function.name
         if is_side_door(name):
             return Refuse(
                 "side-door-function",
                 f"{name}() runs SQL text or reads whole tables, files or large objects, which "
-                f"would bypass masking for role {context.role.name}; query the tables directly",
+                f"would bypass {bypassed} for role {context.role.name}; query the tables directly",
             )
     return None
 
@@ -113,9 +124,16 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
     (its function), a cast to or from a type with a user-defined cast function, and a value of a
     domain whose CHECK calls user functions. pgveil does not pick the overload PostgreSQL would,
     so every candidate counts. A function name the catalog does not know is refused (the catalog
-    is refreshed first when PostgreSQL's definitions changed, see Enforcement)."""
-    if not context.masked:
+    is refreshed first when PostgreSQL's definitions changed, see Enforcement).
+
+    A role limited to some tables (see `tables_restricted`), masked or not, may likewise call only
+    functions whose bodies can be read and read only relations inside its `tables` (a view it may
+    use counts as allowed, as in a FROM clause), unless the policy lists them as datasets."""
+    masked = context.masked
+    restricted = tables_restricted(context)
+    if not masked and not restricted:
         return None
+    why_refused = "has masked data" if masked else "may only use the tables its policy lists"
     catalog = context.catalog
     path = effective_search_path(context.search_path, context.user)
     candidates: list[tuple[str, str]] = []  # (qualified function, how the statement reaches it)
@@ -126,7 +144,7 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
             return Refuse(
                 "unknown-function",
                 f"function {'.'.join(function.parts)} is not in pgveil's catalog of the database and role "
-                f"{context.role.name} has masked data; call an existing function",
+                f"{context.role.name} {why_refused}; call an existing function",
             )
         candidates.extend((name, "") for name in found)
     function_names = {info.name for info in catalog.functions.values()}
@@ -152,16 +170,24 @@ def unlisted_functions(statement: GuardStatement, context: GuardContext) -> Refu
         if info.opaque_body:
             return Refuse(
                 "unlisted-function",
-                f"{qualified}(){via} has a body pgveil cannot analyse and role {context.role.name} has "
-                "masked data; list the function under 'datasets' once it is reviewed",
+                f"{qualified}(){via} has a body pgveil cannot analyse and role {context.role.name} "
+                f"{why_refused}; list the function under 'datasets' once it is reviewed",
             )
-        for read in _read_relations(info.reads, context):
+        for read in _read_relations(info.reads, context) if masked else ():
             relation = catalog.relations.get(read)
             if relation is not None and relation_masks(context.policy, context.role, relation).protected:
                 return Refuse(
                     "unlisted-function",
                     f"{qualified}(){via} reads {read}, which has data masked for role {context.role.name}; "
                     "list the function under 'datasets' once it is reviewed",
+                )
+        for read in info.reads if restricted else ():  # a view the role may use is as good as read directly
+            if not _may_read_indirectly(read, context):
+                return Refuse(
+                    "table-not-allowed",
+                    f"{qualified}(){via} reads {read} and role {context.role.name} may not use {read}; "
+                    "ask for it to be added to the role's 'tables', or list the function under "
+                    "'datasets' once it is reviewed",
                 )
     return None
 
@@ -171,6 +197,13 @@ _COMPILED_LANGUAGES = frozenset({"c", "internal"})
 ...) make their types work; only a superuser can install them. Reached implicitly (not called by
 name) they do not count as opaque, or every statement over such a column would be refused; called
 by name they are judged like any other function."""
+
+
+def _may_read_indirectly(read: str, context: GuardContext) -> bool:
+    """A relation (schema.name) a function body reads is inside the role's allow-list (system
+    catalogs and pgveil's own schema are, as in `table_allow_list`)."""
+    schema = read.partition(".")[0]
+    return schema in SYSTEM_SCHEMAS or schema == PGVEIL_SCHEMA or context.role.may_touch(read)
 
 
 def _user_functions(
