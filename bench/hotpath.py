@@ -235,14 +235,17 @@ def main() -> int:
                                      env={**os.environ, "PYTHONPATH": str(tree)}).stdout
                 for key, value in json.loads(out.strip().splitlines()[-1]).items():
                     results[name].setdefault(key, []).append(value)
-        print(f"pgveil CPU µs per pgbench -S transaction, in-process, median of {args.rounds} rounds of "
-              f"{args.transactions} (load average {os.getloadavg()[0]:.1f})")
-        header = f"{'configuration':<18} {'mode':<9}" + "".join(f" {name:>8}" for name, _ in trees)
+        print(f"pgveil CPU µs per pgbench -S transaction, in-process, median and best of {args.rounds} "
+              f"rounds of {args.transactions} (load average {os.getloadavg()[0]:.1f})")
+        header = f"{'configuration':<18} {'mode':<9}" + "".join(
+            f" {name + ' median':>14} {name + ' best':>12}" for name, _ in trees)
         print(header)
         for configuration in configurations:
             for mode in MODES:
                 key = f"{configuration}|{mode}"
-                cells = "".join(f" {statistics.median(results[name][key]):>8.1f}" for name, _ in trees)
+                cells = "".join(
+                    f" {statistics.median(results[name][key]):>14.1f} {min(results[name][key]):>12.1f}"
+                    for name, _ in trees)
                 print(f"{configuration:<18} {mode:<9}{cells}")
         return 0
     finally:
