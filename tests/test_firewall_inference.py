@@ -56,6 +56,12 @@ PROBES = {
     "aggregate of one row": Q + "and (select max(salary) from gv.people p where p.id = o.person_id) > 50000",
     "whole row as text": Q + "and exists (select 1 from gv.people p where id = 2 and p::text like '%914%')",
     "in a select-list subquery": "select (select count(*) from gv.people where ssn like '9%') from gv.orders",
+    "renamed in a derived table": Q + "and exists (select 1 from (select id, ssn as x from gv.people) t "
+                                  "where t.id = 2 and t.x like '1%')",
+    "renamed by a CTE's column list": "with s(k, x) as (select id, ssn from gv.people) " + Q
+                                      + "and exists (select 1 from s where s.k = 2 and s.x like '1%')",
+    "guess from a subquery": Q + "and exists (select 1 from gv.people p where p.id = 2 "
+                             "and left(p.ssn, 1) = (select '1'))",
 }
 
 

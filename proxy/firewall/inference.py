@@ -25,7 +25,15 @@ from pglast.enums import A_Expr_Kind, SubLinkType
 
 from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
-from proxy.firewall.tree import children, is_row_independent, operator_name, relations_in, select_leaves
+from proxy.firewall.tree import (
+    children,
+    function_name,
+    is_row_independent,
+    operator_name,
+    relations_in,
+    select_leaves,
+    walk,
+)
 from proxy.policy.model import Role
 
 RULE = "inference-probe"
@@ -92,12 +100,17 @@ class SensitiveReads:
 
     @classmethod
     def of(cls, submitted: SubmittedSql, facts: DatabaseFacts) -> SensitiveReads:
-        return cls(facts, _decision_positions(submitted), _common_tables(submitted))
+        reads = cls(facts, _decision_positions(submitted), _common_tables(submitted))
+        for node in submitted.nodes:
+            if isinstance(node, ast.CommonTableExpr) and node.ctename:
+                reads.common_table_nodes.setdefault(str(node.ctename).lower(), []).append(node)
+        return reads
 
     def __init__(self, facts: DatabaseFacts, decisions: set[int], common_tables: dict[str, ast.Node]) -> None:
         self.facts = facts
         self.decisions = decisions
         self.common_tables = common_tables
+        self.common_table_nodes: dict[str, list[ast.CommonTableExpr]] = {}
         self.own_names: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
 
     def search(self, node: ast.Node, scope: _Scope | None) -> tuple[ast.Node, str] | None:
@@ -122,11 +135,46 @@ class SensitiveReads:
         if own is None:
             relations, common = self._relations(select)
             columns, sources = self.facts.sensitive_names(relations)
-            own = self.own_names[id(select)] = (columns, sources | common if columns else sources)
+            if columns:
+                own = self._renamed(select, common, _Scope(columns, sources | common))
+            else:
+                own = (columns, sources)
+            self.own_names[id(select)] = own
         columns, sources = own
         if outer is not None:
             columns, sources = columns | outer.columns, sources | outer.sources
         return _Scope(columns, sources)
+
+    def _renamed(self, select: ast.SelectStmt, common: set[str], scope: _Scope,
+                 ) -> tuple[frozenset[str], frozenset[str]]:
+        """Add the names derived tables and CTEs give sensitive values (`(SELECT ssn AS x ...) t`:
+        `x`, and `t` as a row source), innermost first."""
+        columns, sources = set(scope.columns), set(scope.sources)
+        derived: list[tuple[ast.Node, str, tuple[str, ...]]] = []
+        for node in walk(select):
+            if isinstance(node, ast.RangeSubselect) and node.subquery is not None and node.alias is not None:
+                derived.append((node.subquery, str(node.alias.aliasname),
+                                tuple(str(name.sval) for name in node.alias.colnames or ()
+                                      if isinstance(name, ast.String))))
+        for name in common:
+            for node in self.common_table_nodes.get(name, ()):
+                renames = tuple(str(column.sval) for column in node.aliascolnames or ()
+                                if isinstance(column, ast.String))
+                if node.ctequery is not None:
+                    derived.append((node.ctequery, name, renames))
+        for query, alias, renames in reversed(derived):
+            if not isinstance(query, ast.SelectStmt):
+                continue
+            current = _Scope(frozenset(columns), frozenset(sources))
+            for leaf in select_leaves(query):
+                for position, target in enumerate(leaf.targetList or ()):
+                    if not isinstance(target, ast.ResTarget) or target.val is None:
+                        continue
+                    if self.reads(target.val, current):
+                        columns.add(renames[position] if position < len(renames) else _output_name(target))
+                        sources.add(alias.lower())
+        columns.discard("")
+        return frozenset(columns), frozenset(sources)
 
     def _relations(self, select: ast.Node) -> tuple[list[ast.RangeVar], set[str]]:
         """Tables a subquery reads, through the CTEs it names, and the names of those CTEs."""
@@ -227,5 +275,17 @@ def _column_in(node: ast.ColumnRef, scope: _Scope) -> str | None:
 
 
 def _constant(node: ast.Node) -> bool:
-    """A value that is the same for every row and is no subquery (a literal, a function of literals)."""
-    return not isinstance(node, ast.SubLink) and is_row_independent(node)
+    """A value that is the same for every row: a literal, a function of literals, `(SELECT '1')`."""
+    return is_row_independent(node)
+
+
+def _output_name(target: ast.ResTarget) -> str:
+    """The column name a select-list item gets: its alias, else the column it reads, else ''."""
+    if target.name:
+        return str(target.name).lower()
+    if isinstance(target.val, ast.ColumnRef) and target.val.fields:
+        last = target.val.fields[-1]
+        return str(last.sval).lower() if isinstance(last, ast.String) else ""
+    if isinstance(target.val, ast.FuncCall):
+        return function_name(target.val)
+    return ""
