@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -171,7 +172,12 @@ async def _policy_for(configuration: str, dsn: str, policy_file: Path, workdir: 
 
 async def _child_main(dsn: str, policy_file: Path, transactions: int, configurations: list[str]) -> None:
     """One measurement pass in this process (the tree on sys.path): prints a JSON line."""
-    workdir = Path(tempfile.mkdtemp(prefix="pgveil-hotpath-"))
+    with tempfile.TemporaryDirectory(prefix="pgveil-hotpath-") as directory:
+        await _measure(dsn, policy_file, transactions, configurations, Path(directory))
+
+
+async def _measure(dsn: str, policy_file: Path, transactions: int, configurations: list[str],
+                   workdir: Path) -> None:
     runtimes: dict[str, Any] = {}
     results: dict[str, float] = {}
     for configuration in configurations:
@@ -250,6 +256,7 @@ def main() -> int:
         return 0
     finally:
         pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
