@@ -58,7 +58,7 @@ _UPSTREAM_WATCHED_TRANSPARENT = b"EZG"  # no policy, no on_complete: row counts 
 _TERMINATE = Terminate().encode()
 # Client bytes held while a verdict is awaited before the client is no longer read (flow control
 # without two epoll changes per audited statement).
-_BACKLOG_LIMIT = 256 * 1024
+_BACKLOG_LIMIT = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class BoundStatement:
