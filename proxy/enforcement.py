@@ -9,13 +9,13 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from pglast import ast, parse_sql
 from pglast.enums import DiscardMode, VariableSetKind
 
+from proxy.analysis_pool import AnalysisPool, AnalysisTimedOut
 from proxy.catalog import CatalogSnapshot, load_catalog, parse_search_path
 from proxy.catalog_watch import CatalogWatch
 from proxy.config import DEFAULT_MAX_STATEMENT_SIZE
@@ -23,6 +23,7 @@ from proxy.connection_policy import ClientInfo, Outcome
 from proxy.firewall.fingerprints import FingerprintKeeper
 from proxy.guard.cache import CacheHit, VerdictCache
 from proxy.guard.pipeline import Analysis, analyse
+from proxy.guard.rules import role_is_restricted
 from proxy.guard.settings import setting_refusal
 from proxy.guard.statement import GuardContext, role_is_masked
 from proxy.guard.verdict import Allow, Refuse, Verdict
@@ -55,6 +56,9 @@ LONG_STATEMENT = 4096
 on an analysis worker thread (both are linear in the text)."""
 ANALYSIS_WORKERS = 2
 """Threads judging long statements; more would only take turns at the GIL with the event loop."""
+ANALYSIS_DEADLINE = 10.0
+"""Seconds an analysis thread may spend on one statement before it is interrupted and the
+statement refused (too-complex), so no statement holds a thread for minutes."""
 # How stale the catalog may get for verdicts that read no views or user code (tables only): a table
 # replaced by a view, or a user function shadowing a built-in one, directly in PostgreSQL.
 _CATALOG_CHECK_SECONDS = 1.0
@@ -85,7 +89,8 @@ class Enforcement:
                  max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE) -> None:
         self.policy_path = policy_path
         self.max_statement_size = max_statement_size
-        self.analysis_workers = ThreadPoolExecutor(ANALYSIS_WORKERS, thread_name_prefix="pgveil-analysis")
+        self.analysis = AnalysisPool(ANALYSIS_WORKERS)
+        self.analysis_deadline = ANALYSIS_DEADLINE
         self.upstream_dsn = upstream_dsn
         self.state = state
         self.active_role = active_role
@@ -183,12 +188,13 @@ class Enforcement:
 
     async def close(self) -> None:
         """Close the catalog watch's connection (the serving process stops)."""
-        self.analysis_workers.shutdown(wait=False, cancel_futures=True)
+        self.analysis.close()
         await self.catalog_watch.close()
 
-    async def off_loop(self, work: Callable[[], _T]) -> _T:
-        """`work()` on an analysis worker thread, the event loop free meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self.analysis_workers, work)
+    async def off_loop(self, work: Callable[[], _T], deadline: float | None = None) -> _T:
+        """`work()` on an analysis thread, the event loop free meanwhile (AnalysisTimedOut past
+        `deadline` seconds)."""
+        return await self.analysis.run(work, deadline)
 
     def may_refresh_for_unknown_relation(self) -> bool:
         return time.monotonic() - self._last_refresh > _UNKNOWN_RELATION_REFRESH_SECONDS
@@ -326,6 +332,11 @@ class GuardedConnection:
             known = self._masked_for = (policy, role, role_is_masked(policy, role))
         return known[2]
 
+    def _judged_by_definitions(self, role: Role) -> bool:
+        """The role's verdicts depend on function and view definitions PostgreSQL can change under
+        pgveil (masked roles, and roles limited to some tables): the catalog must be current."""
+        return self._masked(role) or role_is_restricted(role)
+
     def _session_refusal(self, role: Role, sql: str | None = None) -> Refuse | None:
         """The refusal while the session runs with settings under which pgveil cannot judge a masked
         role's SQL (as PostgreSQL reported them); `sql` that only SETs/RESETs settings in plain ASCII
@@ -413,7 +424,7 @@ class GuardedConnection:
     async def on_function_call(self, function_oid: int) -> Verdict:
         self.prepared.call()
         role = self.role()
-        if role is None or role_is_masked(self.enforcement.policy, role):
+        if role is None or role_is_masked(self.enforcement.policy, role) or role_is_restricted(role):
             return Refuse("function-call-message", "the fast-path FunctionCall message cannot be checked; "
                           "call the function in a SELECT")
         return Allow("")
@@ -507,7 +518,7 @@ class GuardedConnection:
             return Refuse(STALE, f"after an error pgveil cannot tell which {what} {name!r} is; close it "
                           "and prepare it again"), None
         role = self.role()
-        if (role is not None and self._masked(role)
+        if (role is not None and self._judged_by_definitions(role)
                 and not await self.enforcement.fresh_catalog(required=_reads_definitions(entry.verdict))):
             return Refuse(CATALOG_UNKNOWN, _CATALOG_UNKNOWN_MESSAGE, info=entry.verdict.info), None
         basis = self._basis(role)
@@ -538,10 +549,11 @@ class GuardedConnection:
 
     async def _decide(self, sql: str, role: Role) -> tuple[Verdict, Effects, bool]:
         """The verdict for `sql` and the session effects and DDL flag of running it; for a masked
-        role decided again when the catalog it was decided with is no longer current."""
+        role (or one limited to some tables) decided again when the catalog it was decided with is no
+        longer current."""
         state = self.enforcement.state
         decided = await self._decide_now(sql, role)
-        if not self._masked(role):
+        if not self._judged_by_definitions(role):
             return decided
         if not await self.enforcement.fresh_catalog(required=_reads_definitions(decided[0])):
             return Refuse(CATALOG_UNKNOWN, _CATALOG_UNKNOWN_MESSAGE, info=decided[0].info), (), False
@@ -616,12 +628,25 @@ class GuardedConnection:
                 cache.store(sql, key, analysis, effects)
             return analysis, effects
 
+        deadline = enforcement.analysis_deadline
         may_refresh = enforcement.may_refresh_for_unknown_relation()
-        analysis, effects = await enforcement.off_loop(lambda: judge(context, key, may_refresh))
-        if effects is None:
-            await enforcement.refresh_catalog()
-            context, key = self.context_and_key(role)
-            analysis, effects = await enforcement.off_loop(lambda: judge(context, key, False))
+        try:
+            analysis, effects = await enforcement.off_loop(lambda: judge(context, key, may_refresh), deadline)
+            if effects is None:
+                await enforcement.refresh_catalog()
+                context, key = self.context_and_key(role)
+                analysis, effects = await enforcement.off_loop(lambda: judge(context, key, False), deadline)
+        except AnalysisTimedOut:
+            log.warning("analysis of a %d-character statement passed %g s; refused", len(sql), deadline)
+            refusal = Refuse("too-complex", f"pgveil could not analyse the statement within {deadline:g} s; "
+                             "simplify or split it")
+
+            def keep() -> None:  # so the same shape is refused at once next time
+                with contextlib.suppress(RuntimeError):
+                    cache.store(sql, key, Analysis(refusal))
+
+            await enforcement.off_loop(keep)
+            return refusal, (), False
         assert effects is not None
         verdict = analysis.verdict
         ddl = not isinstance(verdict, Refuse) and any(s.statement_class == "ddl" for s in analysis.statements)

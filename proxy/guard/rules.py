@@ -13,6 +13,7 @@ from proxy.guard.protected import relation_masks
 from proxy.guard.side_doors import is_side_door
 from proxy.guard.statement import GuardContext, GuardStatement
 from proxy.guard.verdict import Refuse
+from proxy.policy.model import Role
 
 VALUE_EXPOSING_CATALOGS = frozenset({
     "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data",
@@ -92,9 +93,15 @@ def pgveil_schema(statement: GuardStatement, context: GuardContext) -> Refuse | 
 
 
 def tables_restricted(context: GuardContext) -> bool:
+    """The role's `tables` do not allow every relation: see `role_is_restricted`."""
+    return role_is_restricted(context.role)
+
+
+def role_is_restricted(role: Role) -> bool:
     """The role's `tables` do not allow every relation (`*`, `*.*`): what a statement reads
-    indirectly (function bodies, SQL given as text) must stay inside them too."""
-    return not any(pattern in ("*", "*.*") for pattern in context.role.tables)
+    indirectly (function bodies, SQL given as text) must stay inside them too, so its verdicts
+    depend on the catalog's function definitions as a masked role's do."""
+    return not any(pattern in ("*", "*.*") for pattern in role.tables)
 
 
 def function_side_doors(statement: GuardStatement, context: GuardContext) -> Refuse | None:
