@@ -105,6 +105,8 @@ ORDINARY_APPLICATION_SQL = {
     "series with a step": "select * from generate_series(0, 1000000, 1000)",
     "short lpad": "select lpad(id::text, 8, '0') from gv.orders",
     "a LIKE pattern that filters": Q + "or o.placed::text like '2024-%'",
+    "two disjoint ranges": Q + "or o.amount < 5 or o.amount > 100",
+    "a length that filters": Q + "or length(o.placed::text) > 10",
     "UNION of the same column": "select email from gv.people where id = 1 union select email from gv.people "
                                 "where region = $1",
     "select-list count of another table": "select o.*, (select count(*) from gv.people) from gv.orders o",
@@ -131,6 +133,10 @@ TAUTOLOGIES = {
     "EXISTS with a constant condition": Q + "or exists (select 1 from gv.people where region = 'north')",
     "untyped literal under AND": Q + "and 'yes'",
     "constant containment": Q + "or '{1,2}'::int[] && '{2}'::int[]",
+    "a value and its complement": Q + "or o.person_id = 3 or o.person_id <> 3",
+    "two rays that meet": Q + "or o.amount < 5 or o.amount >= 5",
+    "an inequality inside a ray": Q + "or o.amount <> 5 or o.amount > 3",
+    "a length that is never negative": Q + "or length(o.placed::text) >= 0",
 }
 
 

@@ -231,8 +231,14 @@ def _widening_branch(disjunction: ast.BoolExpr) -> Finding | None:
         found = _range_of(operand)
         if found is not None:
             by_column.setdefault(found[0], {}).setdefault((found[1].op, found[1].value), operand)
-    for sets in by_column.values():
-        pair = _included_pair([(_ValueSet(op, value), node) for (op, value), node in sets.items()])
+    for key, sets in by_column.items():
+        entries = [(_ValueSet(op, value), node) for (op, value), node in sets.items()]
+        if key[0] in _NON_NEGATIVE:
+            always = next((node for value_set, node in entries if _NOT_NEGATIVE.within(value_set)), None)
+            if always is not None:
+                return Finding(RULE, f"`OR {quote(always)}` holds for every row ({key[0]}() is never "
+                                     "negative): an injected tautology; remove the operand")
+        pair = _included_pair(entries)
         if pair is not None:
             narrow, wide = pair
             return Finding(
@@ -240,6 +246,41 @@ def _widening_branch(disjunction: ast.BoolExpr) -> Finding | None:
                 f"`OR {quote(wide)}` already includes `{quote(narrow)}`, so it only widens the condition "
                 "(an injected tautology); remove the operand",
             )
+        pair = _covering_pair(entries)
+        if pair is not None:
+            return Finding(
+                RULE,
+                f"`{quote(pair[0])} OR {quote(pair[1])}` holds for every value of the column (an injected "
+                "tautology); remove the operand",
+            )
+    return None
+
+
+# Functions whose value is never negative, and the set of values they can take.
+_NON_NEGATIVE = frozenset({"length", "char_length", "character_length", "octet_length", "bit_length", "abs"})
+
+
+def _covering_pair(sets: list[tuple[_ValueSet, ast.Node]]) -> tuple[ast.Node, ast.Node] | None:
+    """Two operands that together let every value through: `x = 1 OR x <> 1`, `x <> 1 OR x <> 2`,
+    `x < 5 OR x >= 5`, `x <> 5 OR x > 3` (called when no operand includes another)."""
+    equal = {value_set.value: node for value_set, node in sets if value_set.op == "="}
+    unequal = [(value_set, node) for value_set, node in sets if value_set.op == "<>"]
+    rays = [(value_set, node) for value_set, node in sets if value_set.op not in ("=", "<>")]
+    if len(unequal) >= 2:
+        return unequal[0][1], unequal[1][1]
+    for value_set, node in unequal:
+        if value_set.value in equal:
+            return equal[value_set.value], node
+        for ray, ray_node in rays:
+            if ray.holds(value_set.value):
+                return node, ray_node
+    upward = [entry for entry in rays if entry[0].op in (">", ">=")]
+    downward = [entry for entry in rays if entry[0].op in ("<", "<=")]
+    for low, low_node in upward:
+        for high, high_node in downward:
+            meet = high.value == low.value and (low.op == ">=" or high.op == "<=")
+            if meet or (high.holds(low.value) and high.value != low.value):
+                return high_node, low_node
     return None
 
 
@@ -255,20 +296,20 @@ def _included_pair(sets: list[tuple[_ValueSet, ast.Node]]) -> tuple[ast.Node, as
             upward = value_set.op in (">", ">=")
             other = rays.get(upward)
             if other is not None:  # two rays in one direction: one includes the other
-                return (node, other[1]) if value_set <= other[0] else (other[1], node)
+                return (node, other[1]) if value_set.within(other[0]) else (other[1], node)
             rays[upward] = entry
     for value_set, node in sets:
         if value_set.op != "=":
             continue
         for ray, ray_node in rays.values():
-            if value_set <= ray:
+            if value_set.within(ray):
                 return node, ray_node
         wider = next((entry for entry in unequal if entry[0].value != value_set.value), None)
         if wider is not None:
             return node, wider[1]
     for ray, ray_node in rays.values():
         for value_set, node in unequal:
-            if ray <= value_set:
+            if ray.within(value_set):
                 return ray_node, node
     return None
 
@@ -288,7 +329,7 @@ class _ValueSet:
         return {"<": value < self.value, "<=": value <= self.value,
                 ">": value > self.value, ">=": value >= self.value}[self.op]
 
-    def __le__(self, other: _ValueSet) -> bool:
+    def within(self, other: _ValueSet) -> bool:
         """Is every value this set lets through let through by `other` too?"""
         if self.op == "=":
             return other.holds(self.value)
@@ -305,6 +346,7 @@ class _ValueSet:
         return other.holds(self.value)
 
 
+_NOT_NEGATIVE = _ValueSet(">=", 0.0)
 _FLIPPED = {"=": "=", "<>": "<>", "!=": "<>", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 
 
@@ -329,7 +371,11 @@ def _range_of(node: ast.Node) -> tuple[tuple[str, ...], _ValueSet] | None:
 
 
 def _column_key(node: ast.Node) -> tuple[str, ...] | None:
-    """`t.id` -> ('t', 'id'); `t.id::text` -> ('t', 'id', '::text'); other expressions: None."""
+    """`t.id` -> ('t', 'id'); `t.id::text` -> ('t', 'id', '::text'); `length(t.name)` ->
+    ('length', 't', 'name'); other expressions: None."""
+    if isinstance(node, ast.FuncCall) and function_name(node) in _NON_NEGATIVE and len(node.args or ()) == 1:
+        inner = _column_key(node.args[0]) if node.args else None
+        return None if inner is None else (function_name(node), *inner)
     if isinstance(node, ast.TypeCast) and node.arg is not None:
         inner = _column_key(node.arg)
         return None if inner is None else (*inner, f"::{type_name(node)}")
