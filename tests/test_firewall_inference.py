@@ -137,6 +137,7 @@ TAUTOLOGIES = {
     "two rays that meet": Q + "or o.amount < 5 or o.amount >= 5",
     "an inequality inside a ray": Q + "or o.amount <> 5 or o.amount > 3",
     "a length that is never negative": Q + "or length(o.placed::text) >= 0",
+    "NULL or not NULL": Q + "or o.person_id is null or not (o.person_id is null)",
 }
 
 

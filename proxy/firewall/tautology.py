@@ -185,14 +185,35 @@ def _integer_value(node: object) -> int | None:
 
 def _always_true_branch(disjunction: ast.BoolExpr) -> Finding | None:
     """OR operands that hold for every row whatever its values: a pattern that matches every string
-    (`LIKE '%'`, `~ ''`, `~ '.*'`)."""
+    (`LIKE '%'`, `~ ''`, `~ '.*'`), `x IS NULL OR x IS NOT NULL`."""
+    null_tests: dict[tuple[tuple[str, ...], bool], ast.Node] = {}
     for operand in disjunction.args or ():
         if _matches_everything(operand):
             return Finding(
                 RULE,
                 f"`OR {quote(operand)}` holds for every row (an injected tautology); remove the operand",
             )
+        tested = _null_test(operand)
+        if tested is not None:
+            opposite = null_tests.get((tested[0], not tested[1]))
+            if opposite is not None:
+                return Finding(RULE, f"`{quote(opposite)} OR {quote(operand)}` holds for every row (an "
+                                     "injected tautology); remove the operand")
+            null_tests[tested] = operand
     return None
+
+
+def _null_test(node: ast.Node) -> tuple[tuple[str, ...], bool] | None:
+    """(column key, tests for NULL) of `x IS NULL`, `x IS NOT NULL`, `NOT (x IS NULL)`."""
+    negated = False
+    if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.NOT_EXPR and node.args:
+        node, negated = node.args[0], True
+    if not isinstance(node, ast.NullTest) or node.arg is None:
+        return None
+    key = _column_key(node.arg)
+    if key is None:
+        return None
+    return key, (node.nulltesttype == NullTestType.IS_NULL) != negated
 
 
 _MATCH_ALL_REGEXES = frozenset({"", ".*", "^", "$", "^.*", ".*$", "^.*$"})
