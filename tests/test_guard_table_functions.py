@@ -125,11 +125,19 @@ def test_function_with_dynamic_sql_is_refused(catalog: CatalogSnapshot) -> None:
     "select * from ts_stat('select to_tsvector(''simple'', full_name) from gv.people')",
     "select query_to_xml('select ssn from gv.people', true, true, '')",
     "select table_to_xml('gv.people', true, true, '')",
-    "select lo_get(oid) from pg_largeobject_metadata",
+    "select lo_get(16400)",
 ])
 def test_functions_that_run_sql_text_or_read_whole_tables_are_refused(catalog: CatalogSnapshot,
                                                                      sql: str) -> None:
     assert refusal(catalog, ORDERS_ONLY, sql).rule == "side-door-function"
+
+
+@pytest.mark.parametrize("sql", [
+    "select most_common_vals::text from pg_stats where tablename = 'people'",
+    "select stavalues1::text from pg_catalog.pg_statistic",
+])
+def test_catalogs_that_hold_other_tables_values_are_refused(catalog: CatalogSnapshot, sql: str) -> None:
+    assert refusal(catalog, ORDERS_ONLY, sql).rule == "value-exposing-catalog"
 
 
 def test_function_listed_under_datasets_runs(catalog: CatalogSnapshot) -> None:

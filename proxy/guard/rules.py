@@ -62,14 +62,18 @@ def table_allow_list(statement: GuardStatement, context: GuardContext) -> Refuse
 
 
 def catalog_side_doors(statement: GuardStatement, context: GuardContext) -> Refuse | None:
-    if not context.masked:
+    """Catalogs that hold data values of every table (statistics, query texts, large objects) or
+    secrets: refused for masked roles and for roles limited to some tables."""
+    masked = context.masked
+    if not masked and not tables_restricted(context):
         return None
+    why = "has masked data" if masked else "may only use the tables its policy lists"
     for ref in statement.relations:
         name = ref.relation.name if ref.relation is not None else ref.parts[-1]
         if not ref.cte and name in VALUE_EXPOSING_CATALOGS:
             return Refuse(
                 "value-exposing-catalog",
-                f"{name} exposes data values or secrets and role {context.role.name} has masked data; "
+                f"{name} exposes data values or secrets and role {context.role.name} {why}; "
                 "query the tables themselves",
             )
     return None
