@@ -104,6 +104,10 @@ ORDINARY_APPLICATION_SQL = {
     "small cross join of series": "select count(*) from generate_series(1, 100) a, generate_series(1, 100) b",
     "series with a step": "select * from generate_series(0, 1000000, 1000)",
     "short lpad": "select lpad(id::text, 8, '0') from gv.orders",
+    "a series in a derived table with a small limit": "select * from (select generate_series(1, 50000) "
+                                                      "limit 10) a, generate_series(1, 1000) b",
+    "a short recursive CTE": "with recursive r(n) as (select 1 union all select n + 1 from r where n < 100) "
+                             "select * from r",
     "a LIKE pattern that filters": Q + "or o.placed::text like '2024-%'",
     "two disjoint ranges": Q + "or o.amount < 5 or o.amount > 100",
     "a length that filters": Q + "or length(o.placed::text) > 10",
@@ -154,6 +158,12 @@ HEAVY = {
     "ROWS FROM": Q + "and amount < (select count(*) from rows from (generate_series(1, 9999)) a, "
                  "unnest(array_fill(0, '{9999}')) b)",
     "repeat with a computed count": Q + "and length(repeat('x', 1000 * 1000 * 100)) > 0",
+    "series in derived tables": Q + "and amount < (select count(*) from (select * from "
+                                "generate_series(1, 9999)) a, (select generate_series(1, 9999)) b)",
+    "series in a CTE": "with s as (select generate_series(1, 9999) as n) " + Q
+                       + "and amount < (select count(*) from s a, s b)",
+    "recursive CTE": "with recursive r(n) as (select 1 union all select n + 1 from r where n < 100000000) "
+                     + Q + "and amount < (select count(*) from r)",
 }
 
 

@@ -13,14 +13,14 @@ be shared between statements that differ only in literals.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pglast import ast
 from pglast.enums import A_Expr_Kind
 
 from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.statement import Finding, SubmittedSql, quote
-from proxy.firewall.tree import function_name, operator_name
+from proxy.firewall.tree import function_name, operator_name, walk
 from proxy.policy.model import Role
 
 RULE = "time-based-probe"
@@ -33,11 +33,15 @@ MAX_REPEAT_COUNT = 1_000_000
 def find_time_based_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     if not role.application:
         return None
+    common_tables = {str(node.ctename).lower(): node for node in submitted.nodes
+                     if isinstance(node, ast.CommonTableExpr) and node.ctename}
     for node in submitted.nodes:
         if isinstance(node, ast.FuncCall):
             finding = _heavy_call(node)
         elif isinstance(node, ast.SelectStmt):
-            finding = _heavy_product(node)
+            finding = _heavy_product(node, common_tables)
+        elif isinstance(node, ast.WithClause) and node.recursive:
+            finding = _long_recursion(node)
         else:
             continue
         if finding is not None:
@@ -63,25 +67,75 @@ def _heavy_call(node: ast.FuncCall) -> Finding | None:
     return None
 
 
-def _heavy_product(select: ast.SelectStmt) -> Finding | None:
-    """Row sources of one FROM clause multiply: two series of 99,999 rows make 10^10 combinations."""
-    sizes: list[float] = []
-    calls: list[ast.FuncCall] = []
-    pending: list[ast.Node] = list(select.fromClause or ())
+def _heavy_product(select: ast.SelectStmt, common_tables: dict[str, ast.CommonTableExpr]) -> Finding | None:
+    """Row sources of one FROM clause multiply: two series of 99,999 rows make 10^10 combinations
+    (series directly, in derived tables or in CTEs)."""
+    sized = _sized_items(select.fromClause or (), common_tables, set())
+    if len(sized) < 2 or math.prod(rows for rows, _ in sized) <= MAX_SERIES_SPAN:
+        return None
+    items = ", ".join(f"`{quote(node)}`" for _, node in sized)
+    return Finding(RULE, f"the FROM clause combines {items} into more than {MAX_SERIES_SPAN:,} rows, the "
+                         "heavy-query probe of time-based injection")
+
+
+def _sized_items(items: Iterable[ast.Node], common_tables: dict[str, ast.CommonTableExpr],
+                 seen: set[str]) -> list[tuple[float, ast.Node]]:
+    """(rows, node) of the FROM items whose size is known from constants."""
+    sized: list[tuple[float, ast.Node]] = []
+    pending = list(items)
     while pending:
         item = pending.pop()
+        rows: float | None = None
         if isinstance(item, ast.JoinExpr):
             pending.extend(side for side in (item.larg, item.rarg) if side is not None)
         elif isinstance(item, ast.RangeFunction):
-            for call in _range_calls(item):
-                rows = rows_of(call)
-                if rows is not None:
-                    sizes.append(rows)
-                    calls.append(call)
-    if len(sizes) < 2 or math.prod(sizes) <= MAX_SERIES_SPAN:
+            sized.extend((size, call) for call in _range_calls(item) if (size := rows_of(call)) is not None)
+        elif isinstance(item, ast.RangeSubselect) and isinstance(item.subquery, ast.SelectStmt):
+            rows = _select_rows(item.subquery, common_tables, seen)
+        elif isinstance(item, ast.RangeVar) and item.schemaname is None:
+            name = str(item.relname).lower()
+            common = common_tables.get(name)
+            if common is not None and name not in seen and isinstance(common.ctequery, ast.SelectStmt):
+                rows = _select_rows(common.ctequery, common_tables, seen | {name})
+        if rows is not None:
+            sized.append((rows, item))
+    return sized
+
+
+def _select_rows(select: ast.SelectStmt, common_tables: dict[str, ast.CommonTableExpr],
+                 seen: set[str]) -> float | None:
+    """Rows a plain SELECT makes, from the known sizes of its FROM items and of set-returning calls in
+    its select list (`SELECT generate_series(1, 99999)`), capped by a constant LIMIT."""
+    if select.larg is not None:
         return None
-    return Finding(RULE, f"the FROM clause combines {', '.join(f'`{quote(call)}`' for call in calls)} into "
-                         f"more than {MAX_SERIES_SPAN:,} rows, the heavy-query probe of time-based injection")
+    sizes = [rows for rows, _ in _sized_items(select.fromClause or (), common_tables, seen)]
+    listed = [rows for target in select.targetList or () if isinstance(target, ast.ResTarget)
+              and isinstance(target.val, ast.FuncCall) and (rows := rows_of(target.val)) is not None]
+    if not sizes and not listed:
+        return None
+    rows = math.prod(sizes) * max(listed, default=1.0)
+    limit = constant_number(select.limitCount) if select.limitCount is not None else None
+    return min(rows, limit) if limit is not None else rows
+
+
+def _long_recursion(with_clause: ast.WithClause) -> Finding | None:
+    """`WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 100000000)`: a
+    recursive term bounded by a constant beyond the series limit."""
+    for common in with_clause.ctes or ():
+        if not isinstance(common, ast.CommonTableExpr) or not isinstance(common.ctequery, ast.SelectStmt):
+            continue
+        recursive = common.ctequery.rarg
+        if recursive is None or recursive.whereClause is None:
+            continue
+        for node in walk(recursive.whereClause):
+            if isinstance(node, ast.A_Expr) and isinstance(node.rexpr, ast.Node) and node.lexpr is not None:
+                bound = max((abs(number) for side in (node.lexpr, node.rexpr)
+                             if (number := constant_number(side)) is not None), default=0.0)
+                if bound > MAX_SERIES_SPAN:
+                    return Finding(RULE, f"the recursive query `{quote(common)}` runs up to `{quote(node)}`, "
+                                         f"more than {MAX_SERIES_SPAN:,} steps: the heavy-query probe of "
+                                         "time-based injection")
+    return None
 
 
 def _range_calls(item: ast.RangeFunction) -> list[ast.FuncCall]:

@@ -42,6 +42,10 @@ def find_union_extraction(submitted: SubmittedSql, role: Role, facts: DatabaseFa
     # A UNION inside a UNION is judged with its parent's branches (once: chains are left-deep trees).
     inner_unions = {id(side) for node in selects if node.op == SetOperation.SETOP_UNION
                     for side in (node.larg, node.rarg) if side is not None}
+    # A recursive CTE is a UNION of its constant start row and its step (`SELECT 1 UNION ALL ...`).
+    inner_unions.update(id(common.ctequery) for node in submitted.nodes
+                        if isinstance(node, ast.WithClause) and node.recursive
+                        for common in node.ctes or () if isinstance(common, ast.CommonTableExpr))
     for node in selects:
         if reads is not None:
             finding = _select_list_subquery(node, reads)
