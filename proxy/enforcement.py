@@ -9,13 +9,13 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from pglast import ast, parse_sql
 from pglast.enums import DiscardMode, VariableSetKind
 
+from proxy.analysis_pool import AnalysisPool, AnalysisTimedOut
 from proxy.catalog import CatalogSnapshot, load_catalog, parse_search_path
 from proxy.catalog_watch import CatalogWatch
 from proxy.config import DEFAULT_MAX_STATEMENT_SIZE
@@ -56,6 +56,9 @@ LONG_STATEMENT = 4096
 on an analysis worker thread (both are linear in the text)."""
 ANALYSIS_WORKERS = 2
 """Threads judging long statements; more would only take turns at the GIL with the event loop."""
+ANALYSIS_DEADLINE = 10.0
+"""Seconds an analysis thread may spend on one statement before it is interrupted and the
+statement refused (too-complex), so no statement holds a thread for minutes."""
 # How stale the catalog may get for verdicts that read no views or user code (tables only): a table
 # replaced by a view, or a user function shadowing a built-in one, directly in PostgreSQL.
 _CATALOG_CHECK_SECONDS = 1.0
@@ -86,7 +89,8 @@ class Enforcement:
                  max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE) -> None:
         self.policy_path = policy_path
         self.max_statement_size = max_statement_size
-        self.analysis_workers = ThreadPoolExecutor(ANALYSIS_WORKERS, thread_name_prefix="pgveil-analysis")
+        self.analysis = AnalysisPool(ANALYSIS_WORKERS)
+        self.analysis_deadline = ANALYSIS_DEADLINE
         self.upstream_dsn = upstream_dsn
         self.state = state
         self.active_role = active_role
@@ -184,12 +188,13 @@ class Enforcement:
 
     async def close(self) -> None:
         """Close the catalog watch's connection (the serving process stops)."""
-        self.analysis_workers.shutdown(wait=False, cancel_futures=True)
+        self.analysis.close()
         await self.catalog_watch.close()
 
-    async def off_loop(self, work: Callable[[], _T]) -> _T:
-        """`work()` on an analysis worker thread, the event loop free meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self.analysis_workers, work)
+    async def off_loop(self, work: Callable[[], _T], deadline: float | None = None) -> _T:
+        """`work()` on an analysis thread, the event loop free meanwhile (AnalysisTimedOut past
+        `deadline` seconds)."""
+        return await self.analysis.run(work, deadline)
 
     def may_refresh_for_unknown_relation(self) -> bool:
         return time.monotonic() - self._last_refresh > _UNKNOWN_RELATION_REFRESH_SECONDS
@@ -623,12 +628,25 @@ class GuardedConnection:
                 cache.store(sql, key, analysis, effects)
             return analysis, effects
 
+        deadline = enforcement.analysis_deadline
         may_refresh = enforcement.may_refresh_for_unknown_relation()
-        analysis, effects = await enforcement.off_loop(lambda: judge(context, key, may_refresh))
-        if effects is None:
-            await enforcement.refresh_catalog()
-            context, key = self.context_and_key(role)
-            analysis, effects = await enforcement.off_loop(lambda: judge(context, key, False))
+        try:
+            analysis, effects = await enforcement.off_loop(lambda: judge(context, key, may_refresh), deadline)
+            if effects is None:
+                await enforcement.refresh_catalog()
+                context, key = self.context_and_key(role)
+                analysis, effects = await enforcement.off_loop(lambda: judge(context, key, False), deadline)
+        except AnalysisTimedOut:
+            log.warning("analysis of a %d-character statement passed %g s; refused", len(sql), deadline)
+            refusal = Refuse("too-complex", f"pgveil could not analyse the statement within {deadline:g} s; "
+                             "simplify or split it")
+
+            def keep() -> None:  # so the same shape is refused at once next time
+                with contextlib.suppress(RuntimeError):
+                    cache.store(sql, key, Analysis(refusal))
+
+            await enforcement.off_loop(keep)
+            return refusal, (), False
         assert effects is not None
         verdict = analysis.verdict
         ddl = not isinstance(verdict, Refuse) and any(s.statement_class == "ddl" for s in analysis.statements)

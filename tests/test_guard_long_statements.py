@@ -124,3 +124,31 @@ def test_an_oversized_message_before_authentication_gets_a_fatal_protocol_violat
 def test_a_password_message_within_postgresqls_cap_still_reaches_postgresql(proxy: RunningProxy) -> None:
     answer = _answer_to_password_message(proxy, PG_MAX_AUTH_TOKEN_LENGTH)
     assert b"28P01" in answer  # PostgreSQL judged the (wrong) password
+
+
+async def test_an_analysis_that_passes_its_deadline_is_refused_and_the_analysis_threads_stay_usable(
+        world: GuardWorld) -> None:
+    from proxy.connection_policy import ClientInfo
+    from proxy.enforcement import ANALYSIS_WORKERS, Enforcement
+    from proxy.guard.verdict import Refuse
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "policy.yaml")
+        with open(path, "w") as handle:
+            handle.write(POLICY)
+        enforcement = await Enforcement.create(path, world.dsn())
+    try:
+        enforcement.analysis_deadline = 0.05  # judging a 50,000-value IN list takes over a second
+        connection = enforcement.connection_policy()
+        client = ClientInfo(1, "test", "gv_analyst", DATABASE, "", False)
+        assert await connection.on_startup({"user": "gv_analyst", "database": DATABASE}, client) is None
+        for extra in range(ANALYSIS_WORKERS + 1):  # new shapes: every thread interrupted, none lost
+            refused = await connection.on_query(in_list(150_000 + 30 * extra))
+            assert isinstance(refused, Refuse) and refused.rule == "too-complex", refused
+        again = await connection.on_query(in_list(150_000).replace("(1,", "(7,"))  # the shape is refused
+        assert isinstance(again, Refuse) and again.rule == "too-complex"
+        enforcement.analysis_deadline = 60.0
+        judged = await connection.on_query(in_list(LONG_STATEMENT + 100))
+        assert not isinstance(judged, Refuse), judged
+    finally:
+        await enforcement.close()
