@@ -140,6 +140,19 @@ def test_catalogs_that_hold_other_tables_values_are_refused(catalog: CatalogSnap
     assert refusal(catalog, ORDERS_ONLY, sql).rule == "value-exposing-catalog"
 
 
+def test_code_blocks_and_definitions_are_refused_even_with_every_statement_class(
+    catalog: CatalogSnapshot,
+) -> None:
+    every_class = ORDERS_ONLY.replace("    statements: [select]\n    tables: [\"gv.orders\"]",
+                                      "    statements: [all]\n    tables: [\"gv.orders\"]")
+    assert every_class != ORDERS_ONLY
+    for sql in ("do $$ begin perform ssn from gv.people; end $$",
+                "create function tblfn.f() returns text language sql as 'select ssn from gv.people'",
+                "create trigger t after insert on gv.orders execute function tblfn.order_amount()"):
+        assert refusal(catalog, every_class, sql).rule == "procedural-code", sql
+    assert not isinstance(verdict(catalog, every_class, "create index on gv.orders (placed)"), Refuse)
+
+
 def test_function_listed_under_datasets_runs(catalog: CatalogSnapshot) -> None:
     listed = narrowed('["gv.orders"]', listed_function="gv.leak_ssn")
     assert not isinstance(verdict(catalog, listed, "select gv.leak_ssn(1)"), Refuse)

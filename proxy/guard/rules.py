@@ -368,15 +368,19 @@ def ddl_over_protected_data(statement: GuardStatement, context: GuardContext) ->
 
 
 def procedural_code(statement: GuardStatement, context: GuardContext) -> Refuse | None:
-    if not context.masked:
+    """`DO` and code definitions (functions, triggers, rules, ...) run SQL pgveil does not see
+    statement by statement: refused for masked roles and for roles limited to some tables."""
+    masked = context.masked
+    if not masked and not tables_restricted(context):
         return None
     node = statement.node
     if isinstance(node, ast.DoStmt | ast.CreateFunctionStmt | ast.CreateTrigStmt | ast.RuleStmt
                   | ast.CreateEventTrigStmt | ast.CreatePolicyStmt | ast.AlterFunctionStmt):
+        why = "has masked data" if masked else "may only use the tables its policy lists"
         return Refuse(
             "procedural-code",
             f"{statement.node_type} runs or defines code pgveil cannot analyse, and role "
-            f"{context.role.name} has masked data",
+            f"{context.role.name} {why}",
         )
     return None
 
