@@ -18,7 +18,9 @@ Let through: the same tests with a parameter (`WHERE email = $1`), tests in the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from pglast import ast
 from pglast.enums import A_Expr_Kind, SubLinkType
@@ -30,9 +32,7 @@ from proxy.firewall.tree import (
     function_name,
     is_row_independent,
     operator_name,
-    relations_in,
     select_leaves,
-    walk,
 )
 from proxy.policy.model import Role
 
@@ -52,7 +52,7 @@ class _Scope:
 
 
 def find_inference_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
-    if not role.application or not facts.knows_sensitive_columns:
+    if not role.application or not facts.knows_sensitive_columns or not _may_read_sensitive(submitted, facts):
         return None
     probe = SensitiveReads.of(submitted, facts)
     for raw in submitted.statements:
@@ -68,11 +68,20 @@ def find_inference_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFac
     return None
 
 
+def _may_read_sensitive(submitted: SubmittedSql, facts: DatabaseFacts) -> bool:
+    """Only subqueries and user functions read another table's columns inside an expression."""
+    return any(isinstance(node, ast.SubLink)
+               or (isinstance(node, ast.FuncCall) and facts.function_reads_sensitive(node) is not None)
+               for node in submitted.nodes)
+
+
 def _decision_positions(submitted: SubmittedSql) -> set[int]:
     """ids of expressions whose value decides a condition or an ordering (WHERE, ON, HAVING, FILTER,
     CASE WHEN, AND/OR/NOT operands, IS [NOT] TRUE/NULL, ORDER BY items)."""
     positions: set[int] = set()
     for node in submitted.nodes:
+        if not isinstance(node, _DECIDING_NODES):
+            continue
         deciding: list[object] = [getattr(node, name, None) for name in _DECIDING_SLOTS]
         if isinstance(node, ast.CaseWhen):
             deciding.append(node.expr)
@@ -87,6 +96,9 @@ def _decision_positions(submitted: SubmittedSql) -> set[int]:
 
 
 _DECIDING_SLOTS = ("whereClause", "havingClause", "quals", "agg_filter")
+_DECIDING_NODES = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.JoinExpr, ast.FuncCall,
+                   ast.CaseWhen, ast.BooleanTest, ast.NullTest, ast.SortBy, ast.BoolExpr, ast.MergeStmt,
+                   ast.MergeWhenClause)
 
 
 def _common_tables(submitted: SubmittedSql) -> dict[str, ast.Node]:
@@ -100,18 +112,22 @@ class SensitiveReads:
 
     @classmethod
     def of(cls, submitted: SubmittedSql, facts: DatabaseFacts) -> SensitiveReads:
-        reads = cls(facts, _decision_positions(submitted), _common_tables(submitted))
-        for node in submitted.nodes:
-            if isinstance(node, ast.CommonTableExpr) and node.ctename:
-                reads.common_table_nodes.setdefault(str(node.ctename).lower(), []).append(node)
-        return reads
+        return cls(submitted, facts)
 
-    def __init__(self, facts: DatabaseFacts, decisions: set[int], common_tables: dict[str, ast.Node]) -> None:
+    def __init__(self, submitted: SubmittedSql, facts: DatabaseFacts) -> None:
+        self.submitted = submitted
         self.facts = facts
-        self.decisions = decisions
-        self.common_tables = common_tables
+        self.common_tables = _common_tables(submitted)
         self.common_table_nodes: dict[str, list[ast.CommonTableExpr]] = {}
+        for node in submitted.nodes_of(ast.CommonTableExpr):
+            if isinstance(node, ast.CommonTableExpr) and node.ctename:
+                self.common_table_nodes.setdefault(str(node.ctename).lower(), []).append(node)
         self.own_names: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+        self.outputs: dict[tuple[int, _Scope], str | None] = {}
+
+    @cached_property
+    def decisions(self) -> set[int]:
+        return _decision_positions(self.submitted)
 
     def search(self, node: ast.Node, scope: _Scope | None) -> tuple[ast.Node, str] | None:
         """The first test of a sensitive value against a constant under `node`, with the column."""
@@ -151,7 +167,7 @@ class SensitiveReads:
         `x`, and `t` as a row source), innermost first."""
         columns, sources = set(scope.columns), set(scope.sources)
         derived: list[tuple[ast.Node, str, tuple[str, ...]]] = []
-        for node in walk(select):
+        for node in _own_level(select):
             if isinstance(node, ast.RangeSubselect) and node.subquery is not None and node.alias is not None:
                 derived.append((node.subquery, str(node.alias.aliasname),
                                 tuple(str(name.sval) for name in node.alias.colnames or ()
@@ -181,7 +197,7 @@ class SensitiveReads:
         found: list[ast.RangeVar] = []
         pending, common = [select], set()
         while pending:
-            for relation in relations_in(pending.pop()):
+            for relation in _own_relations(pending.pop()):
                 name = str(relation.relname).lower()
                 query = self.common_tables.get(name) if relation.schemaname is None else None
                 if query is None:
@@ -251,6 +267,13 @@ class SensitiveReads:
         return found
 
     def output_reads(self, select: ast.SelectStmt, scope: _Scope) -> str | None:
+        """The sensitive column a subquery returns, if it returns one (memoised: subqueries nest)."""
+        key = (id(select), scope)
+        if key not in self.outputs:
+            self.outputs[key] = self._output_reads(select, scope)
+        return self.outputs[key]
+
+    def _output_reads(self, select: ast.SelectStmt, scope: _Scope) -> str | None:
         for leaf in select_leaves(select):
             for target in leaf.targetList or ():
                 if isinstance(target, ast.ResTarget) and target.val is not None:
@@ -289,3 +312,19 @@ def _output_name(target: ast.ResTarget) -> str:
     if isinstance(target.val, ast.FuncCall):
         return function_name(target.val)
     return ""
+
+
+def _own_level(select: ast.Node) -> Iterator[ast.Node]:
+    """Nodes of a query without those of the subqueries (SubLinks) in its expressions: they bring
+    their own tables into scope when they are reached, so each level is read once."""
+    stack = [select]
+    while stack:
+        node = stack.pop()
+        yield node
+        if node is not select and isinstance(node, ast.SubLink):
+            continue
+        stack.extend(children(node))
+
+
+def _own_relations(select: ast.Node) -> Iterator[ast.RangeVar]:
+    return (node for node in _own_level(select) if isinstance(node, ast.RangeVar))
