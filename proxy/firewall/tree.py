@@ -35,11 +35,17 @@ _COMPARISON_KINDS = frozenset({
 })
 
 
+_CHILD_SLOTS: dict[type, tuple[str, ...]] = {}
+
+
 def children(node: ast.Node) -> Iterator[ast.Node]:
     """Direct child nodes, in field order (lists of nodes flattened)."""
-    for slot in type(node).__slots__:  # type: ignore[attr-defined]  # pglast declares slots per node class
-        if slot in _SKIPPED_SLOTS:
-            continue
+    kind = type(node)
+    slots = _CHILD_SLOTS.get(kind)
+    if slots is None:  # pglast declares slots per node class
+        slots = _CHILD_SLOTS[kind] = tuple(slot for slot in kind.__slots__  # type: ignore[attr-defined]
+                                           if slot not in _SKIPPED_SLOTS)
+    for slot in slots:
         value = getattr(node, slot, None)
         if isinstance(value, ast.Node):
             yield value
