@@ -11,6 +11,9 @@ from pglast import ast
 from proxy.catalog import CatalogSnapshot, Relation, effective_dataset, effective_search_path
 from proxy.policy.model import Policy, Sensitivity
 
+# Does a policy (by identity; the entry keeps it alive) mark any column confidential or restricted?
+_POLICIES_WITH_SENSITIVE_COLUMNS: dict[int, tuple[Policy, bool]] = {}
+
 
 @dataclass(frozen=True)
 class DatabaseFacts:
@@ -24,9 +27,16 @@ class DatabaseFacts:
 
     @property
     def knows_sensitive_columns(self) -> bool:
-        return self.policy is not None and self.catalog is not None and any(
-            column.sensitivity >= Sensitivity.CONFIDENTIAL
-            for dataset in self.policy.datasets.values() for column in dataset.columns.values())
+        if self.policy is None or self.catalog is None:
+            return False
+        entry = _POLICIES_WITH_SENSITIVE_COLUMNS.get(id(self.policy))
+        if entry is None or entry[0] is not self.policy:
+            known = any(column.sensitivity >= Sensitivity.CONFIDENTIAL
+                        for dataset in self.policy.datasets.values() for column in dataset.columns.values())
+            if len(_POLICIES_WITH_SENSITIVE_COLUMNS) > 64:
+                _POLICIES_WITH_SENSITIVE_COLUMNS.clear()
+            entry = _POLICIES_WITH_SENSITIVE_COLUMNS[id(self.policy)] = (self.policy, known)
+        return entry[1]
 
     def relation(self, node: ast.RangeVar) -> Relation | None:
         if self.catalog is None:
