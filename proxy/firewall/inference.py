@@ -11,7 +11,9 @@ substr(p.ssn, 1, 1) = '1')`, `id IN (SELECT id FROM people WHERE ssn LIKE '1%')`
 result is such a column, compared with a constant or passed with one to a function that decides a
 condition or an ordering (`(SELECT ssn ...) ^@ '1'`, `regexp_like((SELECT ssn ...), '^1')`,
 `jsonb_path_exists((SELECT to_jsonb(p) FROM people p ...), '$.ssn ? (@ starts with "1")')`,
-`CASE (SELECT ...) WHEN '1' THEN ...`, `'1' = ANY (SELECT substr(ssn, 1, 1) ...)`).
+`CASE (SELECT ...) WHEN '1' THEN ...`, `'1' = ANY (SELECT substr(ssn, 1, 1) ...)`); the same through
+a user function whose body reads such a table, and through the names derived tables and CTEs give
+the column (`(SELECT ssn AS x FROM people) t ... t.x LIKE '1%'`).
 Let through: the same tests with a parameter (`WHERE email = $1`), tests in the query's own FROM
 (the application's own filter), subqueries that return sensitive values without testing them.
 """
@@ -54,7 +56,7 @@ class _Scope:
 def find_inference_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     if not role.application or not facts.knows_sensitive_columns or not _may_read_sensitive(submitted, facts):
         return None
-    probe = SensitiveReads.of(submitted, facts)
+    probe = SensitiveReads(submitted, facts)
     for raw in submitted.statements:
         found = probe.search(raw.stmt, None) if raw.stmt is not None else None
         if found is not None:
@@ -109,10 +111,6 @@ def _common_tables(submitted: SubmittedSql) -> dict[str, ast.Node]:
 
 class SensitiveReads:
     """Which confidential or restricted columns the expressions of one submission read."""
-
-    @classmethod
-    def of(cls, submitted: SubmittedSql, facts: DatabaseFacts) -> SensitiveReads:
-        return cls(submitted, facts)
 
     def __init__(self, submitted: SubmittedSql, facts: DatabaseFacts) -> None:
         self.submitted = submitted

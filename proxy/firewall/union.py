@@ -36,7 +36,7 @@ RULE = "union-extraction"
 
 def find_union_extraction(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     cte_names: set[str] | None = None
-    reads = (SensitiveReads.of(submitted, facts)
+    reads = (SensitiveReads(submitted, facts)
              if role.application and facts.knows_sensitive_columns else None)
     selects = [node for node in submitted.nodes_of(ast.SelectStmt) if isinstance(node, ast.SelectStmt)]
     # A UNION inside a UNION is judged with its parent's branches (once: chains are left-deep trees).
