@@ -260,6 +260,19 @@ def build_world(upstream: Upstream) -> GuardWorld:
 _BUILT: dict[tuple[str, int], GuardWorld] = {}
 
 
+class GuardDatabase:
+    """The test upstream with the guard test database as the proxy's default database
+    (what `tests.proxy_harness.running_proxy` takes as its upstream)."""
+
+    def __init__(self, world: GuardWorld) -> None:
+        self.world = world
+        self.superuser = world.upstream.superuser
+        self.superpassword = world.upstream.superpassword
+
+    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
+        return self.world.upstream.dsn(user, password, dbname)
+
+
 @pytest.fixture(scope="module")
 def world(upstream: Upstream) -> Iterator[GuardWorld]:
     """Built once per test session (every guard test module shares the database)."""

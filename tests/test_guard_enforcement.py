@@ -16,6 +16,7 @@ from proxy.guard.cache import VerdictCache, shape
 from proxy.guard.pipeline import analyse
 from proxy.guard.verdict import Refuse
 from tests.guard_setup import PASSWORD, POLICY, GuardWorld, leaked_canaries, world  # noqa: F401
+from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 from tests.test_bypass_guard import ATTEMPTS
 from tests.test_firewall_corpus import benign_entries
@@ -82,18 +83,6 @@ def test_text_the_shape_lexer_could_misread_is_not_shaped() -> None:
     for sql in ["select 'a\\' , ssn from t", "select e'x' from t", "select $$a$$", "select 1 -- c",
                 "select /* c */ 1", "select U&'\\0061'", "select x'1f'"]:
         assert shape(sql) is None, sql
-
-
-class _GuardDatabase:
-    """The test upstream, with the guard test database as the proxy's default database."""
-
-    def __init__(self, world: GuardWorld) -> None:
-        self.world = world
-        self.superuser = world.upstream.superuser
-        self.superpassword = world.upstream.superpassword
-
-    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = "guard_test") -> str:
-        return self.world.upstream.dsn(user, password, dbname)
 
 
 @pytest.fixture(scope="module")

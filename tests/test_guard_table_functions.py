@@ -27,6 +27,7 @@ from proxy.policy.model import Policy
 from proxy.wire import FunctionCall
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, GuardWorld, leaked_canaries
+from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 from tests.test_redteam_protocol import MaskedClient, everything
 
@@ -169,16 +170,6 @@ def test_function_name_pgveil_does_not_know_is_refused(catalog: CatalogSnapshot)
 
 
 # ---- through a running pgveil -------------------------------------------------------------------
-
-
-class _GuardDatabase:
-    def __init__(self, world: GuardWorld) -> None:
-        self.world = world
-        self.superuser = world.upstream.superuser
-        self.superpassword = world.upstream.superpassword
-
-    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
-        return self.world.upstream.dsn(user, password, dbname)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from proxy.enforcement import Enforcement
 from proxy.operations import build_connection_policy_factory
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, leaked_canaries
+from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 
 world = guard_setup.world
@@ -46,18 +47,6 @@ elevations:
 """
 RAW_SSN = "914-27-6380"
 BY_ID = "select ssn from gv.people where id = %s"
-
-
-class _GuardDatabase:
-    """The test upstream with the guard database as the proxy's default database."""
-
-    def __init__(self, world: GuardWorld) -> None:
-        self.world = world
-        self.superuser = world.upstream.superuser
-        self.superpassword = world.upstream.superpassword
-
-    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
-        return self.world.upstream.dsn(user, password, dbname)
 
 
 @dataclass

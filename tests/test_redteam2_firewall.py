@@ -25,6 +25,7 @@ from proxy.policy.loader import parse_policy
 from proxy.policy.model import Policy
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, GuardWorld
+from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 
 world = guard_setup.world
@@ -227,16 +228,6 @@ def test_join_through_a_third_row_source_is_refused(world: GuardWorld, policy: P
 
 
 # ---- end to end: the blind oracle through a running pgveil ---------------------------------------
-
-
-class _GuardDatabase:
-    def __init__(self, world: GuardWorld) -> None:
-        self.world = world
-        self.superuser = world.upstream.superuser
-        self.superpassword = world.upstream.superpassword
-
-    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
-        return self.world.upstream.dsn(user, password, dbname)
 
 
 @pytest.fixture(scope="module")

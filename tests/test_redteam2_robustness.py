@@ -25,19 +25,10 @@ from proxy.guard.verdict import Verdict
 from proxy.wire import StartupMessage
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld
+from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 
 world = guard_setup.world
-
-
-class _GuardDatabase:
-    def __init__(self, world: GuardWorld) -> None:
-        self.world = world
-        self.superuser = world.upstream.superuser
-        self.superpassword = world.upstream.superpassword
-
-    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
-        return self.world.upstream.dsn(user, password, dbname)
 
 
 ATTACK_MARK = "redteam2_attack"

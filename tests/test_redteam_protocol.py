@@ -36,6 +36,7 @@ from proxy.wire.codec import frame
 from proxy.wire.frontend import Bind, Close, CopyData, Describe, Execute, Flush, Sync
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, leaked_canaries
+from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 
 world = guard_setup.world  # the shared guard database with canary values
@@ -103,16 +104,6 @@ class MaskedClient:
 def everything(messages: list[Any]) -> str:
     """Every field of every message, as text, for canary searches."""
     return "\n".join(repr(message) for message in messages)
-
-
-class _GuardDatabase:
-    def __init__(self, world: GuardWorld) -> None:
-        self.world = world
-        self.superuser = world.upstream.superuser
-        self.superpassword = world.upstream.superpassword
-
-    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
-        return self.world.upstream.dsn(user, password, dbname)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, leaked_canaries
+from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 
 world = guard_setup.world  # the shared guard database with canary values
@@ -83,18 +84,6 @@ REDTEAM_POLICY = POLICY + """  gv.redteam_visits:
       seen_at: {sensitivity: confidential, protection: {generalize: month}}
       joined:  {sensitivity: confidential, protection: {partial: {keep_first: 4}}}
 """
-
-
-class _GuardDatabase:
-    """The test upstream with the guard test database as the proxy's default database."""
-
-    def __init__(self, world: GuardWorld) -> None:
-        self.world = world
-        self.superuser = world.upstream.superuser
-        self.superpassword = world.upstream.superpassword
-
-    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
-        return self.world.upstream.dsn(user, password, dbname)
 
 
 @pytest.fixture(scope="module")

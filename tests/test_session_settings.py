@@ -21,6 +21,7 @@ from proxy.guard.verdict import Refuse
 from tests import guard_setup
 from tests.conftest import Upstream
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, leaked_canaries
+from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 
 world = guard_setup.world
@@ -108,16 +109,6 @@ def test_role_that_sees_everything_may_update_pg_settings(world: GuardWorld) -> 
 
 
 # ---- settings PostgreSQL reports -------------------------------------------------------------------
-
-
-class _GuardDatabase:
-    def __init__(self, world: GuardWorld) -> None:
-        self.world = world
-        self.superuser = world.upstream.superuser
-        self.superpassword = world.upstream.superpassword
-
-    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = DATABASE) -> str:
-        return self.world.upstream.dsn(user, password, dbname)
 
 
 @pytest.fixture(scope="module")
