@@ -15,6 +15,8 @@ SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DEFAULT_MAX_STATEMENT_SIZE = 1024 * 1024
 """Longer statements are refused (statement-too-large) without being judged: analysing 1 MiB of SQL
 takes the guard seconds and a few hundred MB."""
+DEFAULT_MAX_CONNECTIONS = 500
+"""Client connections one pgveil process serves at once; each holds one PostgreSQL connection."""
 
 
 class SettingsError(ValueError):
@@ -185,6 +187,7 @@ class Settings:
     config: str | None = None
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     startup_timeout: float = 10.0
     drain_timeout: float = 30.0
     log_level: str = "info"
@@ -219,13 +222,15 @@ class Settings:
             raise SettingsError(f"max_message_size must be between 1 and {POSTGRES_MAX_MESSAGE_SIZE} bytes")
         if self.max_statement_size < 1:
             raise SettingsError(f"max_statement_size must be at least 1, not {self.max_statement_size}")
+        if self.max_connections < 1:
+            raise SettingsError(f"max_connections must be at least 1, not {self.max_connections}")
         if self.startup_timeout <= 0 or self.drain_timeout < 0:
             raise SettingsError("startup_timeout must be positive and drain_timeout not negative")
         return self
 
 
 _FIELDS = {f.name: f for f in fields(Settings) if f.name != "extra"}
-_INT_KEYS = {"workers", "max_message_size", "max_statement_size"}
+_INT_KEYS = {"workers", "max_message_size", "max_statement_size", "max_connections"}
 _FLOAT_KEYS = {"startup_timeout", "drain_timeout"}
 
 

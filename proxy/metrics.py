@@ -106,6 +106,10 @@ class Metrics:
     def connection_closed(self, connection_id: int, reason: str) -> None:
         self.connections_open.dec()
 
+    def connection_limited(self) -> None:
+        """A client refused because --max-connections were open (no PostgreSQL connection made)."""
+        self.connections.labels("limit").inc()
+
     def bytes_relayed(self, to_upstream: int, to_client: int) -> None:
         if to_upstream:
             self._to_server.inc(to_upstream)

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest client message accepted (64 MiB)")
     parser.add_argument("--max-statement-size", metavar="CHARS", type=int,
                         help="longest SQL statement the guard judges; longer ones are refused (1 MiB)")
+    parser.add_argument("--max-connections", metavar="N", type=int,
+                        help="client connections each worker process serves at once; "
+                             "more are refused with SQLSTATE 53300 (500)")
     parser.add_argument("--startup-timeout", metavar="SECONDS", type=float,
                         help="time a client has to start up and authenticate (10)")
     parser.add_argument("--drain-timeout", metavar="SECONDS", type=float,

@@ -69,6 +69,9 @@ class SessionContext:
     cancel_keys: CancelKeys = field(init=False)
     marker_prefix: str = field(default_factory=lambda: f"pgveil_refused_{secrets.token_hex(6)}")
     sessions: set[Session] = field(default_factory=set)
+    admitted: int = 0
+    """Sessions past their startup packet (each holds, or is about to open, a PostgreSQL
+    connection); at most settings.max_connections."""
     draining: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -104,6 +107,8 @@ class Session:
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._capped_minor = False
         self._linger = False  # a FATAL went to the client before relaying: close gently
+        self._admitted = False  # counted in context.admitted
+        self._refused: str | None = None  # why startup ended without relaying, when pgveil said no
         # whoever can reach the port may send this much per message until authenticated
         client.buffer.max_message_size = min(PG_MAX_AUTH_TOKEN_LENGTH, context.settings.max_message_size)
 
@@ -124,7 +129,12 @@ class Session:
                 self._fatal("08P01", "pgveil: startup: timed out waiting for the client; reconnect")
                 return
             if not started:
-                reason = "closed during startup" if self.state.phase != Phase.CLOSED else "cancel request"
+                if self._refused is not None:
+                    reason = self._refused
+                elif self.state.phase != Phase.CLOSED:
+                    reason = "closed during startup"
+                else:
+                    reason = "cancel request"
                 return
             reason = await self.done
         except ProtocolViolation as exc:
@@ -150,6 +160,9 @@ class Session:
             finally:
                 if self.relay is None or not self.relay.finished:
                     self._close_legs()
+                if self._admitted:
+                    self._admitted = False
+                    context.admitted -= 1
                 context.sessions.discard(self)
                 context.observer.connection_closed(self.connection_id, reason)
                 log.debug("%s: closed (%s)", self.label, reason)
@@ -210,6 +223,8 @@ class Session:
         startup = await self._read_startup()
         if startup is None:
             return False
+        if not self._admit():
+            return False
         params = startup.as_dict()
         user = params.get("user")
         if not user:
@@ -259,6 +274,25 @@ class Session:
         if context.draining:
             self.relay.drain()
         return True
+
+    def _admit(self) -> bool:
+        """Take one of the max_connections places, or refuse the client (53300) with no
+        PostgreSQL connection opened. Cancel requests never get here, so they are not counted."""
+        context = self.context
+        limit = context.settings.max_connections
+        if context.admitted < limit:
+            context.admitted += 1
+            self._admitted = True
+            return True
+        self._refused = "too many connections"
+        log.warning("%s: refused: too many connections (%d open, --max-connections %d)",
+                    self.label, context.admitted, limit)
+        counted = getattr(context.observer, "connection_limited", None)
+        if counted is not None:
+            counted()
+        self._fatal("53300", f"pgveil: too-many-connections: this pgveil process already serves {limit} "
+                    "client connections; try again later (raise --max-connections or use a pooler in front)")
+        return False
 
     async def _read_startup(self) -> StartupMessage | None:
         client = self.client
