@@ -227,6 +227,10 @@ class GuardedConnection:
         self._masked_for: tuple[Policy, Role, bool] | None = None
         # what keeps pgveil from judging SQL under the session's settings (None: nothing)
         self._settings_problem: tuple[str, str] | None = _UNCHECKED
+        self._startup_params: dict[str, str] = {}
+        # (policy, role, refusal): the startup rules of the masked role in force, checked again when a
+        # reload or an elevation grant changes the role after the connection was opened
+        self._startup_checked: tuple[Policy, Role, Refuse | None] | None = None
 
     # -- role and context -------------------------------------------------------------------
     def role(self) -> Role | None:
@@ -275,6 +279,15 @@ class GuardedConnection:
                 "to a role's members",
                 sqlstate="28000",
             )
+        self._startup_params = dict(params)
+        refusal = self._startup_refusal(role)
+        self._startup_checked = (self.enforcement.policy, role, refusal)
+        return refusal
+
+    def _startup_refusal(self, role: Role) -> Refuse | None:
+        """Why a masked `role` may not run this connection as it was opened (database, startup
+        settings, server-side settings); None for a role that is not masked."""
+        params = self._startup_params
         if not role_is_masked(self.enforcement.policy, role):
             return None
         if self.session.database != self.enforcement.state.catalog.database:
@@ -343,6 +356,12 @@ class GuardedConnection:
         may still go to the guard, so the session can be put right."""
         if not self._masked(role):
             return None
+        checked = self._startup_checked
+        if checked is None or checked[0] is not self.enforcement.policy or checked[1] is not role:
+            checked = self._startup_checked = (self.enforcement.policy, role, self._startup_refusal(role))
+        if checked[2] is not None:  # opened under another role (elevation, reload): reconnect
+            return Refuse(checked[2].rule, f"{checked[2].message}; the connection was opened under another "
+                          "role, reconnect")
         if self._settings_problem is _UNCHECKED:
             self._settings_problem = self._unreadable_settings()
         problem = self._settings_problem
@@ -526,7 +545,11 @@ class GuardedConnection:
             return None, entry
         if role is None:
             return Refuse("no-role", f"no role for user {self.session.user} any more; reconnect"), None
+        state = self.enforcement.state
         verdict, effects, ddl = await self._decide(entry.sql, role)
+        if not self._same_role_since(state, role):
+            return Refuse(STALE, f"the policy or the login's role changed while pgveil judged {what} "
+                          f"{name!r} again; run it again", info=verdict.info), None
         if isinstance(verdict, Refuse) or verdict.sql != entry.forwarded:
             why = f"refused now ({verdict.rule})" if isinstance(verdict, Refuse) else "masked differently now"
             return Refuse(STALE, f"the policy, the role or the session changed since {what} {name!r} was "
@@ -537,15 +560,29 @@ class GuardedConnection:
 
     # -- the guard --------------------------------------------------------------------------
     async def _judge(self, sql: str) -> Verdict:
-        role = self.role()
-        if role is None:
-            return Refuse("no-role", f"no role for user {self.session.user} any more; reconnect")
-        refusal = self._session_refusal(role, sql)
-        if refusal is not None:
-            self._pending_effects, self._pending_ddl = (), False
-            return refusal
-        verdict, self._pending_effects, self._pending_ddl = await self._decide(sql, role)
-        return verdict
+        for _ in range(_JUDGE_ATTEMPTS):
+            role = self.role()
+            if role is None:
+                return Refuse("no-role", f"no role for user {self.session.user} any more; reconnect")
+            refusal = self._session_refusal(role, sql)
+            if refusal is not None:
+                self._pending_effects, self._pending_ddl = (), False
+                return refusal
+            state = self.enforcement.state
+            verdict, self._pending_effects, self._pending_ddl = await self._decide(sql, role)
+            if self._same_role_since(state, role):
+                return verdict
+        # a reload or an elevation grant changed the role while the statement was being judged
+        self._pending_effects, self._pending_ddl = (), False
+        return Refuse("policy-changed", "the policy or the login's role changed while pgveil judged the "
+                      "statement; run it again")
+
+    def _same_role_since(self, state: _State, role: Role) -> bool:
+        """No reload and no elevation grant starting or ending since `state` and `role` were taken (a
+        verdict decided under them, maybe over awaits, still applies)."""
+        if self.enforcement.state is not state:
+            return False
+        return self.enforcement.active_role is None or self.role() is role
 
     async def _decide(self, sql: str, role: Role) -> tuple[Verdict, Effects, bool]:
         """The verdict for `sql` and the session effects and DDL flag of running it; for a masked
@@ -665,6 +702,8 @@ class GuardedConnection:
 
 
 STALE = "prepared-statement-stale"
+_JUDGE_ATTEMPTS = 3
+"""Times a statement is judged again when a reload or an elevation change lands while it is judged."""
 STATEMENT_TOO_LARGE = "statement-too-large"
 CATALOG_UNKNOWN = "catalog-unavailable"
 _CATALOG_UNKNOWN_MESSAGE = ("pgveil cannot tell whether the database's definitions changed since it read "
