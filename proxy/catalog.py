@@ -34,7 +34,12 @@ _PLPGSQL_ASSIGN_MODES = frozenset({3, 4, 5})
 _PLPGSQL_ASSIGN_TARGET = re.compile(r"^[^:=]*?(?::=|=)", re.DOTALL)
 
 _RELATIONS_SQL = """
-SELECT c.oid, n.nspname, c.relname, c.relkind::text
+SELECT c.oid, n.nspname, c.relname, c.relkind::text,
+  (SELECT pg_catalog.array_agg(COALESCE(a.attname::text, '*') ORDER BY k.ord)
+   FROM pg_catalog.pg_partitioned_table pt
+   CROSS JOIN LATERAL pg_catalog.unnest(pt.partattrs::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, ord)
+   LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = pt.partrelid AND a.attnum = k.attnum
+   WHERE pt.partrelid = c.oid) AS partition_key
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')
   AND n.nspname !~ '^pg_toast' AND n.nspname !~ '^pg_temp_'
@@ -194,6 +199,7 @@ class Relation:
     depends_on: tuple[str, ...] = ()  # views and matviews: the relations their query reads
     oid: int = 0
     calls: tuple[str, ...] = ()  # views and matviews: user functions their query calls
+    partition_key: tuple[str, ...] = ()  # partitioned tables: key columns ('*' for an expression)
 
     @property
     def qualified_name(self) -> str:
@@ -477,7 +483,8 @@ def build_snapshot(
             reads_of.setdefault(view, []).append(names[read])
 
     relations: dict[str, Relation] = {}
-    for oid, schema, name, relkind in relation_rows:
+    for row in relation_rows:
+        oid, schema, name, relkind = row[:4]
         relations[f"{schema}.{name}"] = Relation(
             schema=schema,
             name=name,
@@ -487,6 +494,7 @@ def build_snapshot(
             depends_on=tuple(reads_of.get(oid, ())),
             oid=oid,
             calls=tuple(dict.fromkeys(calls_of.get(oid, ()))),
+            partition_key=tuple(row[4] or ()) if len(row) > 4 else (),
         )
     user_relations_by_name: dict[str, list[str]] = {}
     for relation in relations.values():

@@ -31,6 +31,7 @@ RULES: list[Rule] = [
     rules.statement_class_allowed,
     rules.table_allow_list,
     rules.catalog_side_doors,
+    rules.partition_bounds,
     rules.pgveil_schema,
     rules.function_side_doors,
     rules.unlisted_functions,

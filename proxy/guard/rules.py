@@ -79,6 +79,56 @@ def catalog_side_doors(statement: GuardStatement, context: GuardContext) -> Refu
     return None
 
 
+PARTITION_BOUND_FUNCTIONS = frozenset({"pg_get_partition_constraintdef"})
+"""Functions that print a partition's bounds (the values of its partition key)."""
+
+
+def partition_bounds(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """A partition's bounds (`pg_class.relpartbound`, `pg_get_partition_constraintdef`) are raw
+    values of its partition key: with a table partitioned by a column masked for the role, a
+    partition's rows read next to its bounds give each row's raw value. Refused for such roles when
+    the statement names relpartbound, calls the function, or reads `pg_class` whole or with `*`."""
+    if not context.masked or not _reads_partition_bounds(statement):
+        return None
+    for relation in context.catalog.relations.values():
+        if not relation.partition_key:
+            continue
+        masks = relation_masks(context.policy, context.role, relation).masks
+        if masks and any(column == "*" or column in masks for column in relation.partition_key):
+            return Refuse(
+                "partition-bounds",
+                f"{relation.qualified_name} is partitioned by data masked for role {context.role.name}, "
+                "so partition bounds hold raw values; name the pg_class columns you need, "
+                "without relpartbound",
+            )
+    return None
+
+
+def _reads_partition_bounds(statement: GuardStatement) -> bool:
+    if any(function.parts[-1] in PARTITION_BOUND_FUNCTIONS for function in statement.functions):
+        return True
+    class_names = {
+        name
+        for ref in statement.relations
+        if not ref.cte and ref.parts[-1] == "pg_class"
+        and (ref.relation is None or ref.relation.schema == "pg_catalog")
+        for name in (ref.parts[-1], ref.node.alias.aliasname if ref.node.alias else None)
+        if name is not None
+    }
+    for column_ref in statement.column_refs:
+        fields = column_ref.fields or ()
+        if not fields:
+            continue
+        names = [(field.sval or "").lower() for field in fields if isinstance(field, ast.String)]
+        if names and names[-1] == "relpartbound":
+            return True
+        if class_names and (
+            isinstance(fields[-1], ast.A_Star) or (len(names) == len(fields) == 1 and names[0] in class_names)
+        ):
+            return True
+    return False
+
+
 def pgveil_schema(statement: GuardStatement, context: GuardContext) -> Refuse | None:
     if not context.masked:
         return None
