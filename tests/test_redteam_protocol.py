@@ -21,34 +21,29 @@ from proxy.wire import (
     AuthenticationSASL,
     AuthenticationSASLContinue,
     AuthenticationSASLFinal,
-    ErrorResponse,
     FunctionCall,
     Parse,
     Query,
-    ReadyForQuery,
-    ReceiveBuffer,
     SASLInitialResponse,
     SASLResponse,
     StartupMessage,
-    decode_backend,
 )
 from proxy.wire.codec import frame
 from proxy.wire.frontend import Bind, Close, CopyData, Describe, Execute, Flush, Sync
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, leaked_canaries
 from tests.guard_setup import GuardDatabase as _GuardDatabase
-from tests.proxy_harness import RunningProxy, running_proxy
+from tests.proxy_harness import RawClient, RunningProxy, running_proxy
 
 world = guard_setup.world  # the shared guard database with canary values
 
 
-class MaskedClient:
-    """A protocol client that logs in with SCRAM-SHA-256 (as the masked logins must) and then
-    sends exactly the messages a test gives it."""
+class MaskedClient(RawClient):
+    """The harness's protocol client, logging in with SCRAM-SHA-256 (as the masked logins must);
+    it then sends exactly the messages a test gives it."""
 
     def __init__(self, host: str, port: int, user: str, password: str = PASSWORD) -> None:
-        self.sock = socket.create_connection((host, port), timeout=20)
-        self.buffer = ReceiveBuffer(1 << 30)
+        super().__init__(socket.create_connection((host, port), timeout=20))
         self.sock.sendall(StartupMessage(3 << 16, (("user", user), ("database", DATABASE))).encode())
         self._scram(password)
         self.startup = self.until_ready()
@@ -73,32 +68,6 @@ class MaskedClient:
         self.send(SASLResponse(f"{final_bare},p={proof}".encode()))
         assert isinstance(self.receive(), AuthenticationSASLFinal)
         assert isinstance(self.receive(), AuthenticationOk)
-
-    def send(self, *messages: Any) -> None:
-        self.sock.sendall(b"".join(m if isinstance(m, bytes) else m.encode() for m in messages))
-
-    def receive(self) -> Any:
-        while True:
-            framed = self.buffer.next_message()
-            if framed is not None:
-                return decode_backend(*framed)
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("server closed the connection")
-            self.buffer.feed(data)
-
-    def until_ready(self) -> list[Any]:
-        messages = []
-        while True:
-            message = self.receive()
-            messages.append(message)
-            if isinstance(message, ReadyForQuery):
-                return messages
-            if isinstance(message, ErrorResponse) and message.get("S") == "FATAL":
-                return messages
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def everything(messages: list[Any]) -> str:
