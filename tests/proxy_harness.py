@@ -268,6 +268,17 @@ def spawn_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 
     return served
 
 
+def wait_until(condition: Any, what: str = "the condition", timeout: float = 20) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds (a deadline, not a
+    timed assertion: the polling only bounds how long a broken proxy can hang the suite)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 # ---- a protocol-level client ---------------------------------------------------------------------
 
 

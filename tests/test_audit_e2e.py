@@ -29,7 +29,7 @@ from proxy.embedded import free_port
 from proxy.enforcement import Enforcement
 from proxy.operations import build_connection_policy_factory, serve_hooks
 from tests.conftest import Upstream
-from tests.proxy_harness import RunningProxy, ServeProcess, running_proxy, spawn_serve
+from tests.proxy_harness import RunningProxy, ServeProcess, running_proxy, spawn_serve, wait_until
 
 DATABASE = "ops_test"
 PASSWORD = "ops-pw-2718"
@@ -379,13 +379,6 @@ def test_reload_changes_what_an_open_connection_sees_and_an_invalid_policy_chang
 
 
 # ---- the real command line: pgveil serve with signals and workers ----------------------------------
-
-
-def wait_until(condition: Any, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def refused(proxy_dsn: str, sql: str) -> bool:

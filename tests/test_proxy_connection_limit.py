@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -13,18 +12,10 @@ import pytest
 
 from proxy.config import SettingsError, load_settings
 from proxy.metrics import Metrics
-from tests.proxy_harness import RawClient, RunningProxy, running_proxy
+from tests.proxy_harness import RawClient, RunningProxy, running_proxy, wait_until
 
 HELD = "connlimit_held"
 REFUSED = "connlimit_refused"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.02)
 
 
 def backends(upstream: Any, application_name: str) -> int:

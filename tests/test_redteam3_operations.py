@@ -8,8 +8,7 @@ import asyncio
 import os
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from proxy.policy.loader import parse_policy
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, leaked_canaries
 from tests.guard_setup import GuardDatabase as _GuardDatabase
-from tests.proxy_harness import RunningProxy, running_proxy, spawn_serve
+from tests.proxy_harness import RunningProxy, running_proxy, spawn_serve, wait_until
 
 world = guard_setup.world  # the shared guard database with canary values
 
@@ -159,14 +158,14 @@ def test_statement_judged_while_a_reload_demotes_its_login_is_judged_under_the_n
             try:
                 busy = [asyncio.run_coroutine_threadsafe(enforcement.off_loop(lambda: release.wait(30)),
                                                          proxy.loop) for _ in range(pool.workers)]
-                _until(lambda: len(pool._running) == pool.workers)  # every analysis thread is busy
+                wait_until(lambda: len(pool._running) == pool.workers)  # every analysis thread is busy
                 answers: list[str] = []
                 values = ", ".join(str(n) for n in range(1, 400))
                 statement = f"select ssn from gv.people where id = 1 and id in ({values})"
                 with psycopg.connect(proxy.dsn("gv_public", PASSWORD, DATABASE), autocommit=True) as conn:
                     client = threading.Thread(target=lambda: answers.append(_received(conn, statement)))
                     client.start()
-                    _until(lambda: pool._jobs.qsize() > 0)  # the statement waits for a thread
+                    wait_until(lambda: pool._jobs.qsize() > 0)  # the statement waits for a thread
                     with open(path, "w") as handle:
                         handle.write(POLICY)
                     proxy.run(enforcement.reload())
@@ -179,10 +178,3 @@ def test_statement_judged_while_a_reload_demotes_its_login_is_judged_under_the_n
                 proxy.run(enforcement.close())
     assert len(answers) == 1
     assert leaked_canaries(answers[0]) == []
-
-
-def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
