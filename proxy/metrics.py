@@ -15,10 +15,30 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from proxy.audit.identity import policy_version_of, role_name_of
 from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome
 from proxy.guard.verdict import Refuse, Verdict
+from proxy.session.observer import Traffic
 
 _PGVEIL_SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _UPSTREAM_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
 _AUDIT_SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
+
+
+class _TrafficCollector:
+    """pgveil_bytes_relayed_total read from the relay's plain counters at scrape time."""
+
+    def __init__(self, traffic: Traffic) -> None:
+        self.traffic = traffic
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("pgveil_bytes_relayed", _BYTES_HELP, labels=["direction"])
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("pgveil_bytes_relayed", _BYTES_HELP, labels=["direction"])
+        family.add_metric(["client_to_server"], self.traffic.to_upstream)
+        family.add_metric(["server_to_client"], self.traffic.to_client)
+        yield family
+
+
+_BYTES_HELP = "Bytes relayed, by direction (client_to_server, server_to_client)"
 
 
 class _VerdictCacheCollector:
@@ -73,11 +93,8 @@ class Metrics:
         self.connections = Counter(
             "pgveil_connections", "Client connections accepted, by outcome of the startup decision",
             ["result"], registry=r)
-        self.bytes_relayed_total = Counter(
-            "pgveil_bytes_relayed", "Bytes relayed, by direction (client_to_server, server_to_client)",
-            ["direction"], registry=r)
-        self._to_server = self.bytes_relayed_total.labels("client_to_server")  # children looked up once:
-        self._to_client = self.bytes_relayed_total.labels("server_to_client")  # labels() takes a lock
+        self.traffic = Traffic()  # the relay adds to it; read when scraped
+        r.register(_TrafficCollector(self.traffic))
         self.audit_write_seconds = Histogram(
             "pgveil_audit_write_seconds", "Time to make one audit record durable", ["type"],
             buckets=_AUDIT_SECONDS, registry=r)
@@ -111,10 +128,9 @@ class Metrics:
         self.connections.labels("limit").inc()
 
     def bytes_relayed(self, to_upstream: int, to_client: int) -> None:
-        if to_upstream:
-            self._to_server.inc(to_upstream)
-        if to_client:
-            self._to_client.inc(to_client)
+        """Add bytes by hand (the relay adds to `traffic` directly)."""
+        self.traffic.to_upstream += to_upstream
+        self.traffic.to_client += to_client
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind).inc()

@@ -113,6 +113,7 @@ class _BothObservers:
 
     def __init__(self, first: RelayObserver, second: RelayObserver) -> None:
         self.first, self.second = first, second
+        self.traffic = second.traffic  # bytes are counted once, in pgveil's own metrics
 
     def connection_opened(self, connection_id: int) -> None:
         self.first.connection_opened(connection_id)
@@ -121,10 +122,6 @@ class _BothObservers:
     def connection_closed(self, connection_id: int, reason: str) -> None:
         self.first.connection_closed(connection_id, reason)
         self.second.connection_closed(connection_id, reason)
-
-    def bytes_relayed(self, to_upstream: int, to_client: int) -> None:
-        self.first.bytes_relayed(to_upstream, to_client)
-        self.second.bytes_relayed(to_upstream, to_client)
 
     def upstream_error(self, kind: str) -> None:
         self.first.upstream_error(kind)

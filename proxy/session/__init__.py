@@ -1,6 +1,6 @@
 """Client sessions: one per accepted connection, relaying it to its own PostgreSQL connection."""
 
-from proxy.session.observer import NullObserver, RelayCounters, RelayObserver
+from proxy.session.observer import NullObserver, RelayCounters, RelayObserver, Traffic
 from proxy.session.session import PolicyFactory, Session, SessionContext, client_tls_context
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "RelayObserver",
     "Session",
     "SessionContext",
+    "Traffic",
     "client_tls_context",
 ]

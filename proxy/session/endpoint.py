@@ -78,6 +78,17 @@ class Endpoint(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def relay_to(self, relay: Callable[[bytes], None]) -> None:
+        """From now on every chunk received goes straight to `relay`.
+
+        `relay` becomes this protocol's data_received (the transport is told again, since uvloop
+        keeps the method it was given): one Python call less per chunk on the hot path."""
+        self.relay = relay
+        self.data_received = relay  # type: ignore[method-assign,assignment]
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.set_protocol(self)
+
     def resume_setup_reading(self) -> None:
         """Read the peer again if too many unread bytes had stopped it."""
         if self._setup_paused:

@@ -107,6 +107,11 @@ class Request:
     sent_at: float = 0.0
 
 
+_PLAIN_SIMPLE = Request(extended=False)
+_PLAIN_EXTENDED = Request(extended=True)
+"""The requests of sessions without a policy: nothing is recorded in them, so two shared ones do."""
+
+
 def error_sqlstate(body: bytes) -> tuple[str | None, bool]:
     """(SQLSTATE, is fatal) of an ErrorResponse body, read without building the message."""
     sqlstate = None
@@ -146,6 +151,7 @@ class Relay:
         self._upstream = upstream
         self._policy = policy
         self._observer = observer
+        self._traffic = observer.traffic
         self._marker_prefix = marker_prefix
         self._cancel_upstream = cancel_upstream
         self._on_finished = on_finished
@@ -186,8 +192,11 @@ class Relay:
     # ---- wiring ------------------------------------------------------------------------------
 
     def start(self, client_pending: bytes, upstream_pending: bytes) -> None:
-        self._client.relay = self.from_client
-        self._upstream.relay = self.from_upstream
+        if self._transparent:
+            self.from_client = self._from_client_plain  # type: ignore[method-assign]
+            self.from_upstream = self._from_upstream_plain  # type: ignore[method-assign]
+        self._client.relay_to(self.from_client)
+        self._upstream.relay_to(self.from_upstream)
         self._client.on_lost = self._client_lost
         self._upstream.on_lost = self._upstream_lost
         self._client.on_write_paused = self._client_write_paused
@@ -219,7 +228,7 @@ class Relay:
             return
         if not spans:
             if emit:
-                self._observer.bytes_relayed(len(emit), 0)
+                self._traffic.to_upstream += len(emit)
                 self._upstream.write(emit)
             return
         self._process_client(emit, spans, 0, 0)
@@ -232,13 +241,6 @@ class Relay:
             tag, start, end = spans[index]
             index += 1
             if tag in (_Q, _P, _F):
-                if self._transparent:  # no outcome to report, so no clock either
-                    if tag == _P:
-                        if self._open_batch is None:
-                            self._open_batch = Request(extended=True)
-                    else:
-                        self._requests.append(Request(extended=False))
-                    continue
                 try:
                     message, answer = self._ask(tag, emit[start + 5 : end])
                 except ProtocolViolation as exc:
@@ -301,7 +303,7 @@ class Relay:
         data = b"".join(parts) if len(parts) != 1 else parts[0]
         parts.clear()
         if data:
-            self._observer.bytes_relayed(len(data), 0)
+            self._traffic.to_upstream += len(data)
             self._upstream.write(data)
 
     def _ask(self, tag: int, body: bytes) -> tuple[Guarded, Verdict | asyncio.Future[Verdict]]:
@@ -436,7 +438,7 @@ class Relay:
         if self._absorb_syncs:
             self._absorb_syncs -= 1
             batch = self._open_batch
-            if batch is not None and self._requests:
+            if batch is not None and self._requests and not self._transparent:
                 head = self._requests[-1]
                 head.verdicts += batch.verdicts
                 head.closes += batch.closes
@@ -447,8 +449,71 @@ class Relay:
         request = self._open_batch
         self._open_batch = None
         if request is None:
-            request = Request(extended=True, sent_at=0.0 if self._transparent else self._loop.time())
+            if self._transparent:
+                request = _PLAIN_EXTENDED
+            else:
+                request = Request(extended=True, sent_at=self._loop.time())
         self._requests.append(request)
+
+    # ---- without a policy -------------------------------------------------------------------
+
+    def _from_client_plain(self, data: bytes) -> None:
+        """from_client for a session without a policy: nothing is decoded or held; only the
+        request boundaries are counted (for drain and for cancelling on a client's disconnect)."""
+        if self.finished:
+            return
+        try:
+            emit, spans = self._client_scanner.feed(data)
+        except ProtocolViolation as exc:
+            self.fail_client(exc)
+            return
+        for tag, _start, end in spans:
+            if tag in (_Q, _F):
+                self._requests.append(_PLAIN_SIMPLE)
+            elif tag == _S:
+                self._on_sync()
+            elif tag == _P:
+                if self._open_batch is None:
+                    self._open_batch = _PLAIN_EXTENDED
+            elif tag == _X:
+                self._traffic.to_upstream += end
+                self._upstream.write(emit[:end])
+                self.finish("client terminated the session")
+                return
+            else:  # CopyDone, CopyFail
+                self._client_copy = False
+        if emit:
+            self._traffic.to_upstream += len(emit)
+            self._upstream.write(emit)
+
+    def _from_upstream_plain(self, data: bytes) -> None:
+        """from_upstream for a session without a policy: ReadyForQuery ends a request, a FATAL
+        error is noted, CopyInResponse starts COPY FROM STDIN; nothing is changed."""
+        if self.finished:
+            return
+        try:
+            emit, spans = self._upstream_scanner.feed(data)
+        except ProtocolViolation as exc:
+            self._upstream_broke(exc)
+            return
+        close_after = False
+        for tag, start, end in spans:
+            if tag == _READY:
+                self._client_copy = False
+                if self._requests:
+                    self._requests.popleft()
+                if self._draining and self._idle():
+                    close_after = True
+            elif tag == _ERROR:
+                if error_sqlstate(emit[start + 5 : end])[1]:
+                    self._upstream_sent_fatal = True
+            else:  # CopyInResponse
+                self._copy_in_started()
+        if emit:
+            self._traffic.to_client += len(emit)
+            self._client.write(emit)
+        if close_after:
+            self.finish("drained", _shutdown_error())
 
     # ---- PostgreSQL -> client ------------------------------------------------------------------
 
@@ -458,18 +523,29 @@ class Relay:
         try:
             emit, spans = self._upstream_scanner.feed(data)
         except ProtocolViolation as exc:
-            log.warning("%s: PostgreSQL broke the protocol: %s", self._label, exc.reason)
-            self._observer.upstream_error("protocol")
-            self.finish(f"upstream protocol violation: {exc.reason}", _upstream_lost_error())
+            self._upstream_broke(exc)
             return
         close_after = False
         if spans:
             emit, close_after = self._inspect(emit, spans)
         if emit:
-            self._observer.bytes_relayed(0, len(emit))
+            self._traffic.to_client += len(emit)
             self._client.write(emit)
         if close_after:
             self.finish("drained", _shutdown_error())
+
+    def _upstream_broke(self, exc: ProtocolViolation) -> None:
+        log.warning("%s: PostgreSQL broke the protocol: %s", self._label, exc.reason)
+        self._observer.upstream_error("protocol")
+        self.finish(f"upstream protocol violation: {exc.reason}", _upstream_lost_error())
+
+    def _copy_in_started(self) -> None:
+        """CopyInResponse: the client sends COPY data now; Syncs it sent before in the same
+        extended-protocol request are not answered by PostgreSQL."""
+        self._client_copy = True
+        request = self._current()
+        if request is not None and request.extended:
+            self._absorb_syncs += 1
 
     def _current(self) -> Request | None:
         if self._requests:
@@ -514,10 +590,7 @@ class Relay:
             elif tag == _PARAMETER_STATUS:
                 self._reported(emit[start + 5 : end])
             else:  # CopyInResponse
-                self._client_copy = True
-                request = self._current()
-                if request is not None and request.extended:
-                    self._absorb_syncs += 1
+                self._copy_in_started()
         if parts is not None:
             parts.append(emit[pos:])
             emit = b"".join(parts)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+from pathlib import Path
+from typing import Any
+
+from proxy.wire import scanner as _scanner
 from proxy.wire.codec import HEADER, LENGTH
 from proxy.wire.errors import ProtocolViolation
+from proxy.wire.scanner import Span
 from proxy.wire.startup import MAX_STARTUP_PACKET
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -65,80 +72,37 @@ class ReceiveBuffer:
         return data
 
 
-_PASS, _WATCH = 1, 2
+PureMessageScanner = _scanner.MessageScanner
+"""The scanner as plain Python (proxy/wire/scanner.py), whatever MessageScanner is."""
 
 
-def _kinds(watched: bytes, allowed: bytes) -> bytes:
-    """One lookup per type byte: 0 not allowed, 1 relayed unread, 2 watched."""
-    table = bytearray(256)
-    for tag in allowed:
-        table[tag] = _PASS
-    for tag in watched:
-        table[tag] = _WATCH
-    return bytes(table)
+def _load_scanner() -> tuple[Any, str]:
+    """The compiled scanner when it was built from the scanner.py beside it, else the plain one.
+
+    `pip install` compiles scanner.py with mypyc into proxy.wire._scanner_native and stamps the
+    copy with the SHA-256 of the source it was built from; a copy left over from an older
+    scanner.py (an edited checkout) is not used."""
+    try:
+        native = importlib.import_module("proxy.wire._scanner_native")
+    except ImportError:
+        return PureMessageScanner, "python"
+    if str(getattr(native, "__file__", "")).endswith(".py"):
+        return PureMessageScanner, "python"
+    source = hashlib.sha256(Path(_scanner.__file__).read_bytes()).hexdigest()
+    if getattr(native, "SOURCE_SHA256", None) != source:
+        return PureMessageScanner, "python (the compiled scanner is stale: reinstall pgveil to rebuild it)"
+    return native.MessageScanner, "mypyc"
 
 
-Span = tuple[int, int, int]
-"""(type byte, start of the message, end of the message) inside the bytes `feed` returns."""
+MessageScanner, SCANNER_IMPLEMENTATION = _load_scanner()
+"""The scanner the relay uses, and which one it is ("mypyc" or "python ...")."""
 
-
-class MessageScanner:
-    """Frames a relayed stream: unwatched messages pass through as raw bytes, even in pieces;
-    watched ones are held until complete and reported as spans for the caller to inspect.
-
-    Only the 5-byte header of an unwatched message is ever looked at, so large DataRows and
-    CopyData flow through without being buffered or decoded.
-    """
-
-    __slots__ = ("_kinds", "_limit", "_pending", "_skip")
-
-    def __init__(self, watched: bytes, allowed: bytes, max_message_size: int) -> None:
-        self._kinds = _kinds(watched, allowed)
-        self._limit = max_message_size + 4  # the length field counts itself
-        self._pending = b""  # an incomplete header, or an incomplete watched message
-        self._skip = 0  # bytes of an unwatched message body still to pass through
-
-    @property
-    def mid_message(self) -> bool:
-        """True while the bytes relayed so far end inside a message."""
-        return bool(self._pending) or self._skip > 0
-
-    def feed(self, data: bytes) -> tuple[bytes, list[Span]]:
-        """Returns (bytes to relay now, spans of the watched messages inside them)."""
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
-        n = len(data)
-        pos = 0
-        if self._skip:
-            if self._skip >= n:
-                self._skip -= n
-                return data, []
-            pos = self._skip
-            self._skip = 0
-        spans: list[Span] = []
-        kinds = self._kinds
-        limit = self._limit
-        unpack = HEADER.unpack_from
-        while True:
-            if n - pos < 5:
-                if pos < n:
-                    self._pending = data[pos:]
-                    data = data[:pos]
-                return data, spans
-            tag, length = unpack(data, pos)
-            kind = kinds[tag]
-            if not kind:
-                raise ProtocolViolation(f"unexpected message type {chr(tag)!r}")
-            if not 4 <= length <= limit:
-                raise ProtocolViolation(f"invalid message length {length} for message type {chr(tag)!r}")
-            end = pos + 1 + length
-            if kind == _WATCH:
-                if end > n:
-                    self._pending = data[pos:]
-                    return data[:pos], spans
-                spans.append((tag, pos, end))
-            elif end > n:
-                self._skip = end - n
-                return data, spans
-            pos = end
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "POSTGRES_MAX_MESSAGE_SIZE",
+    "SCANNER_IMPLEMENTATION",
+    "MessageScanner",
+    "PureMessageScanner",
+    "ReceiveBuffer",
+    "Span",
+]
