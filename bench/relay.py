@@ -110,14 +110,14 @@ PASSWORD = "bench-pw-7"
 
 def start_pgveil(upstream_dsn: str, workers: int, *, source: Path | None = None, policy: Path | None = None,
                  audit: str | None = None, workdir: Path | None = None,
-                 profile: str | None = None) -> tuple[subprocess.Popen[str], int]:
+                 profile: str | None = None, max_connections: int = 500) -> tuple[subprocess.Popen[str], int]:
     """`pgveil serve` from `source` (default: this tree), with an optional policy and audit file."""
     port = free_port()
     command = [sys.executable]
     if profile:
         command += ["-m", "cProfile", "-o", profile]
     command += ["-m", "proxy", "serve", "--upstream", upstream_dsn, "--listen", f"127.0.0.1:{port}",
-                "--workers", str(workers), "--log-level", "warning"]
+                "--workers", str(workers), "--log-level", "warning", "--max-connections", str(max_connections)]
     if policy is not None:
         command += ["--policy", str(policy)]
     if audit is not None:
@@ -332,7 +332,8 @@ def main() -> int:
         for tree_name, source in trees:
             process, port = start_pgveil(pg.dsn(dbname="bench"), args.workers, source=source, policy=policy,
                                          audit=args.audit, workdir=workdir,
-                                         profile=args.profile if source is None else None)
+                                         profile=args.profile if source is None else None,
+                                         max_connections=max(500, args.idle + 100))
             processes.append(process)
             if source is None:
                 veil, veil_port = process, port

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from proxy import native
 from proxy.config import Settings
 from proxy.connection_policy import ClientInfo, ConnectionPolicy, PassThrough
 from proxy.session import (
@@ -252,6 +253,7 @@ async def _serve_one(
     loop.add_signal_handler(signal.SIGTERM, request_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, request_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
+    log.info("hot path: %s", native.describe())
     if ready_fd is None:
         log.info("listening on %s:%d", host, port)
     else:

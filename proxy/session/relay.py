@@ -21,10 +21,12 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.connection_policy import REPORTED_SETTINGS, ConnectionPolicy, Outcome, PassThrough
 from proxy.guard.verdict import Refuse, Verdict
+from proxy.native import compiled
+from proxy.session import core as _core
 from proxy.session.eager import resume_later
 from proxy.session.endpoint import Endpoint
 from proxy.session.observer import RelayObserver
@@ -44,6 +46,12 @@ from proxy.wire import (
 from proxy.wire.backend import ParameterStatus
 from proxy.wire.codec import text
 from proxy.wire.frontend import Bind
+
+if TYPE_CHECKING:
+    from proxy.session.core import RelayCore, Request, error_sqlstate
+else:  # the compiled copy when it is current (proxy/native.py): its own Request goes with it
+    _core = compiled(_core)
+    RelayCore, Request, error_sqlstate = _core.RelayCore, _core.Request, _core.error_sqlstate
 
 log = logging.getLogger("pgveil.session")
 
@@ -92,46 +100,7 @@ INTERNAL_ERROR = Refuse(
 )
 
 
-@dataclass(slots=True)
-class Request:
-    """One unit PostgreSQL answers with one ReadyForQuery: a Query, a FunctionCall, or the
-    extended-protocol messages up to a Sync."""
-
-    extended: bool
-    verdicts: int = 0  # verdicts the policy gave for messages in it
-    closes: int = 0  # Close messages of prepared statements in it (told to the policy)
-    parsed: set[str] | None = None  # statements Parsed in it: their Binds are covered by the Parse
-    markers: list[bytes] | None = None
-    rows: int = 0
-    sqlstate: str | None = None
-    sent_at: float = 0.0
-
-
-_PLAIN_SIMPLE = Request(extended=False)
-_PLAIN_EXTENDED = Request(extended=True)
-"""The requests of sessions without a policy: nothing is recorded in them, so two shared ones do."""
-
-
-def error_sqlstate(body: bytes) -> tuple[str | None, bool]:
-    """(SQLSTATE, is fatal) of an ErrorResponse body, read without building the message."""
-    sqlstate = None
-    fatal = False
-    pos = 0
-    n = len(body)
-    while pos < n and body[pos] != 0:
-        end = body.find(b"\x00", pos + 1)
-        if end < 0:
-            break
-        code = body[pos]
-        if code == 0x43:  # 'C'
-            sqlstate = body[pos + 1 : end].decode("ascii", "replace")
-        elif code == 0x56 or (code == 0x53 and not fatal):  # 'V' (or 'S' from old servers)
-            fatal = body[pos + 1 : end] in (b"FATAL", b"PANIC")
-        pos = end + 1
-    return sqlstate, fatal
-
-
-class Relay:
+class Relay(RelayCore):
     """Relays one authenticated connection; `on_finished(reason)` is called once when it ends."""
 
     def __init__(
@@ -151,50 +120,44 @@ class Relay:
         self._upstream = upstream
         self._policy = policy
         self._observer = observer
-        self._traffic = observer.traffic
         self._marker_prefix = marker_prefix
         self._cancel_upstream = cancel_upstream
         self._on_finished = on_finished
         self._label = label
         self._loop = asyncio.get_running_loop()
-        self._requests: deque[Request] = deque()
-        self._open_batch: Request | None = None
         self._markers: dict[bytes, Refuse] = {}
         self._marker_count = 0
         self._lane: asyncio.Future[Any] | None = None  # the policy call still running, if any
-        self._blocked = False  # waiting for a verdict; client bytes wait in _backlog
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0  # past _BACKLOG_LIMIT the client is not read until the verdict
         self._upstream_full = False
         self._client_paused = False
-        self._client_copy = False  # the client is sending COPY data
-        self._absorb_syncs = 0  # Syncs PostgreSQL will not answer (sent before COPY FROM STDIN began)
         self._last_completion = 0.0
-        self._draining = False
-        self._upstream_sent_fatal = False
         # Without a policy nothing is decoded: only request boundaries are tracked (for drain
         # and for cancelling a running statement when the client goes away).
-        self._transparent = type(policy) is PassThrough
+        transparent = type(policy) is PassThrough
         # Policies written before on_bind existed are still served (Binds pass unseen).
-        self._prepared_hooks = not self._transparent and hasattr(policy, "on_bind")
+        self._prepared_hooks = not transparent and hasattr(policy, "on_bind")
         watched = _CLIENT_WATCHED_PREPARED if self._prepared_hooks else _CLIENT_WATCHED
-        self._client_scanner = MessageScanner(watched, _CLIENT_ALLOWED, max_message_size)
+        client_scanner = MessageScanner(watched, _CLIENT_ALLOWED, max_message_size)
         # Policies that follow the session's settings hear PostgreSQL's ParameterStatus reports.
         self._parameter_status: Callable[[str, str], None] | None = (
-            None if self._transparent else getattr(policy, "on_parameter_status", None))
-        if self._transparent:
+            None if transparent else getattr(policy, "on_parameter_status", None))
+        if transparent:
             watched = _UPSTREAM_WATCHED_TRANSPARENT
         else:
             watched = _UPSTREAM_WATCHED if self._parameter_status is None else _UPSTREAM_WATCHED_SETTINGS
-        self._upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE)
-        self.finished = False
+        upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE)
+        super().__init__(client_scanner, upstream_scanner, observer.traffic, transparent)
 
     # ---- wiring ------------------------------------------------------------------------------
 
     def start(self, client_pending: bytes, upstream_pending: bytes) -> None:
-        if self._transparent:
-            self.from_client = self._from_client_plain  # type: ignore[method-assign]
-            self.from_upstream = self._from_upstream_plain  # type: ignore[method-assign]
+        self._client_transport = self._client.transport
+        self._upstream_transport = self._upstream.transport
+        if self._transparent:  # the whole relay runs in RelayCore (compiled)
+            self.from_client = self.plain_from_client  # type: ignore[method-assign]
+            self.from_upstream = self.plain_from_upstream  # type: ignore[method-assign]
         self._client.relay_to(self.from_client)
         self._upstream.relay_to(self.from_upstream)
         self._client.on_lost = self._client_lost
@@ -432,89 +395,6 @@ class Relay:
         request.markers.append(key)
         return marker
 
-    def _on_sync(self) -> None:
-        if self._client_copy:
-            return  # PostgreSQL ignores Sync during COPY FROM STDIN
-        if self._absorb_syncs:
-            self._absorb_syncs -= 1
-            batch = self._open_batch
-            if batch is not None and self._requests and not self._transparent:
-                head = self._requests[-1]
-                head.verdicts += batch.verdicts
-                head.closes += batch.closes
-                if batch.markers:
-                    head.markers = [*(head.markers or ()), *batch.markers]
-            self._open_batch = None
-            return
-        request = self._open_batch
-        self._open_batch = None
-        if request is None:
-            if self._transparent:
-                request = _PLAIN_EXTENDED
-            else:
-                request = Request(extended=True, sent_at=self._loop.time())
-        self._requests.append(request)
-
-    # ---- without a policy -------------------------------------------------------------------
-
-    def _from_client_plain(self, data: bytes) -> None:
-        """from_client for a session without a policy: nothing is decoded or held; only the
-        request boundaries are counted (for drain and for cancelling on a client's disconnect)."""
-        if self.finished:
-            return
-        try:
-            emit, spans = self._client_scanner.feed(data)
-        except ProtocolViolation as exc:
-            self.fail_client(exc)
-            return
-        for tag, _start, end in spans:
-            if tag in (_Q, _F):
-                self._requests.append(_PLAIN_SIMPLE)
-            elif tag == _S:
-                self._on_sync()
-            elif tag == _P:
-                if self._open_batch is None:
-                    self._open_batch = _PLAIN_EXTENDED
-            elif tag == _X:
-                self._traffic.to_upstream += end
-                self._upstream.write(emit[:end])
-                self.finish("client terminated the session")
-                return
-            else:  # CopyDone, CopyFail
-                self._client_copy = False
-        if emit:
-            self._traffic.to_upstream += len(emit)
-            self._upstream.write(emit)
-
-    def _from_upstream_plain(self, data: bytes) -> None:
-        """from_upstream for a session without a policy: ReadyForQuery ends a request, a FATAL
-        error is noted, CopyInResponse starts COPY FROM STDIN; nothing is changed."""
-        if self.finished:
-            return
-        try:
-            emit, spans = self._upstream_scanner.feed(data)
-        except ProtocolViolation as exc:
-            self._upstream_broke(exc)
-            return
-        close_after = False
-        for tag, start, end in spans:
-            if tag == _READY:
-                self._client_copy = False
-                if self._requests:
-                    self._requests.popleft()
-                if self._draining and self._idle():
-                    close_after = True
-            elif tag == _ERROR:
-                if error_sqlstate(emit[start + 5 : end])[1]:
-                    self._upstream_sent_fatal = True
-            else:  # CopyInResponse
-                self._copy_in_started()
-        if emit:
-            self._traffic.to_client += len(emit)
-            self._client.write(emit)
-        if close_after:
-            self.finish("drained", _shutdown_error())
-
     # ---- PostgreSQL -> client ------------------------------------------------------------------
 
     def from_upstream(self, data: bytes) -> None:
@@ -539,18 +419,11 @@ class Relay:
         self._observer.upstream_error("protocol")
         self.finish(f"upstream protocol violation: {exc.reason}", _upstream_lost_error())
 
-    def _copy_in_started(self) -> None:
-        """CopyInResponse: the client sends COPY data now; Syncs it sent before in the same
-        extended-protocol request are not answered by PostgreSQL."""
-        self._client_copy = True
-        request = self._current()
-        if request is not None and request.extended:
-            self._absorb_syncs += 1
+    def _now(self) -> float:
+        return self._loop.time()
 
-    def _current(self) -> Request | None:
-        if self._requests:
-            return self._requests[0]
-        return self._open_batch
+    def _drained(self) -> None:
+        self.finish("drained", _shutdown_error())
 
     def _inspect(self, emit: bytes, spans: list[tuple[int, int, int]]) -> tuple[bytes, bool]:
         parts: list[bytes] | None = None
@@ -661,12 +534,6 @@ class Relay:
             transport.pause_reading()
         else:
             transport.resume_reading()
-
-    def _idle(self) -> bool:
-        return not self._requests and self._open_batch is None and not self._blocked and not self._client_copy
-
-    def _running(self) -> bool:
-        return bool(self._requests) or self._open_batch is not None or self._blocked or self._client_copy
 
     def drain(self) -> None:
         """Close at the end of the current request (now, if there is none)."""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-from pathlib import Path
 from typing import Any
 
+from proxy.native import IMPLEMENTATIONS, compiled
 from proxy.wire import scanner as _scanner
 from proxy.wire.codec import HEADER, LENGTH
 from proxy.wire.errors import ProtocolViolation
@@ -75,27 +73,10 @@ class ReceiveBuffer:
 PureMessageScanner = _scanner.MessageScanner
 """The scanner as plain Python (proxy/wire/scanner.py), whatever MessageScanner is."""
 
-
-def _load_scanner() -> tuple[Any, str]:
-    """The compiled scanner when it was built from the scanner.py beside it, else the plain one.
-
-    `pip install` compiles scanner.py with mypyc into proxy.wire._scanner_native and stamps the
-    copy with the SHA-256 of the source it was built from; a copy left over from an older
-    scanner.py (an edited checkout) is not used."""
-    try:
-        native = importlib.import_module("proxy.wire._scanner_native")
-    except ImportError:
-        return PureMessageScanner, "python"
-    if str(getattr(native, "__file__", "")).endswith(".py"):
-        return PureMessageScanner, "python"
-    source = hashlib.sha256(Path(_scanner.__file__).read_bytes()).hexdigest()
-    if getattr(native, "SOURCE_SHA256", None) != source:
-        return PureMessageScanner, "python (the compiled scanner is stale: reinstall pgveil to rebuild it)"
-    return native.MessageScanner, "mypyc"
-
-
-MessageScanner, SCANNER_IMPLEMENTATION = _load_scanner()
-"""The scanner the relay uses, and which one it is ("mypyc" or "python ...")."""
+MessageScanner: Any = compiled(_scanner).MessageScanner
+"""The scanner the relay uses: the compiled one when it is current (proxy/native.py)."""
+SCANNER_IMPLEMENTATION = IMPLEMENTATIONS[_scanner.__name__]
+"""Which one: "mypyc" or "python (why)"."""
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
