@@ -10,9 +10,13 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # --- build: install pgveil and its dependencies into a self-contained virtualenv ---------------
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# a C compiler, for mypyc to compile the relay's hot path (setup.py); only in this stage
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/pgveil
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml setup.py ./
 COPY proxy ./proxy
 RUN /opt/pgveil/bin/pip install . \
  && find /opt/pgveil -name '__pycache__' -prune -exec rm -rf {} +
