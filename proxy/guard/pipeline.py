@@ -30,6 +30,7 @@ from proxy.guard.verdict import Allow, Refuse, Rewrite, StatementInfo, Verdict
 RULES: list[Rule] = [
     rules.statement_class_allowed,
     rules.table_allow_list,
+    rules.policy_out_of_date,
     rules.catalog_side_doors,
     rules.partition_bounds,
     rules.pgveil_schema,

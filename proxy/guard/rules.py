@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from pglast import ast
 
-from proxy.catalog import PGVEIL_SCHEMA, SYSTEM_SCHEMAS, effective_search_path
+from proxy.catalog import PGVEIL_SCHEMA, SYSTEM_SCHEMAS, Relation, effective_dataset, effective_search_path
 from proxy.guard.classify import ALWAYS_ALLOWED, required_classes
 from proxy.guard.protected import relation_masks
 from proxy.guard.side_doors import is_side_door
@@ -58,6 +58,47 @@ def table_allow_list(statement: GuardStatement, context: GuardContext) -> Refuse
                 f"role {context.role.name} may not use {ref.qualified}; "
                 "ask for it to be added to the role's 'tables'",
             )
+    return None
+
+
+def policy_out_of_date(statement: GuardStatement, context: GuardContext) -> Refuse | None:
+    """A column the policy protects for this role but PostgreSQL no longer has (renamed or dropped
+    outside pgveil): a renamed column would be shown under its new name unprotected, so the
+    relation (or a view over it) is refused to this role until the policy follows."""
+    if not context.masked:
+        return None
+    seen: set[str] = set()
+    for ref in statement.relations:
+        relation = ref.relation
+        if ref.cte or relation is None or relation.schema in SYSTEM_SCHEMAS:
+            continue
+        reads = [relation]
+        if relation.kind in ("view", "matview"):
+            reads += [base for name in sorted(context.catalog.base_relations(relation))
+                      if (base := context.catalog.relations.get(name)) is not None]
+        for read in reads:
+            if read.qualified_name in seen:
+                continue
+            seen.add(read.qualified_name)
+            missing = _protected_but_missing(read, context)
+            if missing is not None:
+                return Refuse(
+                    "policy-out-of-date",
+                    f"the policy protects column {missing} of {read.qualified_name} for role "
+                    f"{context.role.name}, but PostgreSQL has no such column (renamed or dropped outside "
+                    "pgveil?); update the policy to the table's columns (`pgveil check --upstream` lists "
+                    "them) and reload it",
+                )
+    return None
+
+
+def _protected_but_missing(relation: Relation, context: GuardContext) -> str | None:
+    dataset = effective_dataset(context.policy, relation)
+    if dataset is None:
+        return None
+    for name, column_policy in sorted(dataset.columns.items()):
+        if relation.column(name) is None and not context.role.sees_unmasked(column_policy):
+            return name
     return None
 
 
