@@ -23,7 +23,7 @@ COMPILED = {  # as in proxy/native.py (not imported: the build environment has n
 
 
 def native_extensions() -> list:  # type: ignore[type-arg]
-    if os.environ.get("PGVEIL_PURE_PYTHON"):
+    if os.environ.get("PGVEIL_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
         return []
     try:
         from mypyc.build import mypycify

@@ -24,10 +24,15 @@ IMPLEMENTATIONS: dict[str, str] = {}
 """What runs for each module in COMPILED: "mypyc", or "python" with the reason."""
 
 
+def pure_python_forced() -> bool:
+    """PGVEIL_PURE_PYTHON is set to 1, true, yes or on."""
+    return os.environ.get("PGVEIL_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def compiled(module: ModuleType) -> ModuleType:
     """`module`'s compiled copy when it is there and current, else `module` itself."""
     name = module.__name__
-    if os.environ.get("PGVEIL_PURE_PYTHON"):
+    if pure_python_forced():
         IMPLEMENTATIONS[name] = "python (PGVEIL_PURE_PYTHON is set)"
         return module
     try:

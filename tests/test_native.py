@@ -7,6 +7,7 @@ PGVEIL_PURE_PYTHON=1, and must answer alike."""
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import struct
 import types
@@ -116,7 +117,7 @@ def _run(scanner_class: type, stream: bytes, cuts: list[int], watched: bytes, al
     scanner = scanner_class(watched, allowed, limit)
     events: list[object] = []
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
-    for start, end in zip(points, points[1:], strict=False):
+    for start, end in itertools.pairwise(points):
         try:
             events.append(scanner.feed(stream[start:end]))
         except ProtocolViolation as exc:

@@ -14,6 +14,8 @@ import socket
 import struct
 import subprocess
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,18 @@ from proxy import native
 from proxy.connection_policy import PassThrough
 from proxy.metrics import Metrics
 from proxy.wire.backend import CommandComplete, CopyInResponse, DataRow, ErrorResponse, ReadyForQuery
-from proxy.wire.frontend import Bind, CopyData, CopyDone, CopyFail, Execute, Parse, Query, Sync, Terminate
+from proxy.wire.frontend import (
+    Bind,
+    CopyData,
+    CopyDone,
+    CopyFail,
+    Execute,
+    Flush,
+    Parse,
+    Query,
+    Sync,
+    Terminate,
+)
 from tests.proxy_harness import RawClient, running_proxy, spawn_serve, wait_until
 
 TABLE = "review_hp_rows"
@@ -154,6 +167,27 @@ def test_a_client_disconnecting_mid_statement_gets_its_backend_cancelled(proxy: 
     wait_until(lambda: [s for _, s in _backends(upstream, app)] == ["active"], "the statement to run")
     client.close()
     wait_until(lambda: not _backends(upstream, app), "the backend to be cancelled and released")
+
+
+@pytest.mark.parametrize("with_policy", [False, True], ids=["plain", "policy"])
+def test_a_client_disconnecting_after_execute_and_flush_without_sync_gets_its_backend_cancelled(
+        proxy: Any, upstream: Any, with_policy: bool) -> None:
+    """Bind/Execute/Flush with no Sync runs the statement: the relay must count it as running."""
+    app = f"review_hp_{uuid.uuid4().hex[:8]}"
+    serving = running_proxy(upstream, policy_factory=lambda c: _Watched()) if with_policy else _same(proxy)
+    with serving as used:
+        client = RawClient.connect(used.host, used.port, application_name=app)
+        client.send(Parse("s1", "select pg_sleep(600)"), Sync())
+        client.until_ready()
+        client.send(Bind("", "s1"), Execute(""), Flush())
+        wait_until(lambda: [s for _, s in _backends(upstream, app)] == ["active"], "the statement to run")
+        client.close()
+        wait_until(lambda: not _backends(upstream, app), "the backend to be cancelled and released")
+
+
+@contextmanager
+def _same(proxy: Any) -> Iterator[Any]:
+    yield proxy
 
 
 def test_postgresql_fatal_reaches_the_client_as_is(proxy: Any, upstream: Any) -> None:

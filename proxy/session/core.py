@@ -21,6 +21,7 @@ _P: Final = 0x50  # Parse
 _F: Final = 0x46  # FunctionCall
 _S: Final = 0x53  # Sync
 _X: Final = 0x58  # Terminate
+_E: Final = 0x45  # Execute (from the client; ErrorResponse from PostgreSQL)
 _ERROR: Final = 0x45
 _READY: Final = 0x5A
 
@@ -117,7 +118,8 @@ class RelayCore:
                 self._requests.append(PLAIN_SIMPLE)
             elif tag == _S:
                 self._on_sync()
-            elif tag == _P:
+            elif tag == _P or tag == _E:  # noqa: SIM109 (compiled: two int compares, no tuple)
+                # an Execute runs a statement before any Sync (Flush): the request is running
                 if self._open_batch is None:
                     self._open_batch = PLAIN_EXTENDED
             elif tag == _X:

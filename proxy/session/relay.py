@@ -55,10 +55,12 @@ else:  # the compiled copy when it is current (proxy/native.py): its own Request
 
 log = logging.getLogger("pgveil.session")
 
-_Q, _P, _F, _S, _X, _COPY_DONE, _COPY_FAIL, _B, _CLOSE = b"QPFSXcfBC"
+_Q, _P, _F, _S, _X, _COPY_DONE, _COPY_FAIL, _B, _CLOSE, _EXECUTE = b"QPFSXcfBCE"
 _COMPLETE, _ERROR, _READY, _COPY_IN, _PARAMETER_STATUS = b"CEZGS"
-_CLIENT_WATCHED = b"QPFSXcf"
-_CLIENT_WATCHED_PREPARED = b"QPFSXcfBC"  # and prepared statements' re-executions and closes
+# Execute too: it runs a statement before any Sync (a Flush asks for the results), so a request
+# is running from then on (a client that goes away then gets its statement cancelled).
+_CLIENT_WATCHED = b"QPFSXcfE"
+_CLIENT_WATCHED_PREPARED = b"QPFSXcfEBC"  # and prepared statements' re-executions and closes
 _CLIENT_ALLOWED = bytes(t for t in FRONTEND_TAGS if t != ord("p"))
 _UPSTREAM_WATCHED = b"CEZG"
 _UPSTREAM_WATCHED_SETTINGS = b"CEZGS"  # and ParameterStatus, for policies that follow settings
@@ -252,6 +254,8 @@ class Relay(RelayCore):
                     self._closed(name)
             elif tag == _S:
                 self._on_sync()
+            elif tag == _EXECUTE:
+                self._batch()
             elif tag == _X:
                 parts.append(emit[pos:end])
                 self._send_upstream(parts)

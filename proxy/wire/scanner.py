@@ -3,7 +3,9 @@
 This module is written so that mypyc can compile it (`pip install` does, into
 proxy.wire._scanner_native, when a C compiler is there; proxy.wire.framing picks that copy only if
 it was built from this exact file). Plain Python runs it the same way: the compiled copy is speed,
-not behaviour, and tests/test_native.py checks that the two agree.
+not behaviour, and tests/test_native.py checks that the two agree. One difference: compiled,
+`feed` takes `bytes` only (what every transport hands to data_received), not a bytearray or
+memoryview.
 """
 
 from __future__ import annotations
