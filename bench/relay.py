@@ -245,8 +245,8 @@ async def open_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
         return writer
 
     writers: list[asyncio.StreamWriter] = []
-    for start in range(0, count, 50):
-        writers += await asyncio.gather(*(one() for _ in range(min(50, count - start))))
+    for start in range(0, count, 25):  # under --max-logins-per-address (32) at a time
+        writers += await asyncio.gather(*(one() for _ in range(min(25, count - start))))
     return writers
 
 

@@ -16,6 +16,7 @@ DEFAULT_MAX_STATEMENT_SIZE = 1024 * 1024
 """Longer statements are refused (statement-too-large) without being judged: analysing 1 MiB of SQL
 takes the guard seconds and a few hundred MB."""
 DEFAULT_MAX_CONNECTIONS = 500
+DEFAULT_MAX_LOGINS_PER_ADDRESS = 32
 """Client connections one pgveil process serves at once; each holds one PostgreSQL connection."""
 
 
@@ -188,6 +189,7 @@ class Settings:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_logins_per_address: int = DEFAULT_MAX_LOGINS_PER_ADDRESS
     startup_timeout: float = 10.0
     drain_timeout: float = 30.0
     log_level: str = "info"
@@ -224,13 +226,16 @@ class Settings:
             raise SettingsError(f"max_statement_size must be at least 1, not {self.max_statement_size}")
         if self.max_connections < 1:
             raise SettingsError(f"max_connections must be at least 1, not {self.max_connections}")
+        if self.max_logins_per_address < 0:
+            raise SettingsError("max_logins_per_address must be 0 (no limit) or more, "
+                                f"not {self.max_logins_per_address}")
         if self.startup_timeout <= 0 or self.drain_timeout < 0:
             raise SettingsError("startup_timeout must be positive and drain_timeout not negative")
         return self
 
 
 _FIELDS = {f.name: f for f in fields(Settings) if f.name != "extra"}
-_INT_KEYS = {"workers", "max_message_size", "max_statement_size", "max_connections"}
+_INT_KEYS = {"workers", "max_message_size", "max_statement_size", "max_connections", "max_logins_per_address"}
 _FLOAT_KEYS = {"startup_timeout", "drain_timeout"}
 
 

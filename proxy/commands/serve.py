@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", metavar="N", type=int,
                         help="client connections each worker process serves at once; "
                              "more are refused with SQLSTATE 53300 (500)")
+    parser.add_argument("--max-logins-per-address", metavar="N", type=int,
+                        help="connections from one client address still starting up or logging in "
+                             "(each holds a PostgreSQL connection); more are refused with SQLSTATE "
+                             "53300; 0: no limit (32)")
     parser.add_argument("--startup-timeout", metavar="SECONDS", type=float,
                         help="time a client has to start up and authenticate (10)")
     parser.add_argument("--drain-timeout", metavar="SECONDS", type=float,

@@ -144,6 +144,16 @@ class Endpoint(asyncio.Protocol):
             self.transport.abort()
 
     @property
+    def host(self) -> str | None:
+        """The peer's IP address; None for a Unix socket (or before connecting)."""
+        if self.transport is None:
+            return None
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return str(peer[0])
+        return None
+
+    @property
     def peer(self) -> str:
         if self.transport is None:
             return "?"

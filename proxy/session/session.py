@@ -8,6 +8,7 @@ import itertools
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,6 +43,28 @@ from proxy.wire.codec import frame
 
 log = logging.getLogger("pgveil.session")
 
+
+class RateLimitedWarning:
+    """A warning logged at most once a second, so a flood of refused clients cannot flood the log;
+    the next one logged says how many were held back."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next_at = 0.0
+        self._held = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._held += 1
+            return
+        self._next_at = now + self.interval
+        held, self._held = self._held, 0
+        if held:
+            message += " (%d more refused since the last line)"
+            args = (*args, held)
+        log.warning(message, *args)
+
 PolicyFactory = Callable[[ClientInfo], ConnectionPolicy]
 """Builds the policy of one connection, once its ClientInfo is known (before on_startup)."""
 
@@ -72,6 +95,11 @@ class SessionContext:
     admitted: int = 0
     """Sessions past their startup packet (each holds, or is about to open, a PostgreSQL
     connection); at most settings.max_connections."""
+    refusals: RateLimitedWarning = field(default_factory=RateLimitedWarning)
+    """The log line of clients refused over a limit."""
+    logging_in: dict[str, int] = field(default_factory=dict)
+    """Admitted sessions not yet authenticated, by client host (TCP only); at most
+    settings.max_logins_per_address each."""
     draining: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -108,6 +136,7 @@ class Session:
         self._capped_minor = False
         self._linger = False  # a FATAL went to the client before relaying: close gently
         self._admitted = False  # counted in context.admitted
+        self._logging_in: str | None = None  # the client host this session counts in context.logging_in
         self._refused: str | None = None  # why startup ended without relaying, when pgveil said no
         # whoever can reach the port may send this much per message until authenticated
         client.buffer.max_message_size = min(PG_MAX_AUTH_TOKEN_LENGTH, context.settings.max_message_size)
@@ -163,6 +192,7 @@ class Session:
                 if self._admitted:
                     self._admitted = False
                     context.admitted -= 1
+                self._logged_in()
                 context.sessions.discard(self)
                 context.observer.connection_closed(self.connection_id, reason)
                 log.debug("%s: closed (%s)", self.label, reason)
@@ -259,6 +289,7 @@ class Session:
         self.upstream.write(startup.encode())
         await self._authenticate()
         await self._settle(getattr(policy, "on_parameter_status", None))
+        self._logged_in()
         self.relay = Relay(
             client=self.client,
             upstream=self.upstream,
@@ -276,23 +307,53 @@ class Session:
         return True
 
     def _admit(self) -> bool:
-        """Take one of the max_connections places, or refuse the client (53300) with no
-        PostgreSQL connection opened. Cancel requests never get here, so they are not counted."""
+        """Take one of the max_connections places and, for a TCP client, one of its address's
+        max_logins_per_address places, or refuse the client (53300) with no PostgreSQL connection
+        opened. Cancel requests never get here, so they are not counted."""
         context = self.context
         limit = context.settings.max_connections
-        if context.admitted < limit:
-            context.admitted += 1
-            self._admitted = True
-            return True
-        self._refused = "too many connections"
-        log.warning("%s: refused: too many connections (%d open, --max-connections %d)",
-                    self.label, context.admitted, limit)
-        counted = getattr(context.observer, "connection_limited", None)
+        if context.admitted >= limit:
+            self._refuse_over_limit(
+                "too many connections", f"{context.admitted} open, --max-connections {limit}",
+                f"pgveil: too-many-connections: this pgveil process already serves {limit} client "
+                "connections; try again later (raise --max-connections or use a pooler in front)")
+            return False
+        host = self.client.host
+        per_address = context.settings.max_logins_per_address
+        if host is not None and per_address:
+            pending = context.logging_in.get(host, 0)
+            if pending >= per_address:
+                self._refuse_over_limit(
+                    "too many logins from one address",
+                    f"{pending} from {host} still logging in, --max-logins-per-address {per_address}",
+                    f"pgveil: too-many-logins: {pending} connections from {host} are still logging in; "
+                    "try again later (raise --max-logins-per-address)")
+                return False
+            context.logging_in[host] = pending + 1
+            self._logging_in = host
+        context.admitted += 1
+        self._admitted = True
+        return True
+
+    def _logged_in(self) -> None:
+        """Authentication is over (or the session is): it no longer counts as logging in."""
+        host = self._logging_in
+        if host is None:
+            return
+        self._logging_in = None
+        remaining = self.context.logging_in[host] - 1
+        if remaining:
+            self.context.logging_in[host] = remaining
+        else:
+            del self.context.logging_in[host]
+
+    def _refuse_over_limit(self, reason: str, detail: str, message: str) -> None:
+        self._refused = reason
+        self.context.refusals.warn("%s: refused: %s (%s)", self.label, reason, detail)
+        counted = getattr(self.context.observer, "connection_limited", None)
         if counted is not None:
             counted()
-        self._fatal("53300", f"pgveil: too-many-connections: this pgveil process already serves {limit} "
-                    "client connections; try again later (raise --max-connections or use a pooler in front)")
-        return False
+        self._fatal("53300", message)
 
     async def _read_startup(self) -> StartupMessage | None:
         client = self.client
