@@ -18,7 +18,7 @@ from setuptools import setup
 HERE = Path(__file__).resolve().parent
 COMPILED = {  # as in proxy/native.py (not imported: the build environment has no pgveil yet)
     "proxy/wire/scanner.py": "proxy/wire/_scanner_native.py",
-    "proxy/session/core.py": "proxy/session/_core_native.py",
+    "proxy/session/relay.py": "proxy/session/_relay_native.py",
 }
 
 

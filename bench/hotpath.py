@@ -103,7 +103,7 @@ async def _relay_run(policy: Any, observer: Any, mode: str, transactions: int) -
     """CPU µs per transaction of one Relay driven `transactions` times in `mode`."""
     from proxy.session.endpoint import Endpoint
     from proxy.session.observer import NullObserver
-    from proxy.session.relay import Relay
+    from proxy.session.session import Relay  # the compiled one when built
 
     client, upstream = Endpoint(1 << 26), Endpoint(1 << 26)
     client_transport, upstream_transport = _Transport(), _Transport()
@@ -115,26 +115,29 @@ async def _relay_run(policy: Any, observer: Any, mode: str, transactions: int) -
     relay.start(b"", b"")
     first, later, answer = _messages(mode, 4242)
     # the first request (a Parse of the prepared statement) is a verdict-cache miss: not timed
-    await _exchange(relay, upstream_transport, first, answer if mode != "prepared" else
+    await _exchange(client, upstream, upstream_transport, first, answer if mode != "prepared" else
                     _messages("extended", 1)[2])
     for _ in range(200):  # warm up
-        await _exchange(relay, upstream_transport, later, answer)
+        await _exchange(client, upstream, upstream_transport, later, answer)
     started = time.process_time()
     for _ in range(transactions):
-        await _exchange(relay, upstream_transport, later, answer)
+        await _exchange(client, upstream, upstream_transport, later, answer)
     used = time.process_time() - started
     relay.finish("bench over")
     return used / transactions * 1e6
 
 
-async def _exchange(relay: Any, upstream: _Transport, request: bytes, answer: bytes) -> None:
+async def _exchange(client: Any, upstream_leg: Any, upstream: _Transport, request: bytes,
+                    answer: bytes) -> None:
+    """One transaction, fed to the legs as their transports do (data_received: the relay path the
+    session chose, with or without a policy)."""
     wake = upstream.wake
     assert wake is not None
     wake.clear()
-    relay.from_client(request)
+    client.data_received(request)
     if not wake.is_set():  # the verdict is awaited (an audit write): let the loop run
         await wake.wait()
-    relay.from_upstream(answer)
+    upstream_leg.data_received(answer)
 
 
 async def _policy_for(configuration: str, dsn: str, policy_file: Path, workdir: Path,

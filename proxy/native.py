@@ -16,7 +16,7 @@ from types import ModuleType
 
 COMPILED = {
     "proxy.wire.scanner": "proxy.wire._scanner_native",
-    "proxy.session.core": "proxy.session._core_native",
+    "proxy.session.relay": "proxy.session._relay_native",
 }
 """Modules compiled at install, by the name of their compiled copy."""
 

@@ -1,7 +1,7 @@
 """The compiled hot path (mypyc, built by `pip install`) behaves exactly as the plain-Python one.
 
-The scanner is compared with its plain twin on random streams; the relay without a policy (the
-compiled RelayCore) is run end to end through `pgveil serve`, once compiled and once with
+The scanner is compared with its plain twin on random streams; the relay (compiled Relay) is run
+end to end through `pgveil serve`, once compiled and once with
 PGVEIL_PURE_PYTHON=1, and must answer alike."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_ci_runs_the_compiled_hot_path() -> None:
     """CI installs with a C compiler: the relay there (and in its benchmarks) is the compiled one."""
     if not os.environ.get("CI"):
         pytest.skip("only asserted in CI, where the build must have compiled the hot path")
-    assert native.IMPLEMENTATIONS == {"proxy.wire.scanner": "mypyc", "proxy.session.core": "mypyc"}
+    assert native.IMPLEMENTATIONS == {"proxy.wire.scanner": "mypyc", "proxy.session.relay": "mypyc"}
 
 
 def test_a_stale_compiled_copy_is_not_used(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_the_relay_without_a_policy_answers_alike_compiled_and_plain(upstream: A
                      env=env) as served:
         line = served.wait_for_line("hot path: ")
         if pure:
-            assert "core python (PGVEIL_PURE_PYTHON is set)" in line
+            assert "relay python (PGVEIL_PURE_PYTHON is set)" in line
             assert "scanner python (PGVEIL_PURE_PYTHON is set)" in line
         assert _session(served.dsn()) == direct
         served.terminate()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -69,3 +69,10 @@ class _Wait:
         if not future.done():
             future._asyncio_future_blocking = True
             yield future
+
+
+async def after(lane: asyncio.Future[Any], method: Callable[..., Coroutine[Any, Any, T]],
+                args: tuple[Any, ...]) -> T:
+    """`method(*args)` once `lane` (an earlier call) is done, whatever its outcome."""
+    await asyncio.wait([lane])
+    return await method(*args)

@@ -21,13 +21,11 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Final
 
 from proxy.connection_policy import REPORTED_SETTINGS, ConnectionPolicy, Outcome, PassThrough
 from proxy.guard.verdict import Refuse, Verdict
-from proxy.native import compiled
-from proxy.session import core as _core
-from proxy.session.eager import resume_later
+from proxy.session.eager import after, resume_later
 from proxy.session.endpoint import Endpoint
 from proxy.session.observer import RelayObserver
 from proxy.wire import (
@@ -47,16 +45,25 @@ from proxy.wire.backend import ParameterStatus
 from proxy.wire.codec import text
 from proxy.wire.frontend import Bind
 
-if TYPE_CHECKING:
-    from proxy.session.core import RelayCore, Request, error_sqlstate
-else:  # the compiled copy when it is current (proxy/native.py): its own Request goes with it
-    _core = compiled(_core)
-    RelayCore, Request, error_sqlstate = _core.RelayCore, _core.Request, _core.error_sqlstate
-
 log = logging.getLogger("pgveil.session")
 
-_Q, _P, _F, _S, _X, _COPY_DONE, _COPY_FAIL, _B, _CLOSE, _EXECUTE = b"QPFSXcfBCE"
-_COMPLETE, _ERROR, _READY, _COPY_IN, _PARAMETER_STATUS = b"CEZGS"
+# Type bytes (Final: compiled code reads them as constants). From the client:
+_Q: Final = 0x51  # Query
+_P: Final = 0x50  # Parse
+_F: Final = 0x46  # FunctionCall
+_S: Final = 0x53  # Sync
+_X: Final = 0x58  # Terminate
+_COPY_DONE: Final = 0x63
+_COPY_FAIL: Final = 0x66
+_B: Final = 0x42  # Bind
+_CLOSE: Final = 0x43
+_EXECUTE: Final = 0x45
+# From PostgreSQL:
+_COMPLETE: Final = 0x43  # CommandComplete
+_ERROR: Final = 0x45  # ErrorResponse
+_READY: Final = 0x5A  # ReadyForQuery
+_COPY_IN: Final = 0x47  # CopyInResponse
+_PARAMETER_STATUS: Final = 0x53
 # Execute too: it runs a statement before any Sync (a Flush asks for the results), so a request
 # is running from then on (a client that goes away then gets its statement cancelled).
 _CLIENT_WATCHED = b"QPFSXcfE"
@@ -102,7 +109,46 @@ INTERNAL_ERROR = Refuse(
 )
 
 
-class Relay(RelayCore):
+class Request:
+    """One unit PostgreSQL answers with one ReadyForQuery: a Query, a FunctionCall, or the
+    extended-protocol messages up to a Sync."""
+
+    def __init__(self, extended: bool, verdicts: int = 0, sent_at: float = 0.0) -> None:
+        self.extended = extended
+        self.verdicts = verdicts  # verdicts the policy gave for messages in it
+        self.closes = 0  # Close messages of prepared statements in it (told to the policy)
+        self.parsed: set[str] | None = None  # statements Parsed in it: their Binds are covered
+        self.markers: list[bytes] | None = None
+        self.rows = 0
+        self.sqlstate: str | None = None
+        self.sent_at = sent_at
+
+
+PLAIN_SIMPLE: Final = Request(extended=False)
+PLAIN_EXTENDED: Final = Request(extended=True)
+"""The requests of sessions without a policy: nothing is recorded in them, so two shared ones do."""
+
+
+def error_sqlstate(body: bytes) -> tuple[str | None, bool]:
+    """(SQLSTATE, is fatal) of an ErrorResponse body, read without building the message."""
+    sqlstate: str | None = None
+    fatal = False
+    pos = 0
+    n = len(body)
+    while pos < n and body[pos] != 0:
+        end = body.find(b"\x00", pos + 1)
+        if end < 0:
+            break
+        code = body[pos]
+        if code == 0x43:  # 'C'
+            sqlstate = body[pos + 1 : end].decode("ascii", "replace")
+        elif code == 0x56 or (code == 0x53 and not fatal):  # 'V' (or 'S' from old servers)
+            fatal = body[pos + 1 : end] in (b"FATAL", b"PANIC")
+        pos = end + 1
+    return sqlstate, fatal
+
+
+class Relay:
     """Relays one authenticated connection; `on_finished(reason)` is called once when it ends."""
 
     def __init__(
@@ -150,26 +196,40 @@ class Relay(RelayCore):
         else:
             watched = _UPSTREAM_WATCHED if self._parameter_status is None else _UPSTREAM_WATCHED_SETTINGS
         upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE)
-        super().__init__(client_scanner, upstream_scanner, observer.traffic, transparent)
+        self._client_scanner: Any = client_scanner
+        self._upstream_scanner: Any = upstream_scanner
+        self._traffic: Any = observer.traffic
+        self._transparent = transparent
+        self.finished = False
+        self._requests: deque[Request] = deque()
+        self._open_batch: Request | None = None
+        self._blocked = False  # waiting for a verdict; client bytes wait in _backlog
+        self._client_copy = False  # the client is sending COPY data
+        self._absorb_syncs = 0  # Syncs PostgreSQL will not answer (sent before COPY FROM STDIN began)
+        self._draining = False
+        self._upstream_sent_fatal = False
+        self._client_transport: Any = None
+        self._upstream_transport: Any = None
 
     # ---- wiring ------------------------------------------------------------------------------
 
     def start(self, client_pending: bytes, upstream_pending: bytes) -> None:
         self._client_transport = self._client.transport
         self._upstream_transport = self._upstream.transport
-        if self._transparent:  # the whole relay runs in RelayCore (compiled)
-            self.from_client = self.plain_from_client  # type: ignore[method-assign]
-            self.from_upstream = self.plain_from_upstream  # type: ignore[method-assign]
-        self._client.relay_to(self.from_client)
-        self._upstream.relay_to(self.from_upstream)
+        if self._transparent:  # nothing but framing and request boundaries, per chunk
+            from_client, from_upstream = self.plain_from_client, self.plain_from_upstream
+        else:
+            from_client, from_upstream = self.from_client, self.from_upstream
+        self._client.relay_to(from_client)
+        self._upstream.relay_to(from_upstream)
         self._client.on_lost = self._client_lost
         self._upstream.on_lost = self._upstream_lost
         self._client.on_write_paused = self._client_write_paused
         self._upstream.on_write_paused = self._upstream_write_paused
         if upstream_pending:
-            self.from_upstream(upstream_pending)
+            from_upstream(upstream_pending)
         if client_pending:
-            self.from_client(client_pending)
+            from_client(client_pending)
         if self._client.lost:
             self._client_lost(None)
         elif self._upstream.lost:
@@ -290,7 +350,7 @@ class Relay(RelayCore):
         (no task, no future, no wrapper); one that is not is an asyncio.Future (never an answer)."""
         lane = self._lane
         if lane is not None and not lane.done():
-            future: asyncio.Future[Any] = asyncio.ensure_future(self._after(lane, method, args))
+            future: asyncio.Future[Any] = asyncio.ensure_future(after(lane, method, args))
             self._lane = future
             return future
         try:
@@ -305,12 +365,6 @@ class Relay(RelayCore):
         result = resume_later(coroutine, yielded)
         self._lane = result
         return result
-
-    @staticmethod
-    async def _after(lane: asyncio.Future[Any], method: Callable[..., Coroutine[Any, Any, Any]],
-                     args: tuple[Any, ...]) -> Any:
-        await asyncio.wait([lane])
-        return await method(*args)
 
     def _closed(self, name: str) -> None:
         batch = self._batch()
@@ -398,6 +452,110 @@ class Relay(RelayCore):
             request.markers = []
         request.markers.append(key)
         return marker
+
+    # ---- without a policy ----------------------------------------------------------------------
+
+    def plain_from_client(self, data: bytes) -> None:
+        if self.finished:
+            return
+        try:
+            emit, spans = self._client_scanner.feed(data)
+        except ProtocolViolation as exc:
+            self.fail_client(exc)
+            return
+        for tag, _start, end in spans:
+            if tag == _Q or tag == _F:  # noqa: SIM109 (compiled: two int compares, no tuple)
+                self._requests.append(PLAIN_SIMPLE)
+            elif tag == _S:
+                self._on_sync()
+            elif tag == _P or tag == _EXECUTE:  # noqa: SIM109 (compiled: two int compares, no tuple)
+                # an Execute runs a statement before any Sync (Flush): the request is running
+                if self._open_batch is None:
+                    self._open_batch = PLAIN_EXTENDED
+            elif tag == _X:
+                emit = emit[:end]
+                self._traffic.to_upstream += len(emit)
+                self._write(self._upstream_transport, emit)
+                self.finish("client terminated the session")
+                return
+            else:  # CopyDone, CopyFail
+                self._client_copy = False
+        if emit:
+            self._traffic.to_upstream += len(emit)
+            self._write(self._upstream_transport, emit)
+
+    def plain_from_upstream(self, data: bytes) -> None:
+        if self.finished:
+            return
+        try:
+            emit, spans = self._upstream_scanner.feed(data)
+        except ProtocolViolation as exc:
+            self._upstream_broke(exc)
+            return
+        drained = False
+        for tag, start, end in spans:
+            if tag == _READY:
+                self._client_copy = False
+                if self._requests:
+                    self._requests.popleft()
+                if self._draining and self._idle():
+                    drained = True
+            elif tag == _ERROR:
+                if error_sqlstate(emit[start + 5 : end])[1]:
+                    self._upstream_sent_fatal = True
+            else:  # CopyInResponse
+                self._copy_in_started()
+        if emit:
+            self._traffic.to_client += len(emit)
+            self._write(self._client_transport, emit)
+        if drained:
+            self._drained()
+
+    @staticmethod
+    def _write(transport: Any, data: bytes) -> None:
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    # ---- request boundaries ----------------------------------------------------------------------
+
+    def _on_sync(self) -> None:
+        if self._client_copy:
+            return  # PostgreSQL ignores Sync during COPY FROM STDIN
+        if self._absorb_syncs:
+            self._absorb_syncs -= 1
+            batch = self._open_batch
+            if batch is not None and self._requests and not self._transparent:
+                head = self._requests[-1]
+                head.verdicts += batch.verdicts
+                head.closes += batch.closes
+                if batch.markers:
+                    head.markers = [*(head.markers or ()), *batch.markers]
+            self._open_batch = None
+            return
+        request = self._open_batch
+        self._open_batch = None
+        if request is None:
+            request = PLAIN_EXTENDED if self._transparent else Request(extended=True, sent_at=self._now())
+        self._requests.append(request)
+
+    def _copy_in_started(self) -> None:
+        """CopyInResponse: the client sends COPY data now; Syncs it sent before in the same
+        extended-protocol request are not answered by PostgreSQL."""
+        self._client_copy = True
+        request = self._current()
+        if request is not None and request.extended:
+            self._absorb_syncs += 1
+
+    def _current(self) -> Request | None:
+        if self._requests:
+            return self._requests[0]
+        return self._open_batch
+
+    def _idle(self) -> bool:
+        return not self._requests and self._open_batch is None and not self._blocked and not self._client_copy
+
+    def _running(self) -> bool:
+        return bool(self._requests) or self._open_batch is not None or self._blocked or self._client_copy
 
     # ---- PostgreSQL -> client ------------------------------------------------------------------
 

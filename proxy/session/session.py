@@ -11,13 +11,15 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxy.config import Settings, UpstreamTarget
 from proxy.connection_policy import REPORTED_SETTINGS, ClientInfo, ConnectionPolicy, PassThrough
+from proxy.native import compiled
+from proxy.session import relay as _relay
 from proxy.session.cancel import CancelKeys
 from proxy.session.endpoint import ConnectionClosed, Endpoint
 from proxy.session.observer import NullObserver, RelayObserver
-from proxy.session.relay import Relay
 from proxy.session.upstream import UpstreamUnavailable, connect, send_cancel, upstream_tls_context
 from proxy.wire import (
     NEWEST_MINOR,
@@ -40,6 +42,11 @@ from proxy.wire import (
     decode_startup_packet,
 )
 from proxy.wire.codec import frame
+
+if TYPE_CHECKING:
+    from proxy.session.relay import Relay
+else:  # the mypyc-compiled relay when it was built from relay.py as it is (proxy/native.py)
+    Relay = compiled(_relay).Relay
 
 log = logging.getLogger("pgveil.session")
 
