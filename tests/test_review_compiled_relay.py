@@ -20,7 +20,7 @@ import proxy.session.session as session_module
 from proxy.connection_policy import ClientInfo, Outcome
 from proxy.guard.verdict import Allow, Refuse, Rewrite, Verdict
 from proxy.session import relay as plain_relay
-from proxy.wire.backend import ErrorResponse, ReadyForQuery
+from proxy.wire.backend import DataRow, ErrorResponse, ReadyForQuery
 from proxy.wire.frontend import Bind, Describe, Execute, Parse, Query, Sync
 from tests import guard_setup
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, leaked_canaries
@@ -352,14 +352,18 @@ def odd(request, upstream) -> Iterator[RunningProxy]:
         session_module.Relay = saved
 
 
-@pytest.mark.parametrize("word", ["rv_none_now", "rv_cancel_now", "rv_str"])
-def test_a_policy_answering_nonsense_at_once_fails_closed_and_other_sessions_go_on(odd, upstream, word):
-    """Not a Verdict (None, a str) or a CancelledError raised before any await: the session ends
-    (no ErrorResponse: a known rough edge, same in both implementations) and nothing is run."""
+@pytest.mark.parametrize("word", ["rv_none_now", "rv_none_late", "rv_cancel_now", "rv_str"])
+def test_a_policy_answering_nonsense_refuses_the_statement_and_the_session_goes_on(odd, upstream, word):
+    """Not a Verdict (None, a str, at once or after an await) or a CancelledError raised before any
+    await: the statement is refused as internal-error, nothing is run, and the session is usable
+    (a None after an await used to leave the session stuck, its client bytes piling up unread)."""
     upstream.execute("create table if not exists rv_nonsense_log (word text)")
-    with RawClient.connect(odd.host, odd.port) as client:
+    with RawClient.connect(odd.host, odd.port, timeout=20) as client:  # a stuck session times out
         client.send(Query(f"insert into rv_nonsense_log values ('{word}')"))
-        assert not [m for m in client.read_to_end() if isinstance(m, ReadyForQuery)]
+        errors = [m for m in client.until_ready() if isinstance(m, ErrorResponse)]
+        assert [(e.get("C"), e.get("M")) for e in errors] == [INTERNAL]
+        client.send(Query("select 3"))
+        assert [m.values for m in client.until_ready() if isinstance(m, DataRow)] == [(b"3",)]
     with psycopg.connect(odd.dsn(), autocommit=True) as conn:
         counted = conn.execute("select count(*) from rv_nonsense_log where word = %s", (word,))
         assert counted.fetchone() == (0,)

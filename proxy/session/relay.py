@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from proxy.connection_policy import REPORTED_SETTINGS, ConnectionPolicy, Outcome, PassThrough
-from proxy.guard.verdict import Refuse, Verdict
+from proxy.guard.verdict import Allow, Refuse, Rewrite, Verdict
 from proxy.session.eager import after, resume_later
 from proxy.session.endpoint import Endpoint
 from proxy.session.observer import RelayObserver
@@ -277,7 +277,7 @@ class Relay:
                     self._send_upstream(parts)
                     self._wait_for_verdict(answer, tag, message, emit, spans, index, start, end)
                     return
-                replacement = self._apply(tag, message, answer)
+                replacement = self._apply(tag, message, self._checked(tag, answer))
                 if replacement is not None:
                     parts.append(emit[pos:start])
                     parts.append(replacement)
@@ -298,7 +298,7 @@ class Relay:
                     self._send_upstream(parts)
                     self._wait_for_verdict(answer, tag, bound, emit, spans, index, start, end)
                     return
-                replacement = self._apply(tag, bound, answer)
+                replacement = self._apply(tag, bound, self._checked(tag, answer))
                 if replacement is not None:
                     parts.append(emit[pos:start])
                     parts.append(replacement)
@@ -359,7 +359,7 @@ class Relay:
                 yielded = coroutine.send(None)
             except StopIteration as stop:
                 return stop.value
-        except Exception:
+        except (Exception, asyncio.CancelledError):
             log.exception("%s: the policy raised; refusing", self._label)
             return INTERNAL_ERROR
         result = resume_later(coroutine, yielded)
@@ -395,7 +395,7 @@ class Relay:
                     log.error("%s: the policy raised; refusing", self._label, exc_info=done.exception())
                 verdict: Verdict | None = INTERNAL_ERROR
             else:
-                verdict = done.result()
+                verdict = self._checked(tag, done.result())
             replacement = self._apply(tag, message, verdict)
             self._blocked = False
             self._send_upstream([replacement if replacement is not None else emit[start:end]])
@@ -407,6 +407,14 @@ class Relay:
             self._update_client_reading()
 
         future.add_done_callback(resume)
+
+    def _checked(self, tag: int, answer: Any) -> Verdict | None:
+        """The policy's answer if it is one (a verdict; for a Bind also None), else a refusal: an
+        answer pgveil cannot act on must not pass the statement, nor stall the session."""
+        if isinstance(answer, (Allow, Rewrite, Refuse)) or (answer is None and tag == _B):
+            return answer
+        log.error("%s: the policy answered %r, which is not a verdict; refusing", self._label, answer)
+        return INTERNAL_ERROR
 
     def _apply(self, tag: int, message: Guarded, verdict: Verdict | None) -> bytes | None:
         """Record the request and return what to forward instead of the message (None: as is)."""
