@@ -240,13 +240,29 @@ def test_a_query_of_one_mebibyte_and_an_empty_query(proxy):
         assert conn.execute("select 1").fetchone() == (1,)
 
 
-def test_on_complete_raising_and_parameter_status_raising_change_nothing(proxy):
+def test_on_complete_raising_changes_nothing(proxy):
     ReviewPolicy.complete_raises = True
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
-        conn.execute("set application_name = 'rv_app'")  # ParameterStatus: the hook raises
+        conn.execute("set application_name = 'rv_app'")
         conn.execute("set TimeZone = 'UTC'")
         assert conn.execute("select 'rv_think done'").fetchone() == ("rv_think done",)
         assert conn.execute("show application_name").fetchone() == ("rv_app",)
+
+
+def test_a_setting_report_the_policy_cannot_take_ends_the_session(proxy):
+    """on_parameter_status raising (here for search_path = rv_...): the policy would go on judging
+    under a setting the session no longer has, so the session ends with a FATAL (fail closed);
+    a new one works."""
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("create temporary table rv_zone_probe (n int)")
+        with pytest.raises(psycopg.Error) as ended:
+            conn.execute("set search_path = rv_elsewhere, public")
+        assert "pgveil: internal-error: pgveil could not follow a change of a session setting" in str(
+            ended.value)
+        with pytest.raises(psycopg.OperationalError):  # the session is over
+            conn.execute("select 1")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
 
 
 def test_on_complete_hears_rows_and_sqlstates(proxy):

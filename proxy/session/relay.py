@@ -181,6 +181,7 @@ class Relay:
         self._upstream_full = False
         self._client_paused = False
         self._last_completion = 0.0
+        self._settings_lost = False  # a ParameterStatus the policy could not take: end the session
         # Without a policy nothing is decoded: only request boundaries are tracked (for drain
         # and for cancelling a running statement when the client goes away).
         transparent = type(policy) is PassThrough
@@ -578,6 +579,9 @@ class Relay:
         close_after = False
         if spans:
             emit, close_after = self._inspect(emit, spans)
+            if self._settings_lost:
+                self.finish("the policy could not follow a session setting", _settings_lost_error())
+                return
         if emit:
             self._traffic.to_client += len(emit)
             self._client.write(emit)
@@ -640,21 +644,26 @@ class Relay:
         return emit, close_after
 
     def _reported(self, body: bytes) -> None:
-        """A ParameterStatus: the policy hears the settings it follows (a policy error is logged;
-        the message is relayed either way)."""
+        """A ParameterStatus: the policy hears the settings it follows. One it cannot read or take
+        would leave it judging statements under settings the session no longer has, so the
+        session is ended after this chunk (fail closed; the client reconnects)."""
         hook = self._parameter_status
         if hook is None:
             return
         try:
             status = ParameterStatus.decode(body)
         except ProtocolViolation as exc:
-            log.warning("%s: unreadable ParameterStatus from PostgreSQL: %s", self._label, exc.reason)
+            log.error("%s: unreadable ParameterStatus from PostgreSQL (%s); ending the session",
+                      self._label, exc.reason)
+            self._settings_lost = True
             return
         if status.name in REPORTED_SETTINGS:
             try:
                 hook(status.name, status.value)
             except Exception:
-                log.exception("%s: on_parameter_status raised", self._label)
+                log.exception("%s: the policy could not take the report of %s; ending the session",
+                              self._label, status.name)
+                self._settings_lost = True
 
     def _complete(self, request: Request) -> None:
         if self._transparent:
@@ -750,6 +759,12 @@ class Relay:
 
 def _shutdown_error() -> ErrorResponse:
     return ErrorResponse.build("FATAL", "57P01", "pgveil: shutdown: pgveil is shutting down; reconnect")
+
+
+def _settings_lost_error() -> ErrorResponse:
+    return ErrorResponse.build(
+        "FATAL", "XX000", "pgveil: internal-error: pgveil could not follow a change of a session setting, "
+        "so it cannot judge this session's statements; reconnect (the pgveil log says why)")
 
 
 def _upstream_lost_error() -> ErrorResponse:
