@@ -9,21 +9,35 @@ only slower (proxy/native.py picks, and `proxy.native.IMPLEMENTATIONS` says whic
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 
 from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
-COMPILED = {  # as in proxy/native.py (not imported: the build environment has no pgveil yet)
-    "proxy/wire/scanner.py": "proxy/wire/_scanner_native.py",
-    "proxy/session/relay.py": "proxy/session/_relay_native.py",
+
+
+def _native_module() -> types.ModuleType:
+    """proxy/native.py on its own (standard library only): the build environment has no pgveil."""
+    spec = importlib.util.spec_from_file_location("pgveil_native", HERE / "proxy" / "native.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+NATIVE = _native_module()
+COMPILED = {  # source path -> path of the stamped copy mypyc compiles
+    source.replace(".", "/") + ".py": native.replace(".", "/") + ".py"
+    for source, native in NATIVE.COMPILED.items()
 }
 
 
 def native_extensions() -> list:  # type: ignore[type-arg]
-    if os.environ.get("PGVEIL_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
+    if NATIVE.pure_python_forced():
         return []
     try:
         from mypyc.build import mypycify

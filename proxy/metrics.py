@@ -127,11 +127,6 @@ class Metrics:
         """A client refused because --max-connections were open (no PostgreSQL connection made)."""
         self.connections.labels("limit").inc()
 
-    def bytes_relayed(self, to_upstream: int, to_client: int) -> None:
-        """Add bytes by hand (the relay adds to `traffic` directly)."""
-        self.traffic.to_upstream += to_upstream
-        self.traffic.to_client += to_client
-
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind).inc()
 

@@ -95,8 +95,8 @@ def test_metrics_observe_the_relay_connections_bytes_and_upstream_errors() -> No
     metrics.connection_opened(1)
     metrics.connection_opened(2)
     metrics.connection_closed(1, "client closed")
-    metrics.bytes_relayed(to_upstream=100, to_client=0)
-    metrics.bytes_relayed(to_upstream=0, to_client=2500)
+    metrics.traffic.to_upstream += 100  # what the relay does for each chunk
+    metrics.traffic.to_client += 2500
     metrics.upstream_error("connect")
     assert sample(metrics, "pgveil_connections_open") == 1
     assert sample(metrics, "pgveil_bytes_relayed_total", {"direction": "client_to_server"}) == 100

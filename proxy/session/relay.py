@@ -104,6 +104,9 @@ def closed_statement(body: bytes) -> str | None:
 Guarded = Query | Parse | FunctionCall | BoundStatement
 """The client messages the policy sees before they are forwarded."""
 
+_COVERED = object()
+"""_ask's answer for a Bind of a statement Parsed (and so decided) earlier in the same request."""
+
 INTERNAL_ERROR = Refuse(
     "internal-error", "pgveil could not decide about this statement; the pgveil log says why"
 )
@@ -266,40 +269,21 @@ class Relay:
         while index < count:
             tag, start, end = spans[index]
             index += 1
-            if tag in (_Q, _P, _F):
+            if tag in (_Q, _P, _F, _B):
                 try:
                     message, answer = self._ask(tag, emit[start + 5 : end])
                 except ProtocolViolation as exc:
                     self._send_upstream(parts)
                     self.fail_client(exc)
                     return
+                if answer is _COVERED:
+                    continue
                 if isinstance(answer, asyncio.Future):
                     parts.append(emit[pos:start])
                     self._send_upstream(parts)
                     self._wait_for_verdict(answer, tag, message, emit, spans, index, start, end)
                     return
-                replacement = self._apply(tag, message, self._checked(tag, answer))
-                if replacement is not None:
-                    parts.append(emit[pos:start])
-                    parts.append(replacement)
-                    pos = end
-            elif tag == _B:
-                try:
-                    bound = BoundStatement.decode(emit[start + 5 : end])
-                except ProtocolViolation as exc:
-                    self._send_upstream(parts)
-                    self.fail_client(exc)
-                    return
-                batch = self._open_batch
-                if batch is not None and batch.parsed is not None and bound.statement in batch.parsed:
-                    continue  # decided with its Parse, in this same request
-                answer = self._call(self._policy.on_bind, bound.statement)
-                if isinstance(answer, asyncio.Future):
-                    parts.append(emit[pos:start])
-                    self._send_upstream(parts)
-                    self._wait_for_verdict(answer, tag, bound, emit, spans, index, start, end)
-                    return
-                replacement = self._apply(tag, bound, self._checked(tag, answer))
+                replacement = self._apply(tag, message, answer)
                 if replacement is not None:
                     parts.append(emit[pos:start])
                     parts.append(replacement)
@@ -334,9 +318,17 @@ class Relay:
             self._traffic.to_upstream += len(data)
             self._upstream.write(data)
 
-    def _ask(self, tag: int, body: bytes) -> tuple[Guarded, Verdict | asyncio.Future[Verdict]]:
+    def _ask(self, tag: int, body: bytes) -> tuple[Guarded, Any]:
+        """The message and the policy's answer: a verdict, a future of one, for a Bind also None
+        (nothing to decide) or _COVERED (its statement was Parsed, and decided, in this request)."""
         policy = self._policy
         message: Guarded
+        if tag == _B:
+            message = BoundStatement.decode(body)
+            batch = self._open_batch
+            if batch is not None and batch.parsed is not None and message.statement in batch.parsed:
+                return message, _COVERED
+            return message, self._call(policy.on_bind, message.statement)
         if tag == _Q:
             message = Query.decode(body)
             return message, self._call(policy.on_query, message.sql)
@@ -394,10 +386,10 @@ class Relay:
             if done.cancelled() or done.exception() is not None:
                 if not done.cancelled():
                     log.error("%s: the policy raised; refusing", self._label, exc_info=done.exception())
-                verdict: Verdict | None = INTERNAL_ERROR
+                answer: Any = INTERNAL_ERROR
             else:
-                verdict = self._checked(tag, done.result())
-            replacement = self._apply(tag, message, verdict)
+                answer = done.result()  # checked by _apply: anything but a verdict is refused
+            replacement = self._apply(tag, message, answer)
             self._blocked = False
             self._send_upstream([replacement if replacement is not None else emit[start:end]])
             self._process_client(emit, spans, index, end)
@@ -417,8 +409,9 @@ class Relay:
         log.error("%s: the policy answered %r, which is not a verdict; refusing", self._label, answer)
         return INTERNAL_ERROR
 
-    def _apply(self, tag: int, message: Guarded, verdict: Verdict | None) -> bytes | None:
+    def _apply(self, tag: int, message: Guarded, answer: Any) -> bytes | None:
         """Record the request and return what to forward instead of the message (None: as is)."""
+        verdict = self._checked(tag, answer)
         if tag == _B:
             assert isinstance(message, BoundStatement)
             if verdict is None:
