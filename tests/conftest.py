@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
@@ -55,3 +56,36 @@ def upstream() -> Iterator[Upstream]:
         yield Upstream(server.host, server.port, server.superuser, None, server)
     finally:
         server.stop()
+
+
+def pg15_binaries() -> Path | None:
+    """A PostgreSQL 15 bin directory (PGVEIL_PG15_BIN, or Debian's package), or None."""
+    given = os.environ.get("PGVEIL_PG15_BIN")
+    candidates = [Path(given)] if given else [Path("/usr/lib/postgresql/15/bin")]
+    for path in candidates:
+        if (path / "postgres").exists() and (path / "initdb").exists():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def upstream15() -> Iterator[Upstream]:
+    """A second real server, PostgreSQL 15, for tests whose behaviour differs by version.
+
+    .ci/run installs Debian's postgresql-15 when it can; where no PostgreSQL 15 is to be had the
+    tests that need it are skipped (they say so in pytest's summary)."""
+    binaries = pg15_binaries()
+    if binaries is None:
+        pytest.skip("no PostgreSQL 15 binaries (set PGVEIL_PG15_BIN or install postgresql-15)")
+    server = EmbeddedPostgres.start(binaries=binaries)
+    try:
+        yield Upstream(server.host, server.port, server.superuser, None, server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session", params=["18", "15"])
+def upstream_any(request: pytest.FixtureRequest) -> Upstream:
+    """Each test using this runs once on PostgreSQL 18 (the session's server) and once on 15."""
+    fixture = "upstream" if request.param == "18" else "upstream15"
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
