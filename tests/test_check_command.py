@@ -210,3 +210,55 @@ datasets:
         "some role's reveal:)",
     ]
     assert lines[3].endswith("; 3 warnings)")
+
+
+def run_check(*args: str, key: str | None) -> subprocess.CompletedProcess[str]:
+    """`pgveil check ARGS` as CI runs it: a real process, the hash key set or not."""
+    env = {name: value for name, value in os.environ.items() if name != "PGVEIL_HASH_KEY"}
+    if key is not None:
+        env["PGVEIL_HASH_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "proxy", "check", *args],
+                          env=env, capture_output=True, text=True, check=False, timeout=60)
+
+
+@pytest.mark.parametrize("policy", ["example.yaml", "reviews.yaml"])
+def test_a_missing_hash_key_is_a_warning_so_ci_can_check_without_secrets(policy: str) -> None:
+    path = str(REPO / "policies" / policy)
+    result = run_check("--policy", path, key=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == (f"{path}: settings.hash_key_env: warning: environment variable PGVEIL_HASH_KEY is not "
+                        "set, and a column uses protection 'hash' (set PGVEIL_HASH_KEY to a secret of at "
+                        "least 16 bytes)")
+    assert lines[-1].startswith(f"{path}: valid (") and lines[-1].endswith("; 1 warning)")
+
+
+def test_require_secrets_fails_on_a_missing_or_short_hash_key() -> None:
+    path = str(REPO / "policies" / "reviews.yaml")
+    missing = run_check("--require-secrets", "--policy", path, key=None)
+    assert missing.returncode == 1
+    assert missing.stdout.splitlines()[0].startswith(
+        f"{path}: settings.hash_key_env: environment variable PGVEIL_HASH_KEY is not set")
+    assert missing.stdout.splitlines()[-1] == f"{path}: invalid (1 problem)"
+    short = run_check("--require-secrets", "--policy", path, key="short-secret")
+    assert short.returncode == 1 and "is shorter than 16 bytes" in short.stdout
+    assert run_check("--policy", path, key="short-secret").returncode == 0
+    present = run_check("--require-secrets", "--policy", path, key=KEY)
+    assert present.returncode == 0 and "warning" not in present.stdout
+
+
+def test_require_secrets_is_harmless_for_a_policy_without_hash(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(GOOD.replace("protection: hash", "protection: redact"))
+    result = run_check("--require-secrets", "--policy", str(path), key=None)
+    assert result.returncode == 0 and "warning" not in result.stdout, result.stdout
+
+
+def test_serve_still_refuses_to_start_without_the_hash_key() -> None:
+    env = {name: value for name, value in os.environ.items() if name != "PGVEIL_HASH_KEY"}
+    served = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--policy", str(REPO / "policies" / "reviews.yaml"),
+         "--upstream", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", "--listen", "127.0.0.1:0"],
+        env=env, capture_output=True, text=True, check=False, timeout=60)
+    assert served.returncode != 0
+    assert "environment variable PGVEIL_HASH_KEY is not set" in served.stderr

@@ -151,6 +151,12 @@ def hash_key(policy: Policy) -> bytes:
     return os.environ[policy.settings.hash_key_env].encode("utf-8")
 
 
+def missing_secret(policy: Policy) -> str:
+    """What is wrong with the secret a policy's `hash` protections need ("" when nothing is):
+    a deployment problem, which `serve` refuses and `check` reports as a warning."""
+    return _hash_key_problem(policy.settings.hash_key_env) if policy_uses_hash(policy) else ""
+
+
 def policy_uses_hash(policy: Policy) -> bool:
     return any(isinstance(column.protection, Hash)
                for dataset in policy.datasets.values() for column in dataset.columns.values())
