@@ -227,9 +227,9 @@ def test_a_missing_hash_key_is_a_warning_so_ci_can_check_without_secrets(policy:
     result = run_check("--policy", path, key=None)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == (f"{path}: settings.hash_key_env: warning: environment variable PGVEIL_HASH_KEY is not "
-                        "set, and a column uses protection 'hash' (set PGVEIL_HASH_KEY to a secret of at "
-                        "least 16 bytes)")
+    assert lines[0] == (f"{path}: settings.hash_key_env: warning: environment variable PGVEIL_HASH_KEY "
+                        "is not set, and a column uses protection 'hash' (set PGVEIL_HASH_KEY to a secret "
+                        "of at least 16 bytes)")
     assert lines[-1].startswith(f"{path}: valid (") and lines[-1].endswith("; 1 warning)")
 
 

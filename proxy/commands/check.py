@@ -25,7 +25,7 @@ Prints one line per problem (`FILE: PATH: what is wrong (what to do)`; warnings 
 EPILOG = """\
 examples:
   pgveil check --policy policies/reviews.yaml          # in CI, no secrets needed
-  PGVEIL_HASH_KEY=$(cat /run/secrets/pgveil_hash_key) pgveil check --require-secrets --policy policies/reviews.yaml
+  pgveil check --require-secrets --policy policies/reviews.yaml   # at deploy, PGVEIL_HASH_KEY set
   pgveil check --policy policies/reviews.yaml --upstream postgresql://pgveil@db:5432/reviews
   pgveil check --policy policies/example.yaml || echo "policy rejected"
 """
