@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
 
 from proxy.audit.identity import policy_version_of, role_name_of
 from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome
@@ -60,32 +61,128 @@ class _VerdictCacheCollector:
         yield family
 
 
+class Counts(dict[tuple[str, ...], int]):
+    """One counter's values by label values, in plain integers (no lock: counted on the event loop)
+    and read when Prometheus scrapes; `counts[labels] += 1` also notes when a series began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: dict[tuple[str, ...], float] = {}
+
+    def __missing__(self, labels: tuple[str, ...]) -> int:
+        self.created[labels] = time.time()
+        return 0
+
+
+class Buckets:
+    """One histogram series as a plain list of bucket counts (no lock: observed on the event loop)."""
+
+    __slots__ = ("bounds", "counts", "created", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le is inclusive, as prometheus-client
+        self.total += value
+
+
+class LabelledBuckets(dict[tuple[str, ...], Buckets]):
+    """A labelled histogram: one Buckets per label values, made on first use."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        super().__init__()
+        self.bounds = bounds
+
+    def __missing__(self, labels: tuple[str, ...]) -> Buckets:
+        series = self[labels] = Buckets(self.bounds)
+        return series
+
+
+class _ScrapeTime:
+    """A counter or histogram kept in plain Python numbers, exported as prometheus-client would
+    export its own Counter or Histogram of the same name and labels (`_created` series included)."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...],
+                 values: Counts | LabelledBuckets) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.values = values
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def _family(self) -> CounterMetricFamily | HistogramMetricFamily:
+        if isinstance(self.values, Counts):
+            return CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        values = self.values
+        if isinstance(values, Counts):
+            assert isinstance(family, CounterMetricFamily)
+            for labels, count in list(values.items()):
+                family.add_metric(labels, count, created=values.created.get(labels))
+        else:
+            assert isinstance(family, HistogramMetricFamily)
+            bounds = [floatToGoString(b) for b in values.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+            for labels, series in list(values.items()):
+                running = 0
+                buckets: list[tuple[str, float]] = []
+                for bound, count in zip(bounds, list(series.counts), strict=True):
+                    running += count
+                    buckets.append((bound, running))
+                family.add_metric(labels, buckets, series.total)
+                family.add_sample(self.name + "_created", dict(zip(self.labels, labels, strict=True)),
+                                  series.created)
+        yield family
+
+
 class Metrics:
-    """All metrics, registered in their own registry (so tests and workers never share state)."""
+    """All metrics, registered in their own registry (so tests and workers never share state).
+
+    What changes per statement (statements, refusals, findings, errors, pgveil's and PostgreSQL's
+    time, audit write time) is kept in plain integers and lists and read at scrape time; the rest
+    (per connection, per reload) are prometheus-client's own metrics."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
-        self.statements = Counter(
-            "pgveil_statements", "Statements decided, by role, statement kind and decision",
-            ["role", "kind", "decision"], registry=r)
-        self.refusals = Counter(
-            "pgveil_refusals", "Statements refused, by the rule that refused them", ["rule"], registry=r)
-        self.findings = Counter(
-            "pgveil_findings", "Firewall findings of rules in alert mode (statement let through), by rule",
-            ["rule"], registry=r)
-        self.pgveil_seconds = Histogram(
-            "pgveil_statement_pgveil_seconds",
-            "pgveil's own time per statement: decision, rewrite and audit write",
-            buckets=_PGVEIL_SECONDS, registry=r)
-        self.upstream_seconds = Histogram(
-            "pgveil_statement_upstream_seconds",
-            "Time from forwarding a statement to PostgreSQL's ReadyForQuery",
-            buckets=_UPSTREAM_SECONDS, registry=r)
-        self.statement_errors = Counter(
-            "pgveil_statement_errors", "Forwarded statements that PostgreSQL answered with an error, "
-            "by SQLSTATE class (first two characters)", ["sqlstate_class"], registry=r)
+        self.statements = Counts()  # (role, kind, decision)
+        self.refusals = Counts()  # (rule,)
+        self.findings = Counts()  # (rule,)
+        self.pgveil_seconds = Buckets(_PGVEIL_SECONDS)
+        self.upstream_seconds = Buckets(_UPSTREAM_SECONDS)
+        self.statement_errors = Counts()  # (sqlstate_class,)
+        self.audit_write_seconds = LabelledBuckets(_AUDIT_SECONDS)  # (type,)
+        self.audit_failures = Counts()  # (type,)
+        unlabelled_pgveil = LabelledBuckets(_PGVEIL_SECONDS)
+        unlabelled_pgveil[()] = self.pgveil_seconds
+        unlabelled_upstream = LabelledBuckets(_UPSTREAM_SECONDS)
+        unlabelled_upstream[()] = self.upstream_seconds
+        for collector in (
+            _ScrapeTime("pgveil_statements", "Statements decided, by role, statement kind and decision",
+                        ("role", "kind", "decision"), self.statements),
+            _ScrapeTime("pgveil_refusals", "Statements refused, by the rule that refused them", ("rule",),
+                        self.refusals),
+            _ScrapeTime("pgveil_findings", "Firewall findings of rules in alert mode (statement let "
+                        "through), by rule", ("rule",), self.findings),
+            _ScrapeTime("pgveil_statement_pgveil_seconds",
+                        "pgveil's own time per statement: decision, rewrite and audit write", (),
+                        unlabelled_pgveil),
+            _ScrapeTime("pgveil_statement_upstream_seconds",
+                        "Time from forwarding a statement to PostgreSQL's ReadyForQuery", (),
+                        unlabelled_upstream),
+            _ScrapeTime("pgveil_statement_errors", "Forwarded statements that PostgreSQL answered with an "
+                        "error, by SQLSTATE class (first two characters)", ("sqlstate_class",),
+                        self.statement_errors),
+        ):
+            r.register(collector)
         self.verdict_cache = _VerdictCacheCollector()
         r.register(self.verdict_cache)
         self.connections_open = Gauge(
@@ -95,11 +192,10 @@ class Metrics:
             ["result"], registry=r)
         self.traffic = Traffic()  # the relay adds to it; read when scraped
         r.register(_TrafficCollector(self.traffic))
-        self.audit_write_seconds = Histogram(
-            "pgveil_audit_write_seconds", "Time to make one audit record durable", ["type"],
-            buckets=_AUDIT_SECONDS, registry=r)
-        self.audit_failures = Counter(
-            "pgveil_audit_failures", "Audit records the sink could not write", ["type"], registry=r)
+        r.register(_ScrapeTime("pgveil_audit_write_seconds", "Time to make one audit record durable",
+                               ("type",), self.audit_write_seconds))
+        r.register(_ScrapeTime("pgveil_audit_failures", "Audit records the sink could not write", ("type",),
+                               self.audit_failures))
         self.reloads = Counter(
             "pgveil_policy_reloads", "Policy reloads by result (ok, invalid)", ["result"], registry=r)
         self.policy = Info("pgveil_policy", "The loaded policy: version (content hash) and file",
@@ -140,25 +236,26 @@ class Metrics:
         self.policy_loaded.set(time.time())
 
     def audit_written(self, record_type: str, seconds: float) -> None:
-        self._child(self.audit_write_seconds, record_type).observe(seconds)
+        self.audit_write_seconds[(record_type,)].observe(seconds)
 
     def audit_failed(self, record_type: str) -> None:
-        self.audit_failures.labels(record_type).inc()
+        self.audit_failures[(record_type,)] += 1
 
     def count_verdict_cache(self, counts: Callable[[], tuple[int, int]]) -> None:
         """Report the guard's verdict cache: `counts()` gives (hits, misses) so far, read at scrape."""
         self.verdict_cache.counts = counts
 
     def statement_counted(self, role: str, kind: str, decision: str) -> None:
-        self._child(self.statements, role, kind, decision).inc()
+        self.statements[(role, kind, decision)] += 1
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        """A metric's child for these label values; looked up once (labels() takes a lock)."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def decided(self, role: str, verdict: Verdict, seconds: float) -> None:
+        """One statement decided: its count, refusal rule, alert-mode findings and pgveil's time."""
+        self.pgveil_seconds.observe(seconds)
+        self.statements[(role, verdict.info.kind, verdict.decision)] += 1
+        if isinstance(verdict, Refuse):
+            self.refusals[(verdict.rule,)] += 1
+        for finding in verdict.info.findings:
+            self.findings[(finding,)] += 1
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -186,20 +283,15 @@ class MeteredConnection:
         return policy_version_of(self.inner)
 
     def _count(self, verdict: Verdict, started: float) -> Verdict:
-        self.metrics.pgveil_seconds.observe(time.perf_counter() - started)
-        self.metrics.statement_counted(role_of(self.inner), verdict.info.kind, verdict.decision)
+        self.metrics.decided(role_of(self.inner), verdict, time.perf_counter() - started)
         self._last_refused = isinstance(verdict, Refuse)
-        if isinstance(verdict, Refuse):
-            self.metrics.refusals.labels(verdict.rule).inc()
-        for finding in verdict.info.findings:
-            self.metrics.findings.labels(finding).inc()
         return verdict
 
     async def on_startup(self, params: Mapping[str, str], client: ClientInfo) -> Refuse | None:
         refusal = await self.inner.on_startup(params, client)
         self.metrics.connections.labels("refused" if refusal else "accepted").inc()
         if refusal is not None:
-            self.metrics.refusals.labels(refusal.rule).inc()
+            self.metrics.refusals[(refusal.rule,)] += 1
         return refusal
 
     async def on_query(self, sql: str) -> Verdict:
@@ -233,8 +325,8 @@ class MeteredConnection:
             return
         if not self._last_refused:
             self.metrics.upstream_seconds.observe(outcome.upstream_seconds)
-        if outcome.sqlstate and not self._last_refused:
-            self.metrics.statement_errors.labels(outcome.sqlstate[:2]).inc()
+            if outcome.sqlstate:
+                self.metrics.statement_errors[(outcome.sqlstate[:2],)] += 1
         await self.inner.on_complete(outcome)
 
 
