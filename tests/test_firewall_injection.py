@@ -37,9 +37,9 @@ CAUGHT = [
     ("tautology", ANALYST, "SELECT * FROM users ORDER BY (CASE WHEN 7=7 THEN name ELSE email END)"),
     ("tautology", ANALYST, "SELECT * FROM users WHERE name = 'x' OR name = name"),
     ("tautology", ANALYST, "SELECT * FROM users WHERE id = 1 AND users.id <> users.id"),
-    ("tautology", ANALYST, "SELECT * FROM users WHERE id = 1 OR pg_sleep(1) IS NOT NULL"),
+    ("time-based-probe", ANALYST, "SELECT * FROM users WHERE id = 1 OR pg_sleep(1) IS NOT NULL"),
     ("tautology", ANALYST, "SELECT * FROM users WHERE id = 1 OR (SELECT true)"),
-    ("tautology", ANALYST,
+    ("catalog-probe", ANALYST,
      "SELECT * FROM users WHERE id = 1 AND ASCII(SUBSTRING((SELECT usename FROM pg_user "
      "LIMIT 1) FROM 1 FOR 1)) > 64"),
     ("union-extraction", ANALYST, "SELECT id, name FROM items UNION ALL SELECT NULL, NULL"),

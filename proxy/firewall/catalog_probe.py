@@ -8,10 +8,18 @@ Caught (application roles): relations that hold accounts, settings or sessions (
 anywhere; any other catalog relation or system-information function (`version()`, `current_user`,
 `current_database()`, `current_setting()`, `inet_server_addr()`, ...) in a statement that also
 reads user tables, in a condition, in a set operation, or in a subquery.
+Caught for every role (people too), where injected input lands in a statement over user tables (a
+condition, a sort key, LIMIT/OFFSET): a subquery reading logins, settings or sessions
+(`ORDER BY id, (SELECT usename FROM pg_user LIMIT 1)`), a server value computed into the value
+(`name = 'x' || (SELECT version()) || ''`, `LIMIT (SELECT length(current_user))`).
 Let through: the metadata statements drivers and ORMs send on their own — `SELECT version()`,
 `SELECT current_schema()`, type introspection over `pg_type`/`pg_namespace`/`pg_range` — when
-they read nothing but catalogs and system functions; everything from roles that are not
-applications (psql's `\\d`, BI tools).
+they read nothing but catalogs and system functions; from roles that are not applications,
+statements over catalogs only (psql's `\\d`, BI tools), server values in the select list, a column
+compared with one (`owner = current_user`, `owner = (SELECT current_user)`,
+`tenant_id IN (SELECT id FROM tenants WHERE name = current_user)`), per-row checks
+(`pg_has_role(owner, 'member')`), the user's name in a condition (`path = '/home/' || current_user`)
+and custom settings (`current_setting('app.tenant')`).
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from pglast import ast
 from pglast.enums import SQLValueFunctionOp
 
 from proxy.firewall.facts import DatabaseFacts
+from proxy.firewall.positions import probe_positions, reads_user_relation, walk_with_parents
 from proxy.firewall.statement import Finding, SubmittedSql, quote
-from proxy.firewall.tree import function_name, is_catalog_relation, walk
+from proxy.firewall.tree import function_name, is_catalog_relation, is_comparison, is_row_independent, walk
 from proxy.policy.model import Role
 
 RULE = "catalog-probe"
@@ -49,12 +58,18 @@ SYSTEM_INFORMATION_VALUES = frozenset({
 })
 
 
+# Logins, settings and sessions: read in a subquery where injected input lands, a probe for every role.
+SERVER_CATALOGS = ACCOUNT_CATALOGS - {"pg_tables", "pg_extension", "pg_available_extensions"}
+# System values that name the user or schema: people use them in conditions (`owner = current_user`).
+USER_VALUES = frozenset({"current_user", "session_user", "current_role", "user", "current_schema",
+                         "current_schemas"})
+_COMPARED_THROUGH = (ast.TypeCast, ast.CoalesceExpr)
+
+
 def find_catalog_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
-    if not role.application:
-        return None
     for raw in submitted.statements:
         nodes = submitted.nodes if len(submitted.statements) == 1 else tuple(walk(raw.stmt))
-        finding = _probe_in(raw.stmt, nodes)
+        finding = _probe_in(raw.stmt, nodes) if role.application else _server_probe(nodes)
         if finding is not None:
             return finding
     return None
@@ -74,7 +89,7 @@ def _probe_in(statement: ast.Node | None, nodes: tuple[ast.Node, ...]) -> Findin
                 return Finding(RULE, f"the application read {node.relname}, which lists accounts, "
                                      "settings or sessions; applications have no business there")
             first_probe = first_probe or node
-        elif first_probe is None and _is_system_information(node):
+        elif first_probe is None and is_system_information(node):
             first_probe = node
     # Drivers' and ORMs' introspection: a SELECT that reads only catalogs, its own CTEs or nothing.
     if first_probe is None or (isinstance(statement, ast.SelectStmt) and not reads_user_relation):
@@ -84,7 +99,81 @@ def _probe_in(statement: ast.Node | None, nodes: tuple[ast.Node, ...]) -> Findin
                          "of injected catalog or server probing; read metadata in a statement of its own")
 
 
-def _is_system_information(node: ast.Node) -> bool:
+def is_system_information(node: ast.Node) -> bool:
     if isinstance(node, ast.FuncCall):
         return function_name(node) in SYSTEM_INFORMATION_FUNCTIONS
     return isinstance(node, ast.SQLValueFunction) and node.op in SYSTEM_INFORMATION_VALUES
+
+
+def _server_probe(nodes: tuple[ast.Node, ...]) -> Finding | None:
+    """For roles whose SQL people write: a login catalog or a server value where injected input lands."""
+    if not reads_user_relation(nodes):
+        return None
+    for position in probe_positions(nodes):
+        for node, ancestors in walk_with_parents(position.root):
+            if isinstance(node, ast.RangeVar):
+                if is_catalog_relation(node) and str(node.relname).lower() in SERVER_CATALOGS:
+                    return Finding(RULE, f"the {position.place} reads {node.relname}, which lists logins, "
+                                         "settings or sessions, in a query over user data: the shape of "
+                                         "injected catalog probing; query the catalog on its own")
+                continue
+            if not _is_server_value(node) or _compared_with_row(node, ancestors) or _per_row(node):
+                continue
+            in_subquery = any(isinstance(ancestor, ast.SubLink) for ancestor in ancestors)
+            if position.place == "condition" and not in_subquery and _names_user(node):
+                continue
+            return Finding(RULE, f"the {position.place} computes with `{quote(node)}` (who or where the "
+                                 "server runs) in a query over user data: the shape of injected server "
+                                 "probing; read it in a statement of its own, or compare a column with it")
+    return None
+
+
+def _is_server_value(node: ast.Node) -> bool:
+    """A system-information value other than a custom setting (`current_setting('app.tenant')`)."""
+    if not is_system_information(node):
+        return False
+    if isinstance(node, ast.FuncCall) and function_name(node) == "current_setting" and node.args:
+        name = node.args[0]
+        return not (isinstance(name, ast.A_Const) and isinstance(name.val, ast.String)
+                    and "." in str(name.val.sval))
+    return True
+
+
+def _names_user(node: ast.Node) -> bool:
+    if isinstance(node, ast.SQLValueFunction):
+        return True  # current_user, session_user, current_role, user, current_catalog, current_schema
+    return isinstance(node, ast.FuncCall) and function_name(node) in USER_VALUES
+
+
+def _per_row(node: ast.Node) -> bool:
+    """A system function of the row's values (`pg_has_role(owner, 'member')`): not one server value."""
+    return isinstance(node, ast.FuncCall) and bool(node.args) and not is_row_independent(node)
+
+
+def _compared_with_row(node: ast.Node, ancestors: tuple[ast.Node, ...]) -> bool:
+    """Is the value (through casts, coalesce, or for the user's name the `(SELECT current_user)` wrapper
+    of row-security policies) one side of a comparison whose other side reads the row?"""
+    value, index = node, len(ancestors) - 1
+    while index >= 0:
+        parent = ancestors[index]
+        if isinstance(parent, _COMPARED_THROUGH):
+            value, index = parent, index - 1
+        elif (isinstance(parent, ast.ResTarget) and index >= 2 and _names_user(node)
+              and isinstance(ancestors[index - 2], ast.SubLink) and _is_value_wrapper(ancestors[index - 1])):
+            value, index = ancestors[index - 2], index - 3
+        else:
+            break
+    if index < 0:
+        return False
+    comparison = ancestors[index]
+    if not (isinstance(comparison, ast.A_Expr) and is_comparison(comparison)):
+        return False
+    rest = comparison.rexpr if isinstance(comparison.rexpr, tuple | list) else (comparison.rexpr,)
+    others = [side for side in (comparison.lexpr, *rest) if isinstance(side, ast.Node) and side is not value]
+    return any(not is_row_independent(side) for side in others)
+
+
+def _is_value_wrapper(select: ast.Node) -> bool:
+    """`SELECT value` with no FROM, WHERE or anything else: `(SELECT current_user)`."""
+    return (isinstance(select, ast.SelectStmt) and not select.fromClause and select.whereClause is None
+            and len(select.targetList or ()) == 1 and select.larg is None)

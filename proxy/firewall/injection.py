@@ -12,6 +12,7 @@ from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.inference import find_inference_probe
 from proxy.firewall.obfuscation import find_char_obfuscation
 from proxy.firewall.server_files import find_server_side_file
+from proxy.firewall.sort_key import find_sort_key_probe
 from proxy.firewall.stacked import find_stacked_statements
 from proxy.firewall.statement import Finding, SubmittedSql
 from proxy.firewall.tautology import find_tautology
@@ -31,6 +32,7 @@ INJECTION_RULES: tuple[InjectionRule, ...] = (
     find_union_extraction,
     find_error_based_extraction,
     find_catalog_probe,
+    find_sort_key_probe,
     find_tautology,
     find_inference_probe,
 )

@@ -93,6 +93,8 @@ def _depends_on_literals(submitted: SubmittedSql) -> bool:
             return True  # `1=1` is the builder idiom, `2=2` a tautology (rule tautology)
         if isinstance(node, ast.FuncCall) and function_name(node) in _SIZED_BY_LITERALS:
             return True  # the size of the series or string decides (rule time-based-probe)
+        if isinstance(node, ast.FuncCall) and function_name(node) == "current_setting":
+            return True  # a custom setting ('app.tenant') is the application's, a built-in one a probe
         if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.OR_EXPR:
             return True  # `id = 10 OR id > -1` widens, `OR x LIKE '%'` matches all (rule tautology)
         if (isinstance(node, ast.A_Expr) and operator_name(node) in ("*", "/")

@@ -3,8 +3,12 @@
 Caught (application roles): `pg_sleep(5)`, `pg_sleep_for('5 s')`, `pg_sleep_until(...)` anywhere,
 `generate_series(1, 5000000)` spanning more than 100,000 values given as literals (the heavy-query
 probe), `repeat('x', 10000000)` longer than 1,000,000 characters.
+For every role (people included) the same calls are caught inside a condition, a sort key or
+LIMIT/OFFSET of a statement over user tables: `ORDER BY (SELECT 1 FROM pg_sleep(5))`,
+`WHERE name = 'x' || (SELECT '' FROM pg_sleep(5)) || ''`, `LIMIT (SELECT 20 FROM pg_sleep(5))`.
 Let through: `generate_series` over small ranges, dates or columns; `repeat` of short strings. Roles
-that are not applications may sleep (people test timeouts and cancellation with it).
+that are not applications may sleep elsewhere (people test timeouts and cancellation with
+`SELECT pg_sleep(5)` or `SELECT *, pg_sleep(0.1) FROM t`).
 
 The outcome depends on literal values (the size of a series), so verdicts from this rule must not
 be shared between statements that differ only in literals.
@@ -19,6 +23,7 @@ from pglast import ast
 from pglast.enums import A_Expr_Kind
 
 from proxy.firewall.facts import DatabaseFacts
+from proxy.firewall.positions import probe_positions, reads_user_relation
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import function_name, operator_name, walk
 from proxy.policy.model import Role
@@ -32,7 +37,7 @@ MAX_REPEAT_COUNT = 1_000_000
 
 def find_time_based_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     if not role.application:
-        return None
+        return _probe_in_position(submitted)
     common_tables = {str(node.ctename).lower(): node for node in submitted.nodes
                      if isinstance(node, ast.CommonTableExpr) and node.ctename}
     for node in submitted.nodes:
@@ -46,6 +51,23 @@ def find_time_based_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFa
             continue
         if finding is not None:
             return finding
+    return None
+
+
+def _probe_in_position(submitted: SubmittedSql) -> Finding | None:
+    """A sleep or heavy call where injected input lands (a condition, a sort key, LIMIT/OFFSET) of a
+    statement over user tables: there it delays the page, which is all a time-based probe needs."""
+    if not any(isinstance(node, ast.FuncCall) for node in submitted.nodes):
+        return None
+    for raw in submitted.statements:
+        nodes = submitted.nodes if len(submitted.statements) == 1 else tuple(walk(raw.stmt))
+        if not reads_user_relation(nodes):
+            continue
+        for position in probe_positions(nodes):
+            for node in walk(position.root):
+                finding = _heavy_call(node) if isinstance(node, ast.FuncCall) else None
+                if finding is not None:
+                    return Finding(RULE, f"in the {position.place}: {finding.message}")
     return None
 
 

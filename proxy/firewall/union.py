@@ -7,6 +7,8 @@ branch that reads a relation; a UNION branch reading system catalogs or informat
 to one reading user tables; for application roles also FROM-less all-constant branches
 (`UNION SELECT 1,2,3`) and branches that are constants except one column
 (`UNION ALL SELECT NULL, password, NULL FROM users`).
+For every role also a branch that returns a server value (`current_user`, `version()`) where the
+first branch returns something else (`... UNION SELECT current_user, version(), 3`).
 Let through: UNIONs of ordinary queries (`SELECT a FROM t1 UNION SELECT a FROM t2`), totals rows
 computed from tables, VALUES lists, all-constant UNIONs that read no table.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 from pglast import ast
 from pglast.enums import SetOperation, SubLinkType
 
+from proxy.firewall.catalog_probe import is_system_information
 from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.inference import SensitiveReads
 from proxy.firewall.statement import Finding, SubmittedSql, quote
@@ -121,6 +124,10 @@ def _select_list_subquery(select: ast.SelectStmt, reads: SensitiveReads) -> Find
 def _union_finding(leaves: list[ast.SelectStmt], role: Role, cte_names: set[str]) -> Finding | None:
     reads_user_data = any(_user_relations(leaf, cte_names) for leaf in leaves)
     reads_a_relation = any(leaf.fromClause for leaf in leaves)
+    if reads_a_relation:
+        finding = _branch_appends_server_values(leaves)
+        if finding is not None:
+            return finding
     for leaf in leaves:
         if leaf.valuesLists:
             continue
@@ -148,6 +155,27 @@ def _union_finding(leaves: list[ast.SelectStmt], role: Role, cte_names: set[str]
                 "UNION-based extraction; select real columns in every branch",
             )
     return None
+
+
+def _branch_appends_server_values(leaves: list[ast.SelectStmt]) -> Finding | None:
+    """A later branch returns a server value (`current_user`, `version()`, `inet_server_addr()`) where
+    the first branch returns something else: `... UNION SELECT current_user, version(), 3`."""
+    first = [_server_value_in(value) is not None for value in _targets(leaves[0])]
+    for leaf in leaves[1:]:
+        for position, value in enumerate(_targets(leaf)):
+            found = _server_value_in(value)
+            if found is not None and not (position < len(first) and first[position]):
+                return Finding(
+                    RULE,
+                    f"the UNION branch `{quote(leaf)}` returns `{quote(found)}` (who or where the server "
+                    "runs) where the first branch returns something else, the shape of UNION-based "
+                    "server probing; read it in a statement of its own",
+                )
+    return None
+
+
+def _server_value_in(value: ast.Node) -> ast.Node | None:
+    return next((node for node in walk(value) if is_system_information(node)), None)
 
 
 def _user_relations(leaf: ast.SelectStmt, cte_names: set[str]) -> list[ast.RangeVar]:

@@ -1,0 +1,63 @@
+"""Rule `sort-key-probe`: a sort key or row count that a value, the same for every row, decides.
+
+Injected into `ORDER BY <input>` or `LIMIT/OFFSET <input>`, a probe cannot add a condition; it shows
+its answer through the order or the number of rows (or an error, or the time taken):
+`ORDER BY (SELECT 1 FROM pg_sleep(5))`, `ORDER BY id, (SELECT usename FROM pg_user LIMIT 1)`,
+`ORDER BY CASE WHEN starts_with((SELECT usename FROM pg_user LIMIT 1), 'p') THEN id ELSE name END`,
+`LIMIT CASE WHEN EXISTS (SELECT 1 FROM pg_user WHERE usename LIKE 'p%') THEN 1 ELSE 0 END`.
+Caught (every role): a statement sort key that is the same for every row and is computed by a
+subquery; a CASE in a sort key, LIMIT or OFFSET whose condition is the same for every row and is
+computed (a subquery or a function call, without parameters).
+Let through: sort keys of columns and expressions of them (`ORDER BY lower(name)`, `ORDER BY
+owner = current_user DESC`), `ORDER BY random()`, positions (`ORDER BY 2`), correlated subqueries
+(`ORDER BY (SELECT count(*) FROM lines l WHERE l.order_id = o.id)`), CASE on a parameter (`ORDER BY
+CASE WHEN $1 = 'name' THEN name END`), row counts from subqueries (`LIMIT (SELECT count(*) / 10
+FROM t)`), window and aggregate ORDER BY (`row_number() OVER (ORDER BY (SELECT NULL))`).
+"""
+
+from __future__ import annotations
+
+from pglast import ast
+
+from proxy.firewall.facts import DatabaseFacts
+from proxy.firewall.positions import probe_positions
+from proxy.firewall.statement import Finding, SubmittedSql, quote
+from proxy.firewall.tree import is_row_independent, walk
+from proxy.policy.model import Role
+
+RULE = "sort-key-probe"
+_COMPUTED = (ast.SubLink, ast.FuncCall, ast.SQLValueFunction)
+
+
+def find_sort_key_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
+    if not any(isinstance(node, ast.SortBy | ast.CaseExpr) for node in submitted.nodes):
+        return None
+    for position in probe_positions(submitted.nodes):
+        if position.place == "condition":
+            continue
+        key = position.root
+        if (position.place == "sort key" and is_row_independent(key)
+                and any(isinstance(node, ast.SubLink) for node in walk(key))):
+            return Finding(RULE, f"the sort key `{quote(key)}` is the same for every row, so it orders "
+                                 "nothing: the shape of a probe injected into ORDER BY; sort by columns")
+        for node in walk(key):
+            if not isinstance(node, ast.CaseExpr):
+                continue
+            for test in _case_conditions(node):
+                if _is_fixed_and_computed(test):
+                    return Finding(RULE, f"the {position.place} `{quote(key)}` is chosen by `{quote(test)}`, "
+                                         "which is the same for every row: the shape of a boolean probe "
+                                         "injected into ORDER BY, LIMIT or OFFSET; choose with a parameter")
+    return None
+
+
+def _case_conditions(case: ast.CaseExpr) -> list[ast.Node]:
+    if case.arg is not None:
+        return [case.arg]  # `CASE (SELECT ...) WHEN 'p' THEN ...`: the tested value decides
+    return [when.expr for when in case.args or () if isinstance(when, ast.CaseWhen) and when.expr is not None]
+
+
+def _is_fixed_and_computed(test: ast.Node) -> bool:
+    nodes = list(walk(test))
+    return (is_row_independent(test) and not any(isinstance(node, ast.ParamRef) for node in nodes)
+            and any(isinstance(node, _COMPUTED) for node in nodes))
