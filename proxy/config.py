@@ -17,6 +17,7 @@ DEFAULT_MAX_STATEMENT_SIZE = 1024 * 1024
 takes the guard seconds and a few hundred MB."""
 DEFAULT_MAX_CONNECTIONS = 500
 DEFAULT_MAX_LOGINS_PER_ADDRESS = 32
+DEFAULT_MAX_QUEUED_LOGINS_PER_ADDRESS = 1000
 """Client connections one pgveil process serves at once; each holds one PostgreSQL connection."""
 
 
@@ -190,6 +191,7 @@ class Settings:
     max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_logins_per_address: int = DEFAULT_MAX_LOGINS_PER_ADDRESS
+    max_queued_logins_per_address: int = DEFAULT_MAX_QUEUED_LOGINS_PER_ADDRESS
     startup_timeout: float = 10.0
     drain_timeout: float = 30.0
     log_level: str = "info"
@@ -229,13 +231,17 @@ class Settings:
         if self.max_logins_per_address < 0:
             raise SettingsError("max_logins_per_address must be 0 (no limit) or more, "
                                 f"not {self.max_logins_per_address}")
+        if self.max_queued_logins_per_address < 0:
+            raise SettingsError("max_queued_logins_per_address must be 0 (refuse at once) or more, "
+                                f"not {self.max_queued_logins_per_address}")
         if self.startup_timeout <= 0 or self.drain_timeout < 0:
             raise SettingsError("startup_timeout must be positive and drain_timeout not negative")
         return self
 
 
 _FIELDS = {f.name: f for f in fields(Settings) if f.name != "extra"}
-_INT_KEYS = {"workers", "max_message_size", "max_statement_size", "max_connections", "max_logins_per_address"}
+_INT_KEYS = {"workers", "max_message_size", "max_statement_size", "max_connections", "max_logins_per_address",
+             "max_queued_logins_per_address"}
 _FLOAT_KEYS = {"startup_timeout", "drain_timeout"}
 
 

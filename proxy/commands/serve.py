@@ -41,9 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="client connections each worker process serves at once; "
                              "more are refused with SQLSTATE 53300 (500)")
     parser.add_argument("--max-logins-per-address", metavar="N", type=int,
-                        help="connections from one client address still starting up or logging in "
-                             "(each holds a PostgreSQL connection); more are refused with SQLSTATE "
-                             "53300; 0: no limit (32)")
+                        help="connections from one client address logging in at once (each holds a "
+                             "PostgreSQL connection); more wait in line; 0: no limit (32)")
+    parser.add_argument("--max-queued-logins-per-address", metavar="N", type=int,
+                        help="logins from one client address that wait (holding no PostgreSQL "
+                             "connection, at most --startup-timeout) for one of its "
+                             "--max-logins-per-address places; more are refused with SQLSTATE 53300 (1000)")
     parser.add_argument("--startup-timeout", metavar="SECONDS", type=float,
                         help="time a client has to start up and authenticate (10)")
     parser.add_argument("--drain-timeout", metavar="SECONDS", type=float,

@@ -19,6 +19,7 @@ from proxy.native import compiled
 from proxy.session import relay as _relay
 from proxy.session.cancel import CancelKeys
 from proxy.session.endpoint import ConnectionClosed, Endpoint
+from proxy.session.logins import LoginLine
 from proxy.session.observer import NullObserver, RelayObserver
 from proxy.session.upstream import UpstreamUnavailable, connect, send_cancel, upstream_tls_context
 from proxy.wire import (
@@ -104,9 +105,9 @@ class SessionContext:
     connection); at most settings.max_connections."""
     refusals: RateLimitedWarning = field(default_factory=RateLimitedWarning)
     """The log line of clients refused over a limit."""
-    logging_in: dict[str, int] = field(default_factory=dict)
-    """Admitted sessions not yet authenticated, by client host (TCP only); at most
-    settings.max_logins_per_address each."""
+    logins: LoginLine = field(init=False)
+    """TCP sessions past their startup packet and not yet authenticated, by client host: at most
+    settings.max_logins_per_address hold a PostgreSQL connection, the rest wait in line."""
     draining: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -114,6 +115,8 @@ class SessionContext:
         self.target = self.settings.upstream_target
         self.upstream_tls = upstream_tls_context(self.target)
         self.cancel_keys = CancelKeys(self.cancel_secret)
+        self.logins = LoginLine(self.settings.max_logins_per_address,
+                                self.settings.max_queued_logins_per_address)
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -143,7 +146,8 @@ class Session:
         self._capped_minor = False
         self._linger = False  # a FATAL went to the client before relaying: close gently
         self._admitted = False  # counted in context.admitted
-        self._logging_in: str | None = None  # the client host this session counts in context.logging_in
+        self._logging_in: str | None = None  # the client host whose login place this session holds
+        self._waited_for: str | None = None  # the client host in whose login line this session waits
         self._refused: str | None = None  # why startup ended without relaying, when pgveil said no
         # whoever can reach the port may send this much per message until authenticated
         client.buffer.max_message_size = min(PG_MAX_AUTH_TOKEN_LENGTH, context.settings.max_message_size)
@@ -160,6 +164,10 @@ class Session:
                 async with asyncio.timeout(context.settings.startup_timeout):
                     started = await self._start()
             except TimeoutError:
+                if self._waited_for is not None:
+                    self._refuse_logins_waited_too_long(self._waited_for)
+                    reason = self._refused or "startup timed out waiting in the login line"
+                    return
                 reason = f"startup timed out in phase '{self.state.phase.value}'"
                 log.warning("%s: %s", self.label, reason)
                 self._fatal("08P01", "pgveil: startup: timed out waiting for the client; reconnect")
@@ -190,6 +198,7 @@ class Session:
             log.exception("%s: internal error", self.label)
             self._fatal("XX000", "pgveil: internal error; the pgveil log says more")
         finally:
+            self._logged_in()  # the next login in line need not wait for the linger
             try:
                 if self._linger and not context.draining:
                     await self._drop_input_until_closed()
@@ -199,7 +208,6 @@ class Session:
                 if self._admitted:
                     self._admitted = False
                     context.admitted -= 1
-                self._logged_in()
                 context.sessions.discard(self)
                 context.observer.connection_closed(self.connection_id, reason)
                 log.debug("%s: closed (%s)", self.label, reason)
@@ -260,7 +268,7 @@ class Session:
         startup = await self._read_startup()
         if startup is None:
             return False
-        if not self._admit():
+        if not await self._admit():
             return False
         params = startup.as_dict()
         user = params.get("user")
@@ -313,46 +321,91 @@ class Session:
             self.relay.drain()
         return True
 
-    def _admit(self) -> bool:
+    async def _admit(self) -> bool:
         """Take one of the max_connections places and, for a TCP client, one of its address's
-        max_logins_per_address places, or refuse the client (53300) with no PostgreSQL connection
-        opened. Cancel requests never get here, so they are not counted."""
-        context = self.context
-        limit = context.settings.max_connections
-        if context.admitted >= limit:
-            self._refuse_over_limit(
-                "too many connections", f"{context.admitted} open, --max-connections {limit}",
-                f"pgveil: too-many-connections: this pgveil process already serves {limit} client "
-                "connections; try again later (raise --max-connections or use a pooler in front)")
+        max_logins_per_address login places, waiting in its address's line (holding no PostgreSQL
+        connection) while they are all taken; or refuse the client (53300) with no PostgreSQL
+        connection opened. Cancel requests never get here, so they are not counted."""
+        if self._over_max_connections():
             return False
         host = self.client.host
-        per_address = context.settings.max_logins_per_address
-        if host is not None and per_address:
-            pending = context.logging_in.get(host, 0)
-            if pending >= per_address:
+        if host is not None and self.context.settings.max_logins_per_address:
+            logins = self.context.logins
+            turn = logins.enter(host)
+            if turn is None:
                 self._refuse_over_limit(
                     "too many logins from one address",
-                    f"{pending} from {host} still logging in, --max-logins-per-address {per_address}",
-                    f"pgveil: too-many-logins: {pending} connections from {host} are still logging in; "
-                    "try again later (raise --max-logins-per-address)")
+                    f"{logins.pending(host)} from {host} still logging in, --max-logins-per-address "
+                    f"{logins.per_address} and --max-queued-logins-per-address {logins.queue_per_address}",
+                    f"pgveil: too-many-logins: {logins.pending(host)} connections from {host} are still "
+                    "logging in; try again later (raise --max-queued-logins-per-address)")
                 return False
-            context.logging_in[host] = pending + 1
+            waited = not turn.done()
+            if waited:
+                await self._wait_in_line(host, turn)
             self._logging_in = host
-        context.admitted += 1
+            if waited and self._over_max_connections():  # others took the places while it waited
+                return False
+        self.context.admitted += 1
         self._admitted = True
         return True
 
+    def _over_max_connections(self) -> bool:
+        context = self.context
+        limit = context.settings.max_connections
+        if context.admitted < limit:
+            return False
+        self._refuse_over_limit(
+            "too many connections", f"{context.admitted} open, --max-connections {limit}",
+            f"pgveil: too-many-connections: this pgveil process already serves {limit} client "
+            "connections; try again later (raise --max-connections or use a pooler in front)")
+        return True
+
+    async def _wait_in_line(self, host: str, turn: asyncio.Future[None]) -> None:
+        """Wait for a login place of `host`; the client leaving, the startup timeout or a drain
+        ends the wait (raising) and gives up the place in line."""
+        client = self.client
+        left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def lost(exc: Exception | None) -> None:
+            if not left.done():
+                left.set_result(None)
+
+        client.on_lost = lost
+        self._waited_for = host
+        try:
+            if not client.lost:
+                await asyncio.wait((turn, left), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self.context.logins.give_up(host, turn)
+            raise
+        finally:
+            client.on_lost = None
+            if not left.done():
+                left.cancel()
+        self._waited_for = None
+        if not turn.done() or turn.cancelled():
+            self.context.logins.give_up(host, turn)
+            raise ConnectionClosed("client left while waiting to log in")
+
+    def _refuse_logins_waited_too_long(self, host: str) -> None:
+        settings = self.context.settings
+        pending = self.context.logins.pending(host)
+        self._refuse_over_limit(
+            "too many logins from one address",
+            f"waited --startup-timeout {settings.startup_timeout:g}s in line, {pending} from {host} "
+            f"still logging in, --max-logins-per-address {settings.max_logins_per_address}",
+            f"pgveil: too-many-logins: {pending} connections from {host} are still logging in; "
+            f"waited {settings.startup_timeout:g}s for one to finish; try again later "
+            "(raise --max-logins-per-address or --startup-timeout)")
+
     def _logged_in(self) -> None:
-        """Authentication is over (or the session is): it no longer counts as logging in."""
+        """Authentication is over (or the session is): its login place goes to the next in line."""
         host = self._logging_in
         if host is None:
             return
         self._logging_in = None
-        remaining = self.context.logging_in[host] - 1
-        if remaining:
-            self.context.logging_in[host] = remaining
-        else:
-            del self.context.logging_in[host]
+        self.context.logins.leave(host)
 
     def _refuse_over_limit(self, reason: str, detail: str, message: str) -> None:
         self._refused = reason
