@@ -73,6 +73,29 @@ class ConnectionPolicy(Protocol):
         Optional: the relay calls it only on policies that define it."""
 
 
+class FastPath(Protocol):
+    """Optional synchronous answers of a ConnectionPolicy for the common case (a statement whose
+    verdict is cached, a request that changed nothing), so the relay makes one plain call for it
+    instead of awaiting a coroutine per layer. Each answers None (or False) to decline before
+    changing anything; the relay then calls the async hook, which decides as if asked first."""
+
+    def fast_query(self, sql: str) -> Verdict | None:
+        """on_query's answer, or None."""
+
+    def fast_bind(self, statement_name: str) -> Verdict | None:
+        """on_bind's verdict for a re-execution, or None (never for 'nothing to decide')."""
+
+    def fast_complete(self, outcome: Outcome) -> bool:
+        """Did what on_complete would do (True), or nothing (False)."""
+
+
+def fast_path_of(policy: object) -> FastPath | None:
+    """`policy` if it has the whole FastPath, else None."""
+    if all(callable(getattr(policy, name, None)) for name in ("fast_query", "fast_bind", "fast_complete")):
+        return policy  # type: ignore[return-value]
+    return None
+
+
 class PassThrough:
     """No policy: every statement is relayed unchanged (used when --policy is omitted)."""
 

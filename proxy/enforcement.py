@@ -30,6 +30,7 @@ from proxy.guard.verdict import Allow, Refuse, Verdict
 from proxy.policy.loader import hash_key, load_policy, policy_uses_hash
 from proxy.policy.model import Policy, Role
 from proxy.prepared import (
+    SESSION_OBJECT_KEYWORDS,
     UNCERTAIN,
     Effects,
     Key,
@@ -198,6 +199,10 @@ class Enforcement:
 
     def may_refresh_for_unknown_relation(self) -> bool:
         return time.monotonic() - self._last_refresh > _UNKNOWN_RELATION_REFRESH_SECONDS
+
+    def catalog_checked_lately(self) -> bool:
+        """`fresh_catalog(required=False)` would answer True without asking PostgreSQL."""
+        return time.monotonic() - self._last_catalog_check < _CATALOG_CHECK_SECONDS
 
 
 @dataclass
@@ -470,6 +475,67 @@ class GuardedConnection:
             self._ddl_in_transaction = True
             await self.enforcement.refresh_catalog()
 
+    # -- the cache-hit fast path ----------------------------------------------------------------
+    # A statement whose verdict is in the verdict cache, decided without a coroutine. Whatever the
+    # async path would do differently (a refusal, a fingerprint check, catalog freshness to ask
+    # PostgreSQL about, session effects or DDL to follow, prepared statements or cursors to track)
+    # makes it decline (None) before anything of the session changed; the relay then asks on_query
+    # or on_bind, which decide again from scratch.
+
+    def fast_query(self, sql: str) -> Verdict | None:
+        """on_query's verdict for a cache hit that needs nothing more, or None (ask on_query)."""
+        if len(sql) >= LONG_STATEMENT:
+            return None
+        role = self._fast_role()
+        if role is None:
+            return None
+        cache = self.enforcement.cache
+        hit = cache.lookup(sql, self.context_and_key(role)[1])
+        if hit is None:
+            cache.misses -= 1  # on_query looks it up again and counts the miss
+            return None
+        verdict = hit.verdict
+        if (isinstance(verdict, Refuse) or hit.effects or hit.ddl
+                or (self._judged_by_definitions(role) and _reads_definitions(verdict))
+                or _may_use_session_objects(sql)):
+            cache.hits -= 1
+            return None
+        self.prepared.call()
+        self._pending_effects, self._pending_ddl = (), False
+        return verdict
+
+    def fast_bind(self, statement_name: str) -> Verdict | None:
+        """on_bind's verdict for a prepared statement still valid as it was prepared, or None."""
+        role = self._fast_role()
+        if role is None:
+            return None
+        entry = self.prepared.current(("statement", statement_name))
+        if (not isinstance(entry, Prepared) or isinstance(entry.verdict, Refuse) or entry.effects or entry.ddl
+                or entry.events or not _same_basis(entry.basis, self._basis(role))
+                or (self._judged_by_definitions(role) and _reads_definitions(entry.verdict))):
+            return None
+        self.prepared.call()
+        self._pending_effects, self._pending_ddl = (), False
+        return entry.verdict
+
+    def fast_complete(self, outcome: Outcome) -> bool:
+        """on_complete of a request that leaves no session effect or DDL to follow; else False."""
+        if self._pending_effects or self._pending_ddl:
+            return False
+        self.prepared.complete(outcome.verdicts + outcome.closes, ok=outcome.sqlstate is None)
+        return True
+
+    def _fast_role(self) -> Role | None:
+        """The role when the fast path may decide for it: no session refusal, no fingerprint
+        allow-list (its approvals are read with an await), a recent catalog check when it is
+        judged by definitions; else None."""
+        role = self.role()
+        if role is None or role.fingerprints != "off" or self._session_refusal(role) is not None:
+            return None
+        if self._judged_by_definitions(role) and not self.enforcement.catalog_checked_lately():
+            return None
+        return role
+
     # -- prepared statements and cursors ------------------------------------------------------
     def _basis(self, role: Role | None) -> tuple[object, ...]:
         return (self.enforcement.state, role, self.session.search_path,
@@ -716,6 +782,12 @@ def _reads_definitions(verdict: Verdict) -> bool:
     did not find): the catalog must be current before it is used."""
     unknown = isinstance(verdict, Refuse) and verdict.rule in ("unknown-relation", "unknown-function")
     return unknown or verdict.info.reads_definitions
+
+
+def _may_use_session_objects(sql: str) -> bool:
+    """`sql` may PREPARE, EXECUTE, DECLARE, FETCH, ... (session_object_events would parse it)."""
+    lowered = sql.lower()
+    return any(keyword in lowered for keyword in SESSION_OBJECT_KEYWORDS)
 
 
 def _same_basis(stored: tuple[object, ...], now: tuple[object, ...]) -> bool:

@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from proxy.audit.identity import policy_version_of, role_name_of
-from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome
+from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome, fast_path_of
 from proxy.guard.verdict import Refuse, Verdict
 from proxy.session.observer import Traffic
 
@@ -273,6 +273,7 @@ class MeteredConnection:
         self.inner = inner
         self.metrics = metrics
         self._last_refused = False
+        self._fast = fast_path_of(inner)
 
     @property
     def role_name(self) -> str | None:
@@ -328,6 +329,34 @@ class MeteredConnection:
             if outcome.sqlstate:
                 self.metrics.statement_errors[(outcome.sqlstate[:2],)] += 1
         await self.inner.on_complete(outcome)
+
+    # FastPath: the inner policy's synchronous answers, counted alike.
+
+    def fast_query(self, sql: str) -> Verdict | None:
+        fast = self._fast
+        if fast is None:
+            return None
+        started = time.perf_counter()
+        verdict = fast.fast_query(sql)
+        return None if verdict is None else self._count(verdict, started)
+
+    def fast_bind(self, statement_name: str) -> Verdict | None:
+        fast = self._fast
+        if fast is None:
+            return None
+        started = time.perf_counter()
+        verdict = fast.fast_bind(statement_name)
+        return None if verdict is None else self._count(verdict, started)
+
+    def fast_complete(self, outcome: Outcome) -> bool:
+        fast = self._fast
+        if fast is None or not fast.fast_complete(outcome):
+            return False
+        if outcome.verdicts and not self._last_refused:
+            self.metrics.upstream_seconds.observe(outcome.upstream_seconds)
+            if outcome.sqlstate:
+                self.metrics.statement_errors[(outcome.sqlstate[:2],)] += 1
+        return True
 
 
 Readiness = Callable[[], Awaitable[bool]]

@@ -65,7 +65,8 @@ UNCERTAIN: Final = _Uncertain()
 State = Prepared | _Uncertain | None
 
 
-_KEYWORDS = ("execute", "prepare", "deallocate", "discard", "declare", "fetch", "move", "close")
+SESSION_OBJECT_KEYWORDS = ("execute", "prepare", "deallocate", "discard", "declare", "fetch", "move", "close")
+"""Lower-cased, one of these is in every statement that has session object events."""
 
 
 def session_object_events(sql: str) -> tuple[SessionObjectEvent, ...]:
@@ -75,7 +76,7 @@ def session_object_events(sql: str) -> tuple[SessionObjectEvent, ...]:
     lower() does; lower() may find more, never fewer, which only costs a parse).
     Raises pglast.parser.ParseError for text PostgreSQL would not parse either."""
     lowered = sql.lower()
-    for keyword in _KEYWORDS:
+    for keyword in SESSION_OBJECT_KEYWORDS:
         if keyword in lowered:
             break
     else:

@@ -23,7 +23,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
-from proxy.connection_policy import REPORTED_SETTINGS, ConnectionPolicy, Outcome, PassThrough
+from proxy.connection_policy import (
+    REPORTED_SETTINGS,
+    ConnectionPolicy,
+    FastPath,
+    Outcome,
+    PassThrough,
+    fast_path_of,
+)
 from proxy.guard.verdict import Allow, Refuse, Rewrite, Verdict
 from proxy.session.eager import after, resume_later
 from proxy.session.endpoint import Endpoint
@@ -195,6 +202,8 @@ class Relay:
         # Policies that follow the session's settings hear PostgreSQL's ParameterStatus reports.
         self._parameter_status: Callable[[str, str], None] | None = (
             None if transparent else getattr(policy, "on_parameter_status", None))
+        # Its synchronous answers for the common case (a cached verdict), tried before the hooks.
+        self._fast: FastPath | None = None if transparent else fast_path_of(policy)
         if transparent:
             watched = _UPSTREAM_WATCHED_TRANSPARENT
         else:
@@ -328,15 +337,30 @@ class Relay:
             batch = self._open_batch
             if batch is not None and batch.parsed is not None and message.statement in batch.parsed:
                 return message, _COVERED
-            return message, self._call(policy.on_bind, message.statement)
+            answer = self._fast_answer(tag, message.statement)
+            return message, answer if answer is not None else self._call(policy.on_bind, message.statement)
         if tag == _Q:
             message = Query.decode(body)
-            return message, self._call(policy.on_query, message.sql)
+            answer = self._fast_answer(tag, message.sql)
+            return message, answer if answer is not None else self._call(policy.on_query, message.sql)
         if tag == _P:
             message = Parse.decode(body)
             return message, self._call(policy.on_parse, message.statement, message.sql, message.param_types)
         message = FunctionCall.decode(body)
         return message, self._call(policy.on_function_call, message.function_oid)
+
+    def _fast_answer(self, tag: int, argument: str) -> Verdict | None:
+        """The policy's synchronous verdict for a Query's SQL or a Bind's statement (FastPath) when
+        no policy call is pending (answers keep their order); None: ask the async hook."""
+        fast = self._fast
+        lane = self._lane
+        if fast is None or (lane is not None and not lane.done()):
+            return None
+        try:
+            return fast.fast_query(argument) if tag == _Q else fast.fast_bind(argument)
+        except Exception:
+            log.exception("%s: the policy raised; refusing", self._label)
+            return INTERNAL_ERROR
 
     def _call(self, method: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
         """Policy calls run one at a time, in order. An answer that is ready is returned as it is
@@ -672,6 +696,15 @@ class Relay:
         outcome = Outcome(rows=request.rows, sqlstate=request.sqlstate,
                           upstream_seconds=max(0.0, now - started), verdicts=request.verdicts,
                           closes=request.closes)
+        fast = self._fast
+        lane = self._lane
+        if fast is not None and (lane is None or lane.done()):
+            try:
+                if fast.fast_complete(outcome):
+                    return
+            except Exception:
+                log.exception("%s: on_complete raised", self._label)
+                return
         answer = self._call(self._policy.on_complete, outcome)
         if isinstance(answer, asyncio.Future):
             answer.add_done_callback(self._log_failure)
