@@ -22,6 +22,10 @@ PAYLOADS = json.loads((CORPUS / "injection_payloads.json").read_text())
 
 APPLICATION = Role(name="fw_shop_app", members=("fw_shop",), application=True, injection="enforce")
 ANALYST = Role(name="fw_analyst", members=("fw_alice",), injection="enforce")
+# A role an application logs in as without being marked `application: true` (issue 13: probes in
+# sort keys, server values and FROM-less UNION branches went through for it).
+UNMARKED_APPLICATION = Role(name="fw_shop_unmarked", members=("fw_shop2",), injection="enforce")
+CONTEXTS = {"string", "number", "like", "order_by", "limit", "offset"}
 
 # Payloads that PostgreSQL accepts but that no rule should refuse, and why.
 EXPLAINED_MISSES = {
@@ -66,22 +70,30 @@ def explained_miss(sql: str) -> str | None:
     return next((reason for reason, pattern in EXPLAINED_MISSES.items() if pattern.search(sql)), None)
 
 
-def test_payload_corpus_covers_four_injection_contexts_and_every_sqlmap_technique() -> None:
+def test_payload_corpus_covers_six_injection_contexts_and_every_sqlmap_technique() -> None:
     valid = [entry for entry in PAYLOADS if entry["valid"]]
-    assert set(Counter(entry["context"] for entry in valid)) == {"string", "number", "like", "order_by"}
+    assert set(Counter(entry["context"] for entry in valid)) == CONTEXTS
     assert {entry["family"] for entry in valid} >= {
         "boolean_blind", "error_based", "inline_query", "stacked_queries", "time_blind", "union_query",
-        "classic",
+        "classic", "context_probe",
     }
-    assert len(valid) > 500
+    assert len(valid) > 800
 
 
-def test_every_valid_payload_is_refused_for_an_application_role_in_enforce_mode() -> None:
+def test_hand_written_probes_are_placed_in_every_context() -> None:
+    probes = Counter(entry["context"] for entry in PAYLOADS
+                     if entry["valid"] and entry["family"] == "context_probe")
+    assert set(probes) == CONTEXTS
+    assert min(probes.values()) >= 7
+
+
+@pytest.mark.parametrize("role", [APPLICATION, UNMARKED_APPLICATION], ids=["application", "unmarked"])
+def test_every_valid_payload_is_refused_in_enforce_mode(role: Role) -> None:
     let_through = []
     for entry in PAYLOADS:
         if not entry["valid"]:
             continue
-        screening = screen_injection(SubmittedSql.parse(entry["sql"]), APPLICATION)
+        screening = screen_injection(SubmittedSql.parse(entry["sql"]), role)
         if screening.refusal is None and explained_miss(entry["sql"]) is None:
             let_through.append(entry["sql"])
     assert let_through == []

@@ -4,7 +4,8 @@ Caught: `COPY ... TO/FROM PROGRAM '...'` (for every role: it runs a shell comman
 for roles not allowed `admin` statements also `COPY t FROM '/etc/passwd'`, `COPY t TO '/tmp/x'`
 and the functions that read, list or write server files or reach other servers: `pg_read_file`,
 `pg_read_binary_file`, `pg_ls_dir` (and the other `pg_ls_*`), `pg_stat_file`, `lo_import`,
-`lo_export`, `dblink*`.
+`lo_export`, `dblink*`, and `CREATE FUNCTION ... LANGUAGE C` (it loads a library file from the
+server's disk: `AS '/lib/libc.so.6', 'sleep'`, sqlmap's stacked sleep).
 Let through: `COPY ... TO STDOUT` / `FROM STDIN` (the client's own data), large-object calls that
 do not name server files (`lo_get`, `lo_put`).
 """
@@ -40,8 +41,18 @@ def find_server_side_file(submitted: SubmittedSql, role: Role, facts: DatabaseFa
             if not administrator:
                 return Finding(RULE, f"COPY with the server file '{node.filename}' reads or writes files on "
                                      "the database server; use COPY ... TO STDOUT / FROM STDIN")
+        if not administrator and isinstance(node, ast.CreateFunctionStmt) and _language(node) == "c":
+            return Finding(RULE, "CREATE FUNCTION ... LANGUAGE C loads a library file from the database "
+                                 "server's disk and runs it; only administrators may")
         if (not administrator and isinstance(node, ast.FuncCall)
                 and function_name(node) in SERVER_FILE_FUNCTIONS):
             return Finding(RULE, f"`{quote(node)}` touches server files or other servers; "
                                  "only administrators may, and not through this role")
     return None
+
+
+def _language(function: ast.CreateFunctionStmt) -> str:
+    for option in function.options or ():
+        if option.defname == "language" and isinstance(option.arg, ast.String):
+            return str(option.arg.sval).lower()
+    return ""

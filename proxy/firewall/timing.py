@@ -5,7 +5,8 @@ Caught (application roles): `pg_sleep(5)`, `pg_sleep_for('5 s')`, `pg_sleep_unti
 probe), `repeat('x', 10000000)` longer than 1,000,000 characters.
 For every role (people included) the same calls are caught inside a condition, a sort key or
 LIMIT/OFFSET of a statement over user tables: `ORDER BY (SELECT 1 FROM pg_sleep(5))`,
-`WHERE name = 'x' || (SELECT '' FROM pg_sleep(5)) || ''`, `LIMIT (SELECT 20 FROM pg_sleep(5))`.
+`WHERE name = 'x' || (SELECT '' FROM pg_sleep(5)) || ''`, `LIMIT (SELECT 20 FROM pg_sleep(5))`, and
+in a statement stacked after such a statement in one query (`... ORDER BY price; SELECT pg_sleep(5)`).
 Let through: `generate_series` over small ranges, dates or columns; `repeat` of short strings. Roles
 that are not applications may sleep elsewhere (people test timeouts and cancellation with
 `SELECT pg_sleep(5)` or `SELECT *, pg_sleep(0.1) FROM t`).
@@ -56,12 +57,20 @@ def find_time_based_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFa
 
 def _probe_in_position(submitted: SubmittedSql) -> Finding | None:
     """A sleep or heavy call where injected input lands (a condition, a sort key, LIMIT/OFFSET) of a
-    statement over user tables: there it delays the page, which is all a time-based probe needs."""
+    statement over user tables, or in a statement stacked after one: there it delays the page, which
+    is all a time-based probe needs (psql sends a script's statements one query at a time)."""
     if not any(isinstance(node, ast.FuncCall) for node in submitted.nodes):
         return None
-    for raw in submitted.statements:
-        nodes = submitted.nodes if len(submitted.statements) == 1 else tuple(walk(raw.stmt))
-        if not reads_user_relation(nodes):
+    statements = [submitted.nodes if len(submitted.statements) == 1 else tuple(walk(raw.stmt))
+                  for raw in submitted.statements]
+    over_user_data = [reads_user_relation(nodes) for nodes in statements]
+    for nodes, reads_user_data in zip(statements, over_user_data, strict=True):
+        if not reads_user_data:
+            if any(over_user_data):  # `...; SELECT pg_sleep(5)` stacked after the application's query
+                finding = next((found for node in nodes if isinstance(node, ast.FuncCall)
+                                and (found := _heavy_call(node)) is not None), None)
+                if finding is not None:
+                    return Finding(RULE, f"stacked after a query over user data: {finding.message}")
             continue
         for position in probe_positions(nodes):
             for node in walk(position.root):

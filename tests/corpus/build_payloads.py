@@ -34,6 +34,9 @@ CONTEXTS = {
              "wid", 3, 1),
     "order_by": ("SELECT id, name, price FROM shop_products WHERE active ORDER BY {input} LIMIT 20",
                  "price", 1, 3),
+    "limit": ("SELECT id, name, price FROM shop_products WHERE active ORDER BY id LIMIT {input}", "20", 1, 4),
+    "offset": ("SELECT id, name, price FROM shop_products WHERE active ORDER BY id LIMIT 20 OFFSET {input}",
+               "0", 1, 5),
 }
 
 EXTRACTED = "COALESCE(CAST(usename AS VARCHAR(10000))::text,' ')"
@@ -80,6 +83,62 @@ CLASSIC = [
     ("order_by", "(SELECT 1 FROM pg_sleep(5))"), ("order_by", "price,(SELECT 1 WHERE 5323=5323)"),
 ]
 
+# Hand-written probes of the three classes issue 13 found forwarded for roles that are not marked
+# `application` (a sleep in a subquery, a subquery over a login catalog, a server value computed into
+# the value, a FROM-less UNION branch of server values), and the manual forms around them, placed in
+# every context. Each is PostgreSQL that runs against the shop table (tests/test_firewall_probes_e2e.py).
+_SERVER = ["(SELECT version())", "(SELECT current_user)", "(SELECT session_user)",
+           "(SELECT current_database())", "(SELECT inet_server_addr())", "(SELECT pg_backend_pid())",
+           "(SELECT current_setting('data_directory'))", "version()", "inet_server_addr()",
+           "current_setting('config_file')"]
+_LOGINS = ["(SELECT usename FROM pg_user LIMIT 1)", "(SELECT passwd FROM pg_shadow LIMIT 1)",
+           "(SELECT rolname FROM pg_roles LIMIT 1)", "(SELECT rolpassword FROM pg_authid LIMIT 1)"]
+_DELAYS = ["(SELECT '' FROM pg_sleep(5))", "(SELECT count(*) FROM generate_series(1, 50000000))",
+           "(SELECT CASE WHEN (SELECT count(*) FROM pg_user) > 0 THEN pg_sleep(5)::text ELSE '' END)",
+           "pg_sleep(5)::text"]
+_BOOLEAN = "(SELECT substr(usename, 1, 1) FROM pg_user LIMIT 1) = 'p'"
+_NO_TABLE = "FROM (VALUES (true)) v(active) WHERE TRUE"  # gives the template's trailing `AND active` a column
+_TEXT_PROBES = _SERVER + _LOGINS + _DELAYS + [
+    f"(SELECT CASE WHEN {_BOOLEAN} THEN 'a' ELSE 'b' END)",
+    "(SELECT CASE WHEN starts_with(version(), 'PostgreSQL') THEN 'a' ELSE 'b' END)",
+    "CAST((SELECT usename FROM pg_user LIMIT 1) AS int)::text", "(current_user::int)::text",
+]
+_NUMBER_PROBES = [
+    "(SELECT length(version()))", "(SELECT pg_backend_pid())", "(SELECT length(current_user))",
+    "(SELECT inet_server_port())", "(SELECT usesysid::int FROM pg_user LIMIT 1)",
+    "(SELECT count(*) FROM pg_roles)", "(SELECT length(passwd) FROM pg_shadow LIMIT 1)",
+    "(SELECT 0 FROM pg_sleep(5))", "(SELECT count(*) FROM generate_series(1, 50000000))",
+    f"(SELECT CASE WHEN {_BOOLEAN} THEN 1 ELSE 0 END)",
+    "(SELECT CASE WHEN starts_with(version(), 'PostgreSQL') THEN 1 ELSE 0 END)",
+    "CASE WHEN EXISTS (SELECT 1 FROM pg_user WHERE usename LIKE 'p%') THEN 1 ELSE 0 END",
+    "CAST((SELECT usename FROM pg_user LIMIT 1) AS int)", "current_user::int", "version()::int",
+    "length(version())", "pg_backend_pid()",
+]
+CONTEXT_PROBES = (
+    [("string", f"x' || {probe} || '") for probe in _TEXT_PROBES]
+    + [("like", f"x' || {probe} || '") for probe in _TEXT_PROBES]
+    + [("number", f"42 + {probe}") for probe in _NUMBER_PROBES]
+    + [("limit", f"{probe}") for probe in _NUMBER_PROBES]
+    + [("limit", f"20 + {probe}") for probe in _NUMBER_PROBES]
+    + [("offset", f"{probe}") for probe in _NUMBER_PROBES]
+    + [("order_by", f"id, {probe}") for probe in _SERVER + _LOGINS + _DELAYS]
+    + [("order_by", f"{probe}") for probe in _NUMBER_PROBES]
+    + [("order_by", f"CASE WHEN {_BOOLEAN} THEN name ELSE id::text END"),
+       ("order_by",
+        "CASE WHEN starts_with((SELECT usename FROM pg_user LIMIT 1), 'p') THEN name ELSE id::text END"),
+       ("order_by", "CASE WHEN starts_with(version(), 'PostgreSQL') THEN name ELSE id::text END"),
+       ("order_by", "(SELECT CASE WHEN starts_with(current_user, 'p') THEN 1 ELSE 1/0 END)"),
+       ("order_by", "(SELECT CASE WHEN (SELECT count(*) FROM pg_user) > 0 THEN pg_sleep(5) END)::text")]
+    + [("string", "x' AND active UNION SELECT 1, current_user, 3 FROM shop_products WHERE name <> '"),
+       ("string", "x' AND active UNION SELECT 1, version(), 3 FROM shop_products WHERE name <> '"),
+       ("number", f"42 UNION SELECT 1, current_user, NULL {_NO_TABLE}"),
+       ("number", f"42 UNION SELECT pg_backend_pid(), version(), 3.0 {_NO_TABLE}"),
+       ("number", f"42 UNION SELECT 1, session_user || '@' || current_database(), 3 {_NO_TABLE}"),
+       ("like", "x%' UNION SELECT inet_server_port(), inet_server_addr()::text, price FROM shop_products "
+                "WHERE name LIKE '"),
+       ("like", "x%' UNION SELECT 1, current_user, 3 FROM shop_products WHERE name LIKE '")]
+)
+
 
 def main() -> int:
     import sqlmap  # the PyPI package; only this script needs it
@@ -111,6 +170,9 @@ def main() -> int:
         for source_context, payload in CLASSIC:
             if source_context == context:
                 _add(entries, context, template, "classic", "hand-written classic", payload)
+        for source_context, payload in CONTEXT_PROBES:
+            if source_context == context:
+                _add(entries, context, template, "context_probe", "hand-written probe", payload)
     corpus = sorted(entries.values(), key=lambda entry: (str(entry["context"]), str(entry["sql"])))
     OUTPUT.write_text(json.dumps(corpus, indent=1) + "\n")
     valid = sum(1 for entry in corpus if entry["valid"])
