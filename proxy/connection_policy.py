@@ -30,6 +30,17 @@ class Outcome:
     upstream_seconds: float
     verdicts: int = 1  # how many verdicts (Query/Parse/Bind/FunctionCall) this request covered
     closes: int = 0  # how many Close messages of prepared statements it carried (on_close_statement)
+    # The session ended before PostgreSQL's answer (its ReadyForQuery) to the request came: the
+    # statements may have run in part (rows and sqlstate say what was seen) ...
+    answered: bool = True
+    # ... or before the request was sent at all (decided, never forwarded: nothing ran).
+    forwarded: bool = True
+
+
+INTERNAL_ERROR = Refuse(
+    "internal-error", "pgveil could not decide about this statement; the pgveil log says why"
+)
+"""What a statement gets when the policy raised or answered something that is not a verdict."""
 
 
 REPORTED_SETTINGS = frozenset({

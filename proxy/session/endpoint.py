@@ -30,6 +30,7 @@ class Endpoint(asyncio.Protocol):
         self.relay: Callable[[bytes], None] | None = None
         self.on_lost: Callable[[Exception | None], None] | None = None
         self.on_write_paused: Callable[[bool], None] | None = None
+        self.on_eof: Callable[[], bool] | None = None  # True: keep sending after the peer's end-of-file
         self.connected: Callable[[Endpoint], None] | None = None
         self.lost = False
         self._setup_paused = False
@@ -55,7 +56,8 @@ class Endpoint(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
-        return False  # close; connection_lost follows
+        on_eof = self.on_eof
+        return on_eof() if on_eof is not None else False  # False: close; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from proxy.connection_policy import (
+    INTERNAL_ERROR,
     REPORTED_SETTINGS,
     ConnectionPolicy,
     FastPath,
@@ -114,9 +115,6 @@ Guarded = Query | Parse | FunctionCall | BoundStatement
 _COVERED = object()
 """_ask's answer for a Bind of a statement Parsed (and so decided) earlier in the same request."""
 
-INTERNAL_ERROR = Refuse(
-    "internal-error", "pgveil could not decide about this statement; the pgveil log says why"
-)
 
 
 class Request:
@@ -186,7 +184,8 @@ class Relay:
         self._markers: dict[bytes, Refuse] = {}
         self._marker_count = 0
         self._lane: asyncio.Future[Any] | None = None  # the policy call still running, if any
-        self._backlog: deque[bytes] = deque()
+        # Client messages scanned while a verdict is awaited: (bytes, spans, protocol violation)
+        self._backlog: deque[tuple[bytes, list[tuple[int, int, int]], ProtocolViolation | None]] = deque()
         self._backlog_bytes = 0  # past _BACKLOG_LIMIT the client is not read until the verdict
         self._upstream_full = False
         self._client_paused = False
@@ -220,6 +219,12 @@ class Relay:
         self._client_copy = False  # the client is sending COPY data
         self._absorb_syncs = 0  # Syncs PostgreSQL will not answer (sent before COPY FROM STDIN began)
         self._draining = False
+        # The client's Terminate: seen (maybe still behind a verdict), then forwarded. From then on
+        # pgveil relays PostgreSQL's answers until PostgreSQL closes, as PostgreSQL serves a client
+        # that sent Terminate: what came before it runs even if the client is gone (no cancel).
+        self._terminate_seen = False
+        self._terminated = False
+        self._client_done = False  # after its Terminate the client closed or sent end-of-file
         self._upstream_sent_fatal = False
         self._client_transport: Any = None
         self._upstream_transport: Any = None
@@ -253,16 +258,16 @@ class Relay:
     def from_client(self, data: bytes) -> None:
         if self.finished:
             return
-        if self._blocked:
-            self._backlog.append(data)
-            self._backlog_bytes += len(data)
-            if self._backlog_bytes >= _BACKLOG_LIMIT:
-                self._update_client_reading()
-            return
         try:
             emit, spans = self._client_scanner.feed(data)
         except ProtocolViolation as exc:
+            if self._blocked:  # after what waits for its verdict, in order
+                self._hold(b"", [], exc)
+                return
             self.fail_client(exc)
+            return
+        if self._blocked:
+            self._hold(emit, spans, None)
             return
         if not spans:
             if emit:
@@ -313,12 +318,28 @@ class Relay:
             elif tag == _X:
                 parts.append(emit[pos:end])
                 self._send_upstream(parts)
-                self.finish("client terminated the session")
+                self._forwarded_terminate()
                 return
             else:  # CopyDone, CopyFail
                 self._client_copy = False
         parts.append(emit[pos:])
         self._send_upstream(parts)
+
+    def _hold(self, emit: bytes, spans: list[tuple[int, int, int]],
+              violation: ProtocolViolation | None) -> None:
+        """Keep scanned client bytes until the verdict awaited is in; what follows a Terminate (or a
+        protocol violation) is not read any more (PostgreSQL would not read it either)."""
+        self._backlog.append((emit, spans, violation))
+        self._backlog_bytes += len(emit)
+        if violation is not None:
+            self._client.relay_to(_ignore)
+        else:
+            for tag, _start, _end in spans:
+                if tag == _X:
+                    self._saw_terminate()
+                    break
+        if self._backlog_bytes >= _BACKLOG_LIMIT:
+            self._update_client_reading()
 
     def _send_upstream(self, parts: list[bytes]) -> None:
         data = b"".join(parts) if len(parts) != 1 else parts[0]
@@ -403,24 +424,35 @@ class Relay:
         emit: bytes, spans: list[tuple[int, int, int]], index: int, start: int, end: int,
     ) -> None:
         self._blocked = True  # reading goes on until the backlog is full: most clients wait anyway
+        for later in range(index, len(spans)):
+            if spans[later][0] == _X:  # the client's end-of-file or close now waits for its turn
+                self._saw_terminate()
+                break
 
         def resume(done: asyncio.Future[Any]) -> None:
-            if self.finished:
-                return
             if done.cancelled() or done.exception() is not None:
                 if not done.cancelled():
                     log.error("%s: the policy raised; refusing", self._label, exc_info=done.exception())
                 answer: Any = INTERNAL_ERROR
             else:
                 answer = done.result()  # checked by _apply: anything but a verdict is refused
+            if self.finished:  # decided (and audited) but never sent: its completion says so
+                self._never_forwarded(tag, answer)
+                return
             replacement = self._apply(tag, message, answer)
             self._blocked = False
             self._send_upstream([replacement if replacement is not None else emit[start:end]])
             self._process_client(emit, spans, index, end)
-            while self._backlog and not self._blocked and not self.finished:
-                data = self._backlog.popleft()
-                self._backlog_bytes -= len(data)
-                self.from_client(data)
+            backlog = self._backlog
+            while backlog and not self._blocked and not self.finished:
+                held, held_spans, violation = backlog.popleft()
+                self._backlog_bytes -= len(held)
+                if violation is not None:
+                    self.fail_client(violation)
+                elif held_spans:
+                    self._process_client(held, held_spans, 0, 0)
+                else:
+                    self._send_upstream([held])
             self._update_client_reading()
 
         future.add_done_callback(resume)
@@ -502,7 +534,7 @@ class Relay:
                 emit = emit[:end]
                 self._traffic.to_upstream += len(emit)
                 self._write(self._upstream_transport, emit)
-                self.finish("client terminated the session")
+                self._forwarded_terminate()
                 return
             else:  # CopyDone, CopyFail
                 self._client_copy = False
@@ -524,7 +556,7 @@ class Relay:
                 self._client_copy = False
                 if self._requests:
                     self._requests.popleft()
-                if self._draining and self._idle():
+                if (self._draining or self._client_done) and self._idle():
                     drained = True
             elif tag == _ERROR:
                 if error_sqlstate(emit[start + 5 : end])[1]:
@@ -603,7 +635,7 @@ class Relay:
             self._traffic.to_client += len(emit)
             self._client.write(emit)
         if close_after:
-            self.finish("drained", _shutdown_error())
+            self._drained()
 
     def _upstream_broke(self, exc: ProtocolViolation) -> None:
         log.warning("%s: PostgreSQL broke the protocol: %s", self._label, exc.reason)
@@ -614,7 +646,11 @@ class Relay:
         return self._loop.time()
 
     def _drained(self) -> None:
-        self.finish("drained", _shutdown_error())
+        """Idle, and the session is to end: drained, or the client left after its Terminate."""
+        if self._client_done:
+            self.finish("client terminated the session")
+        else:
+            self.finish("drained", _shutdown_error())
 
     def _inspect(self, emit: bytes, spans: list[tuple[int, int, int]]) -> tuple[bytes, bool]:
         parts: list[bytes] | None = None
@@ -649,7 +685,7 @@ class Relay:
                 self._client_copy = False
                 if self._requests:
                     self._complete(self._requests.popleft())
-                if self._draining and self._idle():
+                if (self._draining or self._client_done) and self._idle():
                     close_after = True
             elif tag == _PARAMETER_STATUS:
                 self._reported(emit[start + 5 : end])
@@ -682,7 +718,7 @@ class Relay:
                               self._label, status.name)
                 self._settings_lost = True
 
-    def _complete(self, request: Request) -> None:
+    def _complete(self, request: Request, answered: bool = True) -> None:
         if self._transparent:
             return
         if request.markers:
@@ -695,7 +731,7 @@ class Relay:
             return
         outcome = Outcome(rows=request.rows, sqlstate=request.sqlstate,
                           upstream_seconds=max(0.0, now - started), verdicts=request.verdicts,
-                          closes=request.closes)
+                          closes=request.closes, answered=answered)
         fast = self._fast
         lane = self._lane
         if fast is not None and (lane is None or lane.done()):
@@ -705,6 +741,17 @@ class Relay:
             except Exception:
                 log.exception("%s: on_complete raised", self._label)
                 return
+        answer = self._call(self._policy.on_complete, outcome)
+        if isinstance(answer, asyncio.Future):
+            answer.add_done_callback(self._log_failure)
+
+    def _never_forwarded(self, tag: int, answer: Any) -> None:
+        """The verdict of a message came after the session ended: it was decided (and audited)
+        but never sent, and its completion says so."""
+        verdict = self._checked(tag, answer)
+        if verdict is None or self._transparent:
+            return
+        outcome = Outcome(rows=0, sqlstate=None, upstream_seconds=0.0, answered=False, forwarded=False)
         answer = self._call(self._policy.on_complete, outcome)
         if isinstance(answer, asyncio.Future):
             answer.add_done_callback(self._log_failure)
@@ -752,11 +799,51 @@ class Relay:
                     ErrorResponse.build("FATAL", exc.sqlstate, f"pgveil: protocol: {exc.reason}"))
 
     def _client_lost(self, exc: Exception | None) -> None:
-        if not self.finished:
-            self.finish("client disconnected" + (" during a statement" if self._running() else ""))
+        if self.finished:
+            return
+        if self._terminate_seen:  # an orderly close: what it sent before its Terminate still runs
+            self._client_left()
+            return
+        self.finish("client disconnected" + (" during a statement" if self._running() else ""))
+
+    def _saw_terminate(self) -> None:
+        """The client sent Terminate: nothing after it is read (PostgreSQL would not read it); its
+        end-of-file or close no longer ends the session."""
+        self._terminate_seen = True
+        self._client.relay_to(_ignore)
+        self._client.on_eof = self._client_eof
+
+    def _forwarded_terminate(self) -> None:
+        """Everything up to the client's Terminate is with PostgreSQL: relay its answers until it
+        closes (or, once the client has left too, until nothing is outstanding)."""
+        if not self._terminate_seen:
+            self._saw_terminate()
+        self._terminated = True
+        if self._client_done and self._idle():
+            self.finish("client terminated the session")
+
+    def _client_eof(self) -> bool:
+        self._client_left()
+        return True  # keep the client's connection open for what PostgreSQL still answers
+
+    def _client_left(self) -> None:
+        """After its Terminate the client sent end-of-file or closed: PostgreSQL, straight, would
+        still finish what came before the Terminate; so does pgveil, and it ends the session once
+        nothing is outstanding."""
+        if self._client_done:
+            return
+        self._client_done = True
+        upstream = self._upstream.transport
+        if self._client.lost and upstream is not None and not upstream.is_closing():
+            upstream.resume_reading()  # its answers are dropped now: no full client buffer holds them up
+        if self._terminated and self._idle():
+            self.finish("client terminated the session")
 
     def _upstream_lost(self, exc: Exception | None) -> None:
         if self.finished:
+            return
+        if self._terminated:  # PostgreSQL ended the session the client's Terminate asked it to end
+            self.finish("client terminated the session")
             return
         if self._upstream_sent_fatal:
             self.finish("PostgreSQL ended the session")
@@ -774,13 +861,30 @@ class Relay:
         if client_error is not None and not self._client.lost and not self._upstream_scanner.mid_message:
             self._client.write(client_error.encode())
         if not self._upstream.lost:
-            if running and reason != "client terminated the session":
+            if running and not self._terminated:
                 self._cancel_upstream()  # frees the backend now instead of when it next writes
-            if not self._client_scanner.mid_message:
+            if not self._client_scanner.mid_message and not self._terminated:
                 self._upstream.write(_TERMINATE)
             self._upstream.close()
         self._client.close()
+        self._unanswered()
         self._on_finished(reason)
+
+    def _unanswered(self) -> None:
+        """Completions of the requests PostgreSQL had not answered when the session ended (a
+        verdict still awaited gets its own when it comes: _never_forwarded)."""
+        if self._transparent:
+            return
+        while self._requests:
+            self._complete(self._requests.popleft(), answered=False)
+        batch = self._open_batch
+        self._open_batch = None
+        if batch is not None and (batch.verdicts or batch.closes):
+            self._complete(batch, answered=False)
+
+
+def _ignore(data: bytes) -> None:
+    """What the client sends after its Terminate (or after bytes that broke the protocol)."""
 
 
 def _shutdown_error() -> ErrorResponse:
