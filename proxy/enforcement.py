@@ -22,9 +22,10 @@ from proxy.config import DEFAULT_MAX_STATEMENT_SIZE
 from proxy.connection_policy import ClientInfo, Outcome
 from proxy.firewall.fingerprints import FingerprintKeeper
 from proxy.guard.cache import CacheHit, VerdictCache
+from proxy.guard.encodings import decode_statement, encode_statement
 from proxy.guard.pipeline import Analysis, analyse
 from proxy.guard.rules import role_is_restricted
-from proxy.guard.settings import setting_refusal
+from proxy.guard.settings import diagnostic_refusal, setting_refusal
 from proxy.guard.statement import GuardContext, role_is_masked
 from proxy.guard.verdict import Allow, Refuse, Verdict
 from proxy.policy.loader import hash_key, load_policy, policy_uses_hash
@@ -285,6 +286,9 @@ class GuardedConnection:
                 sqlstate="28000",
             )
         self._startup_params = dict(params)
+        if role_is_masked(self.enforcement.policy, role):
+            # settings made with ALTER ROLE/DATABASE since the catalog was read count too
+            await self.enforcement.fresh_catalog()
         refusal = self._startup_refusal(role)
         self._startup_checked = (self.enforcement.policy, role, refusal)
         return refusal
@@ -318,15 +322,23 @@ class GuardedConnection:
 
     def _server_side_settings(self, role: Role) -> Refuse | None:
         """ALTER ROLE/DATABASE ... SET of a client_encoding whose multibyte characters can swallow
-        an ASCII byte (SJIS, BIG5, GBK, ...) would make PostgreSQL read the text differently."""
+        an ASCII byte (SJIS, BIG5, GBK, ...) would make PostgreSQL read the text differently; of a
+        diagnostic setting (client_min_messages below notice, debug_print_plan, ...) would have
+        PostgreSQL send the session plan trees holding raw values."""
         user, database = self.session.user, self.session.database
         role_settings = self.enforcement.state.catalog.role_settings
         for key in ((database, user), ("", user), (database, ""), ("", "")):
+            for name, setting in role_settings.get(key, {}).items():
+                diagnostic = diagnostic_refusal(
+                    name, [setting], f"role {role.name} has masked data",
+                    f"the server sets it for this login: ALTER ROLE/DATABASE ... RESET {name} there")
+                if diagnostic is not None:
+                    return replace(diagnostic, sqlstate="28000")
             value = role_settings.get(key, {}).get("client_encoding")
             if value is not None and setting_refusal("client_encoding", [value], role.name) is not None:
                 return Refuse("session-setting", f"the server sets client_encoding {value} for this login; "
-                              f"role {role.name} has masked data and pgveil reads SQL as UTF8 only",
-                              sqlstate="28000")
+                              f"role {role.name} has masked data and pgveil cannot read SQL in {value} "
+                              "exactly as PostgreSQL does", sqlstate="28000")
         return None
 
     def on_parameter_status(self, name: str, value: str) -> None:
@@ -340,6 +352,13 @@ class GuardedConnection:
         else:
             self.session.reported[name] = value
             self._settings_problem = _UNCHECKED
+
+    def shows_diagnostics(self) -> bool:
+        """PostgreSQL's notices below NOTICE (plan trees hold values as constants) reach only a role
+        that sees every column unmasked and every table; asked per notice, so an elevation or a
+        reload applies at once."""
+        role = self.role()
+        return role is not None and not self._judged_by_definitions(role)
 
     def _masked(self, role: Role) -> bool:
         """role_is_masked for the policy in force, remembered per (policy, role): asked on every
@@ -383,8 +402,8 @@ class GuardedConnection:
         problem = None
         encoding = reported.get("client_encoding")
         if encoding is not None and setting_refusal("client_encoding", [encoding], "") is not None:
-            problem = (f"the session's client_encoding is {encoding} and pgveil reads SQL as UTF8 only",
-                       "RESET client_encoding or SET client_encoding = 'UTF8'")
+            problem = (f"the session's client_encoding is {encoding}, which pgveil cannot read exactly as "
+                       "PostgreSQL does", "RESET client_encoding or SET client_encoding = 'UTF8'")
         elif reported.get("standard_conforming_strings", "on").lower() != "on":
             problem = ("the session's standard_conforming_strings is off and pgveil reads strings as "
                        "PostgreSQL does with it on", "RESET standard_conforming_strings")
@@ -400,17 +419,58 @@ class GuardedConnection:
 
     async def on_query(self, sql: str) -> Verdict:
         self.prepared.call()
-        verdict = await self._judge(sql)
-        return (await self._with_session_objects(sql, verdict, self._pending_effects, self._pending_ddl,
-                                                 keep=False))[0]
+        text = self._in_session_encoding(sql)
+        if isinstance(text, Refuse):
+            return text
+        verdict = await self._judge(text)
+        verdict = (await self._with_session_objects(text, verdict, self._pending_effects, self._pending_ddl,
+                                                    keep=False))[0]
+        return verdict if text is sql else self._for_client(verdict, sql)
 
     async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
         self.prepared.call()
-        verdict = await self._judge(sql)
+        text = self._in_session_encoding(sql)
+        if isinstance(text, Refuse):
+            self.prepared.define(("statement", statement_name), None)
+            return text
+        verdict = await self._judge(text)
         checked, entry = await self._with_session_objects(
-            sql, verdict, self._pending_effects, self._pending_ddl, keep=True)
+            text, verdict, self._pending_effects, self._pending_ddl, keep=True)
         self.prepared.define(("statement", statement_name), entry)
-        return checked
+        return checked if text is sql else self._for_client(checked, sql)
+
+    # -- client encodings -----------------------------------------------------------------------
+    def _client_encoding(self) -> str | None:
+        """The session's client_encoding (as PostgreSQL reported it) when it is not UTF8 (None)."""
+        encoding = self.session.reported.get("client_encoding")
+        return None if encoding is None or encoding in ("UTF8", "SQL_ASCII") else encoding
+
+    def _in_session_encoding(self, sql: str) -> str | Refuse:
+        """The statement as PostgreSQL will read it: the relay's text (its bytes read as UTF8) read in
+        the session's client encoding instead, or PostgreSQL's error for bytes it would reject (in a
+        UTF8 session the gate gives it). The same `sql` object when nothing changes."""
+        encoding = self._client_encoding()
+        if encoding is None or sql.isascii():
+            return sql
+        text = decode_statement(sql, encoding)
+        if isinstance(text, Refuse):
+            self._pending_effects, self._pending_ddl = (), False
+        return text
+
+    def _for_client(self, verdict: Verdict, sql: str) -> Verdict:
+        """A verdict judged on the decoded text, as the relay must act on it: an Allow forwards the
+        client's bytes as they came, a Rewrite is encoded back into the client encoding."""
+        if isinstance(verdict, Refuse):
+            return verdict
+        if isinstance(verdict, Allow):
+            return Allow(sql, verdict.info)
+        encoding = self._client_encoding()
+        assert encoding is not None
+        encoded = encode_statement(verdict.sql, encoding)
+        if isinstance(encoded, Refuse):
+            self._pending_effects, self._pending_ddl = (), False
+            return replace(encoded, info=verdict.info)
+        return replace(verdict, sql=encoded)
 
     async def on_bind(self, statement_name: str) -> Verdict:
         """A Bind of a statement prepared by an earlier request: its stored verdict while nothing it
@@ -484,8 +544,8 @@ class GuardedConnection:
 
     def fast_query(self, sql: str) -> Verdict | None:
         """on_query's verdict for a cache hit that needs nothing more, or None (ask on_query)."""
-        if len(sql) >= LONG_STATEMENT:
-            return None
+        if len(sql) >= LONG_STATEMENT or (not sql.isascii() and self._client_encoding() is not None):
+            return None  # (a statement in another client encoding is read in it by on_query)
         role = self._fast_role()
         if role is None:
             return None
@@ -596,9 +656,14 @@ class GuardedConnection:
             if role is not None and not self._masked(role):
                 # e.g. a refcursor a function opened: nothing masked to keep stale
                 return None, Prepared("", "", Allow(""), ())
-        if entry is None:
-            return Refuse("prepared-statement-unknown", f"{what} {name!r} was not prepared through pgveil in "
-                          f"this session; prepare it (again) before running it"), None
+        if entry is None:  # PostgreSQL's own error: nothing of the name was prepared through pgveil
+            if namespace == "cursor":
+                message, sqlstate = f'cursor "{name}" does not exist', "34000"
+            elif name:
+                message, sqlstate = f'prepared statement "{name}" does not exist', "26000"
+            else:
+                message, sqlstate = "unnamed prepared statement does not exist", "26000"
+            return Refuse("prepared-statement-unknown", message, sqlstate=sqlstate, native=True), None
         if entry is UNCERTAIN or not isinstance(entry, Prepared):
             return Refuse(STALE, f"after an error pgveil cannot tell which {what} {name!r} is; close it "
                           "and prepare it again"), None

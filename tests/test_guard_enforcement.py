@@ -166,7 +166,7 @@ def test_a_login_matching_no_role_is_refused_at_startup(proxy: RunningProxy) -> 
 
 
 @pytest.mark.parametrize("options", ["-c search_path=gv_other", "--role=gv_admin",
-                                     "-c standard_conforming_strings=off", "-c client_encoding=LATIN1"])
+                                     "-c standard_conforming_strings=off", "-c client_encoding=SJIS"])
 def test_startup_options_that_change_reading_or_identity_are_refused(proxy: RunningProxy, options: str) -> None:
     with pytest.raises(psycopg.OperationalError, match="pgveil: session-setting"):
         _through(proxy, "gv_analyst", options=options)

@@ -23,6 +23,7 @@ from pglast import parser
 
 from proxy.guard.mask import Edit
 from proxy.guard.pipeline import Analysis
+from proxy.guard.positions import Splices
 from proxy.guard.verdict import Allow, Rewrite, Verdict
 
 _UNSHAPEABLE = re.compile(r"""\\|--|/\*|\$(?!\d)""")
@@ -62,7 +63,7 @@ def shape(sql: str) -> tuple[str, list[str], list[tuple[int, int]]] | None:
 def _scanner_agrees(sql: str, spans: list[tuple[int, int]]) -> bool:
     try:
         tokens = parser.scan(sql)
-    except parser.ParseError:
+    except (parser.ParseError, UnicodeEncodeError):  # UnicodeEncodeError: bytes that are not UTF8
         return False
     literal_spans = [(t.start, t.end + 1) for t in tokens if t.name in _LITERAL_TOKENS]
     return literal_spans == spans
@@ -92,6 +93,7 @@ class _Entry:
     template: tuple[str, ...] | None  # rewritten text around the literals (None: Allow / Refuse)
     effects: tuple[tuple[str, str], ...]
     hit: CacheHit  # the answer when the verdict needs no new text (exact entries, refusals)
+    layout: tuple[tuple[int, int, int, int], ...] = ()  # the rewrite's splices around the literals
 
     def extract(self, sql: str) -> list[str] | None:
         """The literals of `sql` when it is this entry's skeleton with other literals, else None.
@@ -174,7 +176,7 @@ class VerdictCache:
                     text = pieces[0] + "".join(
                         literal + piece for literal, piece in zip(literals, pieces[1:], strict=True)
                     )
-                verdict = Rewrite(text, verdict.info)
+                verdict = Rewrite(text, verdict.info, Splices(layout=entry.layout, literals=literals))
             elif isinstance(verdict, Allow):
                 verdict = Allow(sql, verdict.info)
             else:
@@ -203,12 +205,14 @@ class VerdictCache:
                                       or sql[end : end + 1] in _NUMBER_NEIGHBOURS):
                 return  # a neighbour that could merge with another number: never reuse
         template: tuple[str, ...] | None = None
+        layout: tuple[tuple[int, int, int, int], ...] = ()
         if isinstance(verdict, Rewrite):
             template = _template(sql, spans, analysis.edits)
             if template is None:
                 return
+            layout = _layout(spans, analysis.edits)
         kinds = "".join("s" if literal[0] == "'" else "n" for literal in literals)
-        entry = _Entry(verdict, tuple(key.split("\x00")), kinds, template, effects, hit)
+        entry = _Entry(verdict, tuple(key.split("\x00")), kinds, template, effects, hit, layout)
         entries = self._shapes.setdefault((context_key, bucket(sql)), [])
         if all(existing.skeleton != entry.skeleton for existing in entries):
             if len(entries) >= _BUCKET_SHAPES:
@@ -238,3 +242,14 @@ def _template(sql: str, spans: list[tuple[int, int]], edits: tuple[Edit, ...]) -
     current.append(sql[cursor:])
     pieces.append("".join(current))
     return tuple(pieces)
+
+
+def _layout(spans: list[tuple[int, int]], edits: tuple[Edit, ...]) -> tuple[tuple[int, int, int, int], ...]:
+    """Each edit as (literals before it, start and end in the text without its literals, length of
+    its text): with another statement's literals, where the edit stands in that statement."""
+    layout: list[tuple[int, int, int, int]] = []
+    for edit in edits:
+        before = [(start, end) for start, end in spans if end <= edit.start]
+        removed = sum(end - start for start, end in before)
+        layout.append((len(before), edit.start - removed, edit.end - removed, len(edit.text)))
+    return tuple(layout)

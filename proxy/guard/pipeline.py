@@ -22,6 +22,7 @@ from proxy.guard.gate import gate
 from proxy.guard.lexical import backslash_in_plain_string
 from proxy.guard.mask import Edit, rewrite_statements
 from proxy.guard.normalize import normalized_sql
+from proxy.guard.positions import Splices
 from proxy.guard.regate import regate
 from proxy.guard.resolve import resolve
 from proxy.guard.statement import GuardContext, GuardStatement, Rule
@@ -111,7 +112,8 @@ def _analyse(sql: str, context: GuardContext) -> Analysis:
     refusal = regate(text, statements, edits, context)
     if refusal is not None:
         return Analysis(replace(refusal, info=info), statements, literal_dependent=literal_dependent)
-    return Analysis(Rewrite(text, info), statements, tuple(edits), literal_dependent)
+    splices = Splices([(edit.start, edit.end, len(edit.text)) for edit in edits])
+    return Analysis(Rewrite(text, info, splices), statements, tuple(edits), literal_dependent)
 
 
 def apply_edits(sql: str, edits: list[Edit] | tuple[Edit, ...]) -> str:

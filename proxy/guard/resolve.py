@@ -124,12 +124,19 @@ def resolve(statement: GuardStatement, context: GuardContext) -> Refuse | None:
         relation = context.catalog.resolve(ref.parts, context.search_path, context.user)
         if relation is None:
             if context.masked and ref.position != "other":
-                return Refuse(
-                    "unknown-relation",
-                    f"relation {'.'.join(ref.parts)} is not in pgveil's catalog of the database; "
-                    "use an existing table (temporary tables are not available to masked roles)",
-                )
+                return unknown_relation(ref)
             continue
         ref.relation = relation
         ref.qualified = f"{relation.schema}.{relation.name}"
     return None
+
+
+def unknown_relation(ref: RelationRef) -> Refuse:
+    """PostgreSQL's own error for a relation it does not have (pgveil's catalog is PostgreSQL's, so
+    this tells the client nothing PostgreSQL would not): 42P01 `relation "schema.name" does not
+    exist`, the name as written (the database part dropped, as PostgreSQL prints it) and, except
+    for COPY's table, the position of the name."""
+    names = ref.parts[-2:]
+    position = 0 if ref.position == "copy" or ref.node.location is None else ref.node.location + 1
+    return Refuse("unknown-relation", f'relation "{".".join(names)}" does not exist', sqlstate="42P01",
+                  native=True, position=position)

@@ -1,8 +1,9 @@
 """Settings rule: SET, RESET and set_config() of settings that change how SQL is read or who runs it.
 
 pgveil resolves relations with the session's search_path and reads SQL with
-standard_conforming_strings on and UTF8: a masked role may not change any of that, nor its
-identity. Everything else is a harmless SET and always allowed."""
+standard_conforming_strings on and in a client encoding it reads exactly as PostgreSQL does
+(proxy.guard.encodings): a masked role may not change any of that, nor its identity. Everything
+else is a harmless SET and always allowed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterable
 from pglast import ast
 from pglast.enums import VariableSetKind
 
+from proxy.guard.encodings import READABLE_NAMES
 from proxy.guard.statement import GuardContext, GuardStatement
 from proxy.guard.verdict import Refuse
 
@@ -21,9 +23,41 @@ READING_SETTINGS = frozenset(
 )
 SAFE_VALUES = {
     "standard_conforming_strings": frozenset({"on", "true", "yes", "1"}),
-    "client_encoding": frozenset({"utf8", "unicode"}),
+    "client_encoding": READABLE_NAMES,  # the encodings pgveil reads as PostgreSQL does
     "backslash_quote": frozenset({"safeencoding", "off", "false", "no", "0"}),
 }
+QUIET_MESSAGE_LEVELS = frozenset({"notice", "warning", "error"})
+"""client_min_messages values that keep PostgreSQL's messages below NOTICE from the session."""
+DIAGNOSTIC_SWITCHES = frozenset({
+    "debug_print_raw_parse", "debug_print_parse", "debug_print_rewritten", "debug_print_plan",
+    "log_parser_stats", "log_planner_stats", "log_executor_stats", "log_statement_stats",
+    "log_btree_build_stats", "wal_debug",
+})
+"""Settings (with every trace_*) that make PostgreSQL write its internals as LOG/DEBUG messages,
+which reach the session under a low client_min_messages: the plan dumps hold values as constants."""
+_OFF = frozenset({"off", "false", "no", "0"})
+
+
+def diagnostic_refusal(name: str, values: Iterable[str], why: str, todo: str | None = None) -> Refuse | None:
+    """The refusal for setting `name` to `values` when that makes PostgreSQL send diagnostics that
+    can hold raw values (messages below NOTICE, plan/parse/rewrite dumps, auto_explain's plans);
+    `why` says whom it would harm, `todo` what to do instead. None for any other setting or a quiet
+    value."""
+    name = name.lower()
+    if name == "client_min_messages":
+        if all(_plain(value) in QUIET_MESSAGE_LEVELS for value in values):
+            return None
+        todo = todo or "keep client_min_messages at notice, warning or error"
+    elif name in DIAGNOSTIC_SWITCHES or name.startswith("trace_"):
+        if all(_plain(value) in _OFF for value in values):
+            return None
+        todo = todo or f"leave {name} off"
+    elif name.startswith("auto_explain."):
+        todo = todo or "configure auto_explain on the server only for logins that see everything"
+    else:
+        return None
+    return Refuse("session-setting", f"{name} = {', '.join(values)} makes PostgreSQL send diagnostics (plan "
+                  f"trees and the like) that can hold raw values, and {why}; {todo}")
 
 
 def setting_refusal(name: str, values: Iterable[str], role_name: str) -> Refuse | None:
@@ -32,6 +66,9 @@ def setting_refusal(name: str, values: Iterable[str], role_name: str) -> Refuse 
     if name.startswith("pgveil."):
         return Refuse("session-setting",
                       f"settings under pgveil.* belong to pgveil and cannot be changed by role {role_name}")
+    diagnostic = diagnostic_refusal(name, values, f"role {role_name} has masked data")
+    if diagnostic is not None:
+        return diagnostic
     if name in IDENTITY_SETTINGS:
         return Refuse(
             "session-setting",
@@ -42,6 +79,10 @@ def setting_refusal(name: str, values: Iterable[str], role_name: str) -> Refuse 
         allowed = SAFE_VALUES.get(name)
         if allowed is not None and all(_plain(value) in allowed for value in values):
             return None
+        if name == "client_encoding":
+            return Refuse("session-setting", f"pgveil cannot read SQL in client_encoding {', '.join(values)} "
+                          f"exactly as PostgreSQL does and role {role_name} has masked data; use UTF8 or an "
+                          "encoding whose bytes below 0x80 are always ASCII (LATIN1, WIN1252, EUC_JP, ...)")
         return Refuse(
             "session-setting",
             f"changing {name} changes how pgveil must read SQL and role {role_name} has masked data; "
@@ -78,6 +119,9 @@ def session_settings(statement: GuardStatement, context: GuardContext) -> Refuse
             values = ["<default>"]
         shown = [v if v is not None else "<expression>" for v in values]
         return setting_refusal(node.name, shown, context.role.name)
+    if isinstance(node, ast.AlterRoleSetStmt | ast.AlterDatabaseSetStmt | ast.AlterSystemStmt):
+        statement.mark_literal_dependent()
+        return _diagnostic_default(node.setstmt)
     for function in statement.functions:
         if function.name != "set_config" or function.schema not in (None, "pg_catalog"):
             continue
@@ -100,6 +144,19 @@ def session_settings(statement: GuardStatement, context: GuardContext) -> Refuse
         if refusal is not None:
             return refusal
     return None
+
+
+def _diagnostic_default(setting: ast.VariableSetStmt | None) -> Refuse | None:
+    """ALTER ROLE/DATABASE/SYSTEM ... SET of a diagnostic setting, refused for every role: the
+    setting would reach logins with masked data from the server, where no SET is seen."""
+    if setting is None or setting.name is None or setting.kind in _RESETS:
+        return None
+    if setting.kind == VariableSetKind.VAR_SET_VALUE:
+        values = [_constant_text(arg) or "<expression>" for arg in setting.args or ()]
+    else:
+        values = ["<current>"]  # FROM CURRENT
+    return diagnostic_refusal(setting.name, values, "logins with masked data would get it as a default",
+                              "set it on PostgreSQL directly for logins that see everything")
 
 
 def _constant_text(node: object) -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from proxy.guard.positions import Splices
+
 
 @dataclass(frozen=True, slots=True)
 class StatementInfo:
@@ -32,26 +34,37 @@ class Allow:
 
 @dataclass(frozen=True, slots=True)
 class Rewrite:
-    """Forward the rewritten `sql` in place of what the client sent."""
+    """Forward the rewritten `sql` in place of what the client sent.
+
+    `splices` says where the rewrite replaced the client's text, so that error positions
+    PostgreSQL reports in `sql` can be given back in the client's text (None: not known)."""
 
     sql: str
     info: StatementInfo = field(default_factory=StatementInfo)
+    splices: Splices | None = field(default=None, compare=False)
     decision = "rewrite"
 
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """Do not forward; answer with SQLSTATE `sqlstate` and `pgveil: <rule>: <message>`."""
+    """Do not forward; answer with SQLSTATE `sqlstate` and `pgveil: <rule>: <message>`.
+
+    `native` refusals are PostgreSQL's own error for the statement (a syntax error, an unknown
+    relation or prepared statement): the client gets `message` as it is, with `position` (1-based
+    character in the client's text, 0: none) as PostgreSQL would send them; `rule` is for the
+    audit and metrics only."""
 
     rule: str
     message: str
     info: StatementInfo = field(default_factory=StatementInfo)
     sqlstate: str = "42501"
+    native: bool = False
+    position: int = 0
     decision = "refuse"
 
     @property
     def text(self) -> str:
-        return f"pgveil: {self.rule}: {self.message}"
+        return self.message if self.native else f"pgveil: {self.rule}: {self.message}"
 
 
 Verdict = Allow | Rewrite | Refuse

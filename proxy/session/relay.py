@@ -32,6 +32,7 @@ from proxy.connection_policy import (
     PassThrough,
     fast_path_of,
 )
+from proxy.guard.positions import Splices
 from proxy.guard.verdict import Allow, Refuse, Rewrite, Verdict
 from proxy.session.eager import after, resume_later
 from proxy.session.endpoint import Endpoint
@@ -71,14 +72,16 @@ _COMPLETE: Final = 0x43  # CommandComplete
 _ERROR: Final = 0x45  # ErrorResponse
 _READY: Final = 0x5A  # ReadyForQuery
 _COPY_IN: Final = 0x47  # CopyInResponse
+_PARSE_COMPLETE: Final = 0x31
 _PARAMETER_STATUS: Final = 0x53
+_NOTICE: Final = 0x4E  # NoticeResponse: those below NOTICE are hidden from roles with masked data
 # Execute too: it runs a statement before any Sync (a Flush asks for the results), so a request
 # is running from then on (a client that goes away then gets its statement cancelled).
 _CLIENT_WATCHED = b"QPFSXcfE"
 _CLIENT_WATCHED_PREPARED = b"QPFSXcfEBC"  # and prepared statements' re-executions and closes
 _CLIENT_ALLOWED = bytes(t for t in FRONTEND_TAGS if t != ord("p"))
-_UPSTREAM_WATCHED = b"CEZG"
-_UPSTREAM_WATCHED_SETTINGS = b"CEZGS"  # and ParameterStatus, for policies that follow settings
+_UPSTREAM_WATCHED = b"CEZG1N"  # ParseComplete: which Parse of a request an error position is in
+_UPSTREAM_WATCHED_SETTINGS = b"CEZG1NS"  # and ParameterStatus, for policies that follow settings
 _UPSTREAM_WATCHED_TRANSPARENT = b"EZG"  # no policy, no on_complete: row counts are not needed
 _TERMINATE = Terminate().encode()
 # Client bytes held while a verdict is awaited before the client is no longer read (flow control
@@ -130,6 +133,27 @@ class Request:
         self.rows = 0
         self.sqlstate: str | None = None
         self.sent_at = sent_at
+        self.parses = 0  # Parse messages forwarded in it
+        self.parses_done = 0  # ParseComplete messages PostgreSQL sent for them
+        # (index of the Parse, or 0 for a Query; where its rewrite spliced the client's text)
+        self.splices: list[tuple[int, Splices]] | None = None
+
+    def rewritten(self, index: int, verdict: Verdict) -> None:
+        """Statement `index` of the request is forwarded as `verdict`'s rewrite of the client's text."""
+        if isinstance(verdict, Rewrite) and verdict.splices is not None:
+            if self.splices is None:
+                self.splices = []
+            self.splices.append((index, verdict.splices))
+
+    def splices_of_error(self) -> Splices | None:
+        """The splices of the statement an ErrorResponse now is about: in the extended protocol the
+        Parse after those PostgreSQL completed (a statement fails at its Parse when its text has
+        an error position), in a Query its one text."""
+        if self.splices is not None:
+            for index, splices in self.splices:
+                if index == self.parses_done:
+                    return splices
+        return None
 
 
 PLAIN_SIMPLE: Final = Request(extended=False)
@@ -154,6 +178,29 @@ def error_sqlstate(body: bytes) -> tuple[str | None, bool]:
             fatal = body[pos + 1 : end] in (b"FATAL", b"PANIC")
         pos = end + 1
     return sqlstate, fatal
+
+
+_SHOWN_SEVERITIES: Final = (b"NOTICE", b"WARNING", b"INFO")
+
+
+def notice_is_diagnostic(body: bytes) -> bool:
+    """True for a NoticeResponse body below NOTICE severity (LOG, DEBUG1-5: plan, parse and rewrite
+    dumps, statistics, ...) or whose severity is not one of NOTICE, WARNING, INFO. Reads the
+    non-localized severity ('V'), or 'S' from a server that sends no 'V'."""
+    localized = b""
+    pos = 0
+    n = len(body)
+    while pos < n and body[pos] != 0:
+        end = body.find(b"\x00", pos + 1)
+        if end < 0:
+            break
+        code = body[pos]
+        if code == 0x56:  # 'V'
+            return body[pos + 1 : end] not in _SHOWN_SEVERITIES
+        if code == 0x53:  # 'S'
+            localized = body[pos + 1 : end]
+        pos = end + 1
+    return localized not in _SHOWN_SEVERITIES
 
 
 class Relay:
@@ -191,6 +238,7 @@ class Relay:
         self._client_paused = False
         self._last_completion = 0.0
         self._settings_lost = False  # a ParameterStatus the policy could not take: end the session
+        self.diagnostics_hidden = 0  # notices below NOTICE kept from the client (notice_is_diagnostic)
         # Without a policy nothing is decoded: only request boundaries are tracked (for drain
         # and for cancelling a running statement when the client goes away).
         transparent = type(policy) is PassThrough
@@ -203,6 +251,10 @@ class Relay:
             None if transparent else getattr(policy, "on_parameter_status", None))
         # Its synchronous answers for the common case (a cached verdict), tried before the hooks.
         self._fast: FastPath | None = None if transparent else fast_path_of(policy)
+        # Whether PostgreSQL's diagnostics (notices below NOTICE) may reach the client; a policy
+        # that cannot say never lets them through.
+        self._shows_diagnostics: Callable[[], bool] | None = (
+            None if transparent else getattr(policy, "shows_diagnostics", None))
         if transparent:
             watched = _UPSTREAM_WATCHED_TRANSPARENT
         else:
@@ -370,18 +422,22 @@ class Relay:
         message = FunctionCall.decode(body)
         return message, self._call(policy.on_function_call, message.function_oid)
 
-    def _fast_answer(self, tag: int, argument: str) -> Verdict | None:
-        """The policy's synchronous verdict for a Query's SQL or a Bind's statement (FastPath) when
-        no policy call is pending (answers keep their order); None: ask the async hook."""
+    def _fast_answer(self, tag: int, argument: str) -> Any:
+        """The policy's synchronous answer for a Query's SQL or a Bind's statement (FastPath) when
+        no policy call is pending (answers keep their order): a verdict, a future of one (the rest
+        of an answer that must wait), or None: ask the async hook."""
         fast = self._fast
         lane = self._lane
         if fast is None or (lane is not None and not lane.done()):
             return None
         try:
-            return fast.fast_query(argument) if tag == _Q else fast.fast_bind(argument)
+            answer = fast.fast_query(argument) if tag == _Q else fast.fast_bind(argument)
         except Exception:
             log.exception("%s: the policy raised; refusing", self._label)
             return INTERNAL_ERROR
+        if answer is None or isinstance(answer, (Allow, Rewrite, Refuse)):
+            return answer
+        return self._step(answer)
 
     def _call(self, method: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
         """Policy calls run one at a time, in order. An answer that is ready is returned as it is
@@ -393,10 +449,17 @@ class Relay:
             return future
         try:
             coroutine = method(*args)
-            try:
-                yielded = coroutine.send(None)
-            except StopIteration as stop:
-                return stop.value
+        except (Exception, asyncio.CancelledError):
+            log.exception("%s: the policy raised; refusing", self._label)
+            return INTERNAL_ERROR
+        return self._step(coroutine)
+
+    def _step(self, coroutine: Any) -> Any:
+        """Run a policy coroutine as far as it goes: its answer, or a future of it (the lane)."""
+        try:
+            yielded = coroutine.send(None)
+        except StopIteration as stop:
+            return stop.value
         except (Exception, asyncio.CancelledError):
             log.exception("%s: the policy raised; refusing", self._label)
             return INTERNAL_ERROR
@@ -486,9 +549,11 @@ class Relay:
                 if request.parsed is None:
                     request.parsed = set()
                 request.parsed.add(message.statement)
+            request.parses += 1
             if isinstance(verdict, Refuse):
                 return Parse(message.statement, self._marker(request, verdict)).encode()
             if verdict.sql != message.sql:
+                request.rewritten(request.parses - 1, verdict)
                 return Parse(message.statement, verdict.sql, message.param_types).encode()
             return None
         request = Request(extended=False, verdicts=1, sent_at=self._loop.time())
@@ -498,6 +563,7 @@ class Relay:
         if tag == _Q:
             assert isinstance(message, Query)
             if verdict.sql != message.sql:
+                request.rewritten(0, verdict)
                 return Query(verdict.sql).encode()
         return None
 
@@ -656,6 +722,7 @@ class Relay:
         parts: list[bytes] | None = None
         pos = 0
         close_after = False
+        hidden = 0
         for tag, start, end in spans:
             if tag == _COMPLETE:
                 request = self._current()
@@ -670,13 +737,21 @@ class Relay:
                             if parts is None:
                                 parts = []
                             parts.append(emit[pos:start])
-                            refused = ErrorResponse.build("ERROR", refusal.sqlstate, refusal.text)
-                            parts.append(refused.encode())
+                            parts.append(refusal_error(refusal).encode())
                             pos = end
                             sqlstate = refusal.sqlstate
                             del self._markers[marker]
                             break
                 request = self._current()
+                if request is not None and request.splices is not None and pos < start + 5:  # not a refusal
+                    splices = request.splices_of_error()
+                    translated = None if splices is None else position_in_client_text(body, splices)
+                    if translated is not None:
+                        if parts is None:
+                            parts = []
+                        parts.append(emit[pos:start])
+                        parts.append(translated)
+                        pos = end
                 if request is not None and request.sqlstate is None:
                     request.sqlstate = sqlstate
                 if fatal:
@@ -689,12 +764,41 @@ class Relay:
                     close_after = True
             elif tag == _PARAMETER_STATUS:
                 self._reported(emit[start + 5 : end])
+            elif tag == _PARSE_COMPLETE:
+                request = self._current()
+                if request is not None:
+                    request.parses_done += 1
+            elif tag == _NOTICE:
+                if notice_is_diagnostic(emit[start + 5 : end]) and not self._diagnostics_shown():
+                    if parts is None:
+                        parts = []
+                    parts.append(emit[pos:start])
+                    pos = end
+                    hidden += 1
             else:  # CopyInResponse
                 self._copy_in_started()
+        if hidden:
+            self.diagnostics_hidden += hidden
+            log.debug("%s: hid %d PostgreSQL message(s) below NOTICE from a role with masked data",
+                      self._label, hidden)
         if parts is not None:
             parts.append(emit[pos:])
             emit = b"".join(parts)
         return emit, close_after
+
+    def _diagnostics_shown(self) -> bool:
+        """Whether a notice below NOTICE (it can hold raw values: plan trees with constants) may
+        reach the client; asked as each one passes, since an elevation or a reload can change the
+        role. No answer, or a failing one, hides it."""
+        hook = self._shows_diagnostics
+        if hook is None:
+            return False
+        try:
+            return hook() is True
+        except Exception:
+            log.exception("%s: the policy could not say whether diagnostics may be shown; hiding them",
+                          self._label)
+            return False
 
     def _reported(self, body: bytes) -> None:
         """A ParameterStatus: the policy hears the settings it follows. One it cannot read or take
@@ -881,6 +985,39 @@ class Relay:
         self._open_batch = None
         if batch is not None and (batch.verdicts or batch.closes):
             self._complete(batch, answered=False)
+
+
+def refusal_error(refusal: Refuse) -> ErrorResponse:
+    """The ErrorResponse a refusal becomes: pgveil's words, or PostgreSQL's own error (`native`) with
+    the position PostgreSQL would give."""
+    error = ErrorResponse.build("ERROR", refusal.sqlstate, refusal.text)
+    if refusal.position:
+        return ErrorResponse((*error.fields, ("P", str(refusal.position))))
+    return error
+
+
+def position_in_client_text(body: bytes, splices: Splices) -> bytes | None:
+    """The ErrorResponse (whole message) with its position field ('P') moved from pgveil's rewrite
+    back into the client's text; None when it has none or it stays. ('p'/'q', internal position
+    and query, are about SQL that functions run, never pgveil's rewrite: left as they are.)"""
+    pos = 0
+    n = len(body)
+    while pos < n and body[pos] != 0:
+        end = body.find(b"\x00", pos + 1)
+        if end < 0:
+            return None
+        if body[pos] == 0x50:  # 'P'
+            try:
+                position = int(body[pos + 1 : end])
+            except ValueError:
+                return None
+            moved = splices.client_position(position)
+            if moved == position:
+                return None
+            fields = body[:pos + 1] + str(moved).encode() + body[end:]
+            return b"E" + (len(fields) + 4).to_bytes(4, "big") + fields
+        pos = end + 1
+    return None
 
 
 def _ignore(data: bytes) -> None:
