@@ -15,10 +15,10 @@ PostgreSQL round trip; the steadiest figure to compare code changes with.
 
 Configurations: relay without a policy; the policy for bench_full and bench_masked; bench_full
 with metrics (`--metrics`: the relay observer and MeteredConnection); bench_full with an audit
-file (fsync never, and batch: the batch figure includes the writer thread's hand-off and the
-fsync, as CPU time of the whole process from time.process_time). In-process, a completion
-record always shares its commit with the next access record (nothing runs in between), so
-batch here is one fsync per transaction.
+file (fsync never; the default, fsynced within 1 s; strict: the strict figure includes the
+writer thread's hand-off and the fsync, as CPU time of the whole process from
+time.process_time). In-process nothing runs between two transactions, so strict here is one
+fsync per transaction.
 With --baseline the same runs are made with the proxy package of another source tree (e.g.
 `git archive` of an older commit), interleaved round by round, and both are printed.
 """
@@ -40,7 +40,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 MODES = ("simple", "extended", "prepared")
-CONFIGURATIONS = ("relay", "full", "masked", "full+metrics", "full+audit never", "full+audit batch")
+CONFIGURATIONS = ("relay", "full", "masked", "full+metrics", "full+audit never", "full+audit default",
+                  "full+audit strict", "deployed", "deployed masked")
+DEPLOYED = ("deployed", "deployed masked")
+"""Policy + audit file in its default mode (each tree's own default) + metrics, as `pgveil serve
+--policy --audit-log --metrics` runs; bench_full or bench_masked."""
+AUDIT_FSYNC_INTERVALS = {"never": None, "default": 1.0, "strict": 0.0}  # audit.fsync_interval_ms / 1000
 
 
 # ---- the bytes pgbench -S exchanges ------------------------------------------------------------
@@ -154,13 +159,19 @@ async def _policy_for(configuration: str, dsn: str, policy_file: Path, workdir: 
     if "enforcement" not in runtimes:
         runtimes["enforcement"] = await Enforcement.create(str(policy_file), dsn)
         runtimes["metrics"] = Metrics()
-    metrics = runtimes["metrics"] if configuration == "full+metrics" else None
-    login = "bench_masked" if configuration == "masked" else "bench_full"
+    deployed = configuration in DEPLOYED
+    metrics = runtimes["metrics"] if configuration == "full+metrics" or deployed else None
+    login = "bench_masked" if configuration in ("masked", "deployed masked") else "bench_full"
     sink = None
     audit = AuditSettings()
-    if "audit" in configuration:
+    if deployed:
+        audit = AuditSettings(log=str(workdir / "audit-deployed.jsonl"))
+        sink = runtimes.get("deployed") or open_audit_sink(audit)
+        runtimes["deployed"] = sink
+    elif "audit" in configuration:
         fsync = configuration.rsplit(" ", 1)[1]
-        audit = AuditSettings(log=str(workdir / f"audit-{fsync}.jsonl"), fsync=fsync)  # type: ignore[arg-type]
+        audit = AuditSettings(log=str(workdir / f"audit-{fsync}.jsonl"),
+                              fsync_interval=AUDIT_FSYNC_INTERVALS[fsync])
         sink = runtimes.get(fsync) or open_audit_sink(audit)
         runtimes[fsync] = sink
     factory = build_connection_policy_factory(runtimes["enforcement"].connection_policy, sink,
@@ -189,12 +200,42 @@ async def _measure(dsn: str, policy_file: Path, transactions: int, configuration
         for mode in MODES:
             policy, observer = await _policy_for(configuration, dsn, policy_file, workdir, runtimes)
             results[f"{configuration}|{mode}"] = await _relay_run(policy, observer, mode, transactions)
-    for name in ("never", "batch"):
+    if "enforcement" in runtimes:
+        results.update(await _cache_hit(runtimes["enforcement"], transactions))
+    for name in (*AUDIT_FSYNC_INTERVALS, "deployed"):
         if name in runtimes:
             await runtimes[name].close()
     if "enforcement" in runtimes:
         await runtimes["enforcement"].close()
     print(json.dumps(results), flush=True)
+
+
+async def _cache_hit(enforcement: Any, lookups: int) -> dict[str, float]:
+    """CPU µs of one verdict-cache lookup that hits (pgbench -S's statement, bench_full), and of the
+    guard's whole synchronous cache-hit path (role, session checks, key, lookup) where it exists."""
+    from proxy.connection_policy import ClientInfo
+
+    guarded = enforcement.connection_policy()
+    client = ClientInfo(connection_id=2, address="127.0.0.1:2", user="bench_full", database="bench",
+                        application_name="pgbench", tls=False)
+    await guarded.on_startup({"user": "bench_full", "database": "bench"}, client)
+    guarded.on_parameter_status("search_path", '"$user", public')
+    sql = "SELECT abalance FROM pgbench_accounts WHERE aid = 4242;"
+    await guarded.on_query(sql)
+    key = guarded.context_and_key(guarded.role())[1]
+    assert enforcement.cache.lookup(sql, key) is not None
+    results: dict[str, float] = {}
+    started = time.process_time()
+    for _ in range(lookups):
+        enforcement.cache.lookup(sql, key)
+    results["verdict-cache lookup (hit)|-"] = (time.process_time() - started) / lookups * 1e6
+    if hasattr(guarded, "fast_query"):
+        assert guarded.fast_query(sql) is not None
+        started = time.process_time()
+        for _ in range(lookups):
+            guarded.fast_query(sql)
+        results["guard fast path (hit)|-"] = (time.process_time() - started) / lookups * 1e6
+    return results
 
 
 def main() -> int:
@@ -258,6 +299,18 @@ def main() -> int:
                     f" {statistics.median(results[name][key]):>14.1f} {min(results[name][key]):>12.1f}"
                     for name, _ in trees)
                 print(f"{configuration:<18} {mode:<9}{cells}")
+        for key in ("verdict-cache lookup (hit)|-", "guard fast path (hit)|-"):
+            name_key = key.split("|")[0]
+            cells = "".join(
+                f" {statistics.median(results[name][key]):>14.1f} {min(results[name][key]):>12.1f}"
+                if key in results[name] else f" {'-':>14} {'-':>12}" for name, _ in trees)
+            print(f"{name_key:<28}{cells}")
+        if "relay" in configurations and "deployed" in configurations:
+            for name, _ in trees:
+                medians = {key: statistics.median(values) for key, values in results[name].items()}
+                added = ", ".join(f"{mode} {medians[f'deployed|{mode}'] - medians[f'relay|{mode}']:.1f}"
+                                  for mode in MODES)
+                print(f"{name}: policy + audit + metrics add (deployed - relay, µs per transaction): {added}")
         return 0
     finally:
         pg.stop()

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from proxy.audit import (
+    DEFAULT_FSYNC_INTERVAL,
     FSYNC_MODES,
     AuditError,
-    AuditRecord,
     AuditSink,
     FsyncMode,
     JsonLinesFileSink,
+    MappingWrites,
     StdoutSink,
+    Unsealed,
+    fsync_interval_of,
 )
 from proxy.audit.connection import AuditedConnection, OnAuditFailure
 from proxy.config import Settings, parse_listen
@@ -57,7 +60,8 @@ class AuditSettings:
     """Where and how audit records are written (`--audit-log` plus the `audit:` config section)."""
 
     log: str | None = None  # file path; "-" means standard output
-    fsync: FsyncMode = "batch"
+    # seconds within which a written record is fsynced; 0 strict (group commit, waited for); None never
+    fsync_interval: float | None = DEFAULT_FSYNC_INTERVAL
     max_bytes: int | None = 100 * 1024 * 1024
     key_env: str | None = None
     postgres_dsn: str | None = None
@@ -74,16 +78,13 @@ class AuditSettings:
         section = extra.get("audit") or {}
         if not isinstance(section, Mapping):
             raise OperationsSettingsError("audit: must be a mapping of setting: value")
-        known = {"fsync", "max_bytes", "key_env", "postgres_dsn", "postgres_table", "on_failure",
-                 "include_literals", "log"}
+        known = {"fsync_interval_ms", "fsync", "max_bytes", "key_env", "postgres_dsn", "postgres_table",
+                 "on_failure", "include_literals", "log"}
         unknown = sorted(set(section) - known)
         if unknown:
             raise OperationsSettingsError(
                 f"audit.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
-        fsync = section.get("fsync", "batch")
-        if fsync not in FSYNC_MODES:
-            raise OperationsSettingsError(
-                f"audit.fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
+        fsync_interval = _fsync_interval(section)
         on_failure = section.get("on_failure", "refuse")
         if on_failure not in ("refuse", "allow"):
             raise OperationsSettingsError(f"audit.on_failure must be refuse or allow, not {on_failure!r}")
@@ -92,7 +93,7 @@ class AuditSettings:
             raise OperationsSettingsError("audit.max_bytes must be a byte count (0: never rotate)")
         return cls(
             log=audit_log or section.get("log"),
-            fsync=cast(FsyncMode, fsync),
+            fsync_interval=fsync_interval,
             max_bytes=max_bytes or None,
             key_env=section.get("key_env"),
             postgres_dsn=section.get("postgres_dsn") or os.environ.get("PGVEIL_AUDIT_POSTGRES_DSN"),
@@ -102,21 +103,59 @@ class AuditSettings:
         )
 
 
-class FanOutSink:
+def _fsync_interval(section: Mapping[str, Any]) -> float | None:
+    """`audit.fsync_interval_ms` in seconds (0: strict), or what the older `audit.fsync` means."""
+    if "fsync" in section and "fsync_interval_ms" in section:
+        raise OperationsSettingsError("audit: give fsync_interval_ms or its older form fsync "
+                                      "(always | batch | never), not both")
+    if "fsync" in section:
+        fsync = section["fsync"]
+        if fsync not in FSYNC_MODES:
+            raise OperationsSettingsError(
+                f"audit.fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r} "
+                "(or use fsync_interval_ms)")
+        return fsync_interval_of(cast(FsyncMode, fsync))
+    milliseconds = section.get("fsync_interval_ms", round(DEFAULT_FSYNC_INTERVAL * 1000))
+    if isinstance(milliseconds, bool) or not isinstance(milliseconds, int) or milliseconds < 0:
+        raise OperationsSettingsError(
+            "audit.fsync_interval_ms must be a whole number of milliseconds (0: strict, every "
+            f"statement waits for its fsync), not {milliseconds!r}")
+    return milliseconds / 1000
+
+
+class FanOutSink(MappingWrites):
     """Writes each record to every sink; the record counts as written only when all have it."""
 
     def __init__(self, sinks: list[AuditSink]) -> None:
         self.sinks = sinks
 
-    async def write(self, record: AuditRecord) -> None:
-        results = await asyncio.gather(*(sink.write(record) for sink in self.sinks), return_exceptions=True)
+    def append(self, record: Unsealed) -> Awaitable[None] | None:
+        waiters: list[Awaitable[None]] = []
+        failure: AuditError | None = None
+        for sink in self.sinks:
+            try:
+                waiter = sink.append(record)
+            except AuditError as exc:
+                failure = failure or exc
+                continue
+            if waiter is not None:
+                waiters.append(waiter)
+        if failure is not None:
+            if waiters:  # nobody waits for them now: collect their outcome so none goes unretrieved
+                asyncio.gather(*waiters, return_exceptions=True)
+            raise failure
+        return self._all(waiters) if waiters else None
+
+    @staticmethod
+    async def _all(waiters: list[Awaitable[None]]) -> None:
+        results = await asyncio.gather(*waiters, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result if isinstance(result, AuditError) else AuditError(str(result))
 
-    def write_behind(self, record: AuditRecord) -> None:
+    def append_behind(self, record: Unsealed) -> None:
         for sink in self.sinks:
-            sink.write_behind(record)
+            sink.append_behind(record)
 
     async def flush(self) -> None:
         await asyncio.gather(*(sink.flush() for sink in self.sinks))
@@ -142,7 +181,8 @@ def open_audit_sink(audit: AuditSettings) -> AuditSink | None:
         sinks.append(StdoutSink(key=key))
     elif audit.log:
         try:
-            sinks.append(JsonLinesFileSink(audit.log, fsync=audit.fsync, max_bytes=audit.max_bytes, key=key))
+            sinks.append(JsonLinesFileSink(audit.log, fsync_interval=audit.fsync_interval,
+                                           max_bytes=audit.max_bytes, key=key))
         except AuditError as exc:
             raise OperationsSettingsError(str(exc)) from exc
     if audit.postgres_dsn:

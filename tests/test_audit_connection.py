@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg
 
-from proxy.audit import AuditError, AuditRecord, JsonLinesFileSink, StdoutSink, verify
+from proxy.audit import AuditError, JsonLinesFileSink, MappingWrites, StdoutSink, Unsealed, verify
 from proxy.audit.connection import AuditedConnection
 from proxy.audit.postgres import PostgresSink
 from proxy.connection_policy import ClientInfo, Outcome, PassThrough
@@ -35,13 +35,13 @@ class GuardStandIn(PassThrough):
         return Allow(sql, info=INFO)
 
 
-class FailingSink:
+class FailingSink(MappingWrites):
     """A sink whose storage is gone."""
 
-    async def write(self, record: AuditRecord) -> None:
+    def append(self, record: Unsealed) -> None:
         raise AuditError("disk gone")
 
-    def write_behind(self, record: AuditRecord) -> None:
+    def append_behind(self, record: Unsealed) -> None:
         return None  # lost, as on a vanished disk
 
     async def flush(self) -> None:

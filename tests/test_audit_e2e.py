@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.audit import AuditError, AuditRecord, AuditSink, JsonLinesFileSink, verify
+from proxy.audit import AuditError, AuditSink, JsonLinesFileSink, MappingWrites, Unsealed, verify
 from proxy.cli import main as pgveil
 from proxy.config import Settings
 from proxy.connection_policy import ClientInfo, ConnectionPolicy
@@ -147,7 +147,7 @@ def served(world: World, **overrides: Any) -> Iterator[tuple[RunningProxy, Any]]
             proxy.run(hooks.on_stopped())
 
 
-class ProbeSink:
+class ProbeSink(MappingWrites):
     """A real file sink that also notes, once each access record is durable, how many rows
     PostgreSQL holds: a statement that ran before its record would already show up."""
 
@@ -155,13 +155,14 @@ class ProbeSink:
         self.inner, self.world = inner, world
         self.seen: list[tuple[str, str, int]] = []
 
-    async def write(self, record: AuditRecord) -> None:
-        await self.inner.write(record)
-        if record["type"] == "access":
-            self.seen.append((record["decision"], record["normalized_sql"], rows_in(self.world, "ops_items")))
+    def append(self, record: Unsealed) -> None:
+        assert self.inner.append(record) is None  # the default mode: written at once
+        if record.type == "access":
+            fields = json.loads(f"{{{record.body}}}")
+            self.seen.append((fields["decision"], fields["normalized_sql"], rows_in(self.world, "ops_items")))
 
-    def write_behind(self, record: AuditRecord) -> None:
-        self.inner.write_behind(record)
+    def append_behind(self, record: Unsealed) -> None:
+        self.inner.append_behind(record)
 
     async def flush(self) -> None:
         await self.inner.flush()
@@ -170,21 +171,21 @@ class ProbeSink:
         await self.inner.close()
 
 
-class SwitchableSink:
+class SwitchableSink(MappingWrites):
     """A real file sink whose storage can be made to fail (as a full or vanished disk would)."""
 
     def __init__(self, inner: AuditSink) -> None:
         self.inner = inner
         self.broken = threading.Event()
 
-    async def write(self, record: AuditRecord) -> None:
+    def append(self, record: Unsealed) -> Awaitable[None] | None:
         if self.broken.is_set():
             raise AuditError("injected: no space left on device")
-        await self.inner.write(record)
+        return self.inner.append(record)
 
-    def write_behind(self, record: AuditRecord) -> None:
+    def append_behind(self, record: Unsealed) -> None:
         if not self.broken.is_set():
-            self.inner.write_behind(record)
+            self.inner.append_behind(record)
 
     async def flush(self) -> None:
         await self.inner.flush()
@@ -455,7 +456,8 @@ def test_workers_keep_their_own_audit_chains_and_metrics_ports_and_all_get_signa
 @pytest.mark.parametrize(("arguments", "config", "reason"), [
     (["--audit-log", "/nonexistent-dir/audit.jsonl"], None,
      "cannot open audit log /nonexistent-dir/audit.jsonl: No such file or directory"),
-    ([], "audit:\n  fsync: sometimes\n", "audit.fsync must be one of always, batch, never, not 'sometimes'"),
+    ([], "audit:\n  fsync: sometimes\n",
+     "audit.fsync must be one of always, batch, never, not 'sometimes' (or use fsync_interval_ms)"),
 ])
 def test_serve_refuses_to_start_with_an_unusable_audit_setting(
         tmp_path: Path, arguments: list[str], config: str | None, reason: str) -> None:

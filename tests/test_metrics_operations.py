@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.audit import AuditError, AuditRecord, JsonLinesFileSink
+from proxy.audit import AuditError, JsonLinesFileSink, MappingWrites, Unsealed
 from proxy.connection_policy import ClientInfo, PassThrough
 from proxy.embedded import free_port
 from proxy.guard.verdict import Refuse
@@ -32,8 +32,16 @@ CLIENT = ClientInfo(3, "127.0.0.1:4", "carol", "postgres", "psql", False)
 
 def test_audit_settings_come_from_the_flag_and_the_config_section() -> None:
     audit = AuditSettings.from_settings("/var/log/a.jsonl", {"audit": {"fsync": "always", "max_bytes": 0}})
-    assert (audit.log, audit.fsync, audit.max_bytes, audit.on_failure) == ("/var/log/a.jsonl", "always", None,
-                                                                           "refuse")
+    assert (audit.log, audit.fsync_interval, audit.max_bytes, audit.on_failure) == (
+        "/var/log/a.jsonl", 0, None, "refuse")
+    assert AuditSettings.from_settings(None, {}).fsync_interval == 1.0
+    assert AuditSettings.from_settings(None, {"audit": {"fsync": "never"}}).fsync_interval is None
+    assert AuditSettings.from_settings(None, {"audit": {"fsync": "batch"}}).fsync_interval == 0
+    assert AuditSettings.from_settings(None, {"audit": {"fsync_interval_ms": 250}}).fsync_interval == 0.25
+    with pytest.raises(OperationsSettingsError, match=r"fsync_interval_ms or its older form fsync"):
+        AuditSettings.from_settings(None, {"audit": {"fsync": "never", "fsync_interval_ms": 0}})
+    with pytest.raises(OperationsSettingsError, match=r"audit\.fsync_interval_ms must be a whole number"):
+        AuditSettings.from_settings(None, {"audit": {"fsync_interval_ms": -1}})
     with pytest.raises(OperationsSettingsError, match=r"audit\.fsync must be one of always, batch, never"):
         AuditSettings.from_settings(None, {"audit": {"fsync": "sometimes"}})
     with pytest.raises(OperationsSettingsError, match=r"audit\.rotate: unknown setting"):
@@ -63,11 +71,11 @@ async def test_factory_audits_then_meters_each_connection(tmp_path: Path) -> Non
     await sink.close()
 
 
-class BrokenSink:
-    async def write(self, record: AuditRecord) -> None:
+class BrokenSink(MappingWrites):
+    def append(self, record: Unsealed) -> None:
         raise AuditError("table sink down")
 
-    def write_behind(self, record: AuditRecord) -> None:
+    def append_behind(self, record: Unsealed) -> None:
         return None
 
     async def flush(self) -> None:

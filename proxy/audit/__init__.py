@@ -1,12 +1,19 @@
 """Audit: records of every access written before the statement runs, hash-chained, to a sink."""
 
 from proxy.audit.chain import ChainState, HashChain
-from proxy.audit.file import FSYNC_MODES, FsyncMode, JsonLinesFileSink
-from proxy.audit.sink import AuditError, AuditRecord, AuditSink, GroupCommit
+from proxy.audit.file import (
+    DEFAULT_FSYNC_INTERVAL,
+    FSYNC_MODES,
+    FsyncMode,
+    JsonLinesFileSink,
+    fsync_interval_of,
+)
+from proxy.audit.sink import AuditError, AuditRecord, AuditSink, GroupCommit, MappingWrites, Unsealed
 from proxy.audit.stream import StdoutSink
 from proxy.audit.verify import verify
 
 __all__ = [
+    "DEFAULT_FSYNC_INTERVAL",
     "FSYNC_MODES",
     "AuditError",
     "AuditRecord",
@@ -16,6 +23,9 @@ __all__ = [
     "GroupCommit",
     "HashChain",
     "JsonLinesFileSink",
+    "MappingWrites",
     "StdoutSink",
+    "Unsealed",
+    "fsync_interval_of",
     "verify",
 ]

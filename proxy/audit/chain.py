@@ -66,6 +66,18 @@ class HashChain:
         record_hash = self.digest(text)
         return f'{text[:-1]},"hash":"{record_hash}"}}', ChainState(seq, record_hash)
 
+    def seal_body(self, body: str, state: ChainState) -> tuple[bytes, ChainState]:
+        """The line (UTF-8, with its newline) of a record given as its JSON members without braces
+        (`Unsealed.body`), following `state`: the same text `seal` makes of the same record, with
+        one encode and one hash."""
+        seq = state.seq + 1
+        members = f"{body}," if body else ""
+        text = f'{{"seq":{seq},{members}"prev":"{state.last_hash}","chain":"{self.algorithm}"'
+        key = self.key
+        sealed = f"{text}}}".encode()
+        record_hash = hmac.digest(key, sealed, "sha256").hex() if key else hashlib.sha256(sealed).hexdigest()
+        return f'{text},"hash":"{record_hash}"}}\n'.encode(), ChainState(seq, record_hash)
+
 
 def unseal(line: str, key: bytes | None) -> tuple[dict[str, Any], bool]:
     """Parse a sealed line; returns the record and whether its own hash matches its text."""

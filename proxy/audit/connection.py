@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+from proxy.audit.chain import serialise
 from proxy.audit.identity import policy_version_of, role_name_of
-from proxy.audit.sink import AuditError, AuditRecord, AuditSink
-from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome
-from proxy.guard.verdict import Refuse, Verdict
+from proxy.audit.sink import AuditError, AuditRecord, AuditSink, Unsealed, json_string, unsealed
+from proxy.connection_policy import INTERNAL_ERROR, ClientInfo, ConnectionPolicy, Outcome, fast_path_of
+from proxy.guard.verdict import Allow, Refuse, Rewrite, StatementInfo, Verdict
 
 log = logging.getLogger("pgveil.audit")
 
@@ -51,6 +53,44 @@ def now_iso() -> str:
     return f"{last[1]}.{micro:06d}+00:00"
 
 
+_FRAGMENTS: dict[int, tuple[StatementInfo, str, str | None, str]] = {}
+_FRAGMENTS_KEPT = 8192
+
+
+def statement_fragment(verdict: Verdict) -> str:
+    """The members of an access record that only the verdict decides, as JSON text without braces:
+    `"statement_kind":…,"fingerprint":…,"normalized_sql":…,"relations":…,"columns":…,"masks":…,
+    "decision":…,"rule":…,"findings":…`.
+
+    Built once per verdict and kept by the identity of its StatementInfo, which a verdict-cache
+    hit shares with the cached verdict: on a hit this is one dict lookup. (At most
+    `_FRAGMENTS_KEPT` are kept; the memo starts over when full.)"""
+    info = verdict.info
+    decision = verdict.decision
+    rule = verdict.rule if isinstance(verdict, Refuse) else None
+    known = _FRAGMENTS.get(id(info))
+    if known is not None and known[0] is info and known[1] == decision and known[2] == rule:
+        return known[3]
+    text = serialise({
+        "statement_kind": info.kind,
+        "fingerprint": info.fingerprint,
+        "normalized_sql": info.normalized_sql,
+        "relations": list(info.relations),
+        "columns": list(info.columns),
+        "masks": list(info.masks),
+        "decision": decision,
+        "rule": rule,
+        "findings": list(info.findings),  # firewall rules in `alert` mode that matched
+    })[1:-1]
+    if len(_FRAGMENTS) >= _FRAGMENTS_KEPT:
+        _FRAGMENTS.clear()
+    _FRAGMENTS[id(info)] = (info, decision, rule, text)
+    return text
+
+
+_VERDICTS = (Allow, Rewrite, Refuse)
+
+
 class AuditedConnection:
     """Decorates a ConnectionPolicy: every verdict is audited before the session may act on it.
 
@@ -77,6 +117,9 @@ class AuditedConnection:
         # (request, role, policy version) of access records whose completion is still to come
         self._unfinished: deque[tuple[int, str | None, str | None]] = deque()
         self._client_known: tuple[ClientInfo | None, dict[str, Any]] | None = None
+        # (role, policy version, client) and the JSON members from connection_id to policy_version
+        self._who_known: tuple[str | None, str | None, ClientInfo | None, str] | None = None
+        self._fast = fast_path_of(inner)
 
     @property
     def role_name(self) -> str | None:
@@ -106,11 +149,22 @@ class AuditedConnection:
             })
         return known[1]
 
+    def _who_members(self, role: str | None, version: str | None) -> str:
+        """`"connection_id":…,…,"role":…,"policy_version":…` as JSON text, worked out once per
+        client, role and policy version."""
+        known = self._who_known
+        if known is None or known[0] != role or known[1] != version or known[2] is not self.client:
+            members = serialise({**self._client_fields(), "role": role, "policy_version": version})[1:-1]
+            known = self._who_known = (role, version, self.client, members)
+        return known[3]
+
     async def _write(self, record: AuditRecord) -> None:
         record_type = str(record.get("type"))
         started = time.perf_counter()
         try:
-            await self.sink.write(record)
+            waiter = self.sink.append(unsealed(record))
+            if waiter is not None:
+                await waiter
         except AuditError:
             if self.timer:
                 self.timer.audit_failed(record_type)
@@ -129,43 +183,93 @@ class AuditedConnection:
                 self.events.return_events(events[index:])
                 raise
 
-    async def _audited(self, verdict: Verdict, protocol: str, extra: dict[str, Any]) -> Verdict:
+    def record_access(self, verdict: Verdict, protocol: str, *, statement_name: str | None = None,
+                      sql: str | None = None, function_oid: int | None = None,
+                      fragment: str | None = None) -> Verdict | Coroutine[Any, Any, Verdict]:
+        """Write the access record of `verdict` now; answer the verdict to act on.
+
+        Synchronous: with the default durability the record is written (handed to the operating
+        system) before this returns, and the answer is a verdict: `verdict` itself, or a refusal
+        `audit-unavailable` when the record could not be written. When the sink must make the
+        record durable first (strict mode, a PostgreSQL table), the answer is a coroutine that
+        gives that verdict once it is: await it before acting. `protocol` is `query`, `parse`,
+        `bind` or `function_call`; `sql` is recorded only with `include_literals`. `fragment` is
+        `statement_fragment(verdict)` when the caller keeps it (it is looked up otherwise).
+        Per statement only the time, the request number and these arguments are formatted."""
         self.requests += 1
-        role, version = role_name_of(self.inner), self.policy_version
-        self._unfinished.append((self.requests, role, version))
-        info = verdict.info
-        record = {
-            "type": "access",
-            "time": self.clock(),
-            **self._client_fields(),
-            "role": role,
-            "policy_version": version,
-            "request": self.requests,
-            "protocol": protocol,
-            "statement_kind": info.kind,
-            "fingerprint": info.fingerprint,
-            "normalized_sql": info.normalized_sql,
-            "relations": list(info.relations),
-            "columns": list(info.columns),
-            "masks": list(info.masks),
-            "decision": verdict.decision,
-            "rule": verdict.rule if isinstance(verdict, Refuse) else None,
-            "findings": list(info.findings),  # firewall rules in `alert` mode that matched
-            **extra,
-        }
+        request = self.requests
+        role, version = role_name_of(self.inner), policy_version_of(self.inner)
+        self._unfinished.append((request, role, version))
+        extra = ""
+        if statement_name is not None:
+            extra = f',"statement_name":{json_string(statement_name)}'
+        if sql is not None and self.include_literals:
+            extra += f',"sql":{json_string(sql)}'
+        if function_oid is not None:
+            extra += f',"function_oid":{int(function_oid)}'
+        now = self.clock()
+        record = Unsealed("access", now, (
+            f'"type":"access","time":{json_string(now)},{self._who_members(role, version)},'
+            f'"request":{request},"protocol":{json_string(protocol)},'
+            f'{fragment if fragment is not None else statement_fragment(verdict)}{extra}'))
+        events = self.events.take_events() if self.events is not None else None
+        if events:
+            return self._after_events(events, record, verdict)
+        started = time.perf_counter()
         try:
-            await self._write_pending_events()
-            await self._write(record)
+            waiter = self.sink.append(record)
         except AuditError as exc:
-            if self.on_audit_failure == "allow":
-                log.error("audit write failed, statement served UNAUDITED (on_audit_failure: allow): %s", exc)
-                return verdict
-            log.error("audit write failed, statement refused: %s", exc)
-            if isinstance(verdict, Refuse):
-                return verdict
-            return Refuse(AUDIT_UNAVAILABLE, "the audit log cannot be written, so the statement was not "
-                          "run; retry later or ask the operator to fix the audit sink", info=info)
+            return self._unaudited(verdict, exc)
+        if waiter is not None:
+            return self._durable(waiter, verdict, started)
+        if self.timer:
+            self.timer.audit_written("access", time.perf_counter() - started)
         return verdict
+
+    async def _durable(self, waiter: Awaitable[None], verdict: Verdict, started: float) -> Verdict:
+        try:
+            await waiter
+        except AuditError as exc:
+            return self._unaudited(verdict, exc)
+        if self.timer:
+            self.timer.audit_written("access", time.perf_counter() - started)
+        return verdict
+
+    async def _after_events(self, events: list[dict[str, Any]], record: Unsealed,
+                            verdict: Verdict) -> Verdict:
+        """Elevation events first (each waited for), then the access record."""
+        for index, event in enumerate(events):
+            try:
+                await self._write({"time": self.clock(), **event})
+            except AuditError as exc:
+                assert self.events is not None
+                self.events.return_events(events[index:])
+                return self._unaudited(verdict, exc, counted=True)
+        started = time.perf_counter()
+        try:
+            waiter = self.sink.append(record)
+        except AuditError as exc:
+            return self._unaudited(verdict, exc)
+        return await self._durable(waiter, verdict, started) if waiter is not None else verdict
+
+    def _unaudited(self, verdict: Verdict, exc: AuditError, counted: bool = False) -> Verdict:
+        """What to act on when the access record of `verdict` could not be written."""
+        if self.timer and not counted:
+            self.timer.audit_failed("access")
+        if self.on_audit_failure == "allow":
+            log.error("audit write failed, statement served UNAUDITED (on_audit_failure: allow): %s", exc)
+            return verdict
+        log.error("audit write failed, statement refused: %s", exc)
+        if isinstance(verdict, Refuse):
+            return verdict
+        return Refuse(AUDIT_UNAVAILABLE, "the audit log cannot be written, so the statement was not "
+                      "run; retry later or ask the operator to fix the audit sink", info=verdict.info)
+
+    async def _audited(self, verdict: Verdict, protocol: str, statement_name: str | None = None,
+                       sql: str | None = None, function_oid: int | None = None) -> Verdict:
+        answer = self.record_access(verdict, protocol, statement_name=statement_name, sql=sql,
+                                    function_oid=function_oid)
+        return answer if isinstance(answer, _VERDICTS) else await answer
 
     async def on_startup(self, params: Mapping[str, str], client: ClientInfo) -> Refuse | None:
         self.client = client
@@ -184,22 +288,39 @@ class AuditedConnection:
                           "accepted; retry later or ask the operator to fix the audit sink")
         return refusal
 
+    async def _decided(self, pending: Awaitable[Any], bind: bool = False) -> Any:
+        """The inner policy's answer; one it could not give (it raised, or answered something that
+        is not a verdict) is refused as internal-error, and audited as every refusal is: the
+        relay counts every statement it asked about, so each must have its access record."""
+        try:
+            verdict = await pending
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.error("the policy was cancelled; refusing")
+            return INTERNAL_ERROR
+        except Exception:
+            log.exception("the policy raised; refusing")
+            return INTERNAL_ERROR
+        if isinstance(verdict, _VERDICTS) or (bind and verdict is None):
+            return verdict
+        log.error("the policy answered %r, which is not a verdict; refusing", verdict)
+        return INTERNAL_ERROR
+
     async def on_query(self, sql: str) -> Verdict:
-        verdict = await self.inner.on_query(sql)
-        return await self._audited(verdict, "query", {"sql": sql} if self.include_literals else {})
+        verdict = await self._decided(self.inner.on_query(sql))
+        return await self._audited(verdict, "query", sql=sql)
 
     async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
-        verdict = await self.inner.on_parse(statement_name, sql, param_types)
-        extra: dict[str, Any] = {"statement_name": statement_name}
-        if self.include_literals:
-            extra["sql"] = sql
-        return await self._audited(verdict, "parse", extra)
+        verdict = await self._decided(self.inner.on_parse(statement_name, sql, param_types))
+        return await self._audited(verdict, "parse", statement_name, sql)
 
     async def on_bind(self, statement_name: str) -> Verdict | None:
-        verdict = await self.inner.on_bind(statement_name)
+        verdict = await self._decided(self.inner.on_bind(statement_name), bind=True)
         if verdict is None:
             return None
-        return await self._audited(verdict, "bind", {"statement_name": statement_name})
+        return await self._audited(verdict, "bind", statement_name)
 
     async def on_close_statement(self, statement_name: str) -> None:
         await self.inner.on_close_statement(statement_name)
@@ -209,24 +330,83 @@ class AuditedConnection:
         if forward is not None:
             forward(name, value)
 
+    def shows_diagnostics(self) -> bool:
+        ask = getattr(self.inner, "shows_diagnostics", None)
+        return ask is not None and ask() is True
+
     async def on_function_call(self, function_oid: int) -> Verdict:
-        verdict = await self.inner.on_function_call(function_oid)
-        return await self._audited(verdict, "function_call", {"function_oid": function_oid})
+        verdict = await self._decided(self.inner.on_function_call(function_oid))
+        return await self._audited(verdict, "function_call", function_oid=function_oid)
 
     async def on_complete(self, outcome: Outcome) -> None:
         await self.inner.on_complete(outcome)
+        self._completed(outcome)
+
+    # FastPath: the inner policy's synchronous verdicts, audited by record_access (a coroutine only
+    # when the record must be durable before the statement runs).
+
+    def fast_query(self, sql: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
+        fast = self._fast
+        if fast is None:
+            return None
+        try:
+            verdict = fast.fast_query(sql)
+        except Exception:  # refused and audited, as on_query does
+            log.exception("the policy raised; refusing")
+            verdict = INTERNAL_ERROR
+        if verdict is None or not isinstance(verdict, _VERDICTS):
+            return verdict if verdict is None else self._audited_later(verdict, "query", None, sql)
+        return self.record_access(verdict, "query", sql=sql)
+
+    def fast_bind(self, statement_name: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
+        fast = self._fast
+        if fast is None:
+            return None
+        try:
+            verdict = fast.fast_bind(statement_name)
+        except Exception:  # refused and audited, as on_bind does
+            log.exception("the policy raised; refusing")
+            verdict = INTERNAL_ERROR
+        if verdict is None or not isinstance(verdict, _VERDICTS):
+            return verdict if verdict is None else self._audited_later(verdict, "bind", statement_name, None)
+        return self.record_access(verdict, "bind", statement_name=statement_name)
+
+    async def _audited_later(self, decided: Coroutine[Any, Any, Verdict], protocol: str,
+                             statement_name: str | None, sql: str | None) -> Verdict:
+        return await self._audited(await decided, protocol, statement_name, sql)
+
+    def fast_complete(self, outcome: Outcome) -> bool:
+        fast = self._fast
+        if fast is None or not fast.fast_complete(outcome):
+            return False
+        self._completed(outcome)
+        return True
+
+    def _completed(self, outcome: Outcome) -> None:
+        """The completion record of a request the inner policy has been told of."""
         if outcome.verdicts == 0:  # only Close messages: nothing was audited, nothing completes
             return
         # Requests finish in the order they were decided (pipelining included); one request of the
         # extended protocol can cover several Parse and Bind verdicts.
         covered = [self._unfinished.popleft() for _ in range(outcome.verdicts) if self._unfinished]
-        first = covered[0] if covered else (self.requests, self.role_name, self.policy_version)
-        request, role, version = first
-        record: dict[str, Any] = {
-            "type": "completion", **self._who(role, version), "request": request, "rows": outcome.rows,
-            "upstream_seconds": round(outcome.upstream_seconds, 6), "sqlstate": outcome.sqlstate}
+        if len(covered) < outcome.verdicts:  # never a number that is not this request's own
+            log.error("a completion of %d statements with %d access records open",
+                      outcome.verdicts, len(covered))
+            if not covered:
+                return
+        request, role, version = covered[0]
+        now = self.clock()
+        sqlstate = outcome.sqlstate
+        body = (f'"type":"completion","time":{json_string(now)},{self._who_members(role, version)},'
+                f'"request":{request},"rows":{int(outcome.rows)},'
+                f'"upstream_seconds":{float(round(outcome.upstream_seconds, 6))!r},'
+                f'"sqlstate":{"null" if sqlstate is None else json_string(sqlstate)}')
         if len(covered) > 1:
-            record["requests"] = [number for number, _, _ in covered]
+            body += f',"requests":[{",".join(str(number) for number, _, _ in covered)}]'
+        if not outcome.forwarded:
+            body += ',"forwarded":false'  # the session ended before it was sent: nothing ran
+        elif not outcome.answered:
+            body += ',"answered":false'  # the session ended before PostgreSQL's answer came
         # The statement has run: its completion need not hold up the connection. It is queued
-        # behind the access record and is durable once the next record anyone waits for is.
-        self.sink.write_behind(record)
+        # behind the access record: written with the next record, or within milliseconds.
+        self.sink.append_behind(Unsealed("completion", now, body))

@@ -1,4 +1,4 @@
-"""JSON-lines audit file: hash-chained, rotated by size, fsync always | batch | never."""
+"""JSON-lines audit file: hash-chained, rotated by size, written at once, fsynced on a delay or strictly."""
 
 from __future__ import annotations
 
@@ -14,10 +14,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy.audit.chain import HEAD_SIZE, ChainState, HashChain, head_record, read_head, state_after
-from proxy.audit.sink import AuditError, AuditRecord, GroupCommit, log
+from proxy.audit.sink import AuditError, MappingWrites, Unsealed, log
 
 FsyncMode = Literal["always", "batch", "never"]
 FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "batch", "never")
+"""The `audit.fsync` names of earlier versions, still accepted (see `fsync_interval_of`)."""
+
+DEFAULT_FSYNC_INTERVAL = 1.0
+"""Seconds within which a written record is fsynced by default (SQL Server Audit's QUEUE_DELAY)."""
+
+TIDY_DELAY = 0.002
+"""Seconds after a write until records queued behind are written and the head file is updated."""
+
+
+def fsync_interval_of(mode: FsyncMode) -> float | None:
+    """The fsync interval an `audit.fsync` name of earlier versions means: `always` and `batch`
+    made every statement wait for the fsync of its record, which strict mode (0) keeps; `never`
+    wrote records without fsyncing them (None)."""
+    return None if mode == "never" else 0.0
 
 _TAIL_BYTES = 1 << 20
 HEAD_SUFFIX = "-head"
@@ -126,33 +140,55 @@ def _last_sealed_line(path: Path) -> tuple[ChainState | None, bool]:
     return None, ends_mid_line
 
 
-class JsonLinesFileSink:
+def _hash_of(line: bytes) -> str:
+    """The hash of a sealed line (`…,"hash":"<64 hex>"}\n`)."""
+    return line[-67:-3].decode()
+
+
+class JsonLinesFileSink(MappingWrites):
     """Appends sealed records to `path`; rotates to `path.N` before a write would pass `max_bytes`.
 
-    `fsync`: `always` syncs every record on its own; `batch` lets concurrent writers share one
-    write and one fsync (group commit); `never` leaves durability to the OS (a crash of the
-    machine can lose the last records, a crash of pgveil cannot). After a failed fsync the sink
-    refuses every later write, since the kernel may have dropped the unsynced data.
+    Every record is written (one write(2), to the operating system) when it is appended, so a
+    crash of pgveil, even SIGKILL, cannot lose it. `fsync_interval` (seconds) says when it is
+    fsynced: > 0, within that long after it was written (records written meanwhile share the
+    fsync); 0, strict: `append` returns a future that finishes when an fsync covering the record
+    has, and every record written while one fsync runs shares the next (group commit); None,
+    never (the operating system writes it back; a machine crash can lose the last records). After
+    a failed fsync the sink refuses every later record until pgveil is restarted, since the kernel
+    may have dropped unsynced data (PostgreSQL stops for the same reason).
     """
 
-    def __init__(self, path: str | os.PathLike[str], fsync: FsyncMode = "batch",
-                 max_bytes: int | None = 100 * 1024 * 1024, key: bytes | None = None) -> None:
-        if fsync not in FSYNC_MODES:
-            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
+    def __init__(self, path: str | os.PathLike[str], fsync_interval: float | None = DEFAULT_FSYNC_INTERVAL,
+                 max_bytes: int | None = 100 * 1024 * 1024, key: bytes | None = None, *,
+                 fsync: FsyncMode | None = None) -> None:
+        if fsync is not None:
+            if fsync not in FSYNC_MODES:
+                raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
+            fsync_interval = fsync_interval_of(fsync)
+        if fsync_interval is not None and fsync_interval < 0:
+            raise ValueError(f"fsync_interval must be 0 (strict) or more seconds, not {fsync_interval}")
         self.path = Path(path)
-        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.strict = fsync_interval == 0
         self.max_bytes = max_bytes
         self._fd: int | None = None
         self._size = 0
         self._broken: str | None = None
-        self._appended = 0
         self._rotatable = False
         self._head_fd: int | None = None
         self._head_failed = False
+        self._behind: list[Unsealed] = []  # records queued behind, written with the next record
+        self._tidy: asyncio.TimerHandle | None = None
+        self._unsynced = False  # records were written since the last fsync began
+        self._retired: list[int] = []  # rotated files (fds) not fsynced and closed yet
+        self._directory_unsynced = False  # a rotation renamed and created files since the last fsync
+        self._waiters: list[asyncio.Future[None]] = []  # strict: records written since the last fsync began
+        self._sync_due: asyncio.Handle | None = None
+        self._sync_soon = False  # _sync_due is a call_soon (strict: a writer waits), not a timer
+        self._syncing: asyncio.Future[None] | None = None
         self.chain = HashChain(self._resume(key), key)
         self._open()  # fail at start-up, not at the first statement
-        self._advance(self.chain.state)  # the head exists from the start, also for an idle worker
-        self._committer = GroupCommit(self._commit, max_batch=1 if fsync == "always" else 1024)
+        self._write_head(self.chain.state)  # the head exists from the start, also for an idle worker
         self._writer = _WriterThread(f"pgveil-audit {self.path.name}")
 
     def _resume(self, key: bytes | None) -> ChainState:
@@ -185,6 +221,82 @@ class JsonLinesFileSink:
             return head
         return state
 
+    # ---- writing: on the event loop, one write(2) per append ---------------------------------
+
+    def append(self, record: Unsealed) -> asyncio.Future[None] | None:
+        if self._broken:
+            raise AuditError(self._broken)
+        if self._behind:
+            records, self._behind = [*self._behind, record], []
+            try:
+                self._write(records)
+            except AuditError:
+                log.error("audit records queued behind were lost with the record that failed")
+                raise
+        else:
+            self._write((record,))
+        if not self.strict:
+            return None
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._syncing is None and not self._sync_soon:  # starts once this turn's records are in
+            if self._sync_due is not None:
+                self._sync_due.cancel()
+            self._sync_due = asyncio.get_running_loop().call_soon(self._start_sync)
+            self._sync_soon = True
+        return waiter
+
+    def append_behind(self, record: Unsealed) -> None:
+        self._behind.append(record)
+        if self._tidy is None:
+            self._tidy = asyncio.get_running_loop().call_later(TIDY_DELAY, self._tidy_up)
+
+    def _write(self, records: list[Unsealed] | tuple[Unsealed, ...]) -> None:
+        """Seal and write `records` with one write(2), or, when they would take the file past
+        `max_bytes`, rotating between them; the chain advances over what reached the file, also
+        when a later record fails."""
+        chain = self.chain
+        state = chain.state
+        lines: list[bytes] = []
+        for record in records:
+            line, state = chain.seal_body(record.body, state)
+            lines.append(line)
+        data = lines[0] if len(lines) == 1 else b"".join(lines)
+        limit = self.max_bytes if self._rotatable else None
+        try:
+            if limit is not None and self._size + len(data) > limit:
+                self._write_rotating(lines, limit)
+            else:
+                self._write_all(data)
+        except OSError as exc:
+            raise AuditError(f"cannot write audit log {self.path}: {exc.strerror or exc}") from exc
+        chain.state = state
+        self._unsynced = True
+        if self._sync_due is None and self._syncing is None and self.fsync_interval is not None:
+            delay = self.fsync_interval or DEFAULT_FSYNC_INTERVAL  # strict: records nobody waits for
+            self._sync_due = asyncio.get_running_loop().call_later(delay, self._start_sync)
+        if self._tidy is None:
+            self._tidy = asyncio.get_running_loop().call_later(TIDY_DELAY, self._tidy_up)
+
+    def _write_rotating(self, lines: list[bytes], limit: int) -> None:
+        """Write `lines`, rotating before one would take the file past `limit`; the chain advances
+        over each part written, so a failure after a rotation keeps what reached the files."""
+        state = self.chain.state
+        pending: list[bytes] = []
+        pending_size = 0
+        states: list[ChainState] = []
+        for line in lines:
+            states.append(state := ChainState(state.seq + 1, _hash_of(line)))
+            if self._size + pending_size > 0 and self._size + pending_size + len(line) > limit:
+                if pending:
+                    self._write_all(b"".join(pending))
+                    self.chain.state = states[-2]
+                    pending, pending_size = [], 0
+                self._rotate()
+            pending.append(line)
+            pending_size += len(line)
+        self._write_all(b"".join(pending))
+
     def _open(self) -> int:
         if self._fd is None:
             try:
@@ -197,83 +309,63 @@ class JsonLinesFileSink:
         return self._fd
 
     def _write_all(self, data: bytes) -> None:
-        fd = self._open()
+        """All of `data` or nothing: a write that fails part way is cut off again (no torn record)."""
+        fd = self._fd if self._fd is not None else self._open()
+        before = self._size
         view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        self._size += len(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            if len(view) != len(data):
+                try:
+                    os.ftruncate(fd, before)
+                except OSError as exc:
+                    self._broken = (f"audit log {self.path} holds a torn record that cannot be cut off "
+                                    f"({exc.strerror}); restart pgveil")
+            raise
+        self._size = before + len(data)
 
     def _rotate(self) -> None:
-        """Close the full file and start a new one; the chain simply continues into it."""
+        """Close the full file and start a new one; the chain simply continues into it. The old
+        file is fsynced (and closed) by the next fsync, with the directory."""
         if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
+            if self.fsync_interval is None:
+                os.close(self._fd)
+            else:
+                self._retired.append(self._fd)
+                self._directory_unsynced = True
             self._fd = None
         existing = rotated_files(self.path)
         next_index = int(existing[-1].name.rsplit(".", 1)[1]) + 1 if existing else 1
         os.rename(self.path, self.path.with_name(f"{self.path.name}.{next_index}"))
         self._open()
-        if self.fsync != "never":
-            directory = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
 
-    def _write_segment(self, data: bytes) -> None:
-        fd = self._open()
-        before = self._size
-        try:
-            self._write_all(data)
-        except OSError:
-            self._size = before
-            with contextlib.suppress(OSError):  # do not leave a torn record behind
-                os.ftruncate(fd, before)
-            raise
-        if self.fsync != "never":
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                self._broken = f"fsync of {self.path} failed ({exc.strerror}); restart pgveil"
-                raise
+    # ---- later: records queued behind, the head file, fsyncs ---------------------------------
 
-    def _append(self, lines: list[bytes]) -> None:
-        """Write lines, rotating between them; runs in the writer thread unless fsync is `never`.
+    def _tidy_up(self) -> None:
+        """Write the records queued behind, and (unless strict) the head file."""
+        self._tidy = None
+        self._write_behind()
+        if not self.strict:
+            self._write_head(self.chain.state)
 
-        `self._appended` counts the lines that reached the file, also when a later one fails.
-        """
-        self._appended = 0
-        self._open()
-        limit = self.max_bytes if self._rotatable else None
-        segment: list[bytes] = []
-        pending = 0
-        for line in lines:
-            if limit is not None and self._size + pending > 0 and self._size + pending + len(line) > limit:
-                if segment:
-                    self._write_segment(b"".join(segment))
-                    self._appended += len(segment)
-                    segment, pending = [], 0
-                self._rotate()
-            segment.append(line)
-            pending += len(line)
-        self._write_segment(b"".join(segment))
-        self._appended += len(segment)
-
-    def _seal(self, records: list[AuditRecord]) -> tuple[list[bytes], list[ChainState]]:
+    def _write_behind(self) -> None:
+        if not self._behind:
+            return
+        records, self._behind = self._behind, []
         if self._broken:
-            raise AuditError(self._broken)
-        state = self.chain.state
-        lines, states = [], []
-        for record in records:
-            line, state = self.chain.seal(record, state)
-            lines.append((line + "\n").encode())
-            states.append(state)
-        return lines, states
+            log.error("audit records lost (%d): %s", len(records), self._broken)
+            return
+        try:
+            self._write(records)
+        except AuditError as exc:
+            log.error("audit records lost (%d): %s", len(records), exc)
 
-    def _advance(self, state: ChainState) -> None:
-        """The chain stands at `state`, written: the head file says so too (one pwrite in place)."""
-        self.chain.state = state
+    def _write_head(self, state: ChainState) -> None:
+        """The chain stands at `state`, written: the head file says so too (one pwrite in place).
+        Strict: only states an fsync has covered, so a machine crash never leaves a head naming
+        records the log lost; otherwise within TIDY_DELAY of a write."""
         if not self._rotatable or self._head_failed:
             return
         try:
@@ -285,84 +377,86 @@ class JsonLinesFileSink:
             log.error("audit head %s cannot be written (%s): records cut off the end of the log "
                       "will not be detected", head_path(self.path), exc.strerror)
 
-    def _failed(self, states: list[ChainState], exc: OSError) -> AuditError:
-        if self._appended:  # those lines are in the file: the chain goes on from the last of them
-            self._advance(states[self._appended - 1])
-        return AuditError(f"cannot write audit log {self.path}: {exc.strerror or exc}")
-
-    async def _commit(self, records: list[AuditRecord]) -> None:
-        lines, states = self._seal(records)
-        try:
-            if self._fits(lines):
-                await self._append_then_sync(lines)
-            else:
-                await self._writer.run(lambda: self._append(lines))
-        except OSError as exc:
-            raise self._failed(states, exc) from exc
-        self._advance(states[-1])
-
-    def _fits(self, lines: list[bytes]) -> bool:
-        """The lines go into the current file without a rotation."""
-        limit = self.max_bytes if self._rotatable else None
-        return self._fd is not None and (limit is None or self._size + sum(map(len, lines)) <= limit)
-
-    async def _append_then_sync(self, lines: list[bytes]) -> None:
-        """The usual commit: one write(2) to the page cache on the event loop (as with `never`), and
-        only the fsync in the writer thread, so the thread takes the GIL back once per commit."""
-        self._appended = 0
-        fd = self._open()
-        data = b"".join(lines)
-        before = self._size
-        try:
-            self._write_all(data)
-        except OSError:
-            self._size = before
-            with contextlib.suppress(OSError):  # do not leave a torn record behind
-                os.ftruncate(fd, before)
-            raise
-        await self._writer.run(lambda: self._sync(fd))
-        self._appended = len(lines)
-
-    def _sync(self, fd: int) -> None:
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            self._broken = f"fsync of {self.path} failed ({exc.strerror}); restart pgveil"
-            raise
-
-    def _write_now(self, record: AuditRecord) -> None:
-        """`never`: one write(2) on the event loop; a page-cache write is cheaper than a hand-off."""
-        lines, states = self._seal([record])
-        try:
-            self._append(lines)
-        except OSError as exc:
-            raise self._failed(states, exc) from exc
-        self._advance(states[-1])
-
-    async def write(self, record: AuditRecord) -> None:
-        if self.fsync == "never":
-            self._write_now(record)
-        else:
-            await self._committer.submit(record)
-
-    def write_behind(self, record: AuditRecord) -> None:
-        if self.fsync != "never":
-            self._committer.enqueue(record)
+    def _start_sync(self) -> None:
+        """Hand one fsync, covering every record written so far, to the writer thread."""
+        self._sync_due, self._sync_soon = None, False
+        if self._syncing is not None or self._broken:
             return
+        if not (self._unsynced or self._retired or self._waiters):
+            return
+        fd, retired, directory = self._fd, self._retired, self._directory_unsynced
+        waiters, covered = self._waiters, self.chain.state
+        self._retired, self._directory_unsynced, self._waiters, self._unsynced = [], False, [], False
+        syncing = self._syncing = self._writer.run(lambda: self._sync(fd, retired, directory))
+        syncing.add_done_callback(lambda done: self._synced(done, waiters, covered))
+
+    def _sync(self, fd: int | None, retired: list[int], directory: bool) -> None:
+        """In the writer thread: fsync rotated files (then close them), the file, the directory."""
         try:
-            self._write_now(record)
-        except AuditError as exc:
-            log.error("audit record lost: %s", exc)
+            for old in retired:
+                os.fsync(old)
+            if fd is not None:
+                os.fsync(fd)
+            if directory:
+                handle = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(handle)
+                finally:
+                    os.close(handle)
+        finally:
+            for old in retired:
+                with contextlib.suppress(OSError):
+                    os.close(old)
+
+    def _synced(self, done: asyncio.Future[None], waiters: list[asyncio.Future[None]],
+                covered: ChainState) -> None:
+        self._syncing = None
+        error = done.exception() if not done.cancelled() else AuditError("the fsync was cancelled")
+        if error is not None:
+            reason = getattr(error, "strerror", None) or error
+            self._broken = f"fsync of audit log {self.path} failed ({reason}); restart pgveil"
+            log.error("%s: records up to seq %d may not be on disk; every statement is refused from now on",
+                      self._broken, covered.seq)
+            failure = AuditError(self._broken)
+            for waiter in [*waiters, *self._waiters]:
+                if not waiter.done():
+                    waiter.set_exception(failure)
+            self._waiters = []
+            return
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if self.strict:
+            self._write_head(covered)
+        if self._waiters:  # written while this fsync ran: the next one starts at once
+            self._start_sync()
+        elif (self._unsynced or self._retired) and self._sync_due is None:
+            delay = self.fsync_interval or DEFAULT_FSYNC_INTERVAL
+            self._sync_due = asyncio.get_running_loop().call_later(delay, self._start_sync)
 
     async def flush(self) -> None:
-        await self._committer.wait_idle()
+        """Write what is queued behind and, unless fsync is never, fsync everything written."""
+        if self._tidy is not None:
+            self._tidy.cancel()
+            self._tidy = None
+        self._write_behind()
+        if self.fsync_interval is not None and not self._broken:
+            while self._syncing is not None:
+                await asyncio.shield(self._syncing)
+            if self._sync_due is not None:
+                self._sync_due.cancel()
+            self._start_sync()
+            if self._syncing is not None:
+                with contextlib.suppress(Exception):  # _synced logs it and breaks the sink
+                    await asyncio.shield(self._syncing)
+        if not self.strict:
+            self._write_head(self.chain.state)
 
     async def close(self) -> None:
         await self.flush()
         self._writer.stop()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._head_fd is not None:
-            os.close(self._head_fd)
-            self._head_fd = None
+        for fd in [*self._retired, self._fd, self._head_fd]:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._retired, self._fd, self._head_fd = [], None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import UTC, datetime
@@ -10,15 +11,17 @@ from typing import Any
 import asyncpg
 
 from proxy.audit.chain import HashChain
-from proxy.audit.sink import AuditError, AuditRecord, GroupCommit
+from proxy.audit.sink import AuditError, GroupCommit, MappingWrites, Unsealed
 
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
-class PostgresSink:
-    """Inserts records into `table` in batches; a batch is one transaction, committed before
-    any of its writers return. Each sink instance starts a new chain (column `chain`), ordered
-    by `seq`; `line` holds the exact sealed JSON so the chain can be re-verified later.
+class PostgresSink(MappingWrites):
+    """Inserts records into `table` in batches; a batch is one COPY (one transaction), committed
+    before any of its writers go on. The records appended while the event loop runs other
+    callbacks form one batch, and so do those appended while a batch is being committed. Each
+    sink instance starts a new chain (column `chain`), ordered by `seq`; `line` holds the exact
+    sealed JSON so the chain can be re-verified later.
     """
 
     def __init__(self, dsn: str, table: str = "pgveil_audit", key: bytes | None = None,
@@ -31,7 +34,7 @@ class PostgresSink:
         self.chain = HashChain(key=key)
         self.timeout_seconds = timeout_seconds
         self._connection: Any = None
-        self._committer = GroupCommit(self._commit)
+        self._committer: GroupCommit[Unsealed] = GroupCommit(self._commit)
 
     async def _connect(self) -> Any:
         if self._connection is None or self._connection.is_closed():
@@ -43,13 +46,13 @@ class PostgresSink:
             )
         return self._connection
 
-    async def _commit(self, records: list[AuditRecord]) -> None:
+    async def _commit(self, records: list[Unsealed]) -> None:
         state = self.chain.state
         rows = []
         for record in records:
-            line, state = self.chain.seal(record, state)
-            at = datetime.fromisoformat(str(record.get("time"))) if record.get("time") else datetime.now(UTC)
-            rows.append((self.chain_id, state.seq, at, str(record.get("type", "")), line))
+            line, state = self.chain.seal_body(record.body, state)
+            at = datetime.fromisoformat(record.time) if record.time else datetime.now(UTC)
+            rows.append((self.chain_id, state.seq, at, record.type, line[:-1].decode()))
         try:
             connection = await self._connect()
             await connection.copy_records_to_table(
@@ -66,10 +69,10 @@ class PostgresSink:
             raise AuditError(f"cannot write audit table {self.table}: {exc}") from exc
         self.chain.state = state
 
-    async def write(self, record: AuditRecord) -> None:
-        await self._committer.submit(record)
+    def append(self, record: Unsealed) -> asyncio.Future[None]:
+        return self._committer.submit(record)
 
-    def write_behind(self, record: AuditRecord) -> None:
+    def append_behind(self, record: Unsealed) -> None:
         self._committer.enqueue(record)
 
     async def flush(self) -> None:
