@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.guard.verdict import Allow, Refuse, Verdict
 
@@ -88,12 +88,14 @@ class FastPath(Protocol):
     """Optional synchronous answers of a ConnectionPolicy for the common case (a statement whose
     verdict is cached, a request that changed nothing), so the relay makes one plain call for it
     instead of awaiting a coroutine per layer. Each answers None (or False) to decline before
-    changing anything; the relay then calls the async hook, which decides as if asked first."""
+    changing anything; the relay then calls the async hook, which decides as if asked first.
+    A verdict answer may also be a coroutine giving the verdict: decided, but something must be
+    waited for before acting on it (an audit record that must be durable first)."""
 
-    def fast_query(self, sql: str) -> Verdict | None:
+    def fast_query(self, sql: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         """on_query's answer, or None."""
 
-    def fast_bind(self, statement_name: str) -> Verdict | None:
+    def fast_bind(self, statement_name: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         """on_bind's verdict for a re-execution, or None (never for 'nothing to decide')."""
 
     def fast_complete(self, outcome: Outcome) -> bool:

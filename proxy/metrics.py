@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -15,7 +16,7 @@ from prometheus_client.utils import floatToGoString
 
 from proxy.audit.identity import policy_version_of, role_name_of
 from proxy.connection_policy import ClientInfo, ConnectionPolicy, Outcome, fast_path_of
-from proxy.guard.verdict import Refuse, Verdict
+from proxy.guard.verdict import Allow, Refuse, Rewrite, Verdict
 from proxy.session.observer import Traffic
 
 _PGVEIL_SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -332,21 +333,30 @@ class MeteredConnection:
 
     # FastPath: the inner policy's synchronous answers, counted alike.
 
-    def fast_query(self, sql: str) -> Verdict | None:
+    def fast_query(self, sql: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         fast = self._fast
         if fast is None:
             return None
         started = time.perf_counter()
-        verdict = fast.fast_query(sql)
-        return None if verdict is None else self._count(verdict, started)
+        return self._fast_count(fast.fast_query(sql), started)
 
-    def fast_bind(self, statement_name: str) -> Verdict | None:
+    def fast_bind(self, statement_name: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         fast = self._fast
         if fast is None:
             return None
         started = time.perf_counter()
-        verdict = fast.fast_bind(statement_name)
-        return None if verdict is None else self._count(verdict, started)
+        return self._fast_count(fast.fast_bind(statement_name), started)
+
+    def _fast_count(self, answer: Verdict | Coroutine[Any, Any, Verdict] | None,
+                    started: float) -> Verdict | Coroutine[Any, Any, Verdict] | None:
+        if answer is None:
+            return None
+        if isinstance(answer, (Allow, Rewrite, Refuse)):
+            return self._count(answer, started)
+        return self._count_later(answer, started)
+
+    async def _count_later(self, answer: Coroutine[Any, Any, Verdict], started: float) -> Verdict:
+        return self._count(await answer, started)
 
     def fast_complete(self, outcome: Outcome) -> bool:
         fast = self._fast
