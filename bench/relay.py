@@ -1,28 +1,38 @@
-"""Relay benchmark: pgbench -S straight to PostgreSQL, through pgbouncer and through pgveil, interleaved.
+"""Relay benchmark: pgbench straight to PostgreSQL, through pgbouncer and through pgveil, interleaved.
 
     python bench/relay.py [--duration 10] [--rounds 3] [--clients 8] [--threads 2] [--workers 1]
-                          [--idle 1000] [--no-pgbouncer] [--modes simple,extended,prepared]
+                          [--before-python PYTHON | --before-cmd "COMMAND"] [--no-pgbouncer]
+    python bench/relay.py --bare-relay [--idle 1000] [--modes simple,extended,prepared]
                           [--policy FILE|pgbench [--user LOGIN ...]] [--audit never|batch|always]
-                          [--baseline SOURCE_TREE] [--profile FILE]
+                          [--baseline SOURCE_TREE] [--profile FILE] [--no-bare]
 
-Starts its own embedded PostgreSQL 18 (max_connections raised for the idle test), initialises
-pgbench (scale 1), starts `pgveil serve` (no policy: the relay alone) and, when installed,
-pgbouncer in session pooling mode. For each protocol (simple, extended, prepared) it runs
-`pgbench -S -c CLIENTS -j THREADS -T DURATION` against each target in turn, ROUNDS times,
-interleaved so that drift on a shared machine hits every column alike. A fourth target, "bare",
-is the floor for any Python proxy: a uvloop byte pump of a dozen lines that parses nothing.
-It prints the median tps per target, the ratios, and the CPU time each proxy process spent per
-transaction (from /proc/PID/stat, the steadiest figure on a small machine). Then it opens IDLE connections
-through pgveil and reports pgveil's resident memory, and finally measures the scanner alone
-(µs per relayed message, in-process).
+By default it measures pgveil as deployed: `pgveil serve --policy FILE --audit-log FILE
+--metrics HOST:PORT`, the audit in its default durability mode (no audit settings given, so each
+pgveil version runs its own default). Four workloads, each `-c CLIENTS -j THREADS -T DURATION`:
+`pgbench -S` (one row of pgbench_accounts by aid) as login bench_full, whose role sees
+everything, in the simple and the prepared protocol; and one row of bench_people (five masked
+columns) by id as login bench_masked, simple and prepared. Targets: PostgreSQL directly,
+pgbouncer (session pooling; said clearly when it is not installed) and pgveil; with
+--before-python (another pgveil installation's interpreter, e.g. /work/before/.venv/bin/python,
+run as `PYTHON -m proxy serve` from a scratch directory so it imports its own pgveil) or
+--before-cmd (a command that is `pgveil`, e.g. "/work/before/.venv/bin/pgveil") a second pgveil
+named "before" joins the same interleaved rounds. Direct and pgbouncer run the same SQL as
+postgres. Rounds are interleaved (each round runs every workload on every target in turn) so
+drift on a shared machine hits every column alike. Printed: median tps per target, each
+pgveil's ratio to pgbouncer and its CPU µs per transaction (/proc), then what pgveil counted in
+its metrics and wrote to its audit log (proof the deployed configuration ran).
 
-With --policy pgveil serves that policy ("pgbench": a built-in one for pgbench's tables, where
-login bench_full sees everything and bench_masked sees pgbench_accounts.abalance and filler
-masked) and pgbench logs in through it as each --user (default with the built-in policy: both
-logins; direct and pgbouncer run as postgres). --audit adds an audit file with that fsync mode.
---baseline runs a second pgveil from another source tree (e.g. `git archive` of an older commit)
-as target "before", interleaved with the current one. --profile runs pgveil under cProfile and
-writes its stats to FILE when it stops (CPU figures are then the profiler's, not pgveil's).
+--bare-relay runs the earlier benchmark instead: pgbench -S through pgveil without a policy
+(the relay alone) in the simple, extended and prepared protocols, beside "bare", the floor for
+any Python proxy (a uvloop byte pump of a dozen lines that parses nothing); then IDLE
+connections through pgveil (its resident memory) and the scanner alone (µs per relayed
+message, in-process). There --policy gives pgveil a policy ("pgbench": a built-in one for
+pgbench's tables, where login bench_full sees everything and bench_masked sees
+pgbench_accounts.abalance and filler masked) and pgbench logs in through it as each --user;
+--audit adds an audit file with that fsync mode; --baseline runs a second pgveil from another
+source tree (e.g. `git archive` of an older commit) as target "before"; --profile runs pgveil
+under cProfile and writes its stats to FILE when it stops (CPU figures are then the
+profiler's, not pgveil's).
 """
 
 from __future__ import annotations
@@ -272,6 +282,196 @@ def scanner_micro() -> tuple[float, float]:
     return whole_chunks, per_read
 
 
+# ---- pgveil as deployed (the default run) ------------------------------------------------------
+
+DEPLOYED_POLICY = """\
+version: 1
+settings: {default_role: deny}
+roles:
+  full:
+    members: [bench_full]
+    statements: [select]
+    tables: ["public.*"]
+    reveal: [public, internal, confidential, restricted]
+  masked:
+    members: [bench_masked]
+    statements: [select]
+    tables: ["public.*"]
+    reveal: [public, internal]
+datasets:
+  public.bench_people:
+    description: One row per person, five columns masked for role masked
+    columns:
+      id:         {sensitivity: internal}
+      name:       {sensitivity: confidential, protection: {partial: {keep_first: 1}}}
+      email:      {sensitivity: confidential, protection: email}
+      phone:      {sensitivity: confidential, protection: {partial: {keep_last: 4, mask_char: "#"}}}
+      birth_date: {sensitivity: confidential, protection: {generalize: year}}
+      salary:     {sensitivity: restricted, protection: {generalize: {bucket: 1000}}}
+"""
+PEOPLE_ROWS = 10000
+PEOPLE_TABLE = f"""
+create table bench_people (id integer primary key, name text not null, email text not null,
+                           phone text not null, birth_date date not null, salary integer not null);
+insert into bench_people
+  select i, 'Person ' || i, 'person' || i || '@example.test', '+1 555 ' || lpad(i::text, 7, '0'),
+         date '1950-01-01' + (i * 7 % 20000), 20000 + i * 13 % 150000
+  from generate_series(1, {PEOPLE_ROWS}) as i;
+"""
+PEOPLE_SCRIPT = f"\\set id random(1, {PEOPLE_ROWS})\nSELECT * FROM bench_people WHERE id = :id;\n"
+# (name, login through pgveil, pgbench -M mode, pgbench script: None for the built-in -S)
+WORKLOADS = (
+    ("-S simple, unmasked login", "bench_full", "simple", None),
+    ("-S prepared, unmasked login", "bench_full", "prepared", None),
+    ("5 masked columns by id, simple", "bench_masked", "simple", "people"),
+    ("5 masked columns by id, prepared", "bench_masked", "prepared", "people"),
+)
+
+
+def run_pgbench(dsn: str, mode: str, script: Path | None, clients: int, threads: int,
+                duration: int) -> tuple[float, int]:
+    """tps and transactions of one pgbench run: -S, or `script`."""
+    workload = ["-S"] if script is None else ["-f", str(script)]
+    result = subprocess.run(
+        [str(bin_dir() / "pgbench"), "-n", *workload, "-M", mode, "-c", str(clients), "-j", str(threads),
+         "-T", str(duration), "-d", dsn],
+        capture_output=True, text=True, timeout=duration + 120, env={**os.environ, "PGPASSWORD": PASSWORD},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pgbench failed on {dsn}: {result.stderr.strip()}")
+    tps = float(re.search(r"tps = ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"actually processed: (\d+)", result.stdout).group(1))  # type: ignore[union-attr]
+    return tps, done
+
+
+def start_deployed(upstream_dsn: str, workdir: Path, name: str, policy: Path, workers: int,
+                   command: list[str] | None = None) -> tuple[subprocess.Popen[str], int, int, Path]:
+    """`pgveil serve` as deployed: policy, audit log (its default durability) and --metrics.
+    `command` is another installation's `pgveil` (default: this tree's, as `python -m proxy`).
+    Returns the process, its port, its metrics port and its audit log."""
+    port, metrics_port = free_port(), free_port()
+    audit_log = workdir / f"audit-{name}.jsonl"
+    env = dict(os.environ)
+    if command is None:
+        tree = Path(__file__).resolve().parent.parent
+        command, cwd = [sys.executable, "-m", "proxy"], tree
+        env["PYTHONPATH"] = str(tree)
+    else:
+        cwd = workdir  # the other installation imports its own pgveil, not this tree's
+        env.pop("PYTHONPATH", None)
+    process = subprocess.Popen(
+        [*command, "serve", "--upstream", upstream_dsn, "--listen", f"127.0.0.1:{port}",
+         "--policy", str(policy), "--audit-log", str(audit_log), "--metrics", f"127.0.0.1:{metrics_port}",
+         "--workers", str(workers), "--log-level", "warning", "--max-connections", "500"],
+        stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    try:
+        _wait_port(port, process)
+    except RuntimeError as exc:
+        said = process.stderr.read() if process.stderr and process.poll() is not None else ""
+        raise RuntimeError(f"pgveil {name} did not start: {exc}\n{said}") from None
+    return process, port, metrics_port, audit_log
+
+
+def scraped(metrics_port: int, name: str) -> float:
+    """The sum of a metric's samples named `name` (0 when absent), from /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def deployed(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-"))
+    os.chmod(workdir, 0o755)
+    pg = EmbeddedPostgres.start(settings={"max_connections": "300"})
+    processes: list[subprocess.Popen] = []  # type: ignore[type-arg]
+    try:
+        pg.psql("create database bench")
+        subprocess.run([str(bin_dir() / "pgbench"), "-i", "-q", "-s", "1", "-d", pg.dsn(dbname="bench")],
+                       check=True, capture_output=True)
+        pg.psql(PEOPLE_TABLE, dbname="bench")
+        pg.psql("analyze", dbname="bench")
+        for login in ("bench_full", "bench_masked"):
+            pg.psql(f"create role {login} login password '{PASSWORD}'")
+        pg.psql("grant select on all tables in schema public to public", dbname="bench")
+        policy = workdir / "policy.yaml"
+        policy.write_text(DEPLOYED_POLICY)
+        people = workdir / "people.sql"
+        people.write_text(PEOPLE_SCRIPT)
+        os.chmod(people, 0o644)
+
+        # target -> {login: dsn} and the pid whose CPU is counted
+        targets: dict[str, tuple[dict[str | None, str], int | None]] = {
+            "direct": ({None: pg.dsn(dbname="bench")}, None)}
+        bouncer = None if args.no_pgbouncer else start_pgbouncer(pg.port, workdir)
+        if bouncer is not None:
+            processes.append(bouncer[0])
+            bouncer_dsn = f"postgresql://postgres@127.0.0.1:{bouncer[1]}/bench"
+            targets["pgbouncer"] = ({None: bouncer_dsn}, bouncer[0].pid)
+        veils: list[tuple[str, list[str] | None]] = [("pgveil", None)]
+        if args.before_python:
+            veils.insert(0, ("before", [args.before_python, "-m", "proxy"]))
+        elif args.before_cmd:
+            veils.insert(0, ("before", args.before_cmd.split()))
+        observed: dict[str, tuple[int, Path]] = {}
+        for name, command in veils:
+            process, port, metrics_port, audit_log = start_deployed(
+                pg.dsn(dbname="bench"), workdir, name, policy, args.workers, command)
+            processes.append(process)
+            observed[name] = (metrics_port, audit_log)
+            targets[name] = ({login: f"postgresql://{login}@127.0.0.1:{port}/bench"
+                              for login in ("bench_full", "bench_masked")}, process.pid)
+        bouncer_note = "on" if bouncer else (
+            "OFF (--no-pgbouncer)" if args.no_pgbouncer else "NOT INSTALLED: no ratios against pgbouncer")
+        print(f"pgveil as deployed (policy + audit log in its default mode + --metrics), "
+              f"-c {args.clients} -j {args.threads} -T {args.duration}, {args.rounds} interleaved rounds, "
+              f"workers={args.workers}, pgbouncer {bouncer_note}; {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        tps: dict[tuple[str, str], list[float]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}
+        for _ in range(args.rounds):
+            for workload, login, mode, script in WORKLOADS:
+                for name, (dsns, pid) in targets.items():
+                    dsn = dsns.get(login) or dsns[None]
+                    before = cpu_seconds(pid) if pid else 0.0
+                    rate, done = run_pgbench(dsn, mode, people if script else None, args.clients,
+                                             args.threads, args.duration)
+                    tps.setdefault((workload, name), []).append(rate)
+                    if pid:
+                        cpu.setdefault((workload, name), []).append((cpu_seconds(pid) - before) / done * 1e6)
+        names = list(targets)
+        veil_names = [name for name, _ in veils]
+        header = (f"| workload | {' | '.join(names)} |" + "".join(f" {n} / pgbouncer |" for n in veil_names)
+                  + "".join(f" {n} CPU µs/tx |" for n in veil_names))
+        print(f"\nmedian tps of {args.rounds} rounds\n\n{header}\n|" + "---|" * (header.count("|") - 1))
+        for workload, *_ in WORKLOADS:
+            rates = {name: statistics.median(tps[(workload, name)]) for name in names}
+            ratios = "".join(f" {rates[n] / rates['pgbouncer']:.2f} |" if "pgbouncer" in rates else " - |"
+                             for n in veil_names)
+            used = "".join(f" {statistics.median(cpu[(workload, n)]):.1f} |" for n in veil_names)
+            cells = " | ".join(f"{rates[n] / 1000:.1f}k" for n in names)
+            print(f"| {workload} | {cells} |{ratios}{used}")
+        print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+        for name, (metrics_port, audit_log) in observed.items():
+            counted = scraped(metrics_port, "pgveil_statements_total")
+            refused = scraped(metrics_port, "pgveil_refusals_total")
+            records = sum(1 for _ in audit_log.open()) if audit_log.exists() else 0
+            print(f"{name}: {counted:.0f} statements counted ({refused:.0f} refused), "
+                  f"{records} audit records in {audit_log.name}")
+        return 0
+    finally:
+        for process in processes:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,12 +489,20 @@ def main() -> int:
     parser.add_argument("--audit", choices=["never", "batch", "always"], help="audit file with this fsync")
     parser.add_argument("--baseline", metavar="SOURCE_TREE", help='also run pgveil from this tree ("before")')
     parser.add_argument("--profile", metavar="FILE", help="run pgveil under cProfile, stats to FILE")
+    parser.add_argument("--bare-relay", action="store_true",
+                        help="the relay benchmark without a policy (the earlier default)")
+    parser.add_argument("--before-python", metavar="PYTHON",
+                        help="also run the pgveil this interpreter has installed, as target 'before'")
+    parser.add_argument("--before-cmd", metavar="COMMAND",
+                        help="also run this pgveil command (e.g. /work/before/.venv/bin/pgveil) as 'before'")
     parser.add_argument("--serve-bare", nargs=2, type=int, metavar=("LISTEN", "UPSTREAM"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
         serve_bare(*args.serve_bare)
         return 0
+    if not args.bare_relay:
+        return deployed(args)
 
     workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-"))
     os.chmod(workdir, 0o755)
