@@ -471,12 +471,14 @@ def test_serve_refuses_to_start_with_an_unusable_audit_setting(
     assert result.stderr.strip().endswith(reason)
 
 
-def test_a_disk_that_fills_up_mid_session_makes_statements_fail_never_run_unaudited(world: World) -> None:
-    log = world.directory / "full" / "audit.jsonl"
+@pytest.mark.parametrize("mode", ["never", "default"])
+def test_a_disk_that_fills_up_mid_session_makes_statements_fail_never_run_unaudited(
+        world: World, mode: str) -> None:
+    log = world.directory / f"full-{mode}" / "audit.jsonl"
     log.parent.mkdir()
     limit = 6000  # bytes pgveil may write to any file: the audit log fills up after a few statements
-    config = world.directory / "never.yaml"
-    config.write_text("audit:\n  fsync: never\n")
+    config = world.directory / f"{mode}.yaml"
+    config.write_text("audit:\n  fsync: never\n" if mode == "never" else "audit: {}\n")
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--upstream", world.upstream_dsn, "--policy",
          str(world.policy), "--listen", "127.0.0.1:0", "--audit-log", str(log), "--config", str(config)],
