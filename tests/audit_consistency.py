@@ -41,7 +41,8 @@ def records_problems(records: list[dict[str, Any]], where: str = "") -> list[str
     def unfinished(key: Any, state: _Connection) -> None:
         missing = [n for n in state.accessed if n not in state.completed]
         if missing:
-            problems.append(f"{where}connection {key}: access records without a completion: requests {missing}")
+            problems.append(f"{where}connection {key}: access records without a completion: "
+                            f"requests {missing}")
 
     for line, record in enumerate(records, 1):
         kind = record.get("type")
@@ -69,14 +70,15 @@ def records_problems(records: list[dict[str, Any]], where: str = "") -> list[str
         if isinstance(number, int):
             state.last_completion = max(state.last_completion, number)
         if number not in covered:
-            problems.append(f"{where}record {line}: connection {key}: completion request {number} is not among "
-                            f"the requests {covered} it covers")
+            problems.append(f"{where}record {line}: connection {key}: completion request {number} is not "
+                            f"among the requests {covered} it covers")
         for request in covered:
             if request not in state.accessed:
                 problems.append(f"{where}record {line}: connection {key}: completion of request {request} "
                                 "without an access record before it")
             elif request in state.completed:
-                problems.append(f"{where}record {line}: connection {key}: a second completion of request {request}")
+                problems.append(f"{where}record {line}: connection {key}: a second completion of request "
+                                f"{request}")
             state.completed.add(request)
     for key, state in connections.items():
         unfinished(key, state)
