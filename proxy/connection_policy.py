@@ -83,6 +83,11 @@ class ConnectionPolicy(Protocol):
         end). Synchronous and cheap: called as the message passes, before the client gets it.
         Optional: the relay calls it only on policies that define it."""
 
+    def shows_diagnostics(self) -> bool:
+        """Whether PostgreSQL's notices below NOTICE severity (LOG, DEBUG1-5: plan, parse and
+        rewrite dumps can hold raw values) may reach the client now. Synchronous; asked as each
+        such notice passes. Optional: a policy without it never gets them."""
+
 
 class FastPath(Protocol):
     """Optional synchronous answers of a ConnectionPolicy for the common case (a statement whose
@@ -135,3 +140,6 @@ class PassThrough:
 
     def on_parameter_status(self, name: str, value: str) -> None:
         return None
+
+    def shows_diagnostics(self) -> bool:
+        return True

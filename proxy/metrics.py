@@ -317,6 +317,10 @@ class MeteredConnection:
         if forward is not None:
             forward(name, value)
 
+    def shows_diagnostics(self) -> bool:
+        ask = getattr(self.inner, "shows_diagnostics", None)
+        return ask is not None and ask() is True
+
     async def on_function_call(self, function_oid: int) -> Verdict:
         started = time.perf_counter()
         return self._count(await self.inner.on_function_call(function_oid), started)

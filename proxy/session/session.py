@@ -303,7 +303,8 @@ class Session:
             startup = StartupMessage((3 << 16) | NEWEST_MINOR, startup.parameters)
         self.upstream.write(startup.encode())
         await self._authenticate()
-        await self._settle(getattr(policy, "on_parameter_status", None))
+        await self._settle(getattr(policy, "on_parameter_status", None),
+                           getattr(policy, "shows_diagnostics", None))
         self._logged_in()
         self.relay = Relay(
             client=self.client,
@@ -528,9 +529,11 @@ class Session:
                 )
             upstream.write(frame(b"p", answer))
 
-    async def _settle(self, parameter_status: Callable[[str, str], None] | None = None) -> None:
+    async def _settle(self, parameter_status: Callable[[str, str], None] | None = None,
+                      shows_diagnostics: Callable[[], bool] | None = None) -> None:
         """After AuthenticationOk: ParameterStatus (the settings in REPORTED_SETTINGS told to
-        `parameter_status`), BackendKeyData (ours), up to ReadyForQuery."""
+        `parameter_status`), BackendKeyData (ours), notices (those below NOTICE only where
+        `shows_diagnostics()`, as in the relay), up to ReadyForQuery."""
         upstream = self.upstream
         assert upstream is not None
         out: list[bytes] = []
@@ -550,6 +553,9 @@ class Session:
                 if status.name in REPORTED_SETTINGS:
                     parameter_status(status.name, status.value)
                 out.append(frame(b"S", body))
+            elif tag == ord("N") and _relay.notice_is_diagnostic(body) and not (
+                    shows_diagnostics is not None and shows_diagnostics() is True):
+                continue
             else:
                 out.append(frame(bytes([tag]), body))
                 if tag == ord("Z"):
