@@ -89,3 +89,13 @@ def upstream_any(request: pytest.FixtureRequest) -> Upstream:
     """Each test using this runs once on PostgreSQL 18 (the session's server) and once on 15."""
     fixture = "upstream" if request.param == "18" else "upstream15"
     return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many audit logs were checked for access/completion records in step (each when the
+    proxy that wrote it stopped: tests/proxy_harness.py check_audit_log)."""
+    from tests.proxy_harness import AUDIT_LOGS_CHECKED
+
+    if AUDIT_LOGS_CHECKED:
+        checked = len(AUDIT_LOGS_CHECKED)
+        terminalreporter.write_line(f"audit consistency: {checked} audit logs checked, all in step")

@@ -31,6 +31,11 @@ observer: connections opened/closed, bytes, upstream errors), `server` (the Prox
 With `policy_path`, the per-connection policy is built exactly as `pgveil serve --policy`
 builds it (proxy.commands.serve.policy_runtime), so what the test sees is what users get.
 
+Audit logs: a proxy started with `audit_log=PATH` (or `pgveil serve --audit-log PATH` that the test
+stopped itself, exit code 0) has its log checked when it stops (tests/audit_consistency.py: every
+access record has one completion, request numbers rise per connection); a test that breaks the
+log on purpose says `audit_check=False`.
+
 For the real command line, `spawn_serve(*args)` starts `pgveil serve ...` as a subprocess,
 waits for its `listening on HOST:PORT` line and returns a ServeProcess (`port`, `dsn()`,
 `stderr_lines`, `terminate()`, `wait()`); use it as a context manager so it is always stopped.
@@ -48,14 +53,32 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from proxy.config import Settings
 from proxy.connection_policy import ConnectionPolicy
 from proxy.server import ProxyServer
 from proxy.session import RelayCounters, RelayObserver
+from tests.audit_consistency import audit_problems
 
 T = TypeVar("T")
+
+AUDIT_LOGS_CHECKED: list[str] = []
+"""Every audit log checked when the proxy that wrote it stopped (the session summary counts them)."""
+
+
+def check_audit_log(path: str | None) -> None:
+    """Fail when the audit log at `path` (a regular file, with its rotations and per-worker logs)
+    has access and completion records out of step."""
+    if not path or path == "-":
+        return
+    log = Path(path)
+    if not log.is_file() and not list(log.parent.glob(f"{log.stem}-w*{log.suffix}")):
+        return
+    problems = audit_problems(log, wait=True, timeout=5)
+    AUDIT_LOGS_CHECKED.append(path)
+    assert not problems, f"audit log {path} out of step:\n" + "\n".join(problems[:20])
 
 
 @dataclass
@@ -135,9 +158,11 @@ def running_proxy(
     *,
     policy_factory: Callable[..., ConnectionPolicy] | None = None,
     observer: RelayObserver | None = None,
+    audit_check: bool = True,
     **settings: Any,
 ) -> Iterator[RunningProxy]:
-    """pgveil on 127.0.0.1:<free port> in front of `upstream`; stopped (sessions closed) on exit."""
+    """pgveil on 127.0.0.1:<free port> in front of `upstream`; stopped (sessions closed) on exit,
+    then its audit log (`audit_log=PATH`) checked unless `audit_check` is False."""
     base = Settings(upstream=upstream.dsn(), listen="127.0.0.1:0", policy=policy_path)
     config = replace(base, **settings).validate()
     counters = RelayCounters()
@@ -174,6 +199,8 @@ def running_proxy(
                     thread.run(hooks.on_stopped())
         finally:
             thread.stop()
+    if audit_check:  # reached only when the test itself passed
+        check_audit_log(config.audit_log)
 
 
 # ---- the real command line ----------------------------------------------------------------------
@@ -188,6 +215,7 @@ class ServeProcess:
     port: int = 0
     stderr_lines: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
+    audit_log: str | None = None  # checked on exit when the test stopped pgveil and it exited 0
 
     def dsn(self, user: str = "postgres", password: str | None = None, dbname: str = "postgres") -> str:
         auth = user if password is None else f"{user}:{password}"
@@ -227,12 +255,15 @@ class ServeProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        stopped_by_test = self.process.poll() == 0
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.kill()  # records written behind may be lost: its log is not checked
         self.process.wait(10)
+        if stopped_by_test and exc[0] is None:
+            check_audit_log(self.audit_log)
 
 
-def start_serve(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
+def start_serve(*args: str, env: dict[str, str] | None = None, audit_check: bool = True) -> ServeProcess:
     """Start `pgveil serve ARGS` and return at once (do not wait for it to listen)."""
     full_env = {**os.environ, **(env or {})}
     process = subprocess.Popen(
@@ -240,6 +271,8 @@ def start_serve(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env,
     )
     served = ServeProcess(process)
+    if audit_check and "--audit-log" in args[:-1]:
+        served.audit_log = args[args.index("--audit-log") + 1]
 
     def read() -> None:
         assert process.stderr is not None
@@ -251,9 +284,10 @@ def start_serve(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
     return served
 
 
-def spawn_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> ServeProcess:
+def spawn_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
+                audit_check: bool = True) -> ServeProcess:
     """Start `pgveil serve ARGS` (give --listen 127.0.0.1:0 for a free port) and wait until it listens."""
-    served = start_serve(*args, env=env)
+    served = start_serve(*args, env=env, audit_check=audit_check)
     try:
         line = served.wait_for_line(_LISTENING.pattern, timeout)
     except AssertionError:

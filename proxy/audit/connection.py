@@ -339,8 +339,10 @@ class AuditedConnection:
         return await self._audited(verdict, "function_call", function_oid=function_oid)
 
     async def on_complete(self, outcome: Outcome) -> None:
-        await self.inner.on_complete(outcome)
+        # The record first: what the inner policy does next (a catalog refresh after DDL) may take
+        # a while or never finish (the process stops), and the statement has run either way.
         self._completed(outcome)
+        await self.inner.on_complete(outcome)
 
     # FastPath: the inner policy's synchronous verdicts, audited by record_access (a coroutine only
     # when the record must be durable before the statement runs).
