@@ -231,6 +231,7 @@ class GuardedConnection:
         self._login_role: tuple[Policy, Role | None] | None = None
         self.prepared = StatementBook()
         self._masked_for: tuple[Policy, Role, bool] | None = None
+        self._judged_for: tuple[Policy, Role, bool] | None = None  # _judged_by_definitions, remembered
         # what keeps pgveil from judging SQL under the session's settings (None: nothing)
         self._settings_problem: tuple[str, str] | None = _UNCHECKED
         self._startup_params: dict[str, str] = {}
@@ -371,8 +372,13 @@ class GuardedConnection:
 
     def _judged_by_definitions(self, role: Role) -> bool:
         """The role's verdicts depend on function and view definitions PostgreSQL can change under
-        pgveil (masked roles, and roles limited to some tables): the catalog must be current."""
-        return self._masked(role) or role_is_restricted(role)
+        pgveil (masked roles, and roles limited to some tables): the catalog must be current.
+        Remembered per (policy, role), as `_masked` is."""
+        policy = self.enforcement.policy
+        known = self._judged_for
+        if known is None or known[0] is not policy or known[1] is not role:
+            known = self._judged_for = (policy, role, self._masked(role) or role_is_restricted(role))
+        return known[2]
 
     def _session_refusal(self, role: Role, sql: str | None = None) -> Refuse | None:
         """The refusal while the session runs with settings under which pgveil cannot judge a masked
@@ -851,8 +857,10 @@ def _reads_definitions(verdict: Verdict) -> bool:
 
 def _may_use_session_objects(sql: str) -> bool:
     """`sql` may PREPARE, EXECUTE, DECLARE, FETCH, ... (session_object_events would parse it)."""
-    lowered = sql.lower()
-    return any(keyword in lowered for keyword in SESSION_OBJECT_KEYWORDS)
+    return _SESSION_OBJECT_WORDS.search(sql.lower()) is not None
+
+
+_SESSION_OBJECT_WORDS = re.compile("|".join(SESSION_OBJECT_KEYWORDS))
 
 
 def _same_basis(stored: tuple[object, ...], now: tuple[object, ...]) -> bool:

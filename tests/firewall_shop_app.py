@@ -16,6 +16,9 @@ QUERIES = {
     # path: (SQL template with the raw parameter pasted in, parameter name, its normal value)
     "/products": ("SELECT id, name, price FROM shop.products WHERE name = '{}' AND active", "name", "widget"),
     "/product": ("SELECT id, name, price FROM shop.products WHERE id = {} AND active", "id", "1"),
+    "/sorted": ("SELECT id, name, price FROM shop.products WHERE active ORDER BY {} LIMIT 20", "sort",
+                "price"),
+    "/page": ("SELECT id, name, price FROM shop.products WHERE active ORDER BY id LIMIT {}", "limit", "20"),
 }
 
 

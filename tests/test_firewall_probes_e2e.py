@@ -17,7 +17,9 @@ import psycopg
 import pytest
 
 from tests.conftest import Upstream
+from tests.firewall_shop_app import running_shop
 from tests.proxy_harness import RunningProxy, running_proxy
+from tests.test_firewall_e2e import FOUND, NOT_FOUND, page, sqlmap
 
 PASSWORD = "fw-probe-pw"
 UNMARKED, MARKED = "fw_probe_unmarked", "fw_probe_app"
@@ -30,7 +32,7 @@ roles:
   shop_unmarked:            # an application's login, not marked `application: true`
     members: [{UNMARKED}]
     statements: [select]
-    tables: ["public.*"]
+    tables: ["public.*", "shop.*"]
     reveal: [public, internal, confidential, restricted]
     injection: enforce
   shop_app:
@@ -49,6 +51,10 @@ INSERT INTO shop_products VALUES (1, 'widget', 9.50, true), (2, 'gadget', 20, tr
 CREATE TABLE docs (id int PRIMARY KEY, title text, owner text);
 INSERT INTO docs VALUES (1, 'mine', '{UNMARKED}'), (2, 'theirs', 'someone');
 GRANT SELECT ON shop_products, docs TO {UNMARKED}, {MARKED};
+CREATE SCHEMA shop;
+CREATE TABLE shop.products AS SELECT * FROM shop_products;
+GRANT USAGE ON SCHEMA shop TO {UNMARKED}, {MARKED};
+GRANT SELECT ON shop.products TO {UNMARKED}, {MARKED};
 """
 
 REFUSAL = re.compile(r"^pgveil: ([a-z-]+): ")
@@ -209,3 +215,21 @@ def test_probes_are_refused_on_postgresql_15_and_18(upstream_any: Upstream, tmp_
             assert refused_rule(connection, VERSION_IN_STRING) == "catalog-probe"
             assert refused_rule(connection, SERVER_VALUES_BRANCH) == "union-extraction"
             assert connection.execute("SELECT count(*) FROM shop_products").fetchone() == (3,)
+
+
+def test_sqlmap_finds_the_sort_key_injectable_straight_on_postgresql(world: World, tmp_path: Path) -> None:
+    database, _ = world
+    with running_shop(database.dsn(UNMARKED, PASSWORD)) as shop:
+        assert b"widget" in page(f"{shop}/sorted?sort=price")
+        report = sqlmap(f"{shop}/sorted?sort=price", tmp_path)
+        assert FOUND in report, report[-4000:]
+
+
+@pytest.mark.parametrize("route", ["/sorted?sort=price", "/page?limit=20"])
+def test_sqlmap_finds_nothing_injectable_through_pgveil_for_a_login_not_marked_application(
+        world: World, tmp_path: Path, route: str) -> None:
+    _, proxy = world
+    with running_shop(proxy.dsn(UNMARKED, PASSWORD, "fw_probes")) as shop:
+        assert b"widget" in page(f"{shop}/sorted?sort=price")
+        report = sqlmap(f"{shop}{route}", tmp_path)
+        assert NOT_FOUND in report and FOUND not in report, report[-4000:]
