@@ -158,10 +158,11 @@ class VerdictCache:
         self._entries = self._chars = 0
 
     def lookup(self, sql: str, context_key: Hashable) -> CacheHit | None:
-        entry = self._exact.get((context_key, sql))
-        if entry is not None:
-            self.hits += 1
-            return entry.hit
+        if self._exact:  # (empty for most applications: no key to build and hash then)
+            entry = self._exact.get((context_key, sql))
+            if entry is not None:
+                self.hits += 1
+                return entry.hit
         for entry in self._shapes.get((context_key, bucket(sql)), ()):
             literals = entry.extract(sql)
             if literals is None:
