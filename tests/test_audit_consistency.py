@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from proxy.audit import verify
 from proxy.connection_policy import ClientInfo, ConnectionPolicy, PassThrough
 from proxy.guard.verdict import Allow, Verdict
 from proxy.operations import AuditSettings, build_connection_policy_factory, open_audit_sink
@@ -173,6 +174,7 @@ def test_a_statement_whose_client_left_before_its_verdict_has_a_completion_sayin
     completions = [r for r in audited.of(app) if r["type"] == "completion"]
     assert [(r["request"], r.get("forwarded")) for r in completions] == [(1, False)]
     assert audited.rows(tag) == []
+    assert verify(audited.log) == []  # `pgveil audit verify` takes the record as any other
 
 
 def test_a_statement_cancelled_because_its_client_left_has_a_completion_saying_it_was_not_answered(
@@ -191,20 +193,56 @@ def test_a_statement_cancelled_because_its_client_left_has_a_completion_saying_i
     assert [(r["request"], r.get("answered")) for r in completions] == [(1, None), (2, False)]
 
 
-def test_a_refused_statement_under_a_foreign_client_encoding_is_audited_in_step(
-        upstream: Upstream, tmp_path: Path) -> None:
-    """The issue's example: a client_encoding LATIN9 session sending a byte that is € in LATIN9,
-    through the policy runtime `serve` uses; whatever pgveil decides, the records are in step."""
-    policy, log = tmp_path / "policy.yaml", tmp_path / "audit.jsonl"
-    policy.write_text(f"""version: 1
+SERVE_POLICY = """version: 1
 settings: {{default_role: deny}}
 roles:
   everything:
-    members: ["{upstream.superuser}"]
-    statements: [all]
-    tables: ["*"]
+    members: ["{login}"]
+    statements: [select, insert]
+    tables: ["public.{table}"]
     reveal: [public, internal, confidential, restricted]
-""")
+"""
+
+
+def test_statements_refused_by_every_rule_of_the_serve_runtime_are_audited_in_step(
+        upstream: Upstream, tmp_path: Path) -> None:
+    """Through the policy runtime `serve` uses: a table refused, a statement over
+    max_statement_size, a refusal inside a pipeline, a Terminate right behind them."""
+    upstream.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (n int, tag text)")
+    policy, log = tmp_path / "policy.yaml", tmp_path / "audit.jsonl"
+    policy.write_text(SERVE_POLICY.format(login=upstream.superuser, table=TABLE))
+    tag = uuid.uuid4().hex
+    too_large = f"SELECT n FROM {TABLE} WHERE tag IN ({', '.join(repr(str(i)) for i in range(2000))})"
+    with running_proxy(upstream, str(policy), audit_log=str(log), max_statement_size=4096,
+                       extra={"audit": {"fsync_interval_ms": 0}}) as proxy, \
+            RawClient.connect(proxy.host, proxy.port) as client:
+        client.send(Query("SELECT * FROM pg_authid"), Query(too_large),
+                    Parse("", f"INSERT INTO {TABLE} VALUES (1, '{tag}')"), Bind("", ""), Execute(""), Sync(),
+                    Parse("", "SELECT * FROM pg_authid"), Bind("", ""), Execute(""),
+                    Parse("", f"INSERT INTO {TABLE} VALUES (2, '{tag}')"), Bind("", ""), Execute(""), Sync(),
+                    Query(f"INSERT INTO {TABLE} VALUES (3, '{tag}')"), Terminate())
+        received = client.read_to_end()
+    errors = [m.get("C") for m in received if type(m).__name__ == "ErrorResponse"]
+    assert errors == ["42501", "42501", "42501"]
+    with psycopg.connect(upstream.dsn(), autocommit=True) as conn:
+        rows = conn.execute(f"SELECT n FROM {TABLE} WHERE tag = %s ORDER BY n", (tag,)).fetchall()
+    assert rows == [(1,), (3,)]
+    assert audit_problems(log) == []
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    accesses = [(r["request"], r["rule"]) for r in records if r["type"] == "access"]
+    catalog = accesses[0][1]
+    assert catalog is not None
+    assert accesses == [(1, catalog), (2, "statement-too-large"), (3, None), (4, catalog), (5, None), (6, None)]
+
+
+def test_a_statement_under_a_foreign_client_encoding_is_audited_in_step(
+        upstream: Upstream, tmp_path: Path) -> None:
+    """The issue's example: a client_encoding LATIN9 session sending a byte that is € in LATIN9
+    (once refused as internal-error with no access record, and a completion carrying the
+    number of the request before); whatever pgveil decides, the records are in step."""
+    upstream.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (n int, tag text)")
+    policy, log = tmp_path / "policy.yaml", tmp_path / "audit.jsonl"
+    policy.write_text(SERVE_POLICY.format(login=upstream.superuser, table=TABLE))
     euro = b"SELECT '\xa4' AS euro"
     with running_proxy(upstream, str(policy), audit_log=str(log)) as proxy, \
             RawClient.connect(proxy.host, proxy.port) as client:
