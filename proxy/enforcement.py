@@ -27,7 +27,8 @@ from proxy.guard.pipeline import Analysis, analyse
 from proxy.guard.rules import role_is_restricted
 from proxy.guard.settings import diagnostic_refusal, setting_refusal
 from proxy.guard.statement import GuardContext, role_is_masked
-from proxy.guard.verdict import Allow, Refuse, Verdict
+from proxy.guard.upstream_prepare import NAME_PREFIX, UpstreamStatements, may_drop_statements, prepared_form
+from proxy.guard.verdict import Allow, Refuse, Rewrite, Verdict
 from proxy.policy.loader import hash_key, load_policy, policy_uses_hash
 from proxy.policy.model import Policy, Role
 from proxy.prepared import (
@@ -230,6 +231,7 @@ class GuardedConnection:
         self._context: tuple[tuple[object, ...], GuardContext, tuple[object, ...]] | None = None
         self._login_role: tuple[Policy, Role | None] | None = None
         self.prepared = StatementBook()
+        self.upstream = UpstreamStatements()  # masked statements prepared on the upstream connection
         self._masked_for: tuple[Policy, Role, bool] | None = None
         self._judged_for: tuple[Policy, Role, bool] | None = None  # _judged_by_definitions, remembered
         # what keeps pgveil from judging SQL under the session's settings (None: nothing)
@@ -428,10 +430,12 @@ class GuardedConnection:
         text = self._in_session_encoding(sql)
         if isinstance(text, Refuse):
             return text
+        if may_drop_statements(text):
+            self.upstream.forget_all()
         verdict = await self._judge(text)
         verdict = (await self._with_session_objects(text, verdict, self._pending_effects, self._pending_ddl,
                                                     keep=False))[0]
-        return verdict if text is sql else self._for_client(verdict, sql)
+        return self._upstream_form(sql, verdict) if text is sql else self._for_client(verdict, sql)
 
     async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
         self.prepared.call()
@@ -439,6 +443,8 @@ class GuardedConnection:
         if isinstance(text, Refuse):
             self.prepared.define(("statement", statement_name), None)
             return text
+        if may_drop_statements(text) or statement_name.startswith(NAME_PREFIX):
+            self.upstream.forget_all()
         verdict = await self._judge(text)
         checked, entry = await self._with_session_objects(
             text, verdict, self._pending_effects, self._pending_ddl, keep=True)
@@ -509,6 +515,8 @@ class GuardedConnection:
 
     async def on_close_statement(self, statement_name: str) -> None:
         self.prepared.call()
+        if statement_name.startswith(NAME_PREFIX):
+            self.upstream.forget_all()
         self.prepared.forget("statement", statement_name)
 
     async def on_function_call(self, function_oid: int) -> Verdict:
@@ -568,7 +576,20 @@ class GuardedConnection:
             return None
         self.prepared.call()
         self._pending_effects, self._pending_ddl = (), False
-        return verdict
+        return self._upstream_form(sql, verdict)
+
+    def _upstream_form(self, sql: str, verdict: Verdict) -> Verdict:
+        """A masked SELECT as EXECUTE of a statement prepared on this upstream connection when its
+        shape allows (proxy/guard/upstream_prepare.py), else `verdict` as it is."""
+        if not isinstance(verdict, Rewrite) or not verdict.info.masks:
+            return verdict
+        role = self.role()
+        if role is None:
+            return verdict
+        form = prepared_form(sql, verdict, row_filtered=bool(role.row_filters))
+        if form is None:
+            return verdict
+        return self.upstream.forward(self.context_and_key(role)[1], form, verdict)
 
     def fast_bind(self, statement_name: str) -> Verdict | None:
         """on_bind's verdict for a prepared statement still valid as it was prepared, or None."""

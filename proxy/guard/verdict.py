@@ -32,6 +32,21 @@ class Allow:
     decision = "allow"
 
 
+class UpstreamTicket:
+    """One of pgveil's prepared statements on an upstream connection: PENDING until the relay sees
+    PostgreSQL complete its PREPARE (READY) or the request end without that (FAILED)."""
+
+    PENDING = 0
+    READY = 1
+    FAILED = 2
+
+    __slots__ = ("name", "state")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.state = UpstreamTicket.PENDING
+
+
 @dataclass(frozen=True, slots=True)
 class Rewrite:
     """Forward the rewritten `sql` in place of what the client sent.
@@ -42,6 +57,8 @@ class Rewrite:
     sql: str
     info: StatementInfo = field(default_factory=StatementInfo)
     splices: Splices | None = field(default=None, compare=False)
+    # set when `sql` PREPAREs one of pgveil's upstream statements (proxy/guard/upstream_prepare.py)
+    prepares: UpstreamTicket | None = field(default=None, compare=False)
     decision = "rewrite"
 
 

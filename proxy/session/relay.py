@@ -33,7 +33,7 @@ from proxy.connection_policy import (
     fast_path_of,
 )
 from proxy.guard.positions import Splices
-from proxy.guard.verdict import Allow, Refuse, Rewrite, Verdict
+from proxy.guard.verdict import Allow, Refuse, Rewrite, UpstreamTicket, Verdict
 from proxy.session.eager import after, resume_later
 from proxy.session.endpoint import Endpoint
 from proxy.session.observer import RelayObserver
@@ -137,6 +137,9 @@ class Request:
         self.parses_done = 0  # ParseComplete messages PostgreSQL sent for them
         # (index of the Parse, or 0 for a Query; where its rewrite spliced the client's text)
         self.splices: list[tuple[int, Splices]] | None = None
+        # pgveil's upstream statement the request PREPAREs (its CommandComplete is not the client's)
+        # or EXECUTEs
+        self.prepares: UpstreamTicket | None = None
 
     def rewritten(self, index: int, verdict: Verdict) -> None:
         """Statement `index` of the request is forwarded as `verdict`'s rewrite of the client's text."""
@@ -564,6 +567,8 @@ class Relay:
             assert isinstance(message, Query)
             if verdict.sql != message.sql:
                 request.rewritten(0, verdict)
+                if isinstance(verdict, Rewrite) and verdict.prepares is not None:
+                    request.prepares = verdict.prepares
                 return Query(verdict.sql).encode()
         return None
 
@@ -727,6 +732,15 @@ class Relay:
             if tag == _COMPLETE:
                 request = self._current()
                 if request is not None:
+                    ticket = request.prepares
+                    if (ticket is not None and ticket.state == UpstreamTicket.PENDING
+                            and emit[start + 5 : end] == b"PREPARE\x00"):
+                        ticket.state = UpstreamTicket.READY
+                        if parts is None:
+                            parts = []
+                        parts.append(emit[pos:start])
+                        pos = end
+                        continue
                     request.rows += rows_in_command_tag(emit[start + 5 : end])
             elif tag == _ERROR:
                 body = emit[start + 5 : end]
@@ -825,6 +839,12 @@ class Relay:
     def _complete(self, request: Request, answered: bool = True) -> None:
         if self._transparent:
             return
+        ticket = request.prepares
+        # its PREPARE failed (or the session ended first), or PostgreSQL no longer runs it as it was
+        # prepared (a column's type changed: 0A000; deallocated: 26000): pgveil prepares it anew
+        if ticket is not None and (ticket.state == UpstreamTicket.PENDING
+                                   or request.sqlstate in ("0A000", "26000")):
+            ticket.state = UpstreamTicket.FAILED
         if request.markers:
             for marker in request.markers:
                 self._markers.pop(marker, None)

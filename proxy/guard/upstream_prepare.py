@@ -1,0 +1,187 @@
+"""Masked statements prepared once per upstream connection, so PostgreSQL does not parse and plan
+the masked derived tables again for every simple-protocol execution.
+
+A masked SELECT whose only literals are integers compared with a column
+(`... WHERE id = 42`) is sent the first time as
+`PREPARE pgveil_<process>_<n>(integer) AS <rewrite with $1>; EXECUTE pgveil_<process>_<n>(42)`
+and afterwards as `EXECUTE pgveil_<process>_<n>(7)`. EXECUTE answers with the same RowDescription,
+rows and CommandComplete tag as the statement itself; the relay hides the PREPARE's own
+CommandComplete (`UpstreamTicket`). Everything else stays literal: string, typed and float
+literals (their reading can depend on DateStyle, TimeZone, ...), positional references and
+type modifiers (they are not comparison operands), NULL (transform_null_equals), statements with
+several parts, comments or row filters, and `constant` masks. The form is chosen once per
+rewritten shape; a failed or unconfirmed PREPARE is never relied on (the next statement of that
+shape prepares under a new name, or goes inline while one is in flight).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from pglast import ast, parser
+from pglast.enums import A_Expr_Kind
+
+from proxy.guard.cache import shape
+from proxy.guard.positions import Span, Splices
+from proxy.guard.verdict import Rewrite, UpstreamTicket
+
+NAME_PREFIX = f"pgveil_{secrets.token_hex(4)}_"
+"""Names of pgveil's own upstream statements: per process, so replicas and clients do not collide."""
+
+MAX_STATEMENTS = 256
+"""Upstream statements one connection keeps; past that, new shapes are sent inline."""
+
+_COMPARISONS = frozenset({"=", "<>", "!=", "<", ">", "<=", ">="})
+_INT4_MAX = 2**31 - 1
+_INT8_MAX = 2**63 - 1
+_ELIGIBLE: dict[str, bool] = {}  # parameterised rewrite text -> may it be prepared
+_ELIGIBLE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedForm:
+    """A rewrite as a statement with parameters: its text, the types and values of `$1..$n`, and
+    where its text replaced the client's (for error positions in the PREPARE)."""
+
+    template: str
+    types: tuple[str, ...]
+    arguments: tuple[str, ...]
+    spans: tuple[Span, ...]
+
+
+def prepared_form(sql: str, verdict: Rewrite, *, row_filtered: bool) -> PreparedForm | None:
+    """The parameterised form of `verdict` (the rewrite of the client's `sql`), or None when the
+    statement must be sent as it is (see the module docstring)."""
+    info = verdict.info
+    if (row_filtered or info.kind != "select" or verdict.splices is None
+            or any(mask.endswith(":constant") for mask in info.masks)):
+        return None
+    shaped = shape(sql)
+    if shaped is None or "null" in sql.lower():
+        return None
+    _key, literals, literal_spans = shaped
+    if not literals or any(not literal.isdigit() for literal in literals):
+        return None  # strings, floats or nothing to parameterise
+    edits = verdict.splices.spans
+    rewritten = verdict.sql
+    pieces: list[str] = []
+    spans: list[Span] = []
+    types: list[str] = []
+    cursor = 0
+    for number, ((start, end), literal) in enumerate(zip(literal_spans, literals, strict=True), start=1):
+        value = int(literal)
+        if value > _INT8_MAX:
+            return None
+        shift = 0
+        for edit_start, edit_end, length in edits:
+            if edit_end <= start:
+                shift += length - (edit_end - edit_start)
+            elif edit_start < end:
+                return None  # a literal inside a splice
+        position = start + shift
+        if rewritten[position : position + len(literal)] != literal or position < cursor:
+            return None
+        placeholder = f"${number}"
+        pieces.append(rewritten[cursor:position])
+        pieces.append(placeholder)
+        spans.append((start, end, len(placeholder)))
+        types.append("integer" if value <= _INT4_MAX else "bigint")
+        cursor = position + len(literal)
+    pieces.append(rewritten[cursor:])
+    template = "".join(pieces).rstrip().rstrip(";").rstrip()
+    if not _eligible(template):
+        return None
+    merged = tuple(sorted([*edits, *spans]))
+    return PreparedForm(template, tuple(types), tuple(str(int(literal)) for literal in literals), merged)
+
+
+def _eligible(template: str) -> bool:
+    """One plain SELECT in which every parameter is an operand of a comparison with a column."""
+    known = _ELIGIBLE.get(template)
+    if known is not None:
+        return known
+    try:
+        statements = parser.parse_sql(template)
+    except parser.ParseError:
+        result = False
+    else:
+        result = (len(statements) == 1 and isinstance(statements[0].stmt, ast.SelectStmt)
+                  and statements[0].stmt.intoClause is None and _parameters_compared(statements[0].stmt))
+    if len(_ELIGIBLE) >= _ELIGIBLE_LIMIT:
+        _ELIGIBLE.clear()
+    _ELIGIBLE[template] = result
+    return result
+
+
+def _parameters_compared(root: ast.Node) -> bool:
+    compared: set[int] = set()
+    seen: list[int] = []
+
+    def visit(node: object) -> None:
+        if isinstance(node, tuple | list):
+            for item in node:
+                visit(item)
+            return
+        if not isinstance(node, ast.Node):
+            return
+        if isinstance(node, ast.ParamRef):
+            seen.append(id(node))
+            return
+        if (isinstance(node, ast.A_Expr) and node.kind == A_Expr_Kind.AEXPR_OP
+                and node.name and len(node.name) == 1 and isinstance(node.name[0], ast.String)
+                and node.name[0].sval in _COMPARISONS):
+            for operand, other in ((node.lexpr, node.rexpr), (node.rexpr, node.lexpr)):
+                if isinstance(operand, ast.ParamRef) and isinstance(other, ast.ColumnRef):
+                    compared.add(id(operand))
+        for slot in getattr(type(node), "__slots__", ()):
+            child = getattr(node, slot, None)
+            if child is not None and not isinstance(child, str | int | float | bool):
+                visit(child)
+
+    visit(root)
+    return bool(seen) and all(node in compared for node in seen)
+
+
+class UpstreamStatements:
+    """pgveil's prepared statements on one upstream connection (they live as long as it does)."""
+
+    def __init__(self) -> None:
+        self._tickets: dict[Hashable, UpstreamTicket] = {}
+        self._count = 0
+
+    def forward(self, key: Hashable, form: PreparedForm, verdict: Rewrite) -> Rewrite:
+        """What to send for one execution of `form`: EXECUTE of a statement PostgreSQL confirmed,
+        PREPARE and EXECUTE in one Query when there is none, or the inline rewrite while a PREPARE of
+        the same shape is still unanswered (pipelining) or too many statements are kept."""
+        full_key = (key, form.template, form.types)
+        ticket = self._tickets.get(full_key)
+        arguments = ", ".join(form.arguments)
+        if ticket is not None and ticket.state == UpstreamTicket.READY:
+            return Rewrite(f"EXECUTE {ticket.name}({arguments})", verdict.info, None, ticket)
+        if ticket is not None and ticket.state == UpstreamTicket.PENDING:
+            return verdict
+        if ticket is None and len(self._tickets) >= MAX_STATEMENTS:
+            return verdict
+        self._count += 1
+        ticket = UpstreamTicket(f"{NAME_PREFIX}{self._count}")
+        self._tickets[full_key] = ticket
+        prefix = f"PREPARE {ticket.name}({', '.join(form.types)}) AS "
+        text = f"{prefix}{form.template}; EXECUTE {ticket.name}({arguments})"
+        splices = Splices([(0, 0, len(prefix)), *form.spans])
+        return Rewrite(text, verdict.info, splices, ticket)
+
+    def forget_all(self) -> None:
+        """The client may have deallocated them (DEALLOCATE, DISCARD, a Close of one of their names):
+        prepare again, under new names."""
+        self._tickets.clear()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+
+def may_drop_statements(sql: str) -> bool:
+    """Whether the client's SQL could deallocate prepared statements (checked before forwarding)."""
+    lowered = sql.lower()
+    return "deallocate" in lowered or "discard" in lowered
