@@ -516,3 +516,50 @@ def test_plan_constants_are_decoded_across_pretty_printed_line_breaks() -> None:
     dump = ("      {CONST \n      :consttype 25 \n      :constvalue 14 [ 56 0 0 0 67 65 78 65 82 89 45 5\n"
             "      7 49 52 ]\n      }\n   :constvalue 4 [ -1 0 0 0 0 0 0 0 ]")
     assert plan_constants(dump) == [b"8\x00\x00\x00CANARY-914", b"\xff" + bytes(7)]
+
+
+# ---- neighbours: EXPLAIN ------------------------------------------------------------------------------
+
+def _explain_options(version: int) -> list[str]:
+    options = ["VERBOSE", "ANALYZE, VERBOSE, BUFFERS, WAL, SETTINGS", "FORMAT JSON, VERBOSE", "FORMAT XML",
+               "FORMAT YAML, ANALYZE"]
+    if version >= 17:
+        options += ["ANALYZE, MEMORY, SERIALIZE TEXT", "ANALYZE, SERIALIZE BINARY, VERBOSE"]
+    return options
+
+
+def test_explain_of_masked_statements_shows_no_raw_value_in_any_option(world: World) -> None:
+    options = _explain_options(world.version)
+    reads = tuple(f"EXPLAIN ({option}) {read}" for option in options for read in READS)
+    for client in ("simple", "extended"):
+        happened, received = run_through_tap(world, MASKED, Route(reads=reads), client)
+        assert all(line.startswith("ok") for line in happened), happened
+        assert leaks(received) == [], (client, happened)
+    if world.version >= 16:  # a statement with parameters, planned without their values
+        happened, received = run_through_tap(world, MASKED, Route(reads=(
+            "EXPLAIN (GENERIC_PLAN, VERBOSE) SELECT * FROM dg.people WHERE id = $1",)), "simple")
+        assert happened[0].startswith("ok"), happened
+        assert leaks(received) == []
+
+
+@pytest.mark.parametrize(("column", "right", "wrong"), [
+    ("ssn", "'SSN-CANARY-5501'", "'SSN-CANARY-5502'"),
+    ("account", "'918273645'", "'918273646'"),
+    ("full_name", "'Zed Quokkafeld'", "'Zed Quokkafelt'"),
+    ("email", "'quokkamail7731@leak.example'", "'quokkamail7732@leak.example'"),
+    ("birth_date", "'1987-06-23'", "'1987-06-24'"),
+    ("salary", "123457.89", "123457.88"),
+])
+def test_explain_analyze_answers_a_right_and_a_wrong_guess_alike(world: World, column: str, right: str,
+                                                                 wrong: str) -> None:
+    """Estimates and `Rows Removed by Filter` describe the masked value, so EXPLAIN is no oracle."""
+    outputs = []
+    for guess in (right, wrong):
+        sql = (f"EXPLAIN (ANALYZE, TIMING OFF, SUMMARY OFF, COSTS ON) "
+               f"SELECT id FROM dg.people WHERE {column} = {guess}")
+        with psycopg.connect(world.proxy.dsn(MASKED, PASSWORD, DATABASE), autocommit=True) as conn:
+            rows = conn.execute(sql.encode()).fetchall()  # type: ignore[call-overload]
+        plan = "\n".join(row[0] for row in rows)
+        outputs.append(plan.replace(guess, "<guess>").replace(guess.strip("'"), "<guess>"))
+    assert outputs[0] == outputs[1]
+    assert "Rows Removed by Filter: 9" in outputs[0]
