@@ -3,16 +3,25 @@ the session as it was) whenever the async path has more to do."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from proxy.connection_policy import ClientInfo, Outcome
+from proxy.embedded import free_port
 from proxy.enforcement import Enforcement, GuardedConnection
 from proxy.guard.verdict import Refuse, Rewrite
+from proxy.wire import ErrorResponse
+from proxy.wire.frontend import Bind, Execute, Parse, Query, Sync, Terminate
+from tests.audit_consistency import audit_problems
+from tests.conftest import Upstream
 from tests.guard_setup import DATABASE, POLICY, GuardWorld, world  # noqa: F401 (fixture)
+from tests.proxy_harness import RawClient, running_proxy
 
 PEOPLE = "select full_name, email from gv.people where id = {}"
 
@@ -143,3 +152,57 @@ async def test_an_elevation_changes_the_role_of_the_next_cached_statement(world:
     finally:
         await enforcement.close()
 
+
+
+DEPLOYED_POLICY = """
+version: 1
+settings: {{default_role: deny}}
+roles:
+  everything:
+    members: ["{login}"]
+    statements: [select]
+    tables: ["*"]
+    reveal: [public, internal, confidential, restricted]
+"""
+
+
+def test_as_deployed_cached_statements_are_audited_and_counted_like_the_first(
+        upstream: Upstream, tmp_path: Path) -> None:
+    """Policy + audit log + metrics through `serve`'s runtime: repeated statements (cache hits)
+    and re-executed prepared statements get the access and completion records, request numbers
+    and metric counts the first execution got."""
+    upstream.execute("CREATE TABLE IF NOT EXISTS fast_path_t (n int, tag text)")
+    policy, log = tmp_path / "policy.yaml", tmp_path / "audit.jsonl"
+    policy.write_text(DEPLOYED_POLICY.format(login=upstream.superuser))
+    metrics_port = free_port()
+    with running_proxy(upstream, str(policy), audit_log=str(log),
+                       metrics=f"127.0.0.1:{metrics_port}") as proxy, \
+            RawClient.connect(proxy.host, proxy.port) as client:
+        for n in range(6):
+            client.send(Query(f"SELECT n, tag FROM fast_path_t WHERE n = {n}"))
+            assert not [m for m in client.until_ready() if isinstance(m, ErrorResponse)]
+        client.send(Parse("s1", "SELECT n FROM fast_path_t WHERE n = $1"), Bind("", "s1", (0,), (b"1",), ()),
+                    Execute(""), Sync())
+        client.until_ready()
+        for _ in range(2):
+            client.send(Bind("", "s1", (0,), (b"2",), ()), Execute(""), Sync())
+            assert not [m for m in client.until_ready() if isinstance(m, ErrorResponse)]
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            exposition = response.read().decode()
+        client.send(Terminate())
+        client.read_to_end()
+    assert audit_problems(log, wait=True) == []
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    accesses = [r for r in records if r["type"] == "access"]
+    assert [(r["request"], r["protocol"], r["rule"]) for r in accesses] == [
+        *((number, "query", None) for number in range(1, 7)), (7, "parse", None), (8, "bind", None),
+        (9, "bind", None)]
+    static = {"statement_kind", "fingerprint", "normalized_sql", "relations", "columns", "masks", "decision"}
+    assert all({k: r[k] for k in static} == {k: accesses[0][k] for k in static} for r in accesses[1:6])
+    assert [r["request"] for r in records if r["type"] == "completion"] == list(range(1, 10))
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+                  if line.startswith("pgveil_statements_total{"))
+    hits = [line for line in exposition.splitlines()
+            if line.startswith('pgveil_verdict_cache_total{result="hit"}')]
+    assert counted == 9
+    assert float(hits[0].rsplit(" ", 1)[1]) >= 5
