@@ -215,6 +215,10 @@ class Tap:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
+    def received_so_far(self) -> bytes:
+        with self._lock:
+            return bytes(self._received)
+
     def received(self) -> bytes:
         for thread in self._threads:
             thread.join(10)
@@ -463,6 +467,7 @@ def test_the_masking_functions_leave_no_value_in_plans_straight_on_postgresql(wo
         conn.execute("LOAD 'auto_explain'")
         conn.execute("SET client_min_messages = debug5")
         conn.execute("SET debug_print_plan = on")
+        conn.execute("SET plan_cache_mode = force_custom_plan")  # any client may set it
         conn.execute("SET auto_explain.log_min_duration = 0")
         conn.execute("SET auto_explain.log_nested_statements = on")
         conn.execute("SET auto_explain.log_verbose = on")
@@ -563,3 +568,30 @@ def test_explain_analyze_answers_a_right_and_a_wrong_guess_alike(world: World, c
         outputs.append(plan.replace(guess, "<guess>").replace(guess.strip("'"), "<guess>"))
     assert outputs[0] == outputs[1]
     assert "Rows Removed by Filter: 9" in outputs[0]
+
+
+def test_a_session_demoted_by_a_reload_gets_no_more_diagnostics(
+        world: World, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """dg_seer turns diagnostics on while it sees everything; a reload masks it: the relay asks the
+    policy at each notice, so the very next statement's diagnostics are hidden."""
+    path = tmp_path_factory.mktemp("demoted") / "policy.yaml"
+    path.write_text(POLICY)
+    with running_proxy(_Database(world.upstream), policy_path=str(path)) as proxy:
+        tap = Tap(proxy.port)
+        try:
+            with psycopg.connect(host="127.0.0.1", port=tap.port, user=SEER, password=PASSWORD,
+                                 dbname=DATABASE, sslmode="disable", autocommit=True) as conn:
+                for setting in TURN_ON:
+                    conn.execute(f"SET {setting}".encode())  # type: ignore[call-overload]
+                conn.execute(b"SELECT 1")
+                before = len(tap.received_so_far())
+                assert "LOG" in diagnostics_received(tap.received_so_far())
+                path.write_text(POLICY.replace("members: [dg_seer]", "members: [nobody]")
+                                .replace("members: [dg_masked]", "members: [dg_masked, dg_seer]"))
+                proxy.run(proxy.server.reload())
+                rows = conn.execute(READS[0].encode()).fetchall()  # type: ignore[call-overload]
+                assert len(rows) == 9 and rows[0][1] != "SSN-CANARY-5501"  # masked now
+        finally:
+            tap.close()
+        after = tap.received()[before:]
+    assert diagnostics_received(after) == [] and leaks(after) == []
