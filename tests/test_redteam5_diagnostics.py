@@ -443,6 +443,10 @@ def test_a_login_that_sees_everything_still_gets_the_diagnostics_it_asks_for(wor
     f"ALTER ROLE {MASKED} SET client_min_messages FROM CURRENT",
     "ALTER SYSTEM SET trace_sort = on",
     f"ALTER ROLE {MASKED} SET auto_explain.log_level = notice",
+    "CREATE FUNCTION dg.noisy() RETURNS int LANGUAGE sql SET work_mem = '1MB' "
+    "SET client_min_messages = debug5 AS 'SELECT 1'",
+    "ALTER FUNCTION dg.noisy() SET debug_print_plan = on",
+    "ALTER ROUTINE dg.noisy() SET client_min_messages FROM CURRENT",
 ])
 def test_no_role_may_make_a_diagnostic_setting_a_server_default(world: World, statement: str) -> None:
     happened, _ = run_through_tap(world, SEER, Route(statements=(statement,), reads=()), "simple")
@@ -595,3 +599,15 @@ def test_a_session_demoted_by_a_reload_gets_no_more_diagnostics(
             tap.close()
         after = tap.received()[before:]
     assert diagnostics_received(after) == [] and leaks(after) == []
+
+
+@pytest.mark.parametrize("statement", [
+    f"ALTER ROLE {MASKED} SET client_min_messages = notice",
+    f"ALTER ROLE {MASKED} RESET client_min_messages",
+    f"ALTER DATABASE {DATABASE} SET work_mem = '8MB'",
+    "CREATE FUNCTION dg.quiet() RETURNS int LANGUAGE sql SET work_mem = '1MB' AS 'SELECT 1'",
+])
+def test_quiet_server_defaults_are_left_to_postgresql(world: World, statement: str) -> None:
+    """pgveil does not refuse them (PostgreSQL may, for want of a privilege)."""
+    happened, _ = run_through_tap(world, SEER, Route(statements=(statement,), reads=()), "simple")
+    assert len(happened) == 1 and "pgveil:" not in happened[0], happened

@@ -121,7 +121,15 @@ def session_settings(statement: GuardStatement, context: GuardContext) -> Refuse
         return setting_refusal(node.name, shown, context.role.name)
     if isinstance(node, ast.AlterRoleSetStmt | ast.AlterDatabaseSetStmt | ast.AlterSystemStmt):
         statement.mark_literal_dependent()
-        return _diagnostic_default(node.setstmt)
+        return _diagnostic_default(node.setstmt, "logins with masked data would get it as a default")
+    if isinstance(node, ast.CreateFunctionStmt | ast.AlterFunctionStmt):
+        clauses = node.options if isinstance(node, ast.CreateFunctionStmt) else node.actions
+        for clause in clauses or ():
+            if isinstance(clause, ast.DefElem) and clause.defname == "set":
+                statement.mark_literal_dependent()
+                refusal = _diagnostic_default(clause.arg, "logins with masked data calling it would get it")
+                if refusal is not None:
+                    return refusal
     for function in statement.functions:
         if function.name != "set_config" or function.schema not in (None, "pg_catalog"):
             continue
@@ -146,16 +154,17 @@ def session_settings(statement: GuardStatement, context: GuardContext) -> Refuse
     return None
 
 
-def _diagnostic_default(setting: ast.VariableSetStmt | None) -> Refuse | None:
-    """ALTER ROLE/DATABASE/SYSTEM ... SET of a diagnostic setting, refused for every role: the
-    setting would reach logins with masked data from the server, where no SET is seen."""
-    if setting is None or setting.name is None or setting.kind in _RESETS:
+def _diagnostic_default(setting: object, why: str) -> Refuse | None:
+    """ALTER ROLE/DATABASE/SYSTEM ... SET, or a function's SET clause, of a diagnostic setting,
+    refused for every role: the setting would reach logins with masked data from the server, where
+    no SET is seen."""
+    if not isinstance(setting, ast.VariableSetStmt) or setting.name is None or setting.kind in _RESETS:
         return None
     if setting.kind == VariableSetKind.VAR_SET_VALUE:
         values = [_constant_text(arg) or "<expression>" for arg in setting.args or ()]
     else:
         values = ["<current>"]  # FROM CURRENT
-    return diagnostic_refusal(setting.name, values, "logins with masked data would get it as a default",
+    return diagnostic_refusal(setting.name, values, why,
                               "set it on PostgreSQL directly for logins that see everything")
 
 
