@@ -514,6 +514,7 @@ def test_notice_severity_is_read_from_the_non_localized_field() -> None:
     ("Debug_Print_Parse", "yes", True), ("debug_print_rewritten", "true", True),
     ("debug_print_raw_parse", "on", True), ("log_statement_stats", "on", True), ("trace_sort", "on", True),
     ("trace_notify", "off", False), ("auto_explain.log_level", "notice", True),
+    ("plpgsql.print_strict_params", "on", True),
     ("debug_pretty_print", "on", False), ("work_mem", "64MB", False), ("log_min_messages", "debug5", False),
 ])
 def test_diagnostic_settings(name: str, value: str, refused: bool) -> None:

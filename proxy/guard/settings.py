@@ -31,10 +31,11 @@ QUIET_MESSAGE_LEVELS = frozenset({"notice", "warning", "error"})
 DIAGNOSTIC_SWITCHES = frozenset({
     "debug_print_raw_parse", "debug_print_parse", "debug_print_rewritten", "debug_print_plan",
     "log_parser_stats", "log_planner_stats", "log_executor_stats", "log_statement_stats",
-    "log_btree_build_stats", "wal_debug",
+    "log_btree_build_stats", "wal_debug", "plpgsql.print_strict_params",
 })
 """Settings (with every trace_*) that make PostgreSQL write its internals as LOG/DEBUG messages,
-which reach the session under a low client_min_messages: the plan dumps hold values as constants."""
+which reach the session under a low client_min_messages: the plan dumps hold values as constants.
+(plpgsql.print_strict_params puts a function's query parameters into its errors instead.)"""
 _OFF = frozenset({"off", "false", "no", "0"})
 
 
