@@ -45,7 +45,9 @@ CONFIGURATIONS = ("relay", "full", "masked", "full+metrics", "full+audit never",
 DEPLOYED = ("deployed", "deployed masked")
 """Policy + audit file in its default mode (each tree's own default) + metrics, as `pgveil serve
 --policy --audit-log --metrics` runs; bench_full or bench_masked."""
-AUDIT_FSYNC_INTERVALS = {"never": None, "default": 1.0, "strict": 0.0}  # audit.fsync_interval_ms / 1000
+AUDIT_FSYNC_INTERVALS = {"never": {"fsync": "never"}, "default": {}, "strict": {"fsync": "batch"}}
+"""The `audit:` config section of each audit configuration, in a form every version reads (before
+the durability modes, the default was `batch`, which is now strict mode)."""
 
 
 # ---- the bytes pgbench -S exchanges ------------------------------------------------------------
@@ -170,8 +172,8 @@ async def _policy_for(configuration: str, dsn: str, policy_file: Path, workdir: 
         runtimes["deployed"] = sink
     elif "audit" in configuration:
         fsync = configuration.rsplit(" ", 1)[1]
-        audit = AuditSettings(log=str(workdir / f"audit-{fsync}.jsonl"),
-                              fsync_interval=AUDIT_FSYNC_INTERVALS[fsync])
+        audit = AuditSettings.from_settings(str(workdir / f"audit-{fsync}.jsonl"),
+                                            {"audit": AUDIT_FSYNC_INTERVALS[fsync]})
         sink = runtimes.get(fsync) or open_audit_sink(audit)
         runtimes[fsync] = sink
     factory = build_connection_policy_factory(runtimes["enforcement"].connection_policy, sink,

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from proxy.audit.chain import serialise
-from proxy.audit.identity import policy_version_of, role_name_of
+from proxy.audit.identity import policy_version_of, policy_version_reader, role_name_of, role_reader
 from proxy.audit.sink import AuditError, AuditRecord, AuditSink, Unsealed, json_string, unsealed
 from proxy.connection_policy import INTERNAL_ERROR, ClientInfo, ConnectionPolicy, Outcome, fast_path_of
 from proxy.guard.verdict import Allow, Refuse, Rewrite, StatementInfo, Verdict
@@ -117,6 +117,8 @@ class AuditedConnection:
         # (request, role, policy version) of access records whose completion is still to come
         self._unfinished: deque[tuple[int, str | None, str | None]] = deque()
         self._client_known: tuple[ClientInfo | None, dict[str, Any]] | None = None
+        self._role_now = role_reader(inner)
+        self._version_now = policy_version_reader(inner)
         # (role, policy version, client) and the JSON members from connection_id to policy_version
         self._who_known: tuple[str | None, str | None, ClientInfo | None, str] | None = None
         self._fast = fast_path_of(inner)
@@ -198,7 +200,7 @@ class AuditedConnection:
         Per statement only the time, the request number and these arguments are formatted."""
         self.requests += 1
         request = self.requests
-        role, version = role_name_of(self.inner), policy_version_of(self.inner)
+        role, version = self._role_now(), self._version_now()
         self._unfinished.append((request, role, version))
         extra = ""
         if statement_name is not None:
