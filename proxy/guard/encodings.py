@@ -19,8 +19,6 @@ no codec.
 
 from __future__ import annotations
 
-import re
-
 from proxy.guard.gate import invalid_byte_sequence
 from proxy.guard.verdict import Refuse
 
@@ -39,43 +37,19 @@ CODECS: dict[str, str] = {
 }
 """PostgreSQL's name of each client encoding pgveil reads -> Python's codec for it."""
 
-UNREADABLE: frozenset[str] = frozenset({
-    "SJIS", "SHIFT_JIS_2004", "BIG5", "GBK", "UHC", "GB18030", "JOHAB", "EUC_TW", "MULE_INTERNAL",
-})
-"""Client encodings PostgreSQL accepts that pgveil does not read (see the module docstring)."""
-
-_ALIASES: dict[str, str] = {
+_ALIASES: dict[str, str] = {  # PostgreSQL's other names for them (pg_encname_tbl)
     "unicode": "UTF8", "iso88591": "LATIN1", "iso88592": "LATIN2", "iso88593": "LATIN3",
     "iso88594": "LATIN4", "iso88599": "LATIN5", "iso885910": "LATIN6", "iso885913": "LATIN7",
     "iso885914": "LATIN8", "iso885915": "LATIN9", "iso885916": "LATIN10", "iso88595": "ISO_8859_5",
     "iso88596": "ISO_8859_6", "iso88597": "ISO_8859_7", "iso88598": "ISO_8859_8", "alt": "WIN866",
     "win": "WIN1251", "abc": "WIN1258", "tcvn": "WIN1258", "tcvn5712": "WIN1258", "vscii": "WIN1258",
-    "koi8": "KOI8R", "mskanji": "SJIS", "shiftjis": "SJIS", "win932": "SJIS", "windows932": "SJIS",
-    "win936": "GBK", "windows936": "GBK", "win949": "UHC", "windows949": "UHC", "win950": "BIG5",
-    "windows950": "BIG5",
+    "koi8": "KOI8R",
     **{f"windows{n}": f"WIN{n}" for n in (866, 874, 1250, 1251, 1252, 1253, 1254, 1255, 1256, 1257, 1258)},
 }
-_NOT_ALPHANUMERIC = re.compile(r"[^a-z0-9]")
 READABLE_NAMES: frozenset[str] = frozenset(
     {name.lower().replace("_", "") for name in CODECS}
-    | {alias for alias, name in _ALIASES.items() if name in CODECS})
+    | set(_ALIASES))
 """The names (lower case, without '-' and '_') `SET client_encoding` may give an encoding pgveil reads."""
-
-
-def canonical(name: str) -> str | None:
-    """PostgreSQL's own name for an encoding name as `SET client_encoding` accepts it (case,
-    '-', '_' and other punctuation ignored, its aliases), None when PostgreSQL has no such one."""
-    cleaned = _NOT_ALPHANUMERIC.sub("", name.strip().strip("'\"").lower())
-    for known in (*CODECS, *UNREADABLE):
-        if _NOT_ALPHANUMERIC.sub("", known.lower()) == cleaned:
-            return known
-    return _ALIASES.get(cleaned)
-
-
-def readable(name: str) -> bool:
-    """pgveil reads statements in client encoding `name` exactly as PostgreSQL does."""
-    encoding = canonical(name)
-    return encoding is not None and encoding in CODECS
 
 
 def decode_statement(sql: str, encoding: str) -> str | Refuse:
