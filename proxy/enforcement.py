@@ -427,6 +427,7 @@ class GuardedConnection:
 
     async def on_query(self, sql: str) -> Verdict:
         self.prepared.call()
+        self._check_upstream_statements()
         text = self._in_session_encoding(sql)
         if isinstance(text, Refuse):
             return text
@@ -439,6 +440,7 @@ class GuardedConnection:
 
     async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
         self.prepared.call()
+        self._check_upstream_statements()
         text = self._in_session_encoding(sql)
         if isinstance(text, Refuse):
             self.prepared.define(("statement", statement_name), None)
@@ -488,6 +490,7 @@ class GuardedConnection:
         """A Bind of a statement prepared by an earlier request: its stored verdict while nothing it
         depended on changed, else its SQL decided again (refused when the outcome differs)."""
         self.prepared.call()
+        self._check_upstream_statements()
         key: Key = ("statement", statement_name)
         refusal, entry = await self._still_valid(key)
         if refusal is not None:
@@ -521,6 +524,7 @@ class GuardedConnection:
 
     async def on_function_call(self, function_oid: int) -> Verdict:
         self.prepared.call()
+        self._check_upstream_statements()
         role = self.role()
         if role is None or role_is_masked(self.enforcement.policy, role) or role_is_restricted(role):
             return Refuse("function-call-message", "the fast-path FunctionCall message cannot be checked; "
@@ -560,6 +564,7 @@ class GuardedConnection:
         """on_query's verdict for a cache hit that needs nothing more, or None (ask on_query)."""
         if len(sql) >= LONG_STATEMENT or (not sql.isascii() and self._client_encoding() is not None):
             return None  # (a statement in another client encoding is read in it by on_query)
+        self._check_upstream_statements()
         role = self._fast_role()
         if role is None:
             return None
@@ -578,6 +583,15 @@ class GuardedConnection:
         self._pending_effects, self._pending_ddl = (), False
         return self._upstream_form(sql, verdict)
 
+    def _check_upstream_statements(self) -> None:
+        """pgveil's upstream statements are relied on only while every statement of the session is
+        a masked role's: an unmasked one (after an elevation or a reload) could deallocate and
+        redefine them in ways pgveil does not read (DO, dynamic SQL), so they are forgotten."""
+        if len(self.upstream):
+            role = self.role()
+            if role is None or not self._masked(role):
+                self.upstream.forget_all()
+
     def _upstream_form(self, sql: str, verdict: Verdict) -> Verdict:
         """A masked SELECT as EXECUTE of a statement prepared on this upstream connection when its
         shape allows (proxy/guard/upstream_prepare.py), else `verdict` as it is."""
@@ -593,6 +607,7 @@ class GuardedConnection:
 
     def fast_bind(self, statement_name: str) -> Verdict | None:
         """on_bind's verdict for a prepared statement still valid as it was prepared, or None."""
+        self._check_upstream_statements()
         role = self._fast_role()
         if role is None:
             return None

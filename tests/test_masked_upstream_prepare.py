@@ -7,14 +7,19 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from proxy.connection_policy import ClientInfo
+from proxy.enforcement import Enforcement
+from proxy.guard.cache import VerdictCache
+from proxy.guard.pipeline import analyse
 from proxy.guard.upstream_prepare import NAME_PREFIX, prepared_form
-from proxy.guard.verdict import Rewrite
-from tests.guard_setup import PASSWORD, POLICY, GuardWorld, leaked_canaries, world  # noqa: F401 (the fixture)
+from proxy.guard.verdict import Refuse, Rewrite, UpstreamTicket
+from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, leaked_canaries, world  # noqa: F401 (the fixture)
 from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 
@@ -75,6 +80,7 @@ def test_a_repeated_masked_select_runs_prepared_and_answers_as_the_inline_rewrit
 def test_the_prepared_statement_holds_the_masked_rewrite(proxy: RunningProxy) -> None:
     with _connect(proxy) as conn:
         _simple(conn, "SELECT ssn, email FROM gv.people WHERE id = 1")
+        _simple(conn, "SELECT ssn, email FROM gv.people WHERE id = 2")
         statement = _simple(conn, "SELECT statement FROM pg_catalog.pg_prepared_statements "
                                   f"WHERE name LIKE '{NAME_PREFIX}%'")[0][0][0]
         assert "pgveil.mask_hash" in statement and "$1" in statement
@@ -84,10 +90,11 @@ def test_the_prepared_statement_holds_the_masked_rewrite(proxy: RunningProxy) ->
 def test_an_error_in_the_first_execution_has_the_clients_position(proxy: RunningProxy) -> None:
     sql = "SELECT id FROM gv.people WHERE id = 1 AND nosuch = 2"
     with _connect(proxy) as conn:
-        with pytest.raises(psycopg.errors.UndefinedColumn) as caught:
-            _simple(conn, sql)
-        assert caught.value.diag.statement_position == str(sql.index("nosuch") + 1)
-        assert _ours(conn) == []  # a failed PREPARE is not relied on
+        for _ in range(3):  # inline, then PREPARE and EXECUTE, then again (a failed PREPARE is not relied on)
+            with pytest.raises(psycopg.errors.UndefinedColumn) as caught:
+                _simple(conn, sql)
+            assert caught.value.diag.statement_position == str(sql.index("nosuch") + 1)
+        assert _ours(conn) == []
         assert _simple(conn, "SELECT id FROM gv.people WHERE id = 2")[0] == [(2,)]
 
 
@@ -107,7 +114,8 @@ def test_a_failed_prepare_in_an_aborted_transaction_is_prepared_again_later(prox
 
 def test_deallocate_all_by_the_client_makes_pgveil_prepare_again(proxy: RunningProxy) -> None:
     with _connect(proxy) as conn:
-        assert _simple(conn, "SELECT id, card FROM gv.people WHERE id = 1")[0] == [(1, "***************1098")]
+        for _ in range(2):
+            assert _simple(conn, "SELECT id, card FROM gv.people WHERE id = 1")[0] == [(1, "***************1098")]
         first = _ours(conn)
         _simple(conn, "DEALLOCATE ALL")
         assert _simple(conn, "SELECT id, card FROM gv.people WHERE id = 2")[0] == [(2, "***************0004")]
@@ -118,6 +126,7 @@ def test_deallocate_all_by_the_client_makes_pgveil_prepare_again(proxy: RunningP
 def test_a_client_closing_pgveils_statement_by_name_makes_it_prepare_again(proxy: RunningProxy) -> None:
     with _connect(proxy) as conn:
         _simple(conn, "SELECT id, email FROM gv.people WHERE id = 1")
+        _simple(conn, "SELECT id, email FROM gv.people WHERE id = 3")
         (name,) = _ours(conn)
         _simple(conn, f"DEALLOCATE {name}")
         assert _simple(conn, "SELECT id, email FROM gv.people WHERE id = 2")[0] == [(2, "a***@example.com")]
@@ -141,14 +150,49 @@ def test_statements_whose_literals_must_stay_literal_are_sent_inline(
 
 
 def test_the_prepared_form_keeps_the_literal_out_of_the_template(gv_world: GuardWorld) -> None:
-    sql = "SELECT * FROM gv.people p WHERE p.id = 2147483648 AND 7 < p.id"
-    verdict = gv_world.verdict(sql, LOGIN)
-    assert isinstance(verdict, Rewrite)
-    form = prepared_form(sql, verdict, row_filtered=False)
+    first = "SELECT * FROM gv.people p WHERE p.id = 5 AND p.id <> 6"
+    sql = "SELECT * FROM gv.people p WHERE p.id = 2147483648 AND p.id <> 7"
+    cache = VerdictCache()
+    cache.store(first, "k", analyse(first, gv_world.context(LOGIN)))
+    assert prepared_form(first, analyse(first, gv_world.context(LOGIN)).verdict, row_filtered=False) is None
+    hit = cache.lookup(sql, "k")
+    assert hit is not None and isinstance(hit.verdict, Rewrite)
+    form = prepared_form(sql, hit.verdict, row_filtered=False)
     assert form is not None
     assert form.types == ("bigint", "integer") and form.arguments == ("2147483648", "7")
-    assert "2147483648" not in form.template and "$1" in form.template and "$2" in form.template
-    assert prepared_form(sql, verdict, row_filtered=True) is None
+    assert "2147483648" not in form.template and " $1 " in form.template and "<> $2" in form.template
+    assert prepared_form(sql, hit.verdict, row_filtered=True) is None
+
+
+async def test_an_unmasked_statement_in_the_session_makes_pgveil_forget_its_statements(
+        gv_world: GuardWorld, tmp_path: Path) -> None:
+    """While elevated (unmasked) a login could deallocate pgveil's statement and prepare its own
+    under the same name by means pgveil does not read (DO, dynamic SQL): it must not be EXECUTEd."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    elevated: set[str] = set()
+    enforcement = await Enforcement.create(str(path), gv_world.dsn(),
+                                           active_role=lambda user: "admin" if user in elevated else None)
+    try:
+        connection = enforcement.connection_policy()
+        client = ClientInfo(1, "test", LOGIN, DATABASE, "", False)
+        assert await connection.on_startup({"user": LOGIN, "database": DATABASE}, client) is None
+        sql = "SELECT id, ssn FROM gv.people WHERE id = {}"
+        await connection.on_query(sql.format(1))
+        prepared = await connection.on_query(sql.format(2))
+        assert isinstance(prepared, Rewrite) and prepared.prepares is not None
+        assert prepared.sql.startswith(f"PREPARE {prepared.prepares.name}(integer) AS ")
+        prepared.prepares.state = UpstreamTicket.READY  # as the relay does on PREPARE's CommandComplete
+        executed = await connection.on_query(sql.format(3))
+        assert executed.sql == f"EXECUTE {prepared.prepares.name}(3)"
+        elevated.add(LOGIN)
+        assert not isinstance(await connection.on_query("SELECT 1"), Refuse)
+        elevated.clear()
+        again = await connection.on_query(sql.format(4))
+        assert isinstance(again, Rewrite) and again.prepares is not None
+        assert again.prepares.name != prepared.prepares.name and again.sql.startswith("PREPARE ")
+    finally:
+        await enforcement.close()
 
 
 def test_pipelined_statements_of_a_new_shape_do_not_rely_on_an_unconfirmed_prepare(

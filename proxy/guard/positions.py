@@ -30,6 +30,12 @@ class Splices:
         self._literals = tuple(literals)
 
     @property
+    def literals(self) -> tuple[str, ...] | None:
+        """The statement's literals, in text order, when these splices come from a verdict-cache hit
+        (None: built from the spans of a fresh analysis)."""
+        return self._literals if self._layout else None
+
+    @property
     def spans(self) -> tuple[Span, ...]:
         if self._spans is None:
             before = [0]

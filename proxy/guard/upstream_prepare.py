@@ -25,7 +25,7 @@ from pglast.enums import A_Expr_Kind
 
 from proxy.guard.cache import shape
 from proxy.guard.positions import Span, Splices
-from proxy.guard.verdict import Rewrite, UpstreamTicket
+from proxy.guard.verdict import Rewrite, StatementInfo, UpstreamTicket
 
 NAME_PREFIX = f"pgveil_{secrets.token_hex(4)}_"
 """Names of pgveil's own upstream statements: per process, so replicas and clients do not collide."""
@@ -42,38 +42,77 @@ _ELIGIBLE_LIMIT = 4096
 
 @dataclass(frozen=True, slots=True)
 class PreparedForm:
-    """A rewrite as a statement with parameters: its text, the types and values of `$1..$n`, and
-    where its text replaced the client's (for error positions in the PREPARE)."""
+    """A rewrite as a statement with parameters: its text and the types and values of `$1..$n`."""
 
     template: str
     types: tuple[str, ...]
     arguments: tuple[str, ...]
-    spans: tuple[Span, ...]
+    sql: str  # the client's statement
+    verdict: Rewrite
+
+    def spans(self) -> tuple[Span, ...]:
+        """Where the template replaced the client's text (for error positions in the PREPARE)."""
+        shaped = shape(self.sql)
+        assert shaped is not None and self.verdict.splices is not None
+        literals = [(start, end, len(f"${number}")) for number, (start, end) in enumerate(shaped[2], start=1)]
+        return tuple(sorted([*self.verdict.splices.spans, *literals]))
+
+
+_TEMPLATES: dict[int, tuple[StatementInfo, str | None]] = {}  # id(verdict.info) -> its template
+_TEMPLATES_LIMIT = 4096
 
 
 def prepared_form(sql: str, verdict: Rewrite, *, row_filtered: bool) -> PreparedForm | None:
     """The parameterised form of `verdict` (the rewrite of the client's `sql`), or None when the
-    statement must be sent as it is (see the module docstring)."""
+    statement must be sent as it is (see the module docstring). Only verdict-cache hits are
+    prepared; their template is worked out once per cache entry (its StatementInfo)."""
+    splices = verdict.splices
+    if row_filtered or splices is None:
+        return None
+    literals = splices.literals
+    if literals is None:
+        return None  # a fresh analysis: the shape's next execution (a cache hit) may be prepared
+    types: list[str] = []
+    for literal in literals:
+        if not literal.isdigit() or not literal.isascii():
+            return None
+        if len(literal) < 10:
+            types.append("integer")
+        else:
+            value = int(literal)
+            if value > _INT8_MAX:
+                return None
+            types.append("integer" if value <= _INT4_MAX else "bigint")
     info = verdict.info
-    if (row_filtered or info.kind != "select" or verdict.splices is None
+    known = _TEMPLATES.get(id(info))
+    if known is None or known[0] is not info:
+        if len(_TEMPLATES) >= _TEMPLATES_LIMIT:
+            _TEMPLATES.clear()
+        known = (info, _template(sql, verdict))
+        _TEMPLATES[id(info)] = known
+    template = known[1]
+    if template is None:
+        return None
+    return PreparedForm(template, tuple(types), literals, sql, verdict)
+
+
+def _template(sql: str, verdict: Rewrite) -> str | None:
+    """The rewrite with every literal as `$n`, when the statement may be prepared at all."""
+    info = verdict.info
+    if (info.kind != "select" or verdict.splices is None
             or any(mask.endswith(":constant") for mask in info.masks)):
         return None
     shaped = shape(sql)
     if shaped is None or "null" in sql.lower():
         return None
     _key, literals, literal_spans = shaped
-    if not literals or any(not literal.isdigit() for literal in literals):
-        return None  # strings, floats or nothing to parameterise
+    if any(not literal.isdigit() for literal in literals):
+        return None  # strings and floats stay literal
     edits = verdict.splices.spans
     rewritten = verdict.sql
     pieces: list[str] = []
-    spans: list[Span] = []
-    types: list[str] = []
     cursor = 0
     for number, ((start, end), literal) in enumerate(zip(literal_spans, literals, strict=True), start=1):
-        value = int(literal)
-        if value > _INT8_MAX:
-            return None
         shift = 0
         for edit_start, edit_end, length in edits:
             if edit_end <= start:
@@ -83,22 +122,16 @@ def prepared_form(sql: str, verdict: Rewrite, *, row_filtered: bool) -> Prepared
         position = start + shift
         if rewritten[position : position + len(literal)] != literal or position < cursor:
             return None
-        placeholder = f"${number}"
         pieces.append(rewritten[cursor:position])
-        pieces.append(placeholder)
-        spans.append((start, end, len(placeholder)))
-        types.append("integer" if value <= _INT4_MAX else "bigint")
+        pieces.append(f"${number}")
         cursor = position + len(literal)
     pieces.append(rewritten[cursor:])
     template = "".join(pieces).rstrip().rstrip(";").rstrip()
-    if not _eligible(template):
-        return None
-    merged = tuple(sorted([*edits, *spans]))
-    return PreparedForm(template, tuple(types), tuple(str(int(literal)) for literal in literals), merged)
+    return template if _eligible(template) else None
 
 
 def _eligible(template: str) -> bool:
-    """One plain SELECT in which every parameter is an operand of a comparison with a column."""
+    """One plain SELECT in which every parameter (if any) is an operand of a comparison with a column."""
     known = _ELIGIBLE.get(template)
     if known is not None:
         return known
@@ -141,7 +174,7 @@ def _parameters_compared(root: ast.Node) -> bool:
                 visit(child)
 
     visit(root)
-    return bool(seen) and all(node in compared for node in seen)
+    return all(node in compared for node in seen)
 
 
 class UpstreamStatements:
@@ -169,7 +202,7 @@ class UpstreamStatements:
         self._tickets[full_key] = ticket
         prefix = f"PREPARE {ticket.name}({', '.join(form.types)}) AS "
         text = f"{prefix}{form.template}; EXECUTE {ticket.name}({arguments})"
-        splices = Splices([(0, 0, len(prefix)), *form.spans])
+        splices = Splices([(0, 0, len(prefix)), *form.spans()])
         return Rewrite(text, verdict.info, splices, ticket)
 
     def forget_all(self) -> None:
