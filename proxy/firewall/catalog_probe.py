@@ -28,7 +28,7 @@ from pglast import ast
 from pglast.enums import SQLValueFunctionOp
 
 from proxy.firewall.facts import DatabaseFacts
-from proxy.firewall.positions import probe_positions, reads_user_relation, walk_with_parents
+from proxy.firewall.positions import PlacedStatement, placed_statements, reads_user_relation
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import function_name, is_catalog_relation, is_comparison, is_row_independent, walk
 from proxy.policy.model import Role
@@ -64,12 +64,21 @@ SERVER_CATALOGS = ACCOUNT_CATALOGS - {"pg_tables", "pg_extension", "pg_available
 USER_VALUES = frozenset({"current_user", "session_user", "current_role", "user", "current_schema",
                          "current_schemas"})
 _COMPARED_THROUGH = (ast.TypeCast, ast.CoalesceExpr)
+_SERVER_NODE_TYPES = (ast.RangeVar, ast.FuncCall, ast.SQLValueFunction)
 
 
 def find_catalog_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
+    if not role.application:
+        if not any(_is_server_catalog(node) or _is_server_value(node)
+                   for kind in _SERVER_NODE_TYPES for node in submitted.nodes_of(kind)):
+            return None  # the common case: nothing to place, no second walk
+        if not reads_user_relation(submitted):
+            return None  # psql's and drivers' metadata queries
+        return next((found for statement in placed_statements(submitted)
+                     if (found := _server_probe(statement)) is not None), None)
     for raw in submitted.statements:
         nodes = submitted.nodes if len(submitted.statements) == 1 else tuple(walk(raw.stmt))
-        finding = _probe_in(raw.stmt, nodes) if role.application else _server_probe(nodes)
+        finding = _probe_in(raw.stmt, nodes)
         if finding is not None:
             return finding
     return None
@@ -105,27 +114,34 @@ def is_system_information(node: ast.Node) -> bool:
     return isinstance(node, ast.SQLValueFunction) and node.op in SYSTEM_INFORMATION_VALUES
 
 
-def _server_probe(nodes: tuple[ast.Node, ...]) -> Finding | None:
+def _server_probe(statement: PlacedStatement) -> Finding | None:
     """For roles whose SQL people write: a login catalog or a server value where injected input lands."""
-    if not reads_user_relation(nodes):
+    if not statement.reads_user_relation:
         return None
-    for position in probe_positions(nodes):
-        for node, ancestors in walk_with_parents(position.root):
-            if isinstance(node, ast.RangeVar):
-                if is_catalog_relation(node) and str(node.relname).lower() in SERVER_CATALOGS:
-                    return Finding(RULE, f"the {position.place} reads {node.relname}, which lists logins, "
-                                         "settings or sessions, in a query over user data: the shape of "
-                                         "injected catalog probing; query the catalog on its own")
-                continue
-            if not _is_server_value(node) or _compared_with_row(node, ancestors) or _per_row(node):
-                continue
-            in_subquery = any(isinstance(ancestor, ast.SubLink) for ancestor in ancestors)
-            if position.place == "condition" and not in_subquery and _names_user(node):
-                continue
-            return Finding(RULE, f"the {position.place} computes with `{quote(node)}` (who or where the "
-                                 "server runs) in a query over user data: the shape of injected server "
-                                 "probing; read it in a statement of its own, or compare a column with it")
+    for node, place in statement.placed:
+        if isinstance(node, ast.RangeVar):
+            if _is_server_catalog(node):
+                return Finding(RULE, f"the {place} reads {node.relname}, which lists logins, settings or "
+                                     "sessions, in a query over user data: the shape of injected catalog "
+                                     "probing; query the catalog on its own")
+            continue
+        if not _is_server_value(node) or _per_row(node):
+            continue
+        ancestors = statement.ancestors(node)
+        if _compared_with_row(node, ancestors):
+            continue
+        in_subquery = any(isinstance(ancestor, ast.SubLink) for ancestor in ancestors)
+        if place == "condition" and not in_subquery and _names_user(node):
+            continue
+        return Finding(RULE, f"the {place} computes with `{quote(node)}` (who or where the server runs) "
+                             "in a query over user data: the shape of injected server probing; read it in "
+                             "a statement of its own, or compare a column with it")
     return None
+
+
+def _is_server_catalog(node: ast.Node) -> bool:
+    return (isinstance(node, ast.RangeVar) and is_catalog_relation(node)
+            and str(node.relname).lower() in SERVER_CATALOGS)
 
 
 def _is_server_value(node: ast.Node) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pglast import ast
 
 from proxy.firewall.facts import DatabaseFacts
-from proxy.firewall.positions import probe_positions
+from proxy.firewall.positions import row_count_and_sort_positions
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import is_row_independent, walk
 from proxy.policy.model import Role
@@ -30,17 +30,18 @@ _COMPUTED = (ast.SubLink, ast.FuncCall, ast.SQLValueFunction)
 
 
 def find_sort_key_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
-    if not any(isinstance(node, ast.SortBy | ast.CaseExpr) for node in submitted.nodes):
-        return None
-    for position in probe_positions(submitted.nodes):
-        if position.place == "condition":
-            continue
+    for position in row_count_and_sort_positions(submitted):
         key = position.root
-        if (position.place == "sort key" and is_row_independent(key)
-                and any(isinstance(node, ast.SubLink) for node in walk(key))):
+        if isinstance(key, ast.ColumnRef | ast.A_Const | ast.ParamRef):
+            continue  # the common case: `ORDER BY name`, `ORDER BY 2`, `LIMIT 20`
+        inner = list(walk(key))
+        if not any(isinstance(node, ast.SubLink | ast.CaseExpr) for node in inner):
+            continue  # the common case: columns and expressions of them
+        if (position.place == "sort key" and any(isinstance(node, ast.SubLink) for node in inner)
+                and is_row_independent(key)):
             return Finding(RULE, f"the sort key `{quote(key)}` is the same for every row, so it orders "
                                  "nothing: the shape of a probe injected into ORDER BY; sort by columns")
-        for node in walk(key):
+        for node in inner:
             if not isinstance(node, ast.CaseExpr):
                 continue
             for test in _case_conditions(node):

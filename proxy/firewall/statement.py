@@ -44,8 +44,16 @@ class SubmittedSql:
         """Every node of every statement, depth first."""
         return tuple(node for raw in self.statements for node in walk(raw.stmt))
 
+    @cached_property
+    def _by_type(self) -> dict[type, list[ast.Node]]:
+        found: dict[type, list[ast.Node]] = {}
+        for node in self.nodes:
+            found.setdefault(type(node), []).append(node)
+        return found
+
     def nodes_of(self, kind: type[ast.Node]) -> Iterator[ast.Node]:
-        return (node for node in self.nodes if isinstance(node, kind))
+        """Nodes of one pglast class (they have no subclasses), depth first; indexed once per message."""
+        return iter(self._by_type.get(kind, ()))
 
 
 def quote(node: ast.Node) -> str:

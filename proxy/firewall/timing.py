@@ -24,7 +24,7 @@ from pglast import ast
 from pglast.enums import A_Expr_Kind
 
 from proxy.firewall.facts import DatabaseFacts
-from proxy.firewall.positions import probe_positions, reads_user_relation
+from proxy.firewall.positions import placed_statements, reads_user_relation
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.tree import function_name, operator_name, walk
 from proxy.policy.model import Role
@@ -34,6 +34,7 @@ RULE = "time-based-probe"
 SLEEP_FUNCTIONS = frozenset({"pg_sleep", "pg_sleep_for", "pg_sleep_until"})
 MAX_SERIES_SPAN = 100_000
 MAX_REPEAT_COUNT = 1_000_000
+_MAYBE_HEAVY = SLEEP_FUNCTIONS | {"generate_series", "array_fill", "unnest", "repeat", "lpad", "rpad"}
 
 
 def find_time_based_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
@@ -59,24 +60,25 @@ def _probe_in_position(submitted: SubmittedSql) -> Finding | None:
     """A sleep or heavy call where injected input lands (a condition, a sort key, LIMIT/OFFSET) of a
     statement over user tables, or in a statement stacked after one: there it delays the page, which
     is all a time-based probe needs (psql sends a script's statements one query at a time)."""
-    if not any(isinstance(node, ast.FuncCall) for node in submitted.nodes):
+    if not any(function_name(node) in _MAYBE_HEAVY and _heavy_call(node) is not None
+               for node in submitted.nodes_of(ast.FuncCall) if isinstance(node, ast.FuncCall)):
         return None
-    statements = [submitted.nodes if len(submitted.statements) == 1 else tuple(walk(raw.stmt))
-                  for raw in submitted.statements]
-    over_user_data = [reads_user_relation(nodes) for nodes in statements]
-    for nodes, reads_user_data in zip(statements, over_user_data, strict=True):
-        if not reads_user_data:
-            if any(over_user_data):  # `...; SELECT pg_sleep(5)` stacked after the application's query
-                finding = next((found for node in nodes if isinstance(node, ast.FuncCall)
+    if not reads_user_relation(submitted):
+        return None  # the common case: nothing to place, no second walk
+    statements = placed_statements(submitted)
+    over_user_data = any(statement.reads_user_relation for statement in statements)
+    for statement in statements:
+        if not statement.reads_user_relation:
+            if over_user_data:  # `...; SELECT pg_sleep(5)` stacked after the application's query
+                finding = next((found for node in statement.nodes if isinstance(node, ast.FuncCall)
                                 and (found := _heavy_call(node)) is not None), None)
                 if finding is not None:
                     return Finding(RULE, f"stacked after a query over user data: {finding.message}")
             continue
-        for position in probe_positions(nodes):
-            for node in walk(position.root):
-                finding = _heavy_call(node) if isinstance(node, ast.FuncCall) else None
-                if finding is not None:
-                    return Finding(RULE, f"in the {position.place}: {finding.message}")
+        for node, place in statement.placed:
+            finding = _heavy_call(node) if isinstance(node, ast.FuncCall) else None
+            if finding is not None:
+                return Finding(RULE, f"in the {place}: {finding.message}")
     return None
 
 
