@@ -237,6 +237,32 @@ def test_invalid_utf8_is_postgresqls_22021(veil: Veil) -> None:
             assert answers[1] == answers[0] and answers[0][2] == b"22021"
 
 
+def test_asyncpg_gets_the_same_errors_and_positions(veil: Veil) -> None:
+    import asyncio
+
+    import asyncpg
+
+    statements = ["selec 1", "select full_name from gv.people where nme = $1", "select * from gv.nope",
+                  "select p.email from gv.people p where p.id = $1 and\n o.x = 1"]
+
+    async def errors(dsn: str) -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            found = []
+            for sql in statements:
+                with pytest.raises(asyncpg.PostgresError) as raised:
+                    await conn.fetch(sql, *(1,) * sql.count("$"))
+                error = raised.value
+                found.append((error.severity_en, error.sqlstate, error.message, error.position))
+            return found
+        finally:
+            await conn.close()
+
+    direct = asyncio.run(errors(veil.world.dsn(MASKED)))
+    assert asyncio.run(errors(veil.proxy.dsn(MASKED, PASSWORD, DATABASE))) == direct
+    assert [error[1] for error in direct] == ["42601", "42703", "42P01", "42P01"]
+
+
 def test_psql_draws_its_line_pointer_under_the_same_place(veil: Veil) -> None:
     script = "select id,\n  email from gv.people\n  where nme = 1;\nselect 1 frm gv.orders;\n"
     outputs = []
