@@ -156,6 +156,12 @@ def test_an_error_position_on_a_verdict_cache_hit_follows_the_new_literals(veil:
         assert same_error(veil, MASKED, template.format(literal))[4] == str(49 + len(literal))
 
 
+@pytest.mark.parametrize("template", ["select {} as x frm gv.orders", "select {} as x, * from gv.nope"])
+def test_a_refusal_with_a_position_is_not_reused_for_other_literals(veil: Veil, template: str) -> None:
+    for literal in ("'a'", "'abcdef'", "1", "123456"):  # one shape: a cached refusal would keep 'a'
+        same_error(veil, MASKED, template.format(literal))
+
+
 def test_an_error_position_in_a_pipeline_belongs_to_the_statement_that_failed(veil: Veil) -> None:
     answers = []
     for connect in (veil.direct, veil.veiled):

@@ -79,8 +79,8 @@ def analyse(sql: str, context: GuardContext) -> Analysis:
 
 def _analyse(sql: str, context: GuardContext) -> Analysis:
     gated = gate(sql)
-    if isinstance(gated, Refuse):
-        return Analysis(gated)
+    if isinstance(gated, Refuse):  # PostgreSQL's own error: its position and words follow the literals
+        return Analysis(gated, literal_dependent=gated.native)
     statements = tuple(gated)
     literal_dependent = False
     for statement in statements:
@@ -98,7 +98,7 @@ def _analyse(sql: str, context: GuardContext) -> Analysis:
             return Analysis(
                 replace(refusal, info=statement_info(statement, ())),
                 statements,
-                literal_dependent=literal_dependent,
+                literal_dependent=literal_dependent or refusal.position > 0,  # positions move with literals
             )
     rewritten = rewrite_statements(statements, context)
     if isinstance(rewritten, Refuse):
