@@ -7,20 +7,21 @@ import hmac
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 GENESIS = "0" * 64
 """`prev` of the very first record of a chain."""
 
 
-@dataclass(frozen=True, slots=True)
-class ChainState:
-    """Where a chain stands: the sequence number and hash of the last sealed record."""
+class ChainState(NamedTuple):
+    """Where a chain stands: the sequence number and hash of the last sealed record (a tuple:
+    one is made per record written)."""
 
     seq: int = -1
     last_hash: str = GENESIS
 
+
+_START = ChainState()
 
 _HASH_SUFFIX = re.compile(r',"hash":"([0-9a-f]{64})"}$')
 
@@ -40,7 +41,7 @@ class HashChain:
     With a key the hash is HMAC-SHA256, so someone without the key cannot re-seal an edited log.
     """
 
-    def __init__(self, state: ChainState = ChainState(), key: bytes | None = None) -> None:
+    def __init__(self, state: ChainState = _START, key: bytes | None = None) -> None:
         self.state = state
         self.key = key
         self.algorithm = "hmac-sha256" if key else "sha256"

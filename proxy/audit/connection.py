@@ -197,7 +197,8 @@ class AuditedConnection:
         gives that verdict once it is: await it before acting. `protocol` is `query`, `parse`,
         `bind` or `function_call`; `sql` is recorded only with `include_literals`. `fragment` is
         `statement_fragment(verdict)` when the caller keeps it (it is looked up otherwise).
-        Per statement only the time, the request number and these arguments are formatted."""
+        Per statement only the time, the request number and these arguments are formatted (the
+        clock's text and `protocol` are plain ASCII words and go in as they are)."""
         self.requests += 1
         request = self.requests
         role, version = self._role_now(), self._version_now()
@@ -211,21 +212,22 @@ class AuditedConnection:
             extra += f',"function_oid":{int(function_oid)}'
         now = self.clock()
         record = Unsealed("access", now, (
-            f'"type":"access","time":{json_string(now)},{self._who_members(role, version)},'
-            f'"request":{request},"protocol":{json_string(protocol)},'
+            f'"type":"access","time":"{now}",{self._who_members(role, version)},'
+            f'"request":{request},"protocol":"{protocol}",'
             f'{fragment if fragment is not None else statement_fragment(verdict)}{extra}'))
         events = self.events.take_events() if self.events is not None else None
         if events:
             return self._after_events(events, record, verdict)
-        started = time.perf_counter()
+        timer = self.timer
+        started = time.perf_counter() if timer else 0.0
         try:
             waiter = self.sink.append(record)
         except AuditError as exc:
             return self._unaudited(verdict, exc)
         if waiter is not None:
             return self._durable(waiter, verdict, started)
-        if self.timer:
-            self.timer.audit_written("access", time.perf_counter() - started)
+        if timer:
+            timer.audit_written("access", time.perf_counter() - started)
         return verdict
 
     async def _durable(self, waiter: Awaitable[None], verdict: Verdict, started: float) -> Verdict:
@@ -401,7 +403,7 @@ class AuditedConnection:
         request, role, version = covered[0]
         now = self.clock()
         sqlstate = outcome.sqlstate
-        body = (f'"type":"completion","time":{json_string(now)},{self._who_members(role, version)},'
+        body = (f'"type":"completion","time":"{now}",{self._who_members(role, version)},'
                 f'"request":{request},"rows":{int(outcome.rows)},'
                 f'"upstream_seconds":{float(round(outcome.upstream_seconds, 6))!r},'
                 f'"sqlstate":{"null" if sqlstate is None else json_string(sqlstate)}')

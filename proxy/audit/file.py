@@ -256,12 +256,16 @@ class JsonLinesFileSink(MappingWrites):
         `max_bytes`, rotating between them; the chain advances over what reached the file, also
         when a later record fails."""
         chain = self.chain
-        state = chain.state
-        lines: list[bytes] = []
-        for record in records:
-            line, state = chain.seal_body(record.body, state)
-            lines.append(line)
-        data = lines[0] if len(lines) == 1 else b"".join(lines)
+        if len(records) == 1:
+            data, state = chain.seal_body(records[0].body, chain.state)
+            lines = [data]
+        else:
+            state = chain.state
+            lines = []
+            for record in records:
+                line, state = chain.seal_body(record.body, state)
+                lines.append(line)
+            data = b"".join(lines)
         limit = self.max_bytes if self._rotatable else None
         try:
             if limit is not None and self._size + len(data) > limit:
@@ -312,12 +316,13 @@ class JsonLinesFileSink(MappingWrites):
         """All of `data` or nothing: a write that fails part way is cut off again (no torn record)."""
         fd = self._fd if self._fd is not None else self._open()
         before = self._size
-        view = memoryview(data)
+        written = 0
         try:
-            while view:
-                view = view[os.write(fd, view):]
+            written = os.write(fd, data)
+            while written < len(data):  # a short write (a file size limit): the rest raises or goes on
+                written += os.write(fd, memoryview(data)[written:])
         except OSError:
-            if len(view) != len(data):
+            if written:
                 try:
                     os.ftruncate(fd, before)
                 except OSError as exc:
