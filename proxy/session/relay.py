@@ -3,8 +3,9 @@
 Only a few message types are ever decoded. From the client: Query, Parse and FunctionCall (for
 the policy), the two names in a Bind and a Close (prepared statements re-executed and closed),
 Sync, Terminate, CopyDone and CopyFail (request boundaries). From PostgreSQL:
-CommandComplete (rows), ErrorResponse (SQLSTATE, refusal markers), ReadyForQuery (request end)
-and CopyInResponse. Everything else passes through as raw bytes, even split across reads.
+CommandComplete (rows), ErrorResponse (SQLSTATE, refusal markers), ReadyForQuery (request end),
+CopyInResponse, and the severity of a NoticeResponse (those below NOTICE reach only roles that see
+everything). Everything else passes through as raw bytes, even split across reads.
 
 A refused message is replaced by one that fails at parse time with a unique marker
 (`Query("pgveil_refused_...")`, `Parse(name, "pgveil_refused_...")`), and PostgreSQL's
@@ -74,7 +75,7 @@ _READY: Final = 0x5A  # ReadyForQuery
 _COPY_IN: Final = 0x47  # CopyInResponse
 _PARSE_COMPLETE: Final = 0x31
 _PARAMETER_STATUS: Final = 0x53
-_NOTICE: Final = 0x4E  # NoticeResponse: those below NOTICE are hidden from roles with masked data
+_NOTICE: Final = 0x4E  # NoticeResponse: those below NOTICE reach only roles that see everything
 # Execute too: it runs a statement before any Sync (a Flush asks for the results), so a request
 # is running from then on (a client that goes away then gets its statement cancelled).
 _CLIENT_WATCHED = b"QPFSXcfE"
