@@ -111,6 +111,7 @@ LET_THROUGH = [
     "SELECT count(*), current_database(), version() FROM products",
     "SELECT 'doc', title, current_user FROM docs UNION ALL SELECT 'file', path, current_user FROM files",
     "SELECT current_setting('server_version_num')::int",
+    "SELECT id FROM allowed_networks WHERE net >>= inet_client_addr()",
     "SELECT id FROM docs WHERE owner_oid = current_user::regrole::oid",
     "SELECT id, pg_sleep(0.01) FROM products",
     "SELECT pg_sleep(1)",
@@ -142,8 +143,14 @@ def test_ordinary_sql_next_to_the_probes_is_let_through_for_people(sql: str) -> 
 
 CATALOG = CatalogSnapshot(
     database="shop",
-    relations={"public.docs": Relation("public", "docs", "table", (
-        Column("id", "integer", 23), Column("owner", "text", 25), Column("n", "text", 25)))},
+    relations={
+        "public.docs": Relation("public", "docs", "table", (
+            Column("id", "integer", 23), Column("owner", "text", 25), Column("n", "text", 25))),
+        "public.categories": Relation("public", "categories", "table", (
+            Column("id", "integer", 23), Column("name", "text", 25))),
+        "public.products": Relation("public", "products", "table", (
+            Column("id", "integer", 23), Column("category_id", "integer", 23))),
+    },
     functions={}, role_settings={}, server_search_path=("public",), generation="fw-probe-positions",
 )
 
@@ -167,3 +174,11 @@ def test_refusal_names_the_rule_and_where_the_probe_was() -> None:
                       context(UNMARKED)).verdict
     assert isinstance(verdict, Refuse) and verdict.sqlstate == "42501"
     assert verdict.text.startswith("pgveil: catalog-probe: the sort key reads pg_user, which lists logins")
+
+
+def test_a_sort_key_subquery_correlated_by_an_unqualified_name_is_let_through_with_the_catalog() -> None:
+    sql = "SELECT id FROM products ORDER BY (SELECT name FROM categories WHERE id = category_id)"
+    assert not isinstance(analyse(sql, context(UNMARKED)).verdict, Refuse)
+    constant = "SELECT id FROM products ORDER BY (SELECT name FROM categories WHERE id = 3)"
+    refused = analyse(constant, context(UNMARKED)).verdict
+    assert isinstance(refused, Refuse) and refused.rule == "sort-key-probe"

@@ -30,7 +30,14 @@ from pglast.enums import SQLValueFunctionOp
 from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.positions import PlacedStatement, placed_statements, reads_user_relation
 from proxy.firewall.statement import Finding, SubmittedSql, quote
-from proxy.firewall.tree import function_name, is_catalog_relation, is_comparison, is_row_independent, walk
+from proxy.firewall.tree import (
+    function_name,
+    is_catalog_relation,
+    is_comparison,
+    is_row_independent,
+    operator_name,
+    walk,
+)
 from proxy.policy.model import Role
 
 RULE = "catalog-probe"
@@ -65,6 +72,8 @@ USER_VALUES = frozenset({"current_user", "session_user", "current_role", "user",
                          "current_schemas"})
 _COMPARED_THROUGH = (ast.TypeCast, ast.CoalesceExpr)
 _SERVER_NODE_TYPES = (ast.RangeVar, ast.FuncCall, ast.SQLValueFunction)
+# Containment and network tests a column can make with a server value (`allowed_net >>= inet_client_addr()`).
+_CONTAINMENT = frozenset({"@>", "<@", "&&", "<<", "<<=", ">>", ">>=", "^@"})
 
 
 def find_catalog_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
@@ -182,7 +191,8 @@ def _compared_with_row(node: ast.Node, ancestors: tuple[ast.Node, ...]) -> bool:
     if index < 0:
         return False
     comparison = ancestors[index]
-    if not (isinstance(comparison, ast.A_Expr) and is_comparison(comparison)):
+    if not (isinstance(comparison, ast.A_Expr)
+            and (is_comparison(comparison) or operator_name(comparison) in _CONTAINMENT)):
         return False
     rest = comparison.rexpr if isinstance(comparison.rexpr, tuple | list) else (comparison.rexpr,)
     others = [side for side in (comparison.lexpr, *rest) if isinstance(side, ast.Node) and side is not value]

@@ -10,7 +10,9 @@ subquery; a CASE in a sort key, LIMIT or OFFSET whose condition is the same for 
 computed (a subquery or a function call, without parameters).
 Let through: sort keys of columns and expressions of them (`ORDER BY lower(name)`, `ORDER BY
 owner = current_user DESC`), `ORDER BY random()`, positions (`ORDER BY 2`), correlated subqueries
-(`ORDER BY (SELECT count(*) FROM lines l WHERE l.order_id = o.id)`), CASE on a parameter (`ORDER BY
+(`ORDER BY (SELECT count(*) FROM lines l WHERE l.order_id = o.id)`, and unqualified
+`ORDER BY (SELECT name FROM categories WHERE id = category_id)` when the catalog says
+`categories` has no `category_id`), CASE on a parameter (`ORDER BY
 CASE WHEN $1 = 'name' THEN name END`), row counts from subqueries (`LIMIT (SELECT count(*) / 10
 FROM t)`), window and aggregate ORDER BY (`row_number() OVER (ORDER BY (SELECT NULL))`).
 """
@@ -38,7 +40,7 @@ def find_sort_key_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFact
         if not any(isinstance(node, ast.SubLink | ast.CaseExpr) for node in inner):
             continue  # the common case: columns and expressions of them
         if (position.place == "sort key" and any(isinstance(node, ast.SubLink) for node in inner)
-                and is_row_independent(key)):
+                and is_row_independent(key) and not _reads_outer_columns(inner, facts)):
             return Finding(RULE, f"the sort key `{quote(key)}` is the same for every row, so it orders "
                                  "nothing: the shape of a probe injected into ORDER BY; sort by columns")
         for node in inner:
@@ -50,6 +52,21 @@ def find_sort_key_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFact
                                          "which is the same for every row: the shape of a boolean probe "
                                          "injected into ORDER BY, LIMIT or OFFSET; choose with a parameter")
     return None
+
+
+def _reads_outer_columns(nodes: list[ast.Node], facts: DatabaseFacts) -> bool:
+    """Does a subquery read the outer row through an unqualified name its own tables do not have
+    (`ORDER BY (SELECT name FROM categories WHERE id = category_id)`)? Known from the catalog only."""
+    own: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.RangeVar):
+            relation = facts.relation(node)
+            if relation is None:
+                return False  # a CTE, a catalog pgveil does not load, or no catalog: unknown
+            own.update(column.name for column in relation.columns)
+    names = [fields[0] for node in nodes if isinstance(node, ast.ColumnRef)
+             and len(fields := tuple(node.fields or ())) == 1]
+    return any(isinstance(name, ast.String) and str(name.sval) not in own for name in names)
 
 
 def _case_conditions(case: ast.CaseExpr) -> list[ast.Node]:
