@@ -167,6 +167,7 @@ def test_the_issue_examples_are_refused_with_their_rule_through_pgveil(world: Wo
         "WHERE id = 2), 't') THEN name ELSE id::text END": "sort-key-probe",
         "SELECT id FROM shop_products WHERE id = 42 AND 1 = CAST(current_user AS int)":
             "error-based-extraction",
+        "SELECT id FROM shop_products WHERE id = 42; SELECT pg_sleep(5)": "time-based-probe",
     }
     with psycopg.connect(proxy.dsn(UNMARKED, PASSWORD, "fw_probes"), autocommit=True) as connection:
         seen = {sql: refused_rule(connection, sql) for sql in examples}
