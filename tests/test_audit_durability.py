@@ -4,6 +4,7 @@ mode's log verifies, a SIGKILL loses no access record, a failed fsync refuses.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,11 +17,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.audit import AuditError, JsonLinesFileSink, verify
+from proxy.audit import AuditError, JsonLinesFileSink, StdoutSink, verify
 from proxy.audit.chain import serialise
 from proxy.audit.connection import AuditedConnection
 from proxy.audit.file import rotated_files
 from proxy.audit.postgres import PostgresSink
+from proxy.audit.sink import unsealed
 from proxy.connection_policy import ClientInfo, Outcome, PassThrough
 from proxy.enforcement import Enforcement
 from proxy.guard.verdict import Allow, Refuse, StatementInfo, Verdict
@@ -366,3 +368,35 @@ def test_by_default_a_statement_runs_once_its_record_is_written(
                          prepare_threshold=None) as conn:
         conn.execute("INSERT INTO dur_items (tag) VALUES ('written first')")
     assert world.rows() == before + 1
+
+
+# ---- standard output -----------------------------------------------------------------------------
+
+async def test_stdout_sink_writes_at_once_while_the_pipe_has_room_and_waits_when_it_is_full() -> None:
+    """A collector that stops reading holds up the statements being audited, not the event loop."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    sink = StdoutSink(fd=write_end)
+    assert sink.append(unsealed({"type": "access", "request": 1})) is None  # written at once
+    flags = fcntl.fcntl(write_end, fcntl.F_GETFL)
+    fcntl.fcntl(write_end, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler += os.write(write_end, b"\n" * 4096)
+    fcntl.fcntl(write_end, fcntl.F_SETFL, flags)
+    waiter = sink.append(unsealed({"type": "access", "request": 2}))
+    assert waiter is not None  # the pipe is full: queued for the writer thread, the loop goes on
+    drained = b""
+    while len(drained) < filler:
+        await asyncio.sleep(0)
+        drained += os.read(read_end, 1 << 16)
+    await waiter
+    await sink.close()
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = (drained + pipe.read()).decode()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert [(r["seq"], r["request"]) for r in lines] == [(0, 1), (1, 2)]
+    assert lines[1]["prev"] == lines[0]["hash"]

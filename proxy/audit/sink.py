@@ -115,6 +115,11 @@ class GroupCommit(Generic[Item]):
         self._wake()
         return future
 
+    @property
+    def idle(self) -> bool:
+        """Nothing is queued or being committed: an item written now by other means stays in order."""
+        return not self._pending and (self._worker is None or self._worker.done())
+
     def enqueue(self, item: Item) -> None:
         """Add an item to the next batch without waiting for it (committed within
         `write_behind_delay` seconds, sooner when a writer submits)."""
