@@ -612,3 +612,26 @@ def test_quiet_server_defaults_are_left_to_postgresql(world: World, statement: s
     """pgveil does not refuse them (PostgreSQL may, for want of a privilege)."""
     happened, _ = run_through_tap(world, SEER, Route(statements=(statement,), reads=()), "simple")
     assert len(happened) == 1 and "pgveil:" not in happened[0], happened
+
+
+def test_diagnostic_settings_as_startup_parameters_refuse_the_masked_login(world: World) -> None:
+    """Settings sent as startup parameters of their own (asyncpg's server_settings), not in options."""
+    async def login() -> str:
+        try:
+            settings = {"client_min_messages": "debug5", "debug_print_plan": "on"}
+            conn = await asyncpg.connect(host="127.0.0.1", port=tap.port, user=MASKED, password=PASSWORD,
+                                         database=DATABASE, ssl=False, server_settings=settings)
+        except asyncpg.PostgresError as exc:
+            return f"login refused: {exc}"
+        await conn.close()
+        return "logged in"
+
+    tap = Tap(world.proxy.port)
+    try:
+        outcome = asyncio.run(login())
+    finally:
+        tap.close()
+    received = tap.received()
+    assert outcome.startswith("login refused"), outcome
+    assert errors_received(received)[0].startswith("28000 pgveil: session-setting: client_min_messages")
+    assert leaks(received) == [] and diagnostics_received(received) == []
