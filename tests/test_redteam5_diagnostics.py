@@ -635,3 +635,20 @@ def test_diagnostic_settings_as_startup_parameters_refuse_the_masked_login(world
     assert outcome.startswith("login refused"), outcome
     assert errors_received(received)[0].startswith("28000 pgveil: session-setting: client_min_messages")
     assert leaks(received) == [] and diagnostics_received(received) == []
+
+
+def test_the_audit_and_metrics_layers_pass_the_question_on(
+        world: World, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """As deployed (audit log, metrics) the policy is MeteredConnection(AuditedConnection(guard)):
+    the login that sees everything still gets its diagnostics, the masked one none."""
+    directory = tmp_path_factory.mktemp("deployed")
+    (directory / "policy.yaml").write_text(POLICY)
+    with running_proxy(_Database(world.upstream), policy_path=str(directory / "policy.yaml"),
+                       audit_log=str(directory / "audit.jsonl"), metrics="127.0.0.1:0") as proxy:
+        deployed = World(world.upstream, proxy, world.version)
+        route = Route(statements=tuple(f"SET {setting}" for setting in TURN_ON), reads=READS[:1])
+        happened, received = run_through_tap(deployed, SEER, route, "simple")
+        assert all(line.startswith("ok") for line in happened), happened
+        assert "LOG" in diagnostics_received(received)
+        happened, received = run_through_tap(deployed, MASKED, route, "extended")
+        assert leaks(received) == [] and diagnostics_received(received) == [], happened
