@@ -70,6 +70,11 @@ SERVER_CATALOGS = ACCOUNT_CATALOGS - {"pg_tables", "pg_extension", "pg_available
 # System values that name the user or schema: people use them in conditions (`owner = current_user`).
 USER_VALUES = frozenset({"current_user", "session_user", "current_role", "user", "current_schema",
                          "current_schemas"})
+_USER_VALUE_OPS = frozenset({
+    SQLValueFunctionOp.SVFOP_CURRENT_ROLE, SQLValueFunctionOp.SVFOP_CURRENT_USER,
+    SQLValueFunctionOp.SVFOP_USER, SQLValueFunctionOp.SVFOP_SESSION_USER,
+    SQLValueFunctionOp.SVFOP_CURRENT_SCHEMA,
+})
 _COMPARED_THROUGH = (ast.TypeCast, ast.CoalesceExpr)
 _SERVER_NODE_TYPES = (ast.RangeVar, ast.FuncCall, ast.SQLValueFunction)
 # Containment and network tests a column can make with a server value (`allowed_net >>= inet_client_addr()`).
@@ -78,7 +83,7 @@ _CONTAINMENT = frozenset({"@>", "<@", "&&", "<<", "<<=", ">>", ">>=", "^@"})
 
 def find_catalog_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     if not role.application:
-        if not any(_is_server_catalog(node) or _is_server_value(node)
+        if not any(_is_server_catalog(node) or is_server_value(node)
                    for kind in _SERVER_NODE_TYPES for node in submitted.nodes_of(kind)):
             return None  # the common case: nothing to place, no second walk
         if not reads_user_relation(submitted):
@@ -134,7 +139,7 @@ def _server_probe(statement: PlacedStatement) -> Finding | None:
                                      "sessions, in a query over user data: the shape of injected catalog "
                                      "probing; query the catalog on its own")
             continue
-        if not _is_server_value(node) or _per_row(node):
+        if not is_server_value(node) or _per_row(node):
             continue
         ancestors = statement.ancestors(node)
         if _compared_with_row(node, ancestors):
@@ -153,7 +158,7 @@ def _is_server_catalog(node: ast.Node) -> bool:
             and str(node.relname).lower() in SERVER_CATALOGS)
 
 
-def _is_server_value(node: ast.Node) -> bool:
+def is_server_value(node: ast.Node) -> bool:
     """A system-information value other than a custom setting (`current_setting('app.tenant')`)."""
     if not is_system_information(node):
         return False
@@ -166,7 +171,7 @@ def _is_server_value(node: ast.Node) -> bool:
 
 def _names_user(node: ast.Node) -> bool:
     if isinstance(node, ast.SQLValueFunction):
-        return True  # current_user, session_user, current_role, user, current_catalog, current_schema
+        return node.op in _USER_VALUE_OPS
     return isinstance(node, ast.FuncCall) and function_name(node) in USER_VALUES
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pglast import ast
 from pglast.enums import SetOperation, SubLinkType
 
-from proxy.firewall.catalog_probe import is_system_information
+from proxy.firewall.catalog_probe import is_server_value
 from proxy.firewall.facts import DatabaseFacts
 from proxy.firewall.inference import SensitiveReads
 from proxy.firewall.statement import Finding, SubmittedSql, quote
@@ -175,7 +175,7 @@ def _branch_appends_server_values(leaves: list[ast.SelectStmt]) -> Finding | Non
 
 
 def _server_value_in(value: ast.Node) -> ast.Node | None:
-    return next((node for node in walk(value) if is_system_information(node)), None)
+    return next((node for node in walk(value) if is_server_value(node)), None)
 
 
 def _user_relations(leaf: ast.SelectStmt, cte_names: set[str]) -> list[ast.RangeVar]:
