@@ -3,6 +3,7 @@ and the user-defined operators, casts and domain checks that run functions."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import re
@@ -64,6 +65,55 @@ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')
   AND n.nspname !~ '^pg_toast' AND n.nspname !~ '^pg_temp_'
 ORDER BY a.attrelid, a.attnum
+"""
+
+
+def _only(query: str, condition: str) -> str:
+    """`query` with `condition` added to its WHERE (before its final ORDER BY)."""
+    head, _, order = query.rpartition("ORDER BY")
+    return f"{head}AND {condition}\nORDER BY{order}"
+
+
+_SOME_RELATIONS_SQL = _only(_RELATIONS_SQL, "c.oid = ANY($1::pg_catalog.oid[])")
+_SOME_COLUMNS_SQL = _only(_COLUMNS_SQL, "a.attrelid = ANY($1::pg_catalog.oid[])")
+# What a relation's facts are read from: its pg_class row, its columns' pg_attribute rows and their
+# types' pg_type rows (a column of another table's row type prints that table's name). Row versions:
+# a changed row always has a new xmin.
+_RELATION_SIGNATURES_SQL = """
+SELECT c.oid, c.xmin::text || '/' || COALESCE(a.signature, '')
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN (SELECT a.attrelid,
+                  pg_catalog.md5(pg_catalog.string_agg(a.attnum || ':' || a.xmin::text || ':'
+                                                       || COALESCE(t.xmin::text, ''), ',' ORDER BY a.attnum))
+                    AS signature
+           FROM pg_catalog.pg_attribute a LEFT JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+           WHERE a.attnum > 0 GROUP BY a.attrelid) a ON a.attrelid = c.oid
+WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')
+  AND n.nspname !~ '^pg_toast' AND n.nspname !~ '^pg_temp_'
+"""
+# What every relation's facts may also depend on: schema names, and the types that are not a
+# relation's own row type (or its array): domains (and their base types), enums, composite types,
+# ranges. Then the built-in function and operator names (their own signature).
+_SHAPE_SIGNATURE_SQL = """
+WITH temporary AS (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname ~ '^pg_(toast_)?temp_'),
+own_row_types AS (
+    SELECT t.oid FROM pg_catalog.pg_type t JOIN pg_catalog.pg_class c ON c.oid = t.typrelid
+    WHERE c.relkind <> 'c')
+SELECT
+  (SELECT pg_catalog.md5(pg_catalog.string_agg(n.oid || ':' || n.xmin::text, ',' ORDER BY n.oid))
+   FROM pg_catalog.pg_namespace n WHERE n.oid NOT IN (SELECT oid FROM temporary))
+  || '/' ||
+  (SELECT pg_catalog.md5(pg_catalog.string_agg(t.oid || ':' || t.xmin::text, ',' ORDER BY t.oid))
+   FROM pg_catalog.pg_type t
+   WHERE t.typnamespace NOT IN (SELECT oid FROM temporary)
+     AND t.oid NOT IN (SELECT oid FROM own_row_types) AND t.typelem NOT IN (SELECT oid FROM own_row_types)),
+  (SELECT pg_catalog.count(*) || ':' || pg_catalog.sum(p.xmin::text::bigint) FROM pg_catalog.pg_proc p
+   WHERE p.pronamespace IN ('pg_catalog'::pg_catalog.regnamespace,
+                            'information_schema'::pg_catalog.regnamespace))
+  || '/' ||
+  (SELECT pg_catalog.count(*) || ':' || pg_catalog.sum(o.xmin::text::bigint) FROM pg_catalog.pg_operator o
+   WHERE o.oprnamespace = 'pg_catalog'::pg_catalog.regnamespace)
 """
 _INHERITS_SQL = "SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits ORDER BY inhrelid, inhseqno"
 _VIEW_READS_SQL = """
@@ -383,53 +433,133 @@ async def load_catalog(dsn: str, timeout: float = 10.0, database: str | None = N
     """Read the upstream catalog through one asyncpg connection; raise CatalogError on failure.
 
     The catalog is per database: `database` overrides the DSN's (clients may connect to others)."""
-    import asyncpg
+    reader = CatalogReader(dsn, timeout, database)
+    try:
+        return await reader.read()
+    finally:
+        await reader.close()
 
-    try:
-        connection = await asyncpg.connect(dsn, timeout=timeout, database=database)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        raise CatalogError(f"cannot connect to the upstream to read its catalog: {exc}") from exc
-    try:
+
+class CatalogReader:
+    """Reads the upstream catalog through a connection it keeps, and again after DDL: then only
+    the relations whose catalog rows changed are read anew.
+
+    Each read takes, in one repeatable-read snapshot, a signature of every relation (its pg_class
+    row version and those of its columns and of their types) and one of what every relation's
+    facts may also depend on (schemas, and types other than relations' own row types: a renamed
+    type or schema changes how columns print). Relations whose signature is unchanged keep the rows
+    read before (a changed row always has a new row version, xmin); when the second signature
+    moved, every relation is read. What is small or links relations together (inheritance, view
+    and function reads, functions, operators, casts, domains, column defaults' code, role
+    settings) is read in full every time, the built-in function and operator names only when
+    theirs changed. `generation` is a digest of all of it, so equal catalogs read by one reader
+    keep their verdict-cache entries."""
+
+    def __init__(self, dsn: str, timeout: float = 10.0, database: str | None = None) -> None:
+        self.dsn = dsn
+        self.timeout = timeout
+        self.database = database
+        self.relations_read = 0
+        """How many relations the last read fetched anew (the others were unchanged)."""
+        self._connection: Any = None
+        self._shape: str | None = None
+        self._relations: dict[int, tuple[str, Any]] = {}  # oid: signature, relation row
+        self._built: dict[int, Relation] = {}  # oid: the relation as the last read built it
+        self._reading = asyncio.Lock()  # one read at a time on the one connection
+        self._builtins: tuple[str, list[Any], list[Any]] | None = None  # signature, functions, operators
+
+    async def read(self) -> CatalogSnapshot:
+        async with self._reading:
+            return await self._read_locked()
+
+    async def _read_locked(self) -> CatalogSnapshot:
+        import asyncpg
+
+        if self._connection is None or self._connection.is_closed():
+            try:
+                self._connection = await asyncpg.connect(self.dsn, timeout=self.timeout,
+                                                         database=self.database)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                raise CatalogError(f"cannot connect to the upstream to read its catalog: {exc}") from exc
+        try:
+            return await self._read(self._connection)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            self._drop_connection()
+            raise CatalogError(f"cannot read the upstream catalog: {exc}") from exc
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    async def _read(self, connection: Any) -> CatalogSnapshot:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             search_path_row = await connection.fetchrow(_SERVER_SEARCH_PATH_SQL)
             server_search_path = await _server_search_path(connection, search_path_row)
             # format_type() leaves out the schema of types visible on the search_path; with only
             # pg_catalog on it, every other type is schema-qualified, whatever the client's path.
             await connection.execute("SET LOCAL search_path = pg_catalog")
-            relations = await connection.fetch(_RELATIONS_SQL)
-            columns = await connection.fetch(_COLUMNS_SQL)
-            inherits = await connection.fetch(_INHERITS_SQL)
-            view_reads = await connection.fetch(_VIEW_READS_SQL)
-            functions = await connection.fetch(_FUNCTIONS_SQL)
-            role_settings = await connection.fetch(_ROLE_SETTINGS_SQL)
-            builtin_functions = await connection.fetch(_BUILTIN_FUNCTIONS_SQL)
-            builtin_operators = await connection.fetch(_BUILTIN_OPERATORS_SQL)
-            operators = await connection.fetch(_OPERATORS_SQL)
-            casts = await connection.fetch(_CASTS_SQL)
-            domains = await connection.fetch(_DOMAINS_SQL)
-            write_code = await connection.fetch(_WRITE_CODE_SQL)
+            shape, builtins_signature = await connection.fetchrow(_SHAPE_SIGNATURE_SQL)
+            signatures: dict[int, str] = dict(await connection.fetch(_RELATION_SIGNATURES_SQL))
+            known = self._relations if shape == self._shape else {}
+            stale = [oid for oid, signature in signatures.items()
+                     if oid not in known or known[oid][0] != signature]
+            fetched: dict[int, tuple[str, Any]] = {}
+            column_rows: list[Any] = []
+            if stale:
+                everything = len(stale) == len(signatures)
+                relation_rows = await (connection.fetch(_RELATIONS_SQL) if everything
+                                       else connection.fetch(_SOME_RELATIONS_SQL, stale))
+                column_rows = await (connection.fetch(_COLUMNS_SQL) if everything
+                                     else connection.fetch(_SOME_COLUMNS_SQL, stale))
+                fetched = {row[0]: (signatures.get(row[0], ""), row) for row in relation_rows}
+            relations = {oid: fetched.get(oid) or known[oid] for oid in signatures
+                         if oid in fetched or oid in known}
+            builtins = self._builtins
+            if builtins is None or builtins[0] != builtins_signature:
+                builtins = (builtins_signature, list(await connection.fetch(_BUILTIN_FUNCTIONS_SQL)),
+                            list(await connection.fetch(_BUILTIN_OPERATORS_SQL)))
+            linked = [await connection.fetch(query) for query in (
+                _INHERITS_SQL, _VIEW_READS_SQL, _FUNCTIONS_SQL, _ROLE_SETTINGS_SQL, _OPERATORS_SQL,
+                _CASTS_SQL, _DOMAINS_SQL, _WRITE_CODE_SQL)]
             marker = await change_marker(connection)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise CatalogError(f"cannot read the upstream catalog: {exc}") from exc
-    finally:
-        await connection.close()
-    return build_snapshot(
-        database=search_path_row[3],
-        relation_rows=relations,
-        column_rows=columns,
-        inherit_rows=inherits,
-        view_read_rows=view_reads,
-        function_rows=functions,
-        role_setting_rows=role_settings,
-        server_search_path=server_search_path,
-        builtin_function_rows=builtin_functions,
-        builtin_operator_rows=builtin_operators,
-        operator_rows=operators,
-        cast_rows=casts,
-        domain_rows=domains,
-        write_code_rows=write_code,
-        change_marker=marker,
-    )
+        inherits, view_reads, functions, role_settings, operators, casts, domains, write_code = linked
+        digest = hashlib.sha256()
+        for part in (search_path_row[3], server_search_path, shape, builtins_signature,
+                     sorted((oid, entry[0]) for oid, entry in relations.items()), linked):
+            digest.update(repr(part).encode("utf-8"))
+        ordered = sorted(relations.values(), key=lambda entry: (entry[1][1], entry[1][2]))
+        snapshot = build_snapshot(
+            database=search_path_row[3],
+            relation_rows=[entry[1] for entry in ordered],
+            column_rows=column_rows,
+            inherit_rows=inherits,
+            view_read_rows=view_reads,
+            function_rows=functions,
+            role_setting_rows=role_settings,
+            server_search_path=server_search_path,
+            builtin_function_rows=builtins[1],
+            builtin_operator_rows=builtins[2],
+            operator_rows=operators,
+            cast_rows=casts,
+            domain_rows=domains,
+            write_code_rows=write_code,
+            change_marker=marker,
+            generation="r" + digest.hexdigest()[:15],
+            reuse={oid: built for oid, built in self._built.items() if oid in known and oid not in fetched},
+        )
+        self._shape, self._relations, self._builtins = shape, relations, builtins
+        self._built = {relation.oid: relation for relation in snapshot.relations.values()}
+        self.relations_read = len(fetched)
+        return snapshot
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            connection.terminate()
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            await connection.close()
 
 
 async def _server_search_path(connection: Any, row: Any) -> tuple[str, ...]:
@@ -442,6 +572,9 @@ async def _server_search_path(connection: Any, row: Any) -> tuple[str, ...]:
     except Exception:  # any failure means: not readable, use the compiled-in default
         from_file = None
     return parse_search_path(from_file if from_file is not None else boot_value)
+
+
+_NOTHING_TO_REUSE: Mapping[int, Relation] = {}
 
 
 def build_snapshot(
@@ -461,8 +594,13 @@ def build_snapshot(
     domain_rows: Sequence[Sequence[Any]] = (),
     write_code_rows: Sequence[Sequence[Any]] = (),
     change_marker: str = "",
+    generation: str | None = None,
+    reuse: Mapping[int, Relation] = _NOTHING_TO_REUSE,
 ) -> CatalogSnapshot:
-    """Assemble a snapshot from catalog query rows (in the column order of the queries above)."""
+    """Assemble a snapshot from catalog query rows (in the column order of the queries above);
+    `generation` None: a digest of the content. `reuse`: relations (by oid) whose rows and columns
+    are known unchanged, with no column rows given: kept as they are where what links them to
+    others (ancestors, view reads and calls) is the same too."""
     names: dict[int, str] = {row[0]: f"{row[1]}.{row[2]}" for row in relation_rows}
     columns_of: dict[int, list[Column]] = {}
     for relid, name, type_sql, type_oid, base_type_sql, not_null in column_rows:
@@ -485,15 +623,22 @@ def build_snapshot(
     relations: dict[str, Relation] = {}
     for row in relation_rows:
         oid, schema, name, relkind = row[:4]
+        parents = tuple(names[parent] for parent in _ancestors(oid, direct_parents))
+        depends_on = tuple(reads_of.get(oid, ()))
+        calls = tuple(dict.fromkeys(calls_of.get(oid, ())))
+        old = reuse.get(oid)
+        if old is not None and old.parents == parents and old.depends_on == depends_on and old.calls == calls:
+            relations[f"{schema}.{name}"] = old
+            continue
         relations[f"{schema}.{name}"] = Relation(
             schema=schema,
             name=name,
             kind=_RELKINDS[relkind],
-            columns=tuple(columns_of.get(oid, ())),
-            parents=tuple(names[parent] for parent in _ancestors(oid, direct_parents)),
-            depends_on=tuple(reads_of.get(oid, ())),
+            columns=old.columns if old is not None else tuple(columns_of.get(oid, ())),
+            parents=parents,
+            depends_on=depends_on,
             oid=oid,
-            calls=tuple(dict.fromkeys(calls_of.get(oid, ()))),
+            calls=calls,
             partition_key=tuple(row[4] or ()) if len(row) > 4 else (),
         )
     user_relations_by_name: dict[str, list[str]] = {}
@@ -521,17 +666,19 @@ def build_snapshot(
         if relid in names:
             write_code[names[relid]] = (*write_code.get(names[relid], ()), function)
 
-    digest = hashlib.sha256()
-    for part in (database, relations, functions, role_settings, server_search_path, operators, casts,
-                 domains, write_code):
-        digest.update(repr(part).encode("utf-8"))
+    if generation is None:
+        digest = hashlib.sha256()
+        for part in (database, relations, functions, role_settings, server_search_path, operators, casts,
+                     domains, write_code):
+            digest.update(repr(part).encode("utf-8"))
+        generation = digest.hexdigest()[:16]
     return CatalogSnapshot(
         database=database,
         relations=relations,
         functions=functions,
         role_settings=role_settings,
         server_search_path=server_search_path,
-        generation=digest.hexdigest()[:16],
+        generation=generation,
         operators=operators,
         casts=casts,
         domains=domains,
