@@ -457,7 +457,8 @@ def deployed(args: argparse.Namespace) -> int:
         for name, (metrics_port, audit_log) in observed.items():
             counted = scraped(metrics_port, "pgveil_statements_total")
             refused = scraped(metrics_port, "pgveil_refusals_total")
-            files = [path for path in audit_log.parent.glob(audit_log.name + "*") if not path.name.endswith("-head")]
+            files = [path for path in audit_log.parent.glob(audit_log.name + "*")
+                     if not path.name.endswith("-head")]
             records = sum(sum(1 for _ in path.open("rb")) for path in files)
             print(f"{name}: {counted:.0f} statements counted ({refused:.0f} refused), "
                   f"{records} audit records in {audit_log.name} and its {len(files) - 1} rotated files")
