@@ -100,6 +100,10 @@ class FastPath(Protocol):
     def fast_query(self, sql: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         """on_query's answer, or None."""
 
+    def fast_parse(self, statement_name: str, sql: str,
+                   param_types: tuple[int, ...]) -> Verdict | Coroutine[Any, Any, Verdict] | None:
+        """on_parse's answer, or None."""
+
     def fast_bind(self, statement_name: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         """on_bind's verdict for a re-execution, or None (never for 'nothing to decide')."""
 
@@ -109,7 +113,8 @@ class FastPath(Protocol):
 
 def fast_path_of(policy: object) -> FastPath | None:
     """`policy` if it has the whole FastPath, else None."""
-    if all(callable(getattr(policy, name, None)) for name in ("fast_query", "fast_bind", "fast_complete")):
+    if all(callable(getattr(policy, name, None))
+           for name in ("fast_query", "fast_parse", "fast_bind", "fast_complete")):
         return policy  # type: ignore[return-value]
     return None
 

@@ -344,6 +344,14 @@ class MeteredConnection:
         started = time.perf_counter()
         return self._fast_count(fast.fast_query(sql), started)
 
+    def fast_parse(self, statement_name: str, sql: str,
+                   param_types: tuple[int, ...]) -> Verdict | Coroutine[Any, Any, Verdict] | None:
+        fast = self._fast
+        if fast is None:
+            return None
+        started = time.perf_counter()
+        return self._fast_count(fast.fast_parse(statement_name, sql, param_types), started)
+
     def fast_bind(self, statement_name: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         fast = self._fast
         if fast is None:

@@ -115,7 +115,8 @@ def test_a_failed_prepare_in_an_aborted_transaction_is_prepared_again_later(prox
 def test_deallocate_all_by_the_client_makes_pgveil_prepare_again(proxy: RunningProxy) -> None:
     with _connect(proxy) as conn:
         for _ in range(2):
-            assert _simple(conn, "SELECT id, card FROM gv.people WHERE id = 1")[0] == [(1, "***************1098")]
+            rows = _simple(conn, "SELECT id, card FROM gv.people WHERE id = 1")[0]
+            assert rows == [(1, "***************1098")]
         first = _ours(conn)
         _simple(conn, "DEALLOCATE ALL")
         assert _simple(conn, "SELECT id, card FROM gv.people WHERE id = 2")[0] == [(2, "***************0004")]
@@ -146,6 +147,17 @@ def test_statements_whose_literals_must_stay_literal_are_sent_inline(
     with _connect(proxy) as conn:
         for _ in range(2):
             assert _simple(conn, sql) == _inline(gv_world, sql)
+        assert _ours(conn) == []
+
+
+def test_a_parameter_in_a_simple_query_stays_postgresqls_error(proxy: RunningProxy) -> None:
+    """`$1` in a Query is an error; pgveil's own `$1` must not give it a value."""
+    sql = "SELECT id FROM gv.people WHERE id = 1 AND id = $1"
+    with _connect(proxy) as conn:
+        for _ in range(3):
+            with pytest.raises(psycopg.Error) as caught:
+                _simple(conn, sql)
+            assert caught.value.diag.sqlstate in ("42P02", "42501")  # PostgreSQL's, or pgveil refuses
         assert _ours(conn) == []
 
 

@@ -364,6 +364,16 @@ class AuditedConnection:
             return verdict if verdict is None else self._audited_later(verdict, "query", None, sql)
         return self.record_access(verdict, "query", sql=sql)
 
+    def fast_parse(self, statement_name: str, sql: str,
+                   param_types: tuple[int, ...]) -> Verdict | Coroutine[Any, Any, Verdict] | None:
+        fast = self._fast
+        if fast is None:
+            return None
+        verdict = fast.fast_parse(statement_name, sql, param_types)
+        if verdict is None or not isinstance(verdict, _VERDICTS):
+            return verdict if verdict is None else self._audited_later(verdict, "parse", statement_name, sql)
+        return self.record_access(verdict, "parse", statement_name=statement_name, sql=sql)
+
     def fast_bind(self, statement_name: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         fast = self._fast
         if fast is None:

@@ -1,8 +1,8 @@
 """Masked statements prepared once per upstream connection, so PostgreSQL does not parse and plan
 the masked derived tables again for every simple-protocol execution.
 
-A masked SELECT whose only literals are integers compared with a column
-(`... WHERE id = 42`) is sent the first time as
+A masked SELECT seen before (a verdict-cache hit) whose literals, if any, are all integers compared
+with a column (`... WHERE id = 42`) is sent the first time as
 `PREPARE pgveil_<process>_<n>(integer) AS <rewrite with $1>; EXECUTE pgveil_<process>_<n>(42)`
 and afterwards as `EXECUTE pgveil_<process>_<n>(7)`. EXECUTE answers with the same RowDescription,
 rows and CommandComplete tag as the statement itself; the relay hides the PREPARE's own
@@ -31,7 +31,8 @@ NAME_PREFIX = f"pgveil_{secrets.token_hex(4)}_"
 """Names of pgveil's own upstream statements: per process, so replicas and clients do not collide."""
 
 MAX_STATEMENTS = 256
-"""Upstream statements one connection keeps; past that, new shapes are sent inline."""
+"""Upstream statements pgveil leaves on one connection; past that, new shapes are sent inline
+(a reload or catalog refresh prepares anew without deallocating the old ones)."""
 
 _COMPARISONS = frozenset({"=", "<>", "!=", "<", ">", "<=", ">="})
 _INT4_MAX = 2**31 - 1
@@ -103,8 +104,8 @@ def _template(sql: str, verdict: Rewrite) -> str | None:
             or any(mask.endswith(":constant") for mask in info.masks)):
         return None
     shaped = shape(sql)
-    if shaped is None or "null" in sql.lower():
-        return None
+    if shaped is None or "null" in sql.lower() or "$" in sql:
+        return None  # ($1 in a Query is PostgreSQL's error; it must not become pgveil's parameter)
     _key, literals, literal_spans = shaped
     if any(not literal.isdigit() for literal in literals):
         return None  # strings and floats stay literal
@@ -182,7 +183,8 @@ class UpstreamStatements:
 
     def __init__(self) -> None:
         self._tickets: dict[Hashable, UpstreamTicket] = {}
-        self._count = 0
+        self._count = 0  # statements prepared so far (names are never reused)
+        self._live = 0  # ... of which PostgreSQL may still hold (bounded by MAX_STATEMENTS)
 
     def forward(self, key: Hashable, form: PreparedForm, verdict: Rewrite) -> Rewrite:
         """What to send for one execution of `form`: EXECUTE of a statement PostgreSQL confirmed,
@@ -195,9 +197,10 @@ class UpstreamStatements:
             return Rewrite(f"EXECUTE {ticket.name}({arguments})", verdict.info, None, ticket)
         if ticket is not None and ticket.state == UpstreamTicket.PENDING:
             return verdict
-        if ticket is None and len(self._tickets) >= MAX_STATEMENTS:
+        if self._live >= MAX_STATEMENTS:
             return verdict
         self._count += 1
+        self._live += 1
         ticket = UpstreamTicket(f"{NAME_PREFIX}{self._count}")
         self._tickets[full_key] = ticket
         prefix = f"PREPARE {ticket.name}({', '.join(form.types)}) AS "
@@ -205,10 +208,12 @@ class UpstreamStatements:
         splices = Splices([(0, 0, len(prefix)), *form.spans()])
         return Rewrite(text, verdict.info, splices, ticket)
 
-    def forget_all(self) -> None:
-        """The client may have deallocated them (DEALLOCATE, DISCARD, a Close of one of their names):
-        prepare again, under new names."""
+    def forget_all(self, deallocated: bool = False) -> None:
+        """Rely on none of them any more: prepare again, under new names. `deallocated`: the client
+        ran DEALLOCATE or DISCARD (perhaps ALL), so PostgreSQL may hold none of them either."""
         self._tickets.clear()
+        if deallocated:
+            self._live = 0
 
     def __len__(self) -> int:
         return len(self._tickets)

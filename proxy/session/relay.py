@@ -414,28 +414,38 @@ class Relay:
             batch = self._open_batch
             if batch is not None and batch.parsed is not None and message.statement in batch.parsed:
                 return message, _COVERED
-            answer = self._fast_answer(tag, message.statement)
+            answer = self._fast_answer(message)
             return message, answer if answer is not None else self._call(policy.on_bind, message.statement)
         if tag == _Q:
             message = Query.decode(body)
-            answer = self._fast_answer(tag, message.sql)
+            answer = self._fast_answer(message)
             return message, answer if answer is not None else self._call(policy.on_query, message.sql)
         if tag == _P:
             message = Parse.decode(body)
+            answer = self._fast_answer(message)
+            if answer is not None:
+                return message, answer
             return message, self._call(policy.on_parse, message.statement, message.sql, message.param_types)
         message = FunctionCall.decode(body)
         return message, self._call(policy.on_function_call, message.function_oid)
 
-    def _fast_answer(self, tag: int, argument: str) -> Any:
-        """The policy's synchronous answer for a Query's SQL or a Bind's statement (FastPath) when
-        no policy call is pending (answers keep their order): a verdict, a future of one (the rest
-        of an answer that must wait), or None: ask the async hook."""
+    def _fast_answer(self, message: Guarded) -> Any:
+        """The policy's synchronous answer for a Query, a Parse or a Bind (FastPath) when no policy
+        call is pending (answers keep their order): a verdict, a future of one (the rest of an
+        answer that must wait), or None: ask the async hook."""
         fast = self._fast
         lane = self._lane
         if fast is None or (lane is not None and not lane.done()):
             return None
         try:
-            answer = fast.fast_query(argument) if tag == _Q else fast.fast_bind(argument)
+            if isinstance(message, Query):
+                answer = fast.fast_query(message.sql)
+            elif isinstance(message, BoundStatement):
+                answer = fast.fast_bind(message.statement)
+            elif isinstance(message, Parse):
+                answer = fast.fast_parse(message.statement, message.sql, message.param_types)
+            else:
+                return None
         except Exception:
             log.exception("%s: the policy raised; refusing", self._label)
             return INTERNAL_ERROR
