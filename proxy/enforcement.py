@@ -16,7 +16,7 @@ from pglast import ast, parse_sql
 from pglast.enums import DiscardMode, VariableSetKind
 
 from proxy.analysis_pool import AnalysisPool, AnalysisTimedOut
-from proxy.catalog import CatalogSnapshot, load_catalog, parse_search_path
+from proxy.catalog import CatalogReader, CatalogSnapshot, load_catalog, parse_search_path
 from proxy.catalog_watch import CatalogWatch
 from proxy.config import DEFAULT_MAX_STATEMENT_SIZE
 from proxy.connection_policy import ClientInfo, Outcome
@@ -89,7 +89,8 @@ class Enforcement:
 
     def __init__(self, policy_path: str, upstream_dsn: str, state: _State,
                  active_role: Callable[[str], str | None] | None = None,
-                 max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE) -> None:
+                 max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE,
+                 catalog_reader: CatalogReader | None = None) -> None:
         self.policy_path = policy_path
         self.max_statement_size = max_statement_size
         self.analysis = AnalysisPool(ANALYSIS_WORKERS)
@@ -102,18 +103,27 @@ class Enforcement:
         self._refreshing: asyncio.Task[None] | None = None
         self._last_refresh = time.monotonic()
         self.catalog_watch = CatalogWatch(upstream_dsn)
+        self.catalog_reader = catalog_reader or CatalogReader(upstream_dsn)  # re-reads what changed
         self._last_catalog_check = time.monotonic()
+        self._following: asyncio.Task[None] | None = None  # follow_ddl_soon's run
+        self._ddl_noted = 0  # DDL statements follow_ddl_soon was told of
+        self._ddl_caught_up = 0  # ... of which the catalog has been brought up to date after
 
     @classmethod
     async def create(cls, policy_path: str, upstream_dsn: str,
                      active_role: Callable[[str], str | None] | None = None,
                      max_statement_size: int = DEFAULT_MAX_STATEMENT_SIZE) -> Enforcement:
         """Load the policy, install the masking functions it needs, read the catalog."""
-        return cls(policy_path, upstream_dsn, await cls._load(policy_path, upstream_dsn), active_role,
-                   max_statement_size)
+        reader = CatalogReader(upstream_dsn)
+        try:
+            state = await cls._load(policy_path, upstream_dsn, reader)
+        except BaseException:
+            await reader.close()
+            raise
+        return cls(policy_path, upstream_dsn, state, active_role, max_statement_size, reader)
 
     @staticmethod
-    async def _load(policy_path: str, upstream_dsn: str) -> _State:
+    async def _load(policy_path: str, upstream_dsn: str, reader: CatalogReader | None = None) -> _State:
         from proxy.catalog import CatalogError
         from proxy.policy.loader import PolicyError
 
@@ -135,7 +145,7 @@ class Enforcement:
         except Exception as exc:  # without the trigger the fingerprint still sees every change
             log.warning("cannot install pgveil's catalog watch upstream: %s", _one_line(exc))
         try:
-            catalog = await load_catalog(upstream_dsn)
+            catalog = await (load_catalog(upstream_dsn) if reader is None else reader.read())
         except CatalogError as exc:
             raise EnforcementError(_one_line(exc)) from None
         return _State(policy, catalog)
@@ -149,7 +159,7 @@ class Enforcement:
 
     async def reload(self) -> Policy:
         """Validate the policy file again; invalid -> raise and keep the old one; valid -> swap."""
-        state = await self._load(self.policy_path, self.upstream_dsn)
+        state = await self._load(self.policy_path, self.upstream_dsn, self.catalog_reader)
         self.state = state
         self.cache.clear()
         log.info("policy %s loaded from %s", state.policy.version, self.policy_path)
@@ -163,7 +173,7 @@ class Enforcement:
 
     async def _refresh(self) -> None:
         try:
-            catalog = await load_catalog(self.upstream_dsn)
+            catalog = await self.catalog_reader.read()
         except Exception as exc:  # the old catalog stays; a stale catalog only ever refuses more
             log.warning("catalog refresh failed, keeping the previous one: %s", exc)
             return
@@ -176,6 +186,7 @@ class Enforcement:
         when pgveil cannot tell or cannot catch up (the caller refuses). Not `required` (a verdict
         that read no views or user code): only when the last check is older than a second."""
         if not required and time.monotonic() - self._last_catalog_check < _CATALOG_CHECK_SECONDS:
+            await self._ddl_followed()
             return True
         self._last_catalog_check = time.monotonic()
         for _ in range(3):
@@ -183,16 +194,48 @@ class Enforcement:
                 marker = await self.catalog_watch.marker()
             except Exception as exc:  # asyncpg, OS and timeout errors alike
                 log.warning("cannot tell whether the upstream catalog changed: %s", _one_line(exc))
+                self._last_catalog_check = 0.0  # not checked: the next caller asks again
                 return False
             if marker == self.state.catalog.change_marker:
                 return True
             await self.refresh_catalog()
         return marker == self.state.catalog.change_marker
 
+    def follow_ddl_soon(self) -> None:
+        """fresh_catalog in the background, after DDL of a session that need not wait for it; DDL
+        while one runs gets one more after it, not one each. Until it is done, statements that
+        would rely on the last check (fresh_catalog not `required`) wait for it."""
+        self._ddl_noted += 1
+        if self._following is None or self._following.done():
+            self._following = asyncio.ensure_future(self._follow_ddl(self._ddl_noted))
+
+    async def _follow_ddl(self, noted: int) -> None:
+        try:
+            await self.fresh_catalog(required=True)
+        except Exception:  # the marker is compared again before the catalog is relied on
+            log.exception("catching the catalog up after DDL failed")
+        finally:
+            self._ddl_caught_up = max(self._ddl_caught_up, noted)
+            if self._ddl_noted > noted:
+                self._following = asyncio.ensure_future(self._follow_ddl(self._ddl_noted))
+
+    async def _ddl_followed(self) -> None:
+        """Wait until the DDL noted so far (follow_ddl_soon) has been followed."""
+        noted = self._ddl_noted
+        while self._ddl_caught_up < noted and self._following is not None:
+            following = self._following
+            with contextlib.suppress(Exception):
+                await asyncio.shield(following)
+            if following is self._following:  # no follow after it: nothing more to wait for
+                return
+
     async def close(self) -> None:
         """Close the catalog watch's connection (the serving process stops)."""
+        if self._following is not None:
+            self._following.cancel()
         self.analysis.close()
         await self.catalog_watch.close()
+        await self.catalog_reader.close()
 
     async def off_loop(self, work: Callable[[], _T], deadline: float | None = None) -> _T:
         """`work()` on an analysis thread, the event loop free meanwhile (AnalysisTimedOut past
@@ -204,7 +247,8 @@ class Enforcement:
 
     def catalog_checked_lately(self) -> bool:
         """`fresh_catalog(required=False)` would answer True without asking PostgreSQL."""
-        return time.monotonic() - self._last_catalog_check < _CATALOG_CHECK_SECONDS
+        return (time.monotonic() - self._last_catalog_check < _CATALOG_CHECK_SECONDS
+                and self._ddl_caught_up >= self._ddl_noted)
 
 
 @dataclass
@@ -432,7 +476,7 @@ class GuardedConnection:
         if isinstance(text, Refuse):
             return text
         if may_drop_statements(text):
-            self.upstream.forget_all()
+            self.upstream.forget_all(deallocated=True)
         verdict = await self._judge(text)
         verdict = (await self._with_session_objects(text, verdict, self._pending_effects, self._pending_ddl,
                                                     keep=False))[0]
@@ -446,7 +490,7 @@ class GuardedConnection:
             self.prepared.define(("statement", statement_name), None)
             return text
         if may_drop_statements(text) or statement_name.startswith(NAME_PREFIX):
-            self.upstream.forget_all()
+            self.upstream.forget_all(deallocated=may_drop_statements(text))
         verdict = await self._judge(text)
         checked, entry = await self._with_session_objects(
             text, verdict, self._pending_effects, self._pending_ddl, keep=True)
@@ -548,10 +592,24 @@ class GuardedConnection:
                 self._settings_problem = _UNCHECKED
             elif name == "commit" and self._ddl_in_transaction:
                 self._ddl_in_transaction = False
-                await self.enforcement.refresh_catalog()
+                await self._follow_ddl()
         if ddl:
             self._ddl_in_transaction = True
-            await self.enforcement.refresh_catalog()
+            await self._follow_ddl()
+
+    async def _follow_ddl(self) -> None:
+        """After this session's DDL (or the commit of a transaction with DDL): the catalog catches
+        up with PostgreSQL, re-read only when the change marker moved (DDL of temporary objects does
+        not move it: the catalog never holds them) and then only for the relations that changed.
+        A role whose verdicts depend on the catalog waits for it, so its next statement is judged
+        on the new facts; for any other role nothing this session sends depends on it and the
+        session goes on at once while the catalog catches up in the background. Other sessions
+        compare the change marker themselves before they rely on the catalog."""
+        role = self.role()
+        if role is not None and self._judged_by_definitions(role):
+            await self.enforcement.fresh_catalog(required=True)
+        else:
+            self.enforcement.follow_ddl_soon()
 
     # -- the cache-hit fast path ----------------------------------------------------------------
     # A statement whose verdict is in the verdict cache, decided without a coroutine. Whatever the

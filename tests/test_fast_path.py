@@ -131,6 +131,20 @@ async def test_a_prepared_statement_is_re_executed_at_once_until_a_reload_change
     assert await connection.on_bind("s1") is not None  # decided again by the async path
 
 
+async def test_a_parse_of_a_cached_statement_is_answered_at_once_and_prepared_as_on_parse_does(
+        enforcement: Enforcement) -> None:
+    connection = await connected(enforcement)
+    assert connection.fast_parse("", PEOPLE.format(1), ()) is None  # never seen
+    await connection.on_parse("", PEOPLE.format(1), ())
+    await connection.on_complete(Outcome(rows=0, sqlstate=None, upstream_seconds=0.0))
+    fast = connection.fast_parse("s2", PEOPLE.format(2), ())
+    slow = await (await connected(enforcement)).on_parse("s2", PEOPLE.format(2), ())
+    assert isinstance(fast, Rewrite) and fast == slow
+    assert connection.fast_complete(Outcome(rows=0, sqlstate=None, upstream_seconds=0.0))
+    assert connection.fast_bind("s2") == fast  # prepared under that verdict
+    assert connection.fast_parse("pgveil_p1", PEOPLE.format(3), ()) is None  # a name of pgveil's own
+
+
 async def test_an_elevation_changes_the_role_of_the_next_cached_statement(world: GuardWorld) -> None:  # noqa: F811
     elevated: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as directory:
