@@ -620,8 +620,33 @@ class GuardedConnection:
 
     def fast_query(self, sql: str) -> Verdict | None:
         """on_query's verdict for a cache hit that needs nothing more, or None (ask on_query)."""
+        decided = self._fast_hit(sql)
+        if decided is None:
+            return None
+        self.prepared.call()
+        self._pending_effects, self._pending_ddl = (), False
+        return self._upstream_form(sql, decided[1])
+
+    def fast_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict | None:
+        """on_parse's verdict for a cache hit that needs nothing more (the statement is recorded as
+        prepared under it, as on_parse does), or None (ask on_parse)."""
+        if statement_name.startswith(NAME_PREFIX):
+            return None
+        decided = self._fast_hit(sql)
+        if decided is None:
+            return None
+        role, verdict = decided
+        self.prepared.call()
+        self._pending_effects, self._pending_ddl = (), False
+        self.prepared.define(("statement", statement_name),
+                             Prepared(sql, verdict.sql, verdict, self._basis(role), (), False, ()))
+        return verdict
+
+    def _fast_hit(self, sql: str) -> tuple[Role, Verdict] | None:
+        """The role and the cached verdict of `sql` when nothing but that verdict is needed: no
+        refusal, session effect, DDL, catalog check or session object (PREPARE, DECLARE, ...)."""
         if len(sql) >= LONG_STATEMENT or (not sql.isascii() and self._client_encoding() is not None):
-            return None  # (a statement in another client encoding is read in it by on_query)
+            return None  # (a statement in another client encoding is read in it by the async path)
         self._check_upstream_statements()
         role = self._fast_role()
         if role is None:
@@ -629,7 +654,7 @@ class GuardedConnection:
         cache = self.enforcement.cache
         hit = cache.lookup(sql, self.context_and_key(role)[1])
         if hit is None:
-            cache.misses -= 1  # on_query looks it up again and counts the miss
+            cache.misses -= 1  # the async path looks it up again and counts the miss
             return None
         verdict = hit.verdict
         if (isinstance(verdict, Refuse) or hit.effects or hit.ddl
@@ -637,9 +662,7 @@ class GuardedConnection:
                 or _may_use_session_objects(sql)):
             cache.hits -= 1
             return None
-        self.prepared.call()
-        self._pending_effects, self._pending_ddl = (), False
-        return self._upstream_form(sql, verdict)
+        return role, verdict
 
     def _check_upstream_statements(self) -> None:
         """pgveil's upstream statements are relied on only while every statement of the session is

@@ -15,6 +15,7 @@ import pytest
 from proxy.connection_policy import ClientInfo, Outcome
 from proxy.embedded import free_port
 from proxy.enforcement import Enforcement, GuardedConnection
+from proxy.guard.upstream_prepare import NAME_PREFIX
 from proxy.guard.verdict import Refuse, Rewrite
 from proxy.wire import ErrorResponse
 from proxy.wire.frontend import Bind, Execute, Parse, Query, Sync, Terminate
@@ -142,7 +143,7 @@ async def test_a_parse_of_a_cached_statement_is_answered_at_once_and_prepared_as
     assert isinstance(fast, Rewrite) and fast == slow
     assert connection.fast_complete(Outcome(rows=0, sqlstate=None, upstream_seconds=0.0))
     assert connection.fast_bind("s2") == fast  # prepared under that verdict
-    assert connection.fast_parse("pgveil_p1", PEOPLE.format(3), ()) is None  # a name of pgveil's own
+    assert connection.fast_parse(NAME_PREFIX + "1", PEOPLE.format(3), ()) is None  # a name of pgveil's own
 
 
 async def test_an_elevation_changes_the_role_of_the_next_cached_statement(world: GuardWorld) -> None:  # noqa: F811
