@@ -77,6 +77,15 @@ def test_a_repeated_masked_select_runs_prepared_and_answers_as_the_inline_rewrit
         assert len(_ours(conn)) == 1  # one statement for the shape, prepared once
 
 
+def test_in_lists_limit_and_offset_are_parameters_too(proxy: RunningProxy, gv_world: GuardWorld) -> None:
+    shape = "SELECT id, email FROM gv.people WHERE id IN ({}, {}) ORDER BY id LIMIT {} OFFSET {}"
+    with _connect(proxy) as conn:
+        for values in ((1, 2, 5, 0), (2, 3, 1, 0), (1, 3, 5, 1), (3, 1, 0, 0)):
+            sql = shape.format(*values)
+            assert _simple(conn, sql) == _inline(gv_world, sql)
+        assert len(_ours(conn)) == 1
+
+
 def test_the_prepared_statement_holds_the_masked_rewrite(proxy: RunningProxy) -> None:
     with _connect(proxy) as conn:
         _simple(conn, "SELECT ssn, email FROM gv.people WHERE id = 1")

@@ -6,10 +6,11 @@ with a column (`... WHERE id = 42`) is sent the first time as
 `PREPARE pgveil_<process>_<n>(integer) AS <rewrite with $1>; EXECUTE pgveil_<process>_<n>(42)`
 and afterwards as `EXECUTE pgveil_<process>_<n>(7)`. EXECUTE answers with the same RowDescription,
 rows and CommandComplete tag as the statement itself; the relay hides the PREPARE's own
-CommandComplete (`UpstreamTicket`). Everything else stays literal: string, typed and float
-literals (their reading can depend on DateStyle, TimeZone, ...), positional references and
-type modifiers (they are not comparison operands), NULL (transform_null_equals), statements with
-several parts, comments or row filters, and `constant` masks. The form is chosen once per
+CommandComplete (`UpstreamTicket`). Integers in `column IN (...)`, LIMIT and OFFSET are parameters
+too. Everything else stays literal: string, typed and float literals (their reading can depend on
+DateStyle, TimeZone, ...), positional references and type modifiers (not such operands), NULL
+(transform_null_equals), statements with several parts, comments or row filters, and `constant`
+masks. The form is chosen once per
 rewritten shape; a failed or unconfirmed PREPARE is never relied on (the next statement of that
 shape prepares under a new name, or goes inline while one is in flight).
 """
@@ -132,7 +133,8 @@ def _template(sql: str, verdict: Rewrite) -> str | None:
 
 
 def _eligible(template: str) -> bool:
-    """One plain SELECT in which every parameter (if any) is an operand of a comparison with a column."""
+    """One plain SELECT in which every parameter (if any) is an operand of a comparison with a
+    column (`=`, `<>`, `<`, `>`, `<=`, `>=`, an item of `column IN (...)`) or a LIMIT or OFFSET."""
     known = _ELIGIBLE.get(template)
     if known is not None:
         return known
@@ -169,6 +171,12 @@ def _parameters_compared(root: ast.Node) -> bool:
             for operand, other in ((node.lexpr, node.rexpr), (node.rexpr, node.lexpr)):
                 if isinstance(operand, ast.ParamRef) and isinstance(other, ast.ColumnRef):
                     compared.add(id(operand))
+        elif (isinstance(node, ast.A_Expr) and node.kind == A_Expr_Kind.AEXPR_IN
+                and isinstance(node.lexpr, ast.ColumnRef) and isinstance(node.rexpr, tuple | list)):
+            compared.update(id(item) for item in node.rexpr if isinstance(item, ast.ParamRef))
+        elif isinstance(node, ast.SelectStmt):  # LIMIT n, OFFSET n, FETCH FIRST n ROWS
+            compared.update(id(item) for item in (node.limitCount, node.limitOffset)
+                            if isinstance(item, ast.ParamRef))
         for slot in getattr(type(node), "__slots__", ()):
             child = getattr(node, slot, None)
             if child is not None and not isinstance(child, str | int | float | bool):
