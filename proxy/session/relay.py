@@ -768,7 +768,7 @@ class Relay:
                             del self._markers[marker]
                             break
                 request = self._current()
-                if request is not None and request.splices is not None and pos < start + 5:  # not a refusal
+                if request is not None and request.splices is not None and pos != end:  # not a refusal
                     splices = request.splices_of_error()
                     translated = None if splices is None else position_in_client_text(body, splices)
                     if translated is not None:
