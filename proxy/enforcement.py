@@ -642,7 +642,7 @@ class GuardedConnection:
                              Prepared(sql, verdict.sql, verdict, self._basis(role), (), False, ()))
         return verdict
 
-    def _fast_hit(self, sql: str) -> tuple[Role, Verdict] | None:
+    def _fast_hit(self, sql: str) -> tuple[Role, Allow | Rewrite] | None:
         """The role and the cached verdict of `sql` when nothing but that verdict is needed: no
         refusal, session effect, DDL, catalog check or session object (PREPARE, DECLARE, ...)."""
         if len(sql) >= LONG_STATEMENT or (not sql.isascii() and self._client_encoding() is not None):
@@ -657,12 +657,12 @@ class GuardedConnection:
             cache.misses -= 1  # the async path looks it up again and counts the miss
             return None
         verdict = hit.verdict
-        if (isinstance(verdict, Refuse) or hit.effects or hit.ddl
-                or (self._judged_by_definitions(role) and _reads_definitions(verdict))
+        if not isinstance(verdict, Refuse) and not (
+                hit.effects or hit.ddl or (self._judged_by_definitions(role) and _reads_definitions(verdict))
                 or _may_use_session_objects(sql)):
-            cache.hits -= 1
-            return None
-        return role, verdict
+            return role, verdict
+        cache.hits -= 1
+        return None
 
     def _check_upstream_statements(self) -> None:
         """pgveil's upstream statements are relied on only while every statement of the session is

@@ -6,11 +6,12 @@ sqlmap (PyPI package `sqlmap`) ships its payloads as XML: tests (boolean-blind, 
 inline, stacked, time-blind, UNION) and boundaries (prefix/suffix that close the application's
 quote or parenthesis). This script combines them the way sqlmap does — origin value, prefix,
 payload, comment, suffix — for the tests that are generic or PostgreSQL-specific, and wraps the
-result in four realistic application queries (string literal, number, LIKE pattern, ORDER BY).
-It also adds the exploitation-phase forms (the vector with a real inference or query), sqlmap's
-CHR() escaping of string literals, UNION column-count probes, and a list of classic hand-written
-payloads. `valid` records whether PostgreSQL's grammar (pglast) accepts the wrapped query: invalid
-ones never reach the firewall (the guard's gate refuses them as syntax errors).
+result in six realistic application queries (string literal, number, LIKE pattern, ORDER BY, LIMIT,
+OFFSET). It also adds the exploitation-phase forms (the vector with a real inference or query),
+sqlmap's CHR() escaping of string literals, UNION column-count probes, a list of classic
+hand-written payloads, and hand-written probes of issue 13's classes placed in every context.
+`valid` records whether PostgreSQL's grammar (pglast) accepts the wrapped query: invalid ones
+never reach the firewall (the guard's gate refuses them as syntax errors).
 The generated file is committed; CI never runs this script.
 """
 
