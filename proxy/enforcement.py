@@ -804,10 +804,16 @@ class GuardedConnection:
         if not self._same_role_since(state, role):
             return Refuse(STALE, f"the policy or the login's role changed while pgveil judged {what} "
                           f"{name!r} again; run it again", info=verdict.info), None
-        if isinstance(verdict, Refuse) or verdict.sql != entry.forwarded:
+        rewritten = not isinstance(verdict, Refuse) and verdict.sql != entry.forwarded
+        if isinstance(verdict, Refuse) or (rewritten and self._judged_by_definitions(role)):
             why = f"refused now ({verdict.rule})" if isinstance(verdict, Refuse) else "masked differently now"
             return Refuse(STALE, f"the policy, the role or the session changed since {what} {name!r} was "
                           f"prepared and it would be {why}; prepare it again", info=verdict.info), None
+        if rewritten:
+            # a role with nothing masked, filtered or out of bounds: only how names are written
+            # differs (the catalog, followed after DDL, knew a relation then and not now, or the
+            # other way round); what PostgreSQL has prepared stays as it is
+            verdict = entry.verdict
         fresh = replace(entry, verdict=verdict, basis=basis, effects=effects, ddl=ddl)
         self.prepared.refresh(key, entry, fresh)
         return None, fresh
