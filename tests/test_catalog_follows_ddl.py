@@ -252,3 +252,13 @@ def test_reading_only_what_changed_gives_the_catalog_a_full_read_gives(upstream_
     assert read_again[CHANGES.index("ALTER TABLE inc.t ADD COLUMN email text")] == 1
     assert read_again[CHANGES.index("ALTER TABLE inc.t ADD COLUMN extra int")] == 2  # and the child
     assert read_again[CHANGES.index("CREATE TEMP TABLE tmp (x int); CREATE INDEX ON inc2.tt (id)")] == 0
+
+
+def test_ddl_the_driver_prepares_runs_again_and_again(world: World) -> None:
+    """psycopg prepares statements it runs often; the catalog changes under them between runs."""
+    with psycopg.connect(world.proxy.dsn("ddlf_admin", PASSWORD, DATABASE), autocommit=True,
+                         prepare_threshold=0) as admin:
+        for _ in range(10):
+            admin.execute("CREATE TABLE ddlf.scratch (x integer)")
+            admin.execute("INSERT INTO ddlf.scratch VALUES (1)")
+            admin.execute("DROP TABLE ddlf.scratch")
