@@ -489,8 +489,11 @@ class GuardedConnection:
         if isinstance(text, Refuse):
             self.prepared.define(("statement", statement_name), None)
             return text
-        if may_drop_statements(text) or statement_name.startswith(NAME_PREFIX):
-            self.upstream.forget_all(deallocated=may_drop_statements(text))
+        if statement_name.lower().startswith(NAME_PREFIX):
+            self.prepared.define(("statement", statement_name), None)
+            return _reserved_name(statement_name)
+        if may_drop_statements(text):
+            self.upstream.forget_all(deallocated=True)
         verdict = await self._judge(text)
         checked, entry = await self._with_session_objects(
             text, verdict, self._pending_effects, self._pending_ddl, keep=True)
@@ -756,8 +759,14 @@ class GuardedConnection:
         for event in events:
             if event.action == "define":
                 assert event.name is not None
+                if event.namespace == "statement" and event.name.lower().startswith(NAME_PREFIX):
+                    return replace(_reserved_name(event.name), info=entry.verdict.info)
                 self.prepared.define((event.namespace, event.name), entry)
             elif event.action == "forget":
+                if event.namespace == "statement":
+                    # also when a Bind runs a Parsed DEALLOCATE/DISCARD again: pgveil's statements
+                    # are gone upstream and their names free
+                    self.upstream.forget_all(deallocated=True)
                 self.prepared.forget(event.namespace, event.name)
             else:
                 assert event.name is not None
@@ -969,6 +978,13 @@ CATALOG_UNKNOWN = "catalog-unavailable"
 _CATALOG_UNKNOWN_MESSAGE = ("pgveil cannot tell whether the database's definitions changed since it read "
                             "them; retry, and see the pgveil log if it persists")
 _UNCHECKED = ("", "")  # GuardedConnection._settings_problem: to be worked out again
+
+
+def _reserved_name(name: str) -> Refuse:
+    """A client statement under the name of one of pgveil's own upstream statements would be EXECUTEd
+    by pgveil in place of its masked one (the names show in pg_prepared_statements)."""
+    return Refuse("reserved-name", f"prepared statement names starting with {NAME_PREFIX} are pgveil's own "
+                  f"(masked statements it prepares upstream); prepare {name} under another name")
 
 
 def _reads_definitions(verdict: Verdict) -> bool:

@@ -1,0 +1,216 @@
+"""Review of round 5's mechanisms as an attacker with a masked login through a real pgveil: the
+one-call cache-hit path, masked statements prepared on the upstream connection, errors given as
+PostgreSQL's own, and diagnostics hiding. Every byte pgveil sends the client passes a TCP tap and is
+searched for the raw values of the guard world (tests/guard_setup.py)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from proxy.guard.upstream_prepare import NAME_PREFIX
+from tests.guard_setup import PASSWORD, POLICY, GuardWorld, leaked_canaries, world  # noqa: F401 (the fixture)
+from tests.guard_setup import GuardDatabase as _GuardDatabase
+from tests.proxy_harness import RunningProxy, running_proxy
+from tests.test_redteam5_diagnostics import Tap
+
+LOGIN = "gv_public"
+
+# gv_public reads two schemas: gv.people has masked columns, gv_other.people (id, full_name) has
+# none the role may not see (internal is revealed). The same unqualified name resolves to either
+# one by search_path.
+REVIEW_POLICY = POLICY.replace(
+    """  public_only:
+    members: [gv_public]
+    statements: [select]
+    tables: ["gv.*"]
+    reveal: [public]""",
+    """  public_only:
+    members: [gv_public]
+    statements: [select]
+    tables: ["gv.*", "gv_other.*"]
+    reveal: [public, internal]""")
+assert REVIEW_POLICY != POLICY
+
+
+@pytest.fixture(scope="module")
+def gv_world(request: pytest.FixtureRequest) -> GuardWorld:
+    return request.getfixturevalue("world")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def proxy(gv_world: GuardWorld) -> Iterator[RunningProxy]:
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "policy.yaml")
+        with open(path, "w") as handle:
+            handle.write(REVIEW_POLICY)
+        with running_proxy(_GuardDatabase(gv_world), path) as running:
+            yield running
+
+
+@pytest.fixture
+def tap(proxy: RunningProxy) -> Iterator[Tap]:
+    tapped = Tap(proxy.port)
+    try:
+        yield tapped
+    finally:
+        tapped.close()
+
+
+def _connect(tap: Tap, login: str = LOGIN) -> psycopg.Connection[Any]:
+    return psycopg.connect(f"postgresql://{login}:{PASSWORD}@127.0.0.1:{tap.port}/guard_test",
+                           autocommit=True)
+
+
+def _rows(conn: psycopg.Connection[Any], sql: str) -> list[tuple[Any, ...]]:
+    with psycopg.ClientCursor(conn) as cur:
+        cur.execute(sql.encode())  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+def _outcome(conn: psycopg.Connection[Any], sql: str) -> str:
+    try:
+        return repr(_rows(conn, sql))
+    except psycopg.Error as exc:
+        return f"{exc.diag.sqlstate} {exc.diag.message_primary}"
+
+
+def _ours(conn: psycopg.Connection[Any]) -> list[str]:
+    rows = _rows(conn, "SELECT name FROM pg_catalog.pg_prepared_statements ORDER BY name")
+    return [name for (name,) in rows if name.startswith(NAME_PREFIX)]
+
+
+def _no_canary(tap: Tap) -> None:
+    received = tap.received_so_far().decode("latin-1")
+    assert not leaked_canaries(received), leaked_canaries(received)
+
+
+# ---- 2. masked statements prepared on the upstream connection ------------------------------------------
+
+# Policy B shows full_name raw to gv_public (ssn and the rest stay masked: still a masked role).
+POLICY_B = POLICY.replace(
+    "full_name:     {sensitivity: confidential, protection: {partial: {keep_first: 1}}}",
+    "full_name:     {sensitivity: public}")
+assert POLICY_B != POLICY
+
+
+@pytest.mark.parametrize("dropper", [b"DEALLOCATE ALL", b"DISCARD ALL"])
+def test_a_deallocate_re_executed_by_bind_cannot_hand_pgveils_name_to_the_client(
+        gv_world: GuardWorld, tmp_path: Any, dropper: bytes) -> None:
+    """A DEALLOCATE ALL Parsed once and re-executed by Bind drops pgveil's statement behind its back.
+    The client PREPAREs its own statement under pgveil's name while a policy shows full_name (its
+    PREPARE is judged then: nothing to mask), and the policy is rolled back: the verdict-cache key
+    (policy hash, role, search_path, catalog digest) is the one pgveil's statement was made under,
+    so pgveil's next EXECUTE of the name would run the client's statement, raw."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    with running_proxy(_GuardDatabase(gv_world), str(path)) as proxy:
+        tap = Tap(proxy.port)
+        try:
+            with _connect(tap) as conn:
+                conn.pgconn.prepare(b"drop_all", dropper)
+                sql = "SELECT id, full_name FROM gv.people WHERE id = {}"
+                assert _rows(conn, sql.format(2)) == [(2, "A********")]
+                assert _rows(conn, sql.format(3)) == [(3, "B********")]
+                (name,) = _ours(conn)
+                result = conn.pgconn.exec_prepared(b"drop_all", [])  # Bind/Execute: it runs again
+                assert result.error_message == b"", result.error_message
+                path.write_text(POLICY_B)
+                proxy.run(proxy.hooks.reload())
+                outcomes = [_outcome(conn, f"PREPARE {name}(integer) AS "
+                                           "SELECT id, full_name FROM gv.people WHERE id = $1")]
+                path.write_text(POLICY)
+                proxy.run(proxy.hooks.reload())
+                for _ in range(3):
+                    outcomes.append(_outcome(conn, sql.format(1)))
+                assert "Quokkafeld" not in repr(outcomes), outcomes
+                assert outcomes[-1] == repr([(1, "Z*************")]), outcomes
+            _no_canary(tap)
+        finally:
+            tap.close()
+
+
+# gv_public may be elevated to `support`: full_name shown, ssn and the rest still masked (a masked role,
+# so pgveil keeps its upstream statements through the elevation).
+POLICY_ELEVATION = POLICY.replace("""  admin:
+    members: [gv_admin]""", """  support:
+    members: []
+    statements: [select]
+    tables: ["gv.*"]
+    reveal: [public, internal]
+  admin:
+    members: [gv_admin]""").replace("full_name:     {sensitivity: confidential,",
+                                    "full_name:     {sensitivity: internal,") + """elevations:
+  - role: support
+    users: [gv_public]
+    max_duration: 30m
+    approver_required: false
+"""
+GRANT_KEY = "review-round5-grant-key-0123456789"
+
+
+@pytest.mark.parametrize("dropper", [b"DEALLOCATE ALL", b"DISCARD ALL"])
+def test_a_statement_prepared_while_elevated_to_a_masked_role_is_not_executed_by_pgveil_after(
+        gv_world: GuardWorld, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, dropper: bytes) -> None:
+    """A DEALLOCATE ALL (or DISCARD ALL) Parsed once and re-executed by Bind drops pgveil's statement
+    behind its back. Elevated to `support` (full_name shown) the client PREPAREs its own statement
+    under pgveil's name; when the grant ends, pgveil's next EXECUTE of that name must not run the
+    client's statement (raw full_name) in place of its masked one."""
+    from proxy.elevation import append_grant, create_grant
+    from proxy.policy.loader import parse_policy
+
+    monkeypatch.setenv("PGVEIL_GRANT_KEY", GRANT_KEY)
+    path, grants = tmp_path / "policy.yaml", tmp_path / "grants.jsonl"
+    path.write_text(POLICY_ELEVATION)
+    grants.write_text("")
+    policy = parse_policy(POLICY_ELEVATION, str(path))
+    with running_proxy(_GuardDatabase(gv_world), str(path),
+                       extra={"elevation": {"grants_file": str(grants)}}) as proxy:
+        tap = Tap(proxy.port)
+        try:
+            with _connect(tap) as conn:
+                conn.pgconn.prepare(b"drop_all", dropper)
+                sql = "SELECT id, full_name FROM gv.people WHERE id = {}"
+                assert _rows(conn, sql.format(2)) == [(2, "A********")]
+                assert _rows(conn, sql.format(3)) == [(3, "B********")]
+                (name,) = _ours(conn)
+                result = conn.pgconn.exec_prepared(b"drop_all", [])  # Bind/Execute: it runs again
+                assert result.error_message == b"", result.error_message
+                grant = create_grant(policy, LOGIN, "support", 600, "INC-R5", None)
+                append_grant(grants, grant, GRANT_KEY.encode())
+                assert _rows(conn, sql.format(1)) == [(1, "Zed Quokkafeld")]  # elevated: shown
+                outcomes = [_outcome(conn, f"PREPARE {name}(integer) AS "
+                                           "SELECT id, full_name FROM gv.people WHERE id = $1")]
+                grants.write_text("")  # the grant is withdrawn
+                assert _rows(conn, "SELECT full_name FROM gv.people WHERE id = 1 AND region = 'north'") == [
+                    ("Z*************",)]
+                for _ in range(3):
+                    outcomes.append(_outcome(conn, sql.format(1)))
+                assert "Quokkafeld" not in repr(outcomes), outcomes
+                assert outcomes[-1] == repr([(1, "Z*************")]), outcomes
+        finally:
+            tap.close()
+
+
+def test_a_client_may_not_prepare_under_pgveils_names(proxy: RunningProxy, tap: Tap) -> None:
+    """pgveil's names are visible in pg_prepared_statements; a client statement under one of them
+    (SQL PREPARE or a Parse) would be EXECUTEd by pgveil in place of its own masked one."""
+    with _connect(tap) as conn:
+        sql = "SELECT id, email FROM gv.people WHERE id = {}"
+        _rows(conn, sql.format(2))
+        _rows(conn, sql.format(3))
+        (name,) = _ours(conn)
+        number = int(name.rsplit("_", 1)[1])
+        following = f"{NAME_PREFIX}{number + 1}"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            _rows(conn, f"PREPARE {following}(integer) AS SELECT id, email FROM gv.people WHERE id = $1")
+        result = conn.pgconn.prepare(following.encode(), b"SELECT 1")
+        assert b"pgveil" in result.error_message
+        assert _rows(conn, sql.format(1)) == [(1, "q***@leak.example")]
+    _no_canary(tap)
+
