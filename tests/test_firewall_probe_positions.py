@@ -86,6 +86,10 @@ PROBES = [
     ("sort-key-probe", LIMIT, "CASE WHEN EXISTS (SELECT 1 FROM secrets WHERE k LIKE 'p%') THEN 1 ELSE 0 END"),
     ("sort-key-probe", OFFSET, "CASE WHEN (SELECT true FROM secrets LIMIT 1) THEN 0 ELSE 5 END"),
     ("tautology", SORT, "CASE WHEN 5323 = 5323 THEN name ELSE id::text END"),
+    ("tautology", NUMBER, "42 + CASE WHEN starts_with(current_user, 'p') THEN 1/0 ELSE 0 END"),
+    ("tautology", STRING, "x' || CASE WHEN starts_with(current_user, 'p') "
+                          "THEN (SELECT count(*) FROM pg_class a, pg_class b)::text ELSE '' END || '"),
+    ("tautology", LIKE, "x' || CASE WHEN (SELECT true FROM secrets LIMIT 1) THEN 'a' ELSE 'b' END || '"),
     # error-based: a server value cast to a number prints it
     ("error-based-extraction", NUMBER, "current_user::int"),
     ("error-based-extraction", NUMBER, "CAST((SELECT usename FROM pg_user LIMIT 1) AS int)"),
@@ -114,6 +118,9 @@ LET_THROUGH = [
     "SELECT id FROM allowed_networks WHERE net >>= inet_client_addr()",
     "SELECT id FROM docs WHERE owner_oid = current_user::regrole::oid",
     "SELECT id, pg_sleep(0.01) FROM products",
+    "SELECT id FROM products WHERE CASE WHEN stock = 0 THEN backorder ELSE active END",
+    "SELECT id FROM products WHERE price < CASE WHEN $1 THEN 10 ELSE 100 END",
+    "SELECT CASE WHEN EXISTS (SELECT 1 FROM products) THEN 'yes' ELSE 'no' END",
     "SELECT pg_sleep(1)",
     "SELECT count(*) FROM generate_series(1, 10000000)",
     "SELECT relname FROM pg_class WHERE relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)",

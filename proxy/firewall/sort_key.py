@@ -46,8 +46,8 @@ def find_sort_key_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFact
         for node in inner:
             if not isinstance(node, ast.CaseExpr):
                 continue
-            for test in _case_conditions(node):
-                if _is_fixed_and_computed(test):
+            for test in case_conditions(node):
+                if is_fixed_and_computed(test):
                     return Finding(RULE, f"the {position.place} `{quote(key)}` is chosen by `{quote(test)}`, "
                                          "which is the same for every row: the shape of a boolean probe "
                                          "injected into ORDER BY, LIMIT or OFFSET; choose with a parameter")
@@ -69,13 +69,13 @@ def _reads_outer_columns(nodes: list[ast.Node], facts: DatabaseFacts) -> bool:
     return any(isinstance(name, ast.String) and str(name.sval) not in own for name in names)
 
 
-def _case_conditions(case: ast.CaseExpr) -> list[ast.Node]:
+def case_conditions(case: ast.CaseExpr) -> list[ast.Node]:
     if case.arg is not None:
         return [case.arg]  # `CASE (SELECT ...) WHEN 'p' THEN ...`: the tested value decides
     return [when.expr for when in case.args or () if isinstance(when, ast.CaseWhen) and when.expr is not None]
 
 
-def _is_fixed_and_computed(test: ast.Node) -> bool:
+def is_fixed_and_computed(test: ast.Node) -> bool:
     nodes = list(walk(test))
     return (is_row_independent(test) and not any(isinstance(node, ast.ParamRef) for node in nodes)
             and any(isinstance(node, _COMPUTED) for node in nodes))

@@ -11,6 +11,9 @@ operand that reads no row and no table (`OR TRUE`, `OR NOT false`, `OR pg_sleep(
 Let through: the query-builder idioms `WHERE 1=1 [AND ...]`, `WHERE 1=0`, `WHERE TRUE [AND ...]` (as
 the WHERE clause or its first conjunct), comparisons with a column, a `$n` parameter or an aggregate
 (`HAVING count(*) > 5`), correlated subqueries.
+Also caught: in a condition of a statement over user tables, a CASE whose choice a computed value,
+the same for every row, makes (`id = 42 + CASE WHEN starts_with(current_user, 'p') THEN 1/0 ELSE 0
+END`); CASE on columns or parameters passes.
 
 The outcome depends on literal values (`1=1` is the idiom, `2=2` is not), so verdicts from this
 rule must not be shared between statements that differ only in literals.
@@ -24,6 +27,8 @@ from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, NullTestType
 
 from proxy.firewall.facts import DatabaseFacts
+from proxy.firewall.positions import placed_statements, reads_user_relation
+from proxy.firewall.sort_key import case_conditions, is_fixed_and_computed
 from proxy.firewall.statement import Finding, SubmittedSql, quote
 from proxy.firewall.timing import constant_number
 from proxy.firewall.tree import (
@@ -71,7 +76,24 @@ def find_tautology(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) ->
                 finding = _always_true_branch(node) or _widening_branch(node)
                 if finding is not None:
                     return finding
-    return _not_null_branch(submitted, facts)
+    return _not_null_branch(submitted, facts) or _fixed_case_in_condition(submitted)
+
+
+def _fixed_case_in_condition(submitted: SubmittedSql) -> Finding | None:
+    """A CASE in a condition of a statement over user tables whose choice a computed value, the same
+    for every row, makes (`id = 42 + CASE WHEN starts_with(current_user, 'p') THEN 1/0 ELSE 0 END`):
+    a blind probe answering through an error, the time taken or the rows."""
+    if next(submitted.nodes_of(ast.CaseExpr), None) is None or not reads_user_relation(submitted):
+        return None
+    for statement in placed_statements(submitted):
+        for node, place in statement.placed:
+            if place != "condition" or not isinstance(node, ast.CaseExpr):
+                continue
+            test = next((test for test in case_conditions(node) if is_fixed_and_computed(test)), None)
+            if test is not None:
+                return Finding(RULE, f"the CASE in the condition is chosen by `{quote(test)}`, which is the "
+                                     "same for every row (an injected blind probe); choose with a parameter")
+    return None
 
 
 def _compares_constants(node: ast.A_Expr) -> bool:

@@ -103,6 +103,8 @@ _TEXT_PROBES = _SERVER + _LOGINS + _DELAYS + [
     f"(SELECT CASE WHEN {_BOOLEAN} THEN 'a' ELSE 'b' END)",
     "(SELECT CASE WHEN starts_with(version(), 'PostgreSQL') THEN 'a' ELSE 'b' END)",
     "CAST((SELECT usename FROM pg_user LIMIT 1) AS int)::text", "(current_user::int)::text",
+    "CASE WHEN starts_with(current_user, 'p') THEN (SELECT count(*) FROM pg_class a, pg_class b)::text "
+    "ELSE '' END",
 ]
 _NUMBER_PROBES = [
     "(SELECT length(version()))", "(SELECT pg_backend_pid())", "(SELECT length(current_user))",
@@ -113,7 +115,7 @@ _NUMBER_PROBES = [
     "(SELECT CASE WHEN starts_with(version(), 'PostgreSQL') THEN 1 ELSE 0 END)",
     "CASE WHEN EXISTS (SELECT 1 FROM pg_user WHERE usename LIKE 'p%') THEN 1 ELSE 0 END",
     "CAST((SELECT usename FROM pg_user LIMIT 1) AS int)", "current_user::int", "version()::int",
-    "length(version())", "pg_backend_pid()",
+    "length(version())", "pg_backend_pid()", "CASE WHEN starts_with(current_user, 'f') THEN 1/0 ELSE 0 END",
 ]
 CONTEXT_PROBES = (
     [("string", f"x' || {probe} || '") for probe in _TEXT_PROBES]
