@@ -200,9 +200,9 @@ class UpstreamStatements:
         the same shape is still unanswered (pipelining) or too many statements are kept."""
         full_key = (key, form.template, form.types)
         ticket = self._tickets.get(full_key)
-        arguments = ", ".join(form.arguments)
+        arguments = f"({', '.join(form.arguments)})" if form.arguments else ""  # no `()` without any
         if ticket is not None and ticket.state == UpstreamTicket.READY:
-            return Rewrite(f"EXECUTE {ticket.name}({arguments})", verdict.info, None, ticket)
+            return Rewrite(f"EXECUTE {ticket.name}{arguments}", verdict.info, None, ticket)
         if ticket is not None and ticket.state == UpstreamTicket.PENDING:
             return verdict
         if self._live >= MAX_STATEMENTS:
@@ -211,8 +211,9 @@ class UpstreamStatements:
         self._live += 1
         ticket = UpstreamTicket(f"{NAME_PREFIX}{self._count}")
         self._tickets[full_key] = ticket
-        prefix = f"PREPARE {ticket.name}({', '.join(form.types)}) AS "
-        text = f"{prefix}{form.template}; EXECUTE {ticket.name}({arguments})"
+        types = f"({', '.join(form.types)})" if form.types else ""
+        prefix = f"PREPARE {ticket.name}{types} AS "
+        text = f"{prefix}{form.template}; EXECUTE {ticket.name}{arguments}"
         splices = Splices([(0, 0, len(prefix)), *form.spans()])
         return Rewrite(text, verdict.info, splices, ticket)
 
