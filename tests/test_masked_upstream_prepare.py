@@ -43,8 +43,8 @@ def proxy(gv_world: GuardWorld) -> Iterator[RunningProxy]:
             yield running
 
 
-def _connect(proxy: RunningProxy) -> psycopg.Connection[Any]:
-    return psycopg.connect(proxy.dsn(LOGIN, PASSWORD, "guard_test"), autocommit=True)
+def _connect(proxy: RunningProxy, login: str = LOGIN) -> psycopg.Connection[Any]:
+    return psycopg.connect(proxy.dsn(login, PASSWORD, "guard_test"), autocommit=True)
 
 
 Answer = tuple[list[tuple[Any, ...]], list[tuple[str, int]], str]
@@ -267,7 +267,8 @@ def test_columns_changed_behind_pgveils_back_are_never_served_raw(
     assert all(outcome in ("ok", changed) for outcome in outcomes), outcomes
 
 
-def test_every_bypass_attempt_answers_alike_inline_and_prepared(proxy: RunningProxy) -> None:
+@pytest.mark.parametrize("login", [LOGIN, "gv_writer"])
+def test_every_bypass_attempt_answers_alike_inline_and_prepared(proxy: RunningProxy, login: str) -> None:
     """Each single-statement read of the bypass suite, three times through pgveil (the later ones
     prepared where pgveil prepares them) for a masked login: the same answer each time (rows, or
     SQLSTATE), and no canary in any of them."""
@@ -276,7 +277,7 @@ def test_every_bypass_attempt_answers_alike_inline_and_prepared(proxy: RunningPr
               and sql.lstrip().lower().startswith(("select", "with", "table", "values", "("))]
     assert len(single) > 50
     for sql in single:
-        with _connect(proxy) as conn:  # (some attempts change the session's settings)
+        with _connect(proxy, login) as conn:  # (some attempts change the session's settings)
             answers = []
             for _ in range(3):
                 try:
