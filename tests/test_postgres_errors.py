@@ -280,6 +280,29 @@ def test_psql_draws_its_line_pointer_under_the_same_place(veil: Veil) -> None:
     assert outputs[1] == outputs[0]
 
 
+def test_a_login_that_sees_everything_has_its_text_forwarded_as_sent(veil: Veil) -> None:
+    with veil.veiled(ADMIN) as conn:
+        conn.execute("set search_path = gv")
+        conn.execute("create temp table orders (note text)")
+        conn.execute("insert into orders values ('the temporary one')")
+        # PostgreSQL reads pg_temp.orders first; a qualified rewrite would have read gv.orders
+        assert conn.execute("select * from orders").fetchall() == [("the temporary one",)]
+        conn.execute("drop table orders")
+        # a statement prepared while its table existed is not stale after the table is dropped
+        # and created again (psycopg prepares statements it runs five times)
+        with veil.direct("postgres") as owner:
+            owner.execute("grant create on schema gv to gv_admin")
+        try:
+            for _ in range(7):
+                conn.execute("drop table if exists admin_scratch")
+                conn.execute("create table admin_scratch (id text primary key)", prepare=True)
+            conn.execute("drop table admin_scratch")
+        finally:
+            with veil.direct("postgres") as owner:
+                owner.execute("drop table if exists gv.admin_scratch")
+                owner.execute("revoke create on schema gv from gv_admin")
+
+
 # ---- client encodings ----------------------------------------------------------------------------
 
 

@@ -3,9 +3,10 @@
 Every FROM-item reference to a relation the role may not see whole becomes
 `(SELECT c1, <mask>(c2) AS c2, ... FROM schema.tbl [WHERE <row filter>] [OFFSET 0]) AS <alias>`
 with the catalog's column order; every other resolved relation reference is written fully
-qualified as the guard resolved it; column references qualified with the table's own name are
-re-pointed at the alias. The rest of the client's text is kept byte for byte, so literals, dollar
-quoting and escapes reach PostgreSQL exactly as they were analysed."""
+qualified as the guard resolved it (for roles with masked data or limited tables); column
+references qualified with the table's own name are re-pointed at the alias. The rest of the
+client's text is kept byte for byte, so literals, dollar quoting and escapes reach PostgreSQL
+exactly as they were analysed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pglast import ast, parser
 
 from proxy.guard.protected import UNPROTECTED, RelationMasks, scanned_masks
+from proxy.guard.rules import role_is_restricted
 from proxy.guard.statement import GuardContext, GuardStatement, RelationRef
 from proxy.guard.verdict import Refuse
 from proxy.policy.protections import ProtectionError, mask_expression
@@ -63,6 +65,10 @@ class _Splicer:
         self.edits: list[Edit] = []
         self.masks: list[str] = []
         self.aliases: dict[str, set[str]] = {}  # substituted relation -> aliases it got
+        # Names are written as resolved where the resolution decides something (masking, the
+        # table allow-list); a role that sees and may touch everything has its text forwarded as
+        # sent, so PostgreSQL resolves it as it would without pgveil (temporary tables included).
+        self.qualify = context.masked or role_is_restricted(context.role)
 
     def name_span(self, location: int | None, count: int) -> tuple[int, int] | None:
         """Token indexes (first, last) of a dotted name of `count` parts starting at `location`."""
@@ -97,7 +103,8 @@ class _Splicer:
         copies_out = isinstance(statement, ast.CopyStmt) and not statement.is_from
         substitute = masks.protected and (ref.position == "from" or (ref.position == "copy" and copies_out))
         if not substitute:
-            self.add(self.tokens[first].start, self.tokens[last].end + 1, qualified_sql)
+            if self.qualify:
+                self.add(self.tokens[first].start, self.tokens[last].end + 1, qualified_sql)
             return None
         if masks.child_row_filter and substitute:
             return Refuse("row-filtered-child", f"a child or partition of {ref.qualified} has its own row "
