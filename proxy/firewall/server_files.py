@@ -32,6 +32,10 @@ SERVER_FILE_FUNCTIONS = frozenset({
 
 def find_server_side_file(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) -> Finding | None:
     administrator = role.may_run("admin")
+    if not administrator and any(isinstance(node, ast.CreateFunctionStmt) and _language(node) == "c"
+                                 for node in submitted.nodes_of(ast.CreateFunctionStmt)):
+        return Finding(RULE, "CREATE FUNCTION ... LANGUAGE C loads a library file from the database "
+                             "server's disk and runs it; only administrators may")
     for node in submitted.nodes:
         if isinstance(node, ast.CopyStmt) and node.filename is not None:
             if node.is_program:
@@ -41,9 +45,6 @@ def find_server_side_file(submitted: SubmittedSql, role: Role, facts: DatabaseFa
             if not administrator:
                 return Finding(RULE, f"COPY with the server file '{node.filename}' reads or writes files on "
                                      "the database server; use COPY ... TO STDOUT / FROM STDIN")
-        if not administrator and isinstance(node, ast.CreateFunctionStmt) and _language(node) == "c":
-            return Finding(RULE, "CREATE FUNCTION ... LANGUAGE C loads a library file from the database "
-                                 "server's disk and runs it; only administrators may")
         if (not administrator and isinstance(node, ast.FuncCall)
                 and function_name(node) in SERVER_FILE_FUNCTIONS):
             return Finding(RULE, f"`{quote(node)}` touches server files or other servers; "

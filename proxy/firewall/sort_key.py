@@ -76,6 +76,7 @@ def case_conditions(case: ast.CaseExpr) -> list[ast.Node]:
 
 
 def is_fixed_and_computed(test: ast.Node) -> bool:
-    nodes = list(walk(test))
-    return (is_row_independent(test) and not any(isinstance(node, ast.ParamRef) for node in nodes)
-            and any(isinstance(node, _COMPUTED) for node in nodes))
+    """The same for every row (no column, parameter or aggregate) and computed by a subquery or call."""
+    if not is_row_independent(test):
+        return False  # the common case, found at the first column
+    return any(isinstance(node, _COMPUTED) for node in walk(test))
