@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -322,5 +324,31 @@ def test_terminate_while_a_statement_runs_lets_it_finish(route: Route, database:
     expected = run(straight(database))
     assert expected[1] == [(7,)]
     assert run(route) == expected
+    if route.audit_log is not None:
+        assert audit_problems(route.audit_log, wait=True) == []
+
+
+# ---- a real driver --------------------------------------------------------------------------------
+
+
+def test_psycopg_send_query_then_finish_runs_the_statement(route: Route, database: Database) -> None:
+    """libpq's fire-and-forget: PQsendQuery, then PQfinish at once (Terminate, close); in a
+    process of its own (libpq's blocking calls hold the GIL the in-process pgveil needs)."""
+    def run(over: Route) -> list[tuple[Any, ...]]:
+        tag, app = uuid.uuid4().hex, f"term_{uuid.uuid4().hex[:10]}"
+        dsn = (f"host={over.host} port={over.port} dbname={DATABASE} user={database.superuser} "
+               f"application_name={app} sslmode=disable gssencmode=disable")
+        two = f"INSERT INTO {TABLE} VALUES (1, '{tag}'); INSERT INTO {TABLE} VALUES (2, '{tag}')"
+        script = ("import sys, psycopg\n"
+                  "conn = psycopg.pq.PGconn.connect(sys.argv[1].encode())\n"
+                  "assert conn.status == psycopg.pq.ConnStatus.OK, conn.error_message\n"
+                  "assert conn.send_query(sys.argv[2].encode()) is None\n"
+                  "conn.finish()\n")
+        subprocess.run([sys.executable, "-c", script, dsn, two], check=True, timeout=60)
+        wait_until(lambda: backend_gone(database, app), "the backend to end")
+        return rows_of(database, tag)
+
+    assert run(straight(database)) == [(1,), (2,)]
+    assert run(route) == [(1,), (2,)]
     if route.audit_log is not None:
         assert audit_problems(route.audit_log, wait=True) == []
