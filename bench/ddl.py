@@ -92,10 +92,17 @@ def serve(upstream: str, policy: Path, source: Path | None) -> tuple[subprocess.
     for line in process.stderr:
         match = re.search(r"listening on \S+:(\d+)", line)
         if match:
-            threading.Thread(target=lambda: process.stderr.read() if process.stderr else None,
-                             daemon=True).start()
+            threading.Thread(target=_show_problems, args=(process,), daemon=True).start()
             return process, int(match.group(1))
     raise SystemExit("pgveil serve did not start")
+
+
+def _show_problems(process: subprocess.Popen[str]) -> None:
+    """Print what pgveil logs at warning level or above (the rest is dropped)."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        if " WARNING " in line or " ERROR " in line or "Traceback" in line:
+            print(f"pgveil: {line.rstrip()}", file=sys.stderr)
 
 
 def milliseconds(samples: list[float]) -> str:

@@ -186,7 +186,7 @@ class Enforcement:
         when pgveil cannot tell or cannot catch up (the caller refuses). Not `required` (a verdict
         that read no views or user code): only when the last check is older than a second."""
         if not required and time.monotonic() - self._last_catalog_check < _CATALOG_CHECK_SECONDS:
-            await self._ddl_followed()
+            await self.ddl_followed()
             return True
         self._last_catalog_check = time.monotonic()
         for _ in range(3):
@@ -210,16 +210,27 @@ class Enforcement:
             self._following = asyncio.ensure_future(self._follow_ddl(self._ddl_noted))
 
     async def _follow_ddl(self, noted: int) -> None:
+        """One marker probe and, when it moved, one catalog read that started after the probe
+        (so after the DDL noted so far committed)."""
         try:
-            await self.fresh_catalog(required=True)
-        except Exception:  # the marker is compared again before the catalog is relied on
-            log.exception("catching the catalog up after DDL failed")
+            self._last_catalog_check = time.monotonic()
+            marker = await self.catalog_watch.marker()
+            if marker != self.state.catalog.change_marker:
+                earlier = self._refreshing is not None and not self._refreshing.done()
+                await self.refresh_catalog()
+                if earlier and self.state.catalog.change_marker != marker:
+                    await self.refresh_catalog()  # the one joined had begun before the probe
+                if self.state.catalog.change_marker != marker:  # newer DDL, or the read failed
+                    self._last_catalog_check = 0.0  # the next statement that relies on it asks
+        except Exception as exc:  # asyncpg, OS and timeout errors alike
+            log.warning("cannot catch the catalog up after DDL: %s", _one_line(exc))
+            self._last_catalog_check = 0.0  # not checked: the next statement that relies on it asks
         finally:
             self._ddl_caught_up = max(self._ddl_caught_up, noted)
             if self._ddl_noted > noted:
                 self._following = asyncio.ensure_future(self._follow_ddl(self._ddl_noted))
 
-    async def _ddl_followed(self) -> None:
+    async def ddl_followed(self) -> None:
         """Wait until the DDL noted so far (follow_ddl_soon) has been followed."""
         noted = self._ddl_noted
         while self._ddl_caught_up < noted and self._following is not None:
@@ -231,8 +242,9 @@ class Enforcement:
 
     async def close(self) -> None:
         """Close the catalog watch's connection (the serving process stops)."""
-        if self._following is not None:
-            self._following.cancel()
+        for task in (self._following, self._refreshing):
+            if task is not None:
+                task.cancel()
         self.analysis.close()
         await self.catalog_watch.close()
         await self.catalog_reader.close()
@@ -606,12 +618,15 @@ class GuardedConnection:
         not move it: the catalog never holds them) and then only for the relations that changed.
         A role whose verdicts depend on the catalog waits for it, so its next statement is judged
         on the new facts; for any other role nothing this session sends depends on it and the
-        session goes on at once while the catalog catches up in the background. Other sessions
-        compare the change marker themselves before they rely on the catalog."""
+        session goes on while the catalog catches up in the background; it waits only for DDL
+        still being followed from before (so a stream of DDL is followed at the pace the catalog
+        is read, and masked sessions, which wait for it, wait for one read at most). Other
+        sessions compare the change marker themselves before they rely on the catalog."""
         role = self.role()
         if role is not None and self._judged_by_definitions(role):
             await self.enforcement.fresh_catalog(required=True)
         else:
+            await self.enforcement.ddl_followed()
             self.enforcement.follow_ddl_soon()
 
     # -- the cache-hit fast path ----------------------------------------------------------------
@@ -848,8 +863,9 @@ class GuardedConnection:
 
     def _same_role_since(self, state: _State, role: Role) -> bool:
         """No reload and no elevation grant starting or ending since `state` and `role` were taken (a
-        verdict decided under them, maybe over awaits, still applies)."""
-        if self.enforcement.state is not state:
+        verdict decided under them, maybe over awaits, still applies). A catalog read again meanwhile
+        (after DDL) does not count: _decide judges again when the catalog it relied on changed."""
+        if self.enforcement.state.policy is not state.policy:
             return False
         return self.enforcement.active_role is None or self.role() is role
 

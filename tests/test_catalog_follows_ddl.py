@@ -67,7 +67,7 @@ class World:
 
     def caught_up(self) -> CatalogSnapshot:
         """The catalog once pgveil has followed the DDL it was told of."""
-        self.proxy.run(self.enforcement._ddl_followed())
+        self.proxy.run(self.enforcement.ddl_followed())
         return self.enforcement.state.catalog
 
 
