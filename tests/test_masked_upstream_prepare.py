@@ -20,7 +20,8 @@ from proxy.guard.cache import VerdictCache
 from proxy.guard.pipeline import analyse
 from proxy.guard.upstream_prepare import NAME_PREFIX, prepared_form
 from proxy.guard.verdict import Refuse, Rewrite, UpstreamTicket
-from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, leaked_canaries, world  # noqa: F401 (the fixture)
+from tests.conftest import Upstream
+from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardWorld, build_world, leaked_canaries, world  # noqa: F401
 from tests.guard_setup import GuardDatabase as _GuardDatabase
 from tests.proxy_harness import RunningProxy, running_proxy
 from tests.test_bypass_guard import ATTEMPTS
@@ -291,3 +292,21 @@ def test_every_bypass_attempt_answers_alike_inline_and_prepared(proxy: RunningPr
             with contextlib.suppress(psycopg.Error):  # a session some attempt left refusing everything
                 prepared += bool(_ours(conn))
     assert prepared >= 5  # the mechanism was exercised
+
+
+def test_postgresql_15_answers_alike_inline_and_prepared(upstream15: Upstream) -> None:
+    world15 = build_world(upstream15)
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "policy.yaml")
+            with open(path, "w") as handle:
+                handle.write(POLICY)
+            with running_proxy(_GuardDatabase(world15), path) as running, _connect(running) as conn:
+                for person in (1, 2, 3, 2):
+                    for sql in (f"SELECT * FROM gv.people WHERE id = {person}",
+                                f"SELECT id, ssn FROM gv.people WHERE id IN ({person}, 9) LIMIT 3"):
+                        assert _simple(conn, sql) == _inline(world15, sql)
+                assert len(_ours(conn)) == 2
+    finally:
+        for connection in world15.connections.values():
+            connection.close()
