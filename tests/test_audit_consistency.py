@@ -8,7 +8,7 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +17,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.audit import verify
+from proxy.audit import AuditError, AuditSink, verify
+from proxy.audit.sink import Unsealed
 from proxy.connection_policy import ClientInfo, ConnectionPolicy, PassThrough
 from proxy.guard.verdict import Allow, Verdict
 from proxy.operations import AuditSettings, build_connection_policy_factory, open_audit_sink
@@ -60,6 +61,7 @@ class Audited:
     proxy: RunningProxy
     log: Path
     upstream: Upstream
+    sink: Any
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
@@ -74,12 +76,37 @@ class Audited:
             return conn.execute(f"SELECT n FROM {TABLE} WHERE tag = %s ORDER BY n", (tag,)).fetchall()
 
 
+class Faltering:
+    """A real file sink whose `append` (what a statement waits for) fails while `broken` is set;
+    records queued behind still reach the file."""
+
+    def __init__(self, inner: AuditSink) -> None:
+        self.inner = inner
+        self.broken = threading.Event()
+
+    def append(self, record: Unsealed) -> Awaitable[None] | None:
+        if self.broken.is_set():
+            raise AuditError("injected: no space left on device")
+        return self.inner.append(record)
+
+    def append_behind(self, record: Unsealed) -> None:
+        self.inner.append_behind(record)
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 @contextmanager
-def audited_proxy(upstream: Upstream, directory: Path) -> Iterator[Audited]:
+def audited_proxy(upstream: Upstream, directory: Path, faltering: bool = False) -> Iterator[Audited]:
     """pgveil with the Troublesome policy behind the audit layer, as `serve` wires a policy."""
     log = directory / f"audit-{uuid.uuid4().hex[:6]}.jsonl"
-    sink = open_audit_sink(AuditSettings(log=str(log)))
+    sink: AuditSink | None = open_audit_sink(AuditSettings(log=str(log)))
     assert sink is not None
+    if faltering:
+        sink = Faltering(sink)
 
     def inner(client: ClientInfo) -> ConnectionPolicy:
         return Troublesome()
@@ -87,7 +114,7 @@ def audited_proxy(upstream: Upstream, directory: Path) -> Iterator[Audited]:
     factory = build_connection_policy_factory(inner, sink, None)
     with running_proxy(upstream, policy_factory=factory) as proxy:
         try:
-            yield Audited(proxy, log, upstream)
+            yield Audited(proxy, log, upstream, sink)
         finally:
             wait_until(lambda: proxy.open_sessions() == 0, "the sessions to end")
             proxy.run(sink.close())
@@ -232,7 +259,8 @@ def test_statements_refused_by_every_rule_of_the_serve_runtime_are_audited_in_st
     accesses = [(r["request"], r["rule"]) for r in records if r["type"] == "access"]
     catalog = accesses[0][1]
     assert catalog is not None
-    assert accesses == [(1, catalog), (2, "statement-too-large"), (3, None), (4, catalog), (5, None), (6, None)]
+    assert accesses == [(1, catalog), (2, "statement-too-large"), (3, None), (4, catalog), (5, None),
+                        (6, None)]
 
 
 def test_a_statement_under_a_foreign_client_encoding_is_audited_in_step(
@@ -257,3 +285,22 @@ def test_a_statement_under_a_foreign_client_encoding_is_audited_in_step(
     assert audit_problems(log) == []
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["request"] for r in records if r["type"] == "access"] == [1, 2, 3]
+
+
+def test_a_statement_whose_access_record_could_not_be_written_gets_no_completion_either(
+        upstream: Upstream, tmp_path: Path) -> None:
+    """Refused as audit-unavailable: nothing in the log about it, not even when the sink works
+    again by the time its completion would be written; the next statement is numbered on."""
+    app = f"step_{uuid.uuid4().hex[:8]}"
+    with audited_proxy(upstream, tmp_path, faltering=True) as audited:
+        dsn = audited.proxy.dsn() + f"?application_name={app}"
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+            conn.execute("SELECT 1")
+            audited.sink.broken.set()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgveil: audit-unavailable"):
+                conn.execute("SELECT 2")
+            audited.sink.broken.clear()
+            conn.execute("SELECT 3")
+        assert audit_problems(audited.log, wait=True) == []
+        numbers = [(r["type"], r["request"]) for r in audited.of(app)]
+        assert numbers == [("access", 1), ("completion", 1), ("access", 3), ("completion", 3)]

@@ -116,6 +116,7 @@ class AuditedConnection:
         self.requests = 0
         # (request, role, policy version) of access records whose completion is still to come
         self._unfinished: deque[tuple[int, str | None, str | None]] = deque()
+        self._unwritten: set[int] = set()  # requests whose access record could not be written
         self._client_known: tuple[ClientInfo | None, dict[str, Any]] | None = None
         self._role_now = role_reader(inner)
         self._version_now = policy_version_reader(inner)
@@ -257,7 +258,9 @@ class AuditedConnection:
         return await self._durable(waiter, verdict, started) if waiter is not None else verdict
 
     def _unaudited(self, verdict: Verdict, exc: AuditError, counted: bool = False) -> Verdict:
-        """What to act on when the access record of `verdict` could not be written."""
+        """What to act on when the access record of `verdict` could not be written (it gets no
+        completion record either: policy calls run one at a time, so its number is the last)."""
+        self._unwritten.add(self.requests)
         if self.timer and not counted:
             self.timer.audit_failed("access")
         if self.on_audit_failure == "allow":
@@ -408,6 +411,12 @@ class AuditedConnection:
         if len(covered) < outcome.verdicts:  # never a number that is not this request's own
             log.error("a completion of %d statements with %d access records open",
                       outcome.verdicts, len(covered))
+            if not covered:
+                return
+        if self._unwritten:  # no completion of an access record that is not in the log
+            kept = [entry for entry in covered if entry[0] not in self._unwritten]
+            self._unwritten.difference_update(number for number, _, _ in covered)
+            covered = kept
             if not covered:
                 return
         request, role, version = covered[0]
