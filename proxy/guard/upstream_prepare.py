@@ -17,6 +17,7 @@ shape prepares under a new name, or goes inline while one is in flight).
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from pglast.enums import A_Expr_Kind
 from proxy.guard.cache import shape
 from proxy.guard.positions import Span, Splices
 from proxy.guard.verdict import Rewrite, StatementInfo, UpstreamTicket
+
+log = logging.getLogger("pgveil.guard")
 
 NAME_PREFIX = f"pgveil_{secrets.token_hex(4)}_"
 """Names of pgveil's own upstream statements: per process, so replicas and clients do not collide."""
@@ -52,10 +55,11 @@ class PreparedForm:
     sql: str  # the client's statement
     verdict: Rewrite
 
-    def spans(self) -> tuple[Span, ...]:
+    def spans(self) -> tuple[Span, ...] | None:
         """Where the template replaced the client's text (for error positions in the PREPARE)."""
         shaped = shape(self.sql)
-        assert shaped is not None and self.verdict.splices is not None
+        if shaped is None or self.verdict.splices is None or len(shaped[2]) != len(self.arguments):
+            return None
         literals = [(start, end, len(f"${number}")) for number, (start, end) in enumerate(shaped[2], start=1)]
         return tuple(sorted([*self.verdict.splices.spans, *literals]))
 
@@ -90,7 +94,12 @@ def prepared_form(sql: str, verdict: Rewrite, *, row_filtered: bool) -> Prepared
     if known is None or known[0] is not info:
         if len(_TEMPLATES) >= _TEMPLATES_LIMIT:
             _TEMPLATES.clear()
-        known = (info, _template(sql, verdict))
+        try:
+            template = _template(sql, verdict)
+        except Exception:  # the inline rewrite is always correct: send it
+            log.exception("pgveil could not work out the prepared form of a statement; sending it inline")
+            template = None
+        known = (info, template)
         _TEMPLATES[id(info)] = known
     template = known[1]
     if template is None:
@@ -205,7 +214,8 @@ class UpstreamStatements:
             return Rewrite(f"EXECUTE {ticket.name}{arguments}", verdict.info, None, ticket)
         if ticket is not None and ticket.state == UpstreamTicket.PENDING:
             return verdict
-        if self._live >= MAX_STATEMENTS:
+        spans = form.spans()
+        if self._live >= MAX_STATEMENTS or spans is None:
             return verdict
         self._count += 1
         self._live += 1
@@ -214,7 +224,7 @@ class UpstreamStatements:
         types = f"({', '.join(form.types)})" if form.types else ""
         prefix = f"PREPARE {ticket.name}{types} AS "
         text = f"{prefix}{form.template}; EXECUTE {ticket.name}{arguments}"
-        splices = Splices([(0, 0, len(prefix)), *form.spans()])
+        splices = Splices([(0, 0, len(prefix)), *spans])
         return Rewrite(text, verdict.info, splices, ticket)
 
     def forget_all(self, deallocated: bool = False) -> None:
