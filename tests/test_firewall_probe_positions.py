@@ -37,6 +37,10 @@ PROBES = [
     ("time-based-probe", SORT,
      "(SELECT CASE WHEN (SELECT count(*) FROM pg_user) > 0 THEN pg_sleep(5) END)::text"),
     ("time-based-probe", NUMBER, "42; SELECT pg_sleep(5)"),
+    ("time-based-probe", NUMBER,
+     "42 + (SELECT count(*) FROM generate_series(1, 99999) a, generate_series(1, 99999) b)"),
+    ("time-based-probe", LIMIT, "(WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r "
+                                "WHERE n < 100000000) SELECT count(*) FROM r)"),
     ("time-based-probe", SORT, "price; SELECT count(*) FROM generate_series(1, 5000000)"),
     # a subquery reading a catalog view of logins
     ("catalog-probe", SORT, "id, (SELECT usename FROM pg_user LIMIT 1)"),

@@ -3,10 +3,11 @@
 Caught (application roles): `pg_sleep(5)`, `pg_sleep_for('5 s')`, `pg_sleep_until(...)` anywhere,
 `generate_series(1, 5000000)` spanning more than 100,000 values given as literals (the heavy-query
 probe), `repeat('x', 10000000)` longer than 1,000,000 characters.
-For every role (people included) the same calls are caught inside a condition, a sort key or
-LIMIT/OFFSET of a statement over user tables: `ORDER BY (SELECT 1 FROM pg_sleep(5))`,
-`WHERE name = 'x' || (SELECT '' FROM pg_sleep(5)) || ''`, `LIMIT (SELECT 20 FROM pg_sleep(5))`, and
-in a statement stacked after such a statement in one query (`... ORDER BY price; SELECT pg_sleep(5)`).
+For every role (people included) the same calls, products and recursions are caught inside a
+condition, a sort key or LIMIT/OFFSET of a statement over user tables: `ORDER BY (SELECT 1 FROM
+pg_sleep(5))`, `WHERE name = 'x' || (SELECT '' FROM pg_sleep(5)) || ''`, `LIMIT (SELECT 20 FROM
+pg_sleep(5))`, and in a statement stacked after such a statement in one query (`... ORDER BY price;
+SELECT pg_sleep(5)`).
 Let through: `generate_series` over small ranges, dates or columns; `repeat` of short strings. Roles
 that are not applications may sleep elsewhere (people test timeouts and cancellation with
 `SELECT pg_sleep(5)` or `SELECT *, pg_sleep(0.1) FROM t`).
@@ -57,28 +58,42 @@ def find_time_based_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFa
 
 
 def _probe_in_position(submitted: SubmittedSql) -> Finding | None:
-    """A sleep or heavy call where injected input lands (a condition, a sort key, LIMIT/OFFSET) of a
+    """A sleep or heavy query where injected input lands (a condition, a sort key, LIMIT/OFFSET) of a
     statement over user tables, or in a statement stacked after one: there it delays the page, which
     is all a time-based probe needs (psql sends a script's statements one query at a time)."""
-    if not any(function_name(node) in _MAYBE_HEAVY and _heavy_call(node) is not None
-               for node in submitted.nodes_of(ast.FuncCall) if isinstance(node, ast.FuncCall)):
+    calls = (node for node in submitted.nodes_of(ast.FuncCall) if isinstance(node, ast.FuncCall))
+    recursions = (node for node in submitted.nodes_of(ast.WithClause)
+                  if isinstance(node, ast.WithClause) and node.recursive)
+    if not any(function_name(call) in _MAYBE_HEAVY for call in calls) and next(recursions, None) is None:
         return None
     if not reads_user_relation(submitted):
         return None  # the common case: nothing to place, no second walk
+    common_tables = {str(node.ctename).lower(): node for node in submitted.nodes_of(ast.CommonTableExpr)
+                     if isinstance(node, ast.CommonTableExpr) and node.ctename}
     statements = placed_statements(submitted)
     over_user_data = any(statement.reads_user_relation for statement in statements)
     for statement in statements:
         if not statement.reads_user_relation:
             if over_user_data:  # `...; SELECT pg_sleep(5)` stacked after the application's query
-                finding = next((found for node in statement.nodes if isinstance(node, ast.FuncCall)
-                                and (found := _heavy_call(node)) is not None), None)
+                finding = next((found for node in statement.nodes
+                                if (found := _heavy(node, common_tables)) is not None), None)
                 if finding is not None:
                     return Finding(RULE, f"stacked after a query over user data: {finding.message}")
             continue
         for node, place in statement.placed:
-            finding = _heavy_call(node) if isinstance(node, ast.FuncCall) else None
+            finding = _heavy(node, common_tables)
             if finding is not None:
                 return Finding(RULE, f"in the {place}: {finding.message}")
+    return None
+
+
+def _heavy(node: ast.Node, common_tables: dict[str, ast.CommonTableExpr]) -> Finding | None:
+    if isinstance(node, ast.FuncCall):
+        return _heavy_call(node)
+    if isinstance(node, ast.SelectStmt):
+        return _heavy_product(node, common_tables)
+    if isinstance(node, ast.WithClause) and node.recursive:
+        return _long_recursion(node)
     return None
 
 
