@@ -161,6 +161,8 @@ CATALOG = CatalogSnapshot(
             Column("id", "integer", 23), Column("name", "text", 25))),
         "public.products": Relation("public", "products", "table", (
             Column("id", "integer", 23), Column("category_id", "integer", 23))),
+        "public.favorites": Relation("public", "favorites", "table", (
+            Column("product_id", "integer", 23), Column("login", "text", 25))),
     },
     functions={}, role_settings={}, server_search_path=("public",), generation="fw-probe-positions",
 )
@@ -192,4 +194,16 @@ def test_a_sort_key_subquery_correlated_by_an_unqualified_name_is_let_through_wi
     assert not isinstance(analyse(sql, context(UNMARKED)).verdict, Refuse)
     constant = "SELECT id FROM products ORDER BY (SELECT name FROM categories WHERE id = 3)"
     refused = analyse(constant, context(UNMARKED)).verdict
+    assert isinstance(refused, Refuse) and refused.rule == "sort-key-probe"
+
+
+def test_a_case_on_a_subquery_correlated_by_an_unqualified_name_is_let_through_with_the_catalog() -> None:
+    for sql in ("SELECT id FROM products ORDER BY CASE WHEN EXISTS (SELECT 1 FROM favorites "
+                "WHERE product_id = id) THEN 0 ELSE 1 END",
+                "SELECT id FROM products WHERE category_id = CASE WHEN EXISTS (SELECT 1 FROM favorites "
+                "WHERE product_id = id) THEN 1 ELSE 2 END"):
+        assert not isinstance(analyse(sql, context(UNMARKED)).verdict, Refuse), sql
+    probe = ("SELECT id FROM products ORDER BY CASE WHEN EXISTS (SELECT 1 FROM favorites "
+             "WHERE login LIKE 'a%') THEN id ELSE category_id END")
+    refused = analyse(probe, context(UNMARKED)).verdict
     assert isinstance(refused, Refuse) and refused.rule == "sort-key-probe"

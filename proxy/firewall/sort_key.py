@@ -47,7 +47,7 @@ def find_sort_key_probe(submitted: SubmittedSql, role: Role, facts: DatabaseFact
             if not isinstance(node, ast.CaseExpr):
                 continue
             for test in case_conditions(node):
-                if is_fixed_and_computed(test):
+                if is_fixed_and_computed(test, facts):
                     return Finding(RULE, f"the {position.place} `{quote(key)}` is chosen by `{quote(test)}`, "
                                          "which is the same for every row: the shape of a boolean probe "
                                          "injected into ORDER BY, LIMIT or OFFSET; choose with a parameter")
@@ -75,8 +75,9 @@ def case_conditions(case: ast.CaseExpr) -> list[ast.Node]:
     return [when.expr for when in case.args or () if isinstance(when, ast.CaseWhen) and when.expr is not None]
 
 
-def is_fixed_and_computed(test: ast.Node) -> bool:
+def is_fixed_and_computed(test: ast.Node, facts: DatabaseFacts) -> bool:
     """The same for every row (no column, parameter or aggregate) and computed by a subquery or call."""
     if not is_row_independent(test):
         return False  # the common case, found at the first column
-    return any(isinstance(node, _COMPUTED) for node in walk(test))
+    nodes = list(walk(test))
+    return any(isinstance(node, _COMPUTED) for node in nodes) and not _reads_outer_columns(nodes, facts)

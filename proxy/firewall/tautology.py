@@ -76,22 +76,23 @@ def find_tautology(submitted: SubmittedSql, role: Role, facts: DatabaseFacts) ->
                 finding = _always_true_branch(node) or _widening_branch(node)
                 if finding is not None:
                     return finding
-    return _not_null_branch(submitted, facts) or _fixed_case_in_condition(submitted)
+    return _not_null_branch(submitted, facts) or _fixed_case_in_condition(submitted, facts)
 
 
-def _fixed_case_in_condition(submitted: SubmittedSql) -> Finding | None:
+def _fixed_case_in_condition(submitted: SubmittedSql, facts: DatabaseFacts) -> Finding | None:
     """A CASE in a condition of a statement over user tables whose choice a computed value, the same
     for every row, makes (`id = 42 + CASE WHEN starts_with(current_user, 'p') THEN 1/0 ELSE 0 END`):
     a blind probe answering through an error, the time taken or the rows."""
     fixed = {id(case) for case in submitted.nodes_of(ast.CaseExpr) if isinstance(case, ast.CaseExpr)
-             and any(is_fixed_and_computed(test) for test in case_conditions(case))}
+             and any(is_fixed_and_computed(test, facts) for test in case_conditions(case))}
     if not fixed or not reads_user_relation(submitted):
         return None  # the common case: CASE on columns (TPC-H), no second walk
     for statement in placed_statements(submitted):
         for node, place in statement.placed:
             if place != "condition" or id(node) not in fixed or not isinstance(node, ast.CaseExpr):
                 continue
-            test = next((test for test in case_conditions(node) if is_fixed_and_computed(test)), None)
+            test = next((test for test in case_conditions(node) if is_fixed_and_computed(test, facts)),
+                        None)
             if test is not None:
                 return Finding(RULE, f"the CASE in the condition is chosen by `{quote(test)}`, which is the "
                                      "same for every row (an injected blind probe); choose with a parameter")
