@@ -285,9 +285,11 @@ def main() -> int:
                     command += ["-m", "cProfile", "-o", args.profile]
                 command += [str(HERE / "hotpath.py"), "--transactions", str(args.transactions),
                             "--child", pg.dsn(dbname="bench"), str(policy), ",".join(configurations)]
-                out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tree,
-                                     env={**os.environ, "PYTHONPATH": str(tree)}).stdout
-                for key, value in json.loads(out.strip().splitlines()[-1]).items():
+                child = subprocess.run(command, check=False, capture_output=True, text=True, cwd=tree,
+                                       env={**os.environ, "PYTHONPATH": str(tree)})
+                if child.returncode != 0:
+                    raise RuntimeError(f"the {name} pass failed:\n{child.stderr[-4000:]}")
+                for key, value in json.loads(child.stdout.strip().splitlines()[-1]).items():
                     results[name].setdefault(key, []).append(value)
         print(f"pgveil CPU µs per pgbench -S transaction, in-process, median and best of {args.rounds} "
               f"rounds of {args.transactions} (load average {os.getloadavg()[0]:.1f})")
