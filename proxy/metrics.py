@@ -329,7 +329,7 @@ class MeteredConnection:
         if outcome.verdicts == 0:  # only Close messages
             await self.inner.on_complete(outcome)
             return
-        if not self._last_refused:
+        if not self._last_refused and outcome.answered:  # a session that ended first timed nothing
             self.metrics.upstream_seconds.observe(outcome.upstream_seconds)
             if outcome.sqlstate:
                 self.metrics.statement_errors[(outcome.sqlstate[:2],)] += 1
@@ -374,7 +374,7 @@ class MeteredConnection:
         fast = self._fast
         if fast is None or not fast.fast_complete(outcome):
             return False
-        if outcome.verdicts and not self._last_refused:
+        if outcome.verdicts and not self._last_refused and outcome.answered:
             self.metrics.upstream_seconds.observe(outcome.upstream_seconds)
             if outcome.sqlstate:
                 self.metrics.statement_errors[(outcome.sqlstate[:2],)] += 1
