@@ -163,7 +163,7 @@ def test_the_issue_examples_are_refused_with_their_rule_through_pgveil(world: Wo
             "catalog-probe",
         "SELECT id, name FROM shop_products WHERE active ORDER BY id OFFSET (SELECT 0 FROM pg_sleep(5))":
             "time-based-probe",
-        "SELECT id, name FROM shop_products ORDER BY CASE WHEN starts_with((SELECT name FROM docs "
+        "SELECT id, name FROM shop_products ORDER BY CASE WHEN starts_with((SELECT title FROM docs "
         "WHERE id = 2), 't') THEN name ELSE id::text END": "sort-key-probe",
         "SELECT id FROM shop_products WHERE id = 42 AND 1 = CAST(current_user AS int)":
             "error-based-extraction",
