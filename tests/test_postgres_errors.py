@@ -240,7 +240,9 @@ def test_invalid_utf8_is_postgresqls_22021(veil: Veil) -> None:
                 with connect(login) as conn:
                     result = conn.pgconn.exec_(raw)
                     answers.append(tuple(result.error_field(ord(c)) for c in "SVCMP"))
-            assert answers[1] == answers[0] and answers[0][2] == b"22021"
+                    result = conn.pgconn.prepare(b"", raw)  # a Parse message
+                    answers.append(tuple(result.error_field(ord(c)) for c in "SVCMP"))
+            assert answers[2:] == answers[:2] and answers[0][2] == answers[1][2] == b"22021"
 
 
 def test_asyncpg_gets_the_same_errors_and_positions(veil: Veil) -> None:
