@@ -157,7 +157,8 @@ def test_deeply_nested_statement_is_refused_and_the_connection_stays_usable(
     with connect(proxy) as conn:
         with pytest.raises(psycopg.Error) as refused:
             conn.execute(NESTED[name].encode())
-        assert refused.value.sqlstate in ("42501", "54001"), refused.value
+        # 42601: PostgreSQL's own `memory exhausted at or near ...` (its parser's stack), as it gives it
+        assert refused.value.sqlstate in ("42501", "54001", "42601"), refused.value
         assert conn.execute("select 1").fetchone() == (1,)
 
 
