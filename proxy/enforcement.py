@@ -201,13 +201,16 @@ class Enforcement:
             await self.refresh_catalog()
         return marker == self.state.catalog.change_marker
 
-    def follow_ddl_soon(self) -> None:
-        """fresh_catalog in the background, after DDL of a session that need not wait for it; DDL
-        while one runs gets one more after it, not one each. Until it is done, statements that
-        would rely on the last check (fresh_catalog not `required`) wait for it."""
+    def follow_ddl_soon(self) -> int:
+        """Follow a DDL in the background (a session that need not wait for it ran it); DDL while
+        a follow runs gets one more after it, not one each. Until it is done, statements that would
+        rely on the last check (fresh_catalog not `required`) wait for it. Returns how many DDL
+        were noted before this one (ddl_followed(upto) waits for those)."""
+        before = self._ddl_noted
         self._ddl_noted += 1
         if self._following is None or self._following.done():
             self._following = asyncio.ensure_future(self._follow_ddl(self._ddl_noted))
+        return before
 
     async def _follow_ddl(self, noted: int) -> None:
         """One marker probe and, when it moved, one catalog read that started after the probe
@@ -230,9 +233,10 @@ class Enforcement:
             if self._ddl_noted > noted:
                 self._following = asyncio.ensure_future(self._follow_ddl(self._ddl_noted))
 
-    async def ddl_followed(self) -> None:
-        """Wait until the DDL noted so far (follow_ddl_soon) has been followed."""
-        noted = self._ddl_noted
+    async def ddl_followed(self, upto: int | None = None) -> None:
+        """Wait until the DDL noted so far (follow_ddl_soon), or the first `upto` of them, has been
+        followed."""
+        noted = self._ddl_noted if upto is None else upto
         while self._ddl_caught_up < noted and self._following is not None:
             following = self._following
             with contextlib.suppress(Exception):
@@ -626,8 +630,8 @@ class GuardedConnection:
         if role is not None and self._judged_by_definitions(role):
             await self.enforcement.fresh_catalog(required=True)
         else:
-            await self.enforcement.ddl_followed()
-            self.enforcement.follow_ddl_soon()
+            # noted at once, so other sessions wait for it; this one waits for the earlier ones
+            await self.enforcement.ddl_followed(upto=self.enforcement.follow_ddl_soon())
 
     # -- the cache-hit fast path ----------------------------------------------------------------
     # A statement whose verdict is in the verdict cache, decided without a coroutine. Whatever the
