@@ -354,6 +354,19 @@ def test_encoding_tricks_do_not_unmask_a_column(veil: Veil, encoding: str, raw: 
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+def test_psql_in_latin1_from_its_startup_packet_stays_masked(veil: Veil) -> None:
+    script = "select full_name, ssn, 'café' as x from gv.people where id = 1;\nselect nme from gv.people;\n"
+    outputs = []
+    for dsn in (veil.world.dsn(MASKED), veil.proxy.dsn(MASKED, PASSWORD, DATABASE)):
+        done = subprocess.run([str(bin_dir() / "psql"), "-X", "-At", "-d", dsn, "-f", "-"],
+                              input=script.encode("latin-1"), capture_output=True, timeout=60,
+                              env={**os.environ, "PGCLIENTENCODING": "LATIN1"})
+        outputs.append((done.stdout.decode("latin-1"), done.stderr.decode("latin-1")))
+    veiled_rows, veiled_errors = outputs[1]
+    assert "|café" in veiled_rows and leaked_canaries(veiled_rows) == []
+    assert veiled_errors == outputs[0][1] and 'column "nme" does not exist' in veiled_errors
+
+
 def test_invalid_bytes_in_another_client_encoding_get_postgresqls_error(veil: Veil) -> None:
     for encoding, raw in (("WIN1252", b"select '\x81'"), ("EUC_JP", b"select '\x8f\xa1'"),
                           ("EUC_KR", b"select '\xb0'")):
