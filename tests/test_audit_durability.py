@@ -400,3 +400,15 @@ async def test_stdout_sink_writes_at_once_while_the_pipe_has_room_and_waits_when
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert [(r["seq"], r["request"]) for r in lines] == [(0, 1), (1, 2)]
     assert lines[1]["prev"] == lines[0]["hash"]
+
+
+async def test_text_that_is_not_utf8_is_recorded_as_json_escapes_and_verifies(tmp_path: Path) -> None:
+    """A lone surrogate (what undecodable client bytes become) cannot be written as UTF-8; it is
+    recorded as the JSON escape that reads back as the same text, and the chain verifies."""
+    log = tmp_path / "audit.jsonl"
+    sink = JsonLinesFileSink(log)
+    audited = AuditedConnection(GuardStandIn(), sink, CLIENT, include_literals=True)
+    assert isinstance(await audited.on_query("SELECT '\udcff'"), Allow)
+    await sink.close()
+    assert records(log)[0]["sql"] == "SELECT '\udcff'"
+    assert verify(log) == []

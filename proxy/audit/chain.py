@@ -75,9 +75,12 @@ class HashChain:
         members = f"{body}," if body else ""
         text = f'{{"seq":{seq},{members}"prev":"{state.last_hash}","chain":"{self.algorithm}"'
         key = self.key
-        sealed = f"{text}}}".encode()
+        # A lone surrogate (bytes a client sent that are not UTF-8) cannot be encoded: it becomes the
+        # JSON escape \udcXX, which reads back as the same string.
+        sealed = f"{text}}}".encode("utf-8", "backslashreplace")
         record_hash = hmac.digest(key, sealed, "sha256").hex() if key else hashlib.sha256(sealed).hexdigest()
-        return f'{text},"hash":"{record_hash}"}}\n'.encode(), ChainState(seq, record_hash)
+        line = f'{text},"hash":"{record_hash}"}}\n'.encode("utf-8", "backslashreplace")
+        return line, ChainState(seq, record_hash)
 
 
 def unseal(line: str, key: bytes | None) -> tuple[dict[str, Any], bool]:
