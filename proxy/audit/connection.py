@@ -407,7 +407,11 @@ class AuditedConnection:
             return
         # Requests finish in the order they were decided (pipelining included); one request of the
         # extended protocol can cover several Parse and Bind verdicts.
-        covered = [self._unfinished.popleft() for _ in range(outcome.verdicts) if self._unfinished]
+        unfinished = self._unfinished
+        if outcome.verdicts == 1 and unfinished:  # the usual request: one statement
+            covered = [unfinished.popleft()]
+        else:
+            covered = [unfinished.popleft() for _ in range(outcome.verdicts) if unfinished]
         if len(covered) < outcome.verdicts:  # never a number that is not this request's own
             log.error("a completion of %d statements with %d access records open",
                       outcome.verdicts, len(covered))
@@ -423,8 +427,8 @@ class AuditedConnection:
         now = self.clock()
         sqlstate = outcome.sqlstate
         body = (f'"type":"completion","time":"{now}",{self._who_members(role, version)},'
-                f'"request":{request},"rows":{int(outcome.rows)},'
-                f'"upstream_seconds":{float(round(outcome.upstream_seconds, 6))!r},'
+                f'"request":{request},"rows":{outcome.rows:d},'
+                f'"upstream_seconds":{round(outcome.upstream_seconds, 6)!r},'
                 f'"sqlstate":{"null" if sqlstate is None else json_string(sqlstate)}')
         if len(covered) > 1:
             body += f',"requests":[{",".join(str(number) for number, _, _ in covered)}]'
