@@ -412,3 +412,17 @@ async def test_text_that_is_not_utf8_is_recorded_as_json_escapes_and_verifies(tm
     await sink.close()
     assert records(log)[0]["sql"] == "SELECT '\udcff'"
     assert verify(log) == []
+
+
+def test_a_record_sealed_from_text_is_the_line_earlier_versions_wrote() -> None:
+    """`seal` is how every earlier version sealed a record; the text path gives the same bytes, so
+    logs of either verify alike and a chain can go on from one into the other."""
+    from proxy.audit.chain import ChainState, HashChain
+
+    record = {"type": "access", "time": "2026-01-01T00:00:00.000001+00:00", "relations": ["public.t"],
+              "rule": None, "rows": 3, "upstream_seconds": 0.001235, "text": "é \\ \" \n"}
+    for chain in (HashChain(), HashChain(key=b"k" * 32)):
+        state = ChainState(41, "ab" * 32)
+        line, after = chain.seal(record, state)
+        body_line, body_after = chain.seal_body(unsealed(record).body, state)
+        assert body_line == f"{line}\n".encode() and body_after == after
