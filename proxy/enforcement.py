@@ -108,6 +108,7 @@ class Enforcement:
         self._following: asyncio.Task[None] | None = None  # follow_ddl_soon's run
         self._ddl_noted = 0  # DDL statements follow_ddl_soon was told of
         self._ddl_caught_up = 0  # ... of which the catalog has been brought up to date after
+        self.statements_waiting = 0  # statements waiting for DDL to be followed (ddl_followed)
 
     @classmethod
     async def create(cls, policy_path: str, upstream_dsn: str,
@@ -186,7 +187,12 @@ class Enforcement:
         when pgveil cannot tell or cannot catch up (the caller refuses). Not `required` (a verdict
         that read no views or user code): only when the last check is older than a second."""
         if not required and time.monotonic() - self._last_catalog_check < _CATALOG_CHECK_SECONDS:
-            await self.ddl_followed()
+            if self._ddl_caught_up < self._ddl_noted:
+                self.statements_waiting += 1
+                try:
+                    await self.ddl_followed()
+                finally:
+                    self.statements_waiting -= 1
             return True
         self._last_catalog_check = time.monotonic()
         for _ in range(3):
@@ -622,16 +628,20 @@ class GuardedConnection:
         not move it: the catalog never holds them) and then only for the relations that changed.
         A role whose verdicts depend on the catalog waits for it, so its next statement is judged
         on the new facts; for any other role nothing this session sends depends on it and the
-        session goes on while the catalog catches up in the background; it waits only for DDL
-        still being followed from before (so a stream of DDL is followed at the pace the catalog
-        is read, and masked sessions, which wait for it, wait for one read at most). Other
-        sessions compare the change marker themselves before they rely on the catalog."""
+        session goes on while the catalog catches up in the background; only while statements of
+        other sessions wait for DDL to be followed does it wait for the DDL still being followed
+        from before (so a stream of DDL is then followed at the pace the catalog is read, and
+        those statements wait for about one read). Other sessions compare the change marker
+        themselves before they rely on the catalog."""
         role = self.role()
         if role is not None and self._judged_by_definitions(role):
             await self.enforcement.fresh_catalog(required=True)
         else:
-            # noted at once, so other sessions wait for it; this one waits for the earlier ones
-            await self.enforcement.ddl_followed(upto=self.enforcement.follow_ddl_soon())
+            # noted at once, so other sessions wait for it; while statements wait for follows,
+            # this session waits for the earlier ones (DDL is followed at the pace of the reads)
+            before = self.enforcement.follow_ddl_soon()
+            if self.enforcement.statements_waiting:
+                await self.enforcement.ddl_followed(upto=before)
 
     # -- the cache-hit fast path ----------------------------------------------------------------
     # A statement whose verdict is in the verdict cache, decided without a coroutine. Whatever the
