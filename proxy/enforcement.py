@@ -298,6 +298,7 @@ class GuardedConnection:
         self._login_role: tuple[Policy, Role | None] | None = None
         self.prepared = StatementBook()
         self.upstream = UpstreamStatements()  # masked statements prepared on the upstream connection
+        self._upstream_role: Role | None = None  # the role they were prepared for
         self._masked_for: tuple[Policy, Role, bool] | None = None
         self._judged_for: tuple[Policy, Role, bool] | None = None  # _judged_by_definitions, remembered
         # what keeps pgveil from judging SQL under the session's settings (None: nothing)
@@ -698,11 +699,12 @@ class GuardedConnection:
 
     def _check_upstream_statements(self) -> None:
         """pgveil's upstream statements are relied on only while every statement of the session is
-        a masked role's: an unmasked one (after an elevation or a reload) could deallocate and
-        redefine them in ways pgveil does not read (DO, dynamic SQL), so they are forgotten."""
+        the same masked role's: an unmasked one (after an elevation or a reload) could deallocate
+        and redefine them in ways pgveil does not read (DO, dynamic SQL), and another role is judged
+        by other rules, so on any change of role they are forgotten."""
         if len(self.upstream):
             role = self.role()
-            if role is None or not self._masked(role):
+            if role is None or role is not self._upstream_role or not self._masked(role):
                 self.upstream.forget_all()
 
     def _upstream_form(self, sql: str, verdict: Verdict) -> Verdict:
@@ -716,6 +718,9 @@ class GuardedConnection:
         form = prepared_form(sql, verdict, row_filtered=bool(role.row_filters))
         if form is None:
             return verdict
+        if role is not self._upstream_role:
+            self.upstream.forget_all()
+            self._upstream_role = role
         return self.upstream.forward(self.context_and_key(role)[1], form, verdict)
 
     def fast_bind(self, statement_name: str) -> Verdict | None:

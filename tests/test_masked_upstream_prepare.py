@@ -189,15 +189,17 @@ def test_the_prepared_form_keeps_the_literal_out_of_the_template(gv_world: Guard
     assert prepared_form(sql, hit.verdict, row_filtered=True) is None
 
 
-async def test_an_unmasked_statement_in_the_session_makes_pgveil_forget_its_statements(
+async def test_a_change_of_role_in_the_session_makes_pgveil_forget_its_statements(
         gv_world: GuardWorld, tmp_path: Path) -> None:
     """While elevated (unmasked) a login could deallocate pgveil's statement and prepare its own
     under the same name by means pgveil does not read (DO, dynamic SQL): it must not be EXECUTEd."""
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY)
     elevated: set[str] = set()
-    enforcement = await Enforcement.create(str(path), gv_world.dsn(),
-                                           active_role=lambda user: "admin" if user in elevated else None)
+    role_of: dict[str, str] = {}
+    enforcement = await Enforcement.create(
+        str(path), gv_world.dsn(),
+        active_role=lambda user: "admin" if user in elevated else role_of.get("login"))
     try:
         connection = enforcement.connection_policy()
         client = ClientInfo(1, "test", LOGIN, DATABASE, "", False)
@@ -216,6 +218,15 @@ async def test_an_unmasked_statement_in_the_session_makes_pgveil_forget_its_stat
         again = await connection.on_query(sql.format(4))
         assert isinstance(again, Rewrite) and again.prepares is not None
         assert again.prepares.name != prepared.prepares.name and again.sql.startswith("PREPARE ")
+        again.prepares.state = UpstreamTicket.READY
+        # another masked role (an elevation to one that sees more) forgets them too
+        role_of["login"] = "writer"
+        await connection.on_query(sql.format(5))
+        role_of.clear()
+        third = await connection.on_query(sql.format(6))
+        assert isinstance(third, Rewrite) and third.prepares is not None
+        assert third.prepares.name not in (again.prepares.name, prepared.prepares.name)
+        assert third.sql.startswith("PREPARE ")
     finally:
         await enforcement.close()
 
