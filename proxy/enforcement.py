@@ -185,7 +185,8 @@ class Enforcement:
         """Refresh the catalog when PostgreSQL's definitions changed since it was read (functions,
         views, operators, casts, domains, role settings created or replaced there directly); False
         when pgveil cannot tell or cannot catch up (the caller refuses). Not `required` (a verdict
-        that read no views or user code): only when the last check is older than a second."""
+        that read no views or user code): only when the last check is older than a second, after
+        DDL run through pgveil has been followed (follow_ddl_soon)."""
         if not required and time.monotonic() - self._last_catalog_check < _CATALOG_CHECK_SECONDS:
             if self._ddl_caught_up < self._ddl_noted:
                 self.statements_waiting += 1
