@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,6 +84,21 @@ def _outcome(conn: psycopg.Connection[Any], sql: str) -> str:
 def _ours(conn: psycopg.Connection[Any]) -> list[str]:
     rows = _rows(conn, "SELECT name FROM pg_catalog.pg_prepared_statements ORDER BY name")
     return [name for (name,) in rows if name.startswith(NAME_PREFIX)]
+
+
+def _describe(conn: psycopg.Connection[Any], name: str) -> Any:
+    """libpq's Describe of a statement, without its blocking call (it keeps the GIL, and pgveil runs
+    on a thread of this process)."""
+    pgconn = conn.pgconn
+    pgconn.send_describe_prepared(name.encode())
+    deadline = time.monotonic() + 20
+    while pgconn.is_busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pgconn.consume_input()
+    result = pgconn.get_result()
+    while pgconn.get_result() is not None:
+        pass
+    return result
 
 
 def _no_canary(tap: Tap) -> None:
@@ -214,3 +230,48 @@ def test_a_client_may_not_prepare_under_pgveils_names(proxy: RunningProxy, tap: 
         assert _rows(conn, sql.format(1)) == [(1, "q***@leak.example")]
     _no_canary(tap)
 
+
+
+def test_pgveils_statements_cannot_be_executed_described_or_bound_by_the_client(
+        proxy: RunningProxy, tap: Tap) -> None:
+    with _connect(tap) as conn:
+        sql = "SELECT id, ssn FROM gv.people WHERE id = {}"
+        _rows(conn, sql.format(2))
+        _rows(conn, sql.format(3))
+        (name,) = _ours(conn)
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            _rows(conn, f"EXECUTE {name}(1)")
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            _rows(conn, f"EXPLAIN EXECUTE {name}(1)")
+        with pytest.raises(psycopg.Error):
+            _rows(conn, f"CREATE TEMP TABLE stolen AS EXECUTE {name}(1)")
+        bound = conn.pgconn.exec_prepared(name.encode(), [b"1"])  # Bind of pgveil's name
+        assert bound.error_message and bound.ntuples == 0
+        described = _describe(conn, name)  # Describe is relayed: parameter and column types only
+        assert described.ntuples == 0
+        assert _rows(conn, sql.format(1))[0][1] != "914-27-6380"
+    _no_canary(tap)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT gv.dyn('DEALLOCATE ALL')",
+    "SELECT gv.dyn('SELECT count(*) FROM gv.people WHERE ssn = ''914-27-6380''')",
+    "SELECT set_config(n, v, false) FROM (VALUES ('client_min_messages', 'debug5')) AS t(n, v)",
+    "SELECT set_config('client_min_messages', 'debug' || '5', false)",
+    "SELECT set_config('client_encoding', 'SJ' || 'IS', false)",
+    "SELECT set_config(lower('CLIENT_ENCODING'), 'SJIS', false)",
+    "SET NAMES 'SJIS'",
+    "SET client_encoding = 'BIG5'",
+    "SELECT * FROM (SELECT set_config('debug_print_plan', 'on', false)) AS s",
+    "WITH c AS (SELECT set_config('client_min_messages', 'log', true)) SELECT * FROM c",
+])
+def test_routes_to_raw_values_and_settings_around_the_rules_are_refused(
+        proxy: RunningProxy, tap: Tap, sql: str) -> None:
+    with _connect(tap) as conn:
+        with pytest.raises(psycopg.Error) as caught:
+            _rows(conn, sql)
+        assert caught.value.diag.sqlstate == "42501", caught.value.diag.message_primary
+        assert _rows(conn, "SHOW client_encoding") == [("UTF8",)]
+        assert _rows(conn, "SHOW client_min_messages") == [("notice",)]
+        assert _rows(conn, "SELECT ssn FROM gv.people WHERE id = 1")[0][0] != "914-27-6380"
+    _no_canary(tap)
