@@ -275,3 +275,14 @@ def test_routes_to_raw_values_and_settings_around_the_rules_are_refused(
         assert _rows(conn, "SHOW client_min_messages") == [("notice",)]
         assert _rows(conn, "SELECT ssn FROM gv.people WHERE id = 1")[0][0] != "914-27-6380"
     _no_canary(tap)
+
+
+def test_two_sessions_never_share_a_statement_name(proxy: RunningProxy, tap: Tap) -> None:
+    """With an upstream connection shared behind pgveil (a transaction pooler), a name used by two
+    sessions would run one session's statement, made for its role's masks, for the other."""
+    with _connect(tap) as first, _connect(tap) as second:
+        for conn in (first, second):
+            _rows(conn, "SELECT id, card FROM gv.people WHERE id = 2")
+            _rows(conn, "SELECT id, card FROM gv.people WHERE id = 3")
+        assert len(_ours(first)) == len(_ours(second)) == 1
+        assert set(_ours(first)).isdisjoint(_ours(second))

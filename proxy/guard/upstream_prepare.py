@@ -17,6 +17,7 @@ shape prepares under a new name, or goes inline while one is in flight).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from collections.abc import Hashable
@@ -195,12 +196,17 @@ def _parameters_compared(root: ast.Node) -> bool:
     return all(node in compared for node in seen)
 
 
+_NUMBERS = itertools.count(1)
+"""Numbers of pgveil's upstream statements, per process: a name is never used by two sessions, so an
+upstream connection shared behind pgveil (a transaction pooler) never runs one session's statement
+(made for its role's masks) for another."""
+
+
 class UpstreamStatements:
     """pgveil's prepared statements on one upstream connection (they live as long as it does)."""
 
     def __init__(self) -> None:
         self._tickets: dict[Hashable, UpstreamTicket] = {}
-        self._count = 0  # statements prepared so far (names are never reused)
         self._live = 0  # ... of which PostgreSQL may still hold (bounded by MAX_STATEMENTS)
 
     def forward(self, key: Hashable, form: PreparedForm, verdict: Rewrite) -> Rewrite:
@@ -217,9 +223,8 @@ class UpstreamStatements:
         spans = form.spans()
         if self._live >= MAX_STATEMENTS or spans is None:
             return verdict
-        self._count += 1
         self._live += 1
-        ticket = UpstreamTicket(f"{NAME_PREFIX}{self._count}")
+        ticket = UpstreamTicket(f"{NAME_PREFIX}{next(_NUMBERS)}")
         self._tickets[full_key] = ticket
         types = f"({', '.join(form.types)})" if form.types else ""
         prefix = f"PREPARE {ticket.name}{types} AS "
