@@ -33,7 +33,7 @@ REVIEW_POLICY = POLICY.replace(
     reveal: [public]""",
     """  public_only:
     members: [gv_public]
-    statements: [select]
+    statements: [select, copy_out]
     tables: ["gv.*", "gv_other.*"]
     reveal: [public, internal]""")
 assert REVIEW_POLICY != POLICY
@@ -64,7 +64,7 @@ def tap(proxy: RunningProxy) -> Iterator[Tap]:
 
 
 def _connect(tap: Tap, login: str = LOGIN) -> psycopg.Connection[Any]:
-    return psycopg.connect(f"postgresql://{login}:{PASSWORD}@127.0.0.1:{tap.port}/guard_test",
+    return psycopg.connect(f"postgresql://{login}:{PASSWORD}@127.0.0.1:{tap.port}/guard_test?sslmode=disable",
                            autocommit=True)
 
 
@@ -286,3 +286,108 @@ def test_two_sessions_never_share_a_statement_name(proxy: RunningProxy, tap: Tap
             _rows(conn, "SELECT id, card FROM gv.people WHERE id = 3")
         assert len(_ours(first)) == len(_ours(second)) == 1
         assert set(_ours(first)).isdisjoint(_ours(second))
+
+
+# ---- 3. errors given as PostgreSQL's own ---------------------------------------------------------------
+
+ERRORS_INSIDE_THE_REWRITE = [
+    "SELECT ssn::int FROM gv.people WHERE id = 1",
+    "SELECT full_name::date FROM gv.people WHERE id = 1",
+    "SELECT card::numeric FROM gv.people WHERE id = 1",
+    "SELECT email::json FROM gv.people WHERE id = 1",
+    "SELECT 1 FROM gv.people WHERE full_name::int = 1",
+    "SELECT 1 FROM gv.people p WHERE p.ssn::int > 0 ORDER BY p.email::int",
+    "SELECT to_date(full_name, 'YYYY') FROM gv.people WHERE id = 1",
+    "SELECT * FROM gv.people WHERE nosuch = 1",
+    "SELECT people.ssn FROM gv.people p",
+    "SELECT p.xmin, p.ctid FROM gv.people p",
+    "SELECT 1/(id - 1) FROM gv.people WHERE id = 1",
+    "SELECT (SELECT ssn FROM gv.people)",
+    "SELECT id FROM gv.people WHERE id = (SELECT id FROM gv.people)",
+    "SELECT ssn FROM gv.people GROUP BY id HAVING count(*) > 0 AND email = 'x'",
+    "SELECT salary / 0 FROM gv.people WHERE id = 1",
+    "SELECT birth_date + interval '1 day' * id::text::int / 0 FROM gv.people WHERE id = 1",
+    "SELECT row_to_json(p)::text::int FROM gv.people p WHERE id = 1",
+    "SELECT p::text::int FROM gv.people p WHERE id = 1",
+    "SELECT array_agg(ssn)::int[] FROM gv.people",
+    "SELECT jsonb_build_object('a', ssn)::text::int FROM gv.people WHERE id = 1",
+    "SELECT id FROM gv.people WHERE id = 1 AND ssn LIKE '%' ESCAPE 'xx'",
+    "SELECT regexp_match(full_name, '(') FROM gv.people WHERE id = 1",
+    "SELECT ssn FROM gv.people WHERE id = 2147483648 * 2147483648",
+]
+INTERNALS = ("mask_", "hash_key", "offset 0", "pgveil.", "pgveil_")
+
+
+@pytest.mark.parametrize("sql", ERRORS_INSIDE_THE_REWRITE)
+def test_errors_from_inside_the_rewrite_show_no_raw_value_nor_the_rewrite(
+        proxy: RunningProxy, tap: Tap, sql: str) -> None:
+    with _connect(tap) as conn:
+        for _ in range(3):  # inline, then (where eligible) prepared upstream and executed
+            try:
+                _rows(conn, sql)
+            except psycopg.Error as exc:
+                diag = exc.diag
+                fields = [diag.message_primary, diag.message_detail, diag.message_hint, diag.context,
+                          diag.internal_query, diag.internal_position, diag.statement_position]
+                text = repr(fields)
+                assert not leaked_canaries(text), fields
+                assert not any(word in text.lower() for word in INTERNALS if word not in sql.lower()), fields
+                if diag.statement_position is not None:
+                    assert 1 <= int(diag.statement_position) <= len(sql) + 1, fields
+    _no_canary(tap)
+
+
+# ---- 4. diagnostics hiding ---------------------------------------------------------------------------
+
+def test_server_wide_diagnostics_stay_hidden_on_the_fast_and_upstream_prepared_paths(
+        proxy: RunningProxy, gv_world: GuardWorld) -> None:
+    """debug_print_plan for everyone (ALTER SYSTEM, out of pgveil's sight): the masked login's cached
+    statements (one-call path), pgveil's PREPARE/EXECUTE, a pipeline, COPY and the login itself get no
+    notice below NOTICE and no raw value."""
+    from tests.proxy_harness import wait_until
+    from tests.test_redteam5_diagnostics import diagnostics_received
+
+    def upstream_sql(sql: str) -> None:
+        gv_world.upstream.execute(sql, dbname="guard_test")
+
+    upstream_sql("ALTER SYSTEM SET client_min_messages = debug1")
+    upstream_sql("ALTER SYSTEM SET debug_print_plan = on")
+    tap = Tap(proxy.port)
+    try:
+        upstream_sql("SELECT pg_reload_conf()")
+
+        def applied() -> bool:
+            with psycopg.connect(gv_world.dsn()) as conn:
+                return conn.execute("SHOW debug_print_plan").fetchone() == ("on",)
+
+        wait_until(applied, "the server-wide settings to apply")
+        with _connect(tap) as conn:
+            for person in (1, 2, 3, 1, 2, 1):
+                row = _rows(conn, f"SELECT id, ssn, full_name FROM gv.people WHERE id = {person}")
+                assert row[0][1] != "914-27-6380"
+            assert _ours(conn)  # pgveil's PREPARE/EXECUTE ran
+            for _ in range(3):
+                conn.execute("SELECT ssn, email FROM gv.people WHERE id = %s", (1,), prepare=True).fetchall()
+            with conn.pipeline():
+                cursors = [conn.execute("SELECT card FROM gv.people WHERE id = %s", (person,))
+                           for person in (1, 2)]
+            assert all(cur.fetchall() for cur in cursors)
+            copy_sql = "COPY (SELECT * FROM gv.people WHERE id = 1) TO STDOUT"
+            with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                copied = b"".join(bytes(block) for block in copy)
+            assert b"914-27-6380" not in copied
+        received = tap.received_so_far()
+        assert diagnostics_received(received) == []
+        assert not leaked_canaries(received.decode("latin-1"))
+        seer = Tap(proxy.port)  # the test can fail: the login that sees everything gets the plans
+        try:
+            with _connect(seer, "gv_admin") as conn:
+                _rows(conn, "SELECT ssn FROM gv.people WHERE id = 1")
+            assert "LOG" in diagnostics_received(seer.received_so_far())
+        finally:
+            seer.close()
+    finally:
+        tap.close()
+        upstream_sql("ALTER SYSTEM RESET client_min_messages")
+        upstream_sql("ALTER SYSTEM RESET debug_print_plan")
+        upstream_sql("SELECT pg_reload_conf()")
