@@ -36,7 +36,15 @@ REVIEW_POLICY = POLICY.replace(
     statements: [select, copy_out]
     tables: ["gv.*", "gv_other.*"]
     reveal: [public, internal]""")
-assert REVIEW_POLICY != POLICY
+REVIEW_POLICY = REVIEW_POLICY.replace("""  admin:
+    members: [gv_admin]""", """  bounded:
+    members: [gv_nobody]
+    statements: [select]
+    tables: ["gv.*"]
+    reveal: [public, internal, confidential, restricted]
+  admin:
+    members: [gv_admin]""")
+assert REVIEW_POLICY != POLICY and "bounded" in REVIEW_POLICY
 
 
 @pytest.fixture(scope="module")
@@ -391,3 +399,24 @@ def test_server_wide_diagnostics_stay_hidden_on_the_fast_and_upstream_prepared_p
         upstream_sql("ALTER SYSTEM RESET client_min_messages")
         upstream_sql("ALTER SYSTEM RESET debug_print_plan")
         upstream_sql("SELECT pg_reload_conf()")
+
+
+# ---- 1. the one-call path and pipelines ----------------------------------------------------------------
+
+def test_a_search_path_set_in_a_pipeline_never_lets_a_statement_read_another_relation(
+        proxy: RunningProxy, tap: Tap) -> None:
+    """A role limited to gv.* (nothing masked: it may SET search_path) pipelines SET search_path and
+    a SELECT of an unqualified name, judged before the SET has run: PostgreSQL must read the relation
+    pgveil judged (pgveil writes it schema-qualified), never gv_other.people (out of bounds)."""
+    outcomes = []
+    with _connect(tap, "gv_nobody") as conn:
+        for _ in range(3):  # the second and third time the SELECT is a verdict-cache hit
+            _rows(conn, "SET search_path = gv")
+            try:
+                with conn.pipeline():
+                    conn.execute("SET search_path = gv_other")
+                    cur = conn.execute("SELECT full_name FROM people")
+                outcomes.append(repr(cur.fetchall()))
+            except psycopg.Error as exc:
+                outcomes.append(f"{exc.diag.sqlstate} {exc.diag.message_primary}")
+    assert not any("other schema" in outcome for outcome in outcomes), outcomes
