@@ -420,3 +420,36 @@ def test_a_search_path_set_in_a_pipeline_never_lets_a_statement_read_another_rel
             except psycopg.Error as exc:
                 outcomes.append(f"{exc.diag.sqlstate} {exc.diag.message_primary}")
     assert not any("other schema" in outcome for outcome in outcomes), outcomes
+
+
+def test_as_deployed_every_statement_of_the_attacks_has_its_access_record_and_one_completion(
+        gv_world: GuardWorld, tmp_path: Any) -> None:
+    """With an audit log (checked for one access and one completion per statement when the proxy
+    stops, tests/audit_consistency.py): cached statements on the one-call path, pgveil's hidden
+    PREPARE, a Bind re-running DEALLOCATE ALL, refused reserved names; no record holds a raw value."""
+    import json
+
+    path, log = tmp_path / "policy.yaml", tmp_path / "audit.jsonl"
+    path.write_text(REVIEW_POLICY)
+    with running_proxy(_GuardDatabase(gv_world), str(path), audit_log=str(log),
+                       metrics="127.0.0.1:0") as proxy:
+        tap = Tap(proxy.port)
+        try:
+            with _connect(tap) as conn:
+                conn.pgconn.prepare(b"drop_all", b"DEALLOCATE ALL")
+                sql = "SELECT id, ssn FROM gv.people WHERE id = {}"
+                for person in (1, 2, 3):
+                    _rows(conn, sql.format(person))
+                (name,) = _ours(conn)
+                conn.pgconn.exec_prepared(b"drop_all", [])
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    _rows(conn, f"PREPARE {name}(integer) AS SELECT id, ssn FROM gv.people WHERE id = $1")
+                for person in (1, 2, 3):
+                    assert _rows(conn, sql.format(person))[0][1] != "914-27-6380"
+            _no_canary(tap)
+        finally:
+            tap.close()
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    accesses = [record for record in records if record.get("type") == "access"]
+    assert len([r for r in accesses if "WHERE id" in json.dumps(r)]) >= 7, accesses
+    assert not leaked_canaries(log.read_text())
