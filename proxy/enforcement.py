@@ -504,6 +504,7 @@ class GuardedConnection:
         verdict = await self._judge(text)
         verdict = (await self._with_session_objects(text, verdict, self._pending_effects, self._pending_ddl,
                                                     keep=False))[0]
+        self._check_upstream_statements()  # the role may have changed while it was judged
         return self._upstream_form(sql, verdict) if text is sql else self._for_client(verdict, sql)
 
     async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
@@ -522,6 +523,7 @@ class GuardedConnection:
         checked, entry = await self._with_session_objects(
             text, verdict, self._pending_effects, self._pending_ddl, keep=True)
         self.prepared.define(("statement", statement_name), entry)
+        self._check_upstream_statements()  # the role may have changed while it was judged
         return checked if text is sql else self._for_client(checked, sql)
 
     # -- client encodings -----------------------------------------------------------------------
@@ -585,6 +587,7 @@ class GuardedConnection:
             if refusal is not None:
                 self._pending_effects, self._pending_ddl = (), False
                 return refusal
+        self._check_upstream_statements()  # the role may have changed while it was checked
         return entry.verdict
 
     async def on_close_statement(self, statement_name: str) -> None:

@@ -453,3 +453,41 @@ def test_as_deployed_every_statement_of_the_attacks_has_its_access_record_and_on
     accesses = [record for record in records if record.get("type") == "access"]
     assert len([r for r in accesses if "WHERE id" in json.dumps(r)]) >= 7, accesses
     assert not leaked_canaries(log.read_text())
+
+
+async def test_an_elevation_starting_while_a_statement_is_judged_makes_pgveil_forget_its_statements(
+        gv_world: GuardWorld, tmp_path: Any) -> None:
+    """A statement judged again for an unmasked role because an elevation began while it was judged
+    (a DO that could deallocate pgveil's statement and prepare another under its name) must make
+    pgveil forget its statements before it is forwarded, as when the elevation began before it."""
+    import asyncio
+
+    from proxy.connection_policy import ClientInfo
+    from proxy.enforcement import LONG_STATEMENT, Enforcement
+    from proxy.guard.verdict import Allow, Rewrite, UpstreamTicket
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    elevated: set[str] = set()
+    enforcement = await Enforcement.create(str(path), gv_world.dsn(),
+                                           active_role=lambda user: "admin" if user in elevated else None)
+    try:
+        connection = enforcement.connection_policy()
+        client = ClientInfo(1, "test", LOGIN, "guard_test", "", False)
+        assert await connection.on_startup({"user": LOGIN, "database": "guard_test"}, client) is None
+        sql = "SELECT id, ssn FROM gv.people WHERE id = {}"
+        await connection.on_query(sql.format(1))
+        prepared = await connection.on_query(sql.format(2))
+        assert isinstance(prepared, Rewrite) and prepared.prepares is not None
+        prepared.prepares.state = UpstreamTicket.READY  # as the relay does on PREPARE's CommandComplete
+        assert (await connection.on_query(sql.format(3))).sql == f"EXECUTE {prepared.prepares.name}(3)"
+        do = "DO $$ BEGIN PERFORM 1; END $$ /* " + "x" * LONG_STATEMENT + " */"
+        judged = asyncio.ensure_future(connection.on_query(do))  # judged on an analysis thread ...
+        await asyncio.sleep(0)
+        elevated.add(LOGIN)  # ... while the grant begins
+        assert isinstance(await judged, Allow)
+        elevated.clear()  # and ends before the next statement
+        again = await connection.on_query(sql.format(4))
+        assert isinstance(again, Rewrite) and not again.sql.startswith("EXECUTE "), again.sql
+    finally:
+        await enforcement.close()
