@@ -491,3 +491,34 @@ async def test_an_elevation_starting_while_a_statement_is_judged_makes_pgveil_fo
         assert isinstance(again, Rewrite) and not again.sql.startswith("EXECUTE "), again.sql
     finally:
         await enforcement.close()
+
+
+def test_as_deployed_cached_statements_in_a_failed_transaction_and_a_pipeline_are_audited(
+        gv_world: GuardWorld, tmp_path: Any) -> None:
+    """Cached statements (one-call path, some prepared upstream) after an error in a transaction
+    and in a pipeline each get one access record and one completion; the session stays usable."""
+    path, log = tmp_path / "policy.yaml", tmp_path / "audit.jsonl"
+    path.write_text(REVIEW_POLICY)
+    sql = "SELECT id, email FROM gv.people WHERE id = {}"
+    with running_proxy(_GuardDatabase(gv_world), str(path), audit_log=str(log)) as proxy:
+        tap = Tap(proxy.port)
+        try:
+            with _connect(tap) as conn:
+                for person in (1, 2, 3):
+                    _rows(conn, sql.format(person))
+                conn.autocommit = False
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    _rows(conn, "SELECT 1/0")
+                for person in (1, 2):
+                    with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                        _rows(conn, sql.format(person))
+                conn.rollback()
+                conn.autocommit = True
+                with conn.pipeline():
+                    cursors = [conn.execute(sql.format(person).encode()) for person in (1, 2, 3, 1)]
+                emails = [cur.fetchall()[0][1] for cur in cursors]
+                assert emails[0] == emails[3] == "q***@leak.example"
+                assert _rows(conn, sql.format(1)) == [(1, "q***@leak.example")]
+            _no_canary(tap)
+        finally:
+            tap.close()
