@@ -713,8 +713,10 @@ class GuardedConnection:
 
     def _upstream_form(self, sql: str, verdict: Verdict) -> Verdict:
         """A masked SELECT as EXECUTE of a statement prepared on this upstream connection when its
-        shape allows (proxy/guard/upstream_prepare.py), else `verdict` as it is."""
-        if not isinstance(verdict, Rewrite) or not verdict.info.masks:
+        shape allows (proxy/guard/upstream_prepare.py), else `verdict` as it is. Not for a
+        LONG_STATEMENT: its template (a scan and a parse of the whole text) would be worked out on
+        the event loop, about half a second for 500 kB, stalling every session of the process."""
+        if not isinstance(verdict, Rewrite) or not verdict.info.masks or len(sql) >= LONG_STATEMENT:
             return verdict
         role = self.role()
         if role is None:
