@@ -536,3 +536,18 @@ def test_a_long_masked_statement_is_not_prepared_upstream(proxy: RunningProxy, t
             assert [row[0] for row in rows] == [1, 2, 3, 4][bound:]
         assert _ours(conn) == []
     _no_canary(tap)
+
+
+@pytest.mark.parametrize("invalid", [b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xe4\xb8\x27 OR 1=1 --"])
+def test_invalid_utf8_in_a_cached_shape_is_refused_as_postgresql_does(
+        proxy: RunningProxy, tap: Tap, invalid: bytes) -> None:
+    """The one-call path answers a shape hit without the gate: a string literal with bytes that are
+    not UTF8 (a truncated sequence swallowing the closing quote included) must still get 22021."""
+    with _connect(tap) as conn:
+        for name in (b"Ann", b"Bob", b"Zed"):  # the shape is cached
+            _rows(conn, (b"SELECT id, ssn FROM gv.people WHERE full_name = '" + name + b"'").decode())
+        with pytest.raises(psycopg.Error) as caught, psycopg.ClientCursor(conn) as cur:
+            cur.execute(b"SELECT id, ssn FROM gv.people WHERE full_name = '" + invalid + b"'")  # type: ignore[arg-type]
+        assert caught.value.diag.sqlstate == "22021", caught.value.diag.message_primary
+        assert _rows(conn, "SELECT ssn FROM gv.people WHERE id = 1")[0][0] != "914-27-6380"
+    _no_canary(tap)
