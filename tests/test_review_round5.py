@@ -551,3 +551,15 @@ def test_invalid_utf8_in_a_cached_shape_is_refused_as_postgresql_does(
         assert caught.value.diag.sqlstate == "22021", caught.value.diag.message_primary
         assert _rows(conn, "SELECT ssn FROM gv.people WHERE id = 1")[0][0] != "914-27-6380"
     _no_canary(tap)
+
+
+@pytest.mark.parametrize("spelling", ["{name}", "{upper}", '"{name}"', 'U&"{escaped}"'])
+def test_pgveils_names_are_reserved_however_they_are_spelled(
+        proxy: RunningProxy, tap: Tap, spelling: str) -> None:
+    name = f"{NAME_PREFIX}999999"
+    written = spelling.format(name=name, upper=name.upper(), escaped=name.replace("_", "\\005f"))
+    with _connect(tap) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as caught:
+            _rows(conn, f"PREPARE {written}(integer) AS SELECT id FROM gv.people WHERE id = $1")
+        assert "reserved-name" in caught.value.diag.message_primary
+        assert _rows(conn, "SELECT count(*) FROM pg_catalog.pg_prepared_statements") == [(0,)]
