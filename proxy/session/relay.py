@@ -328,7 +328,7 @@ class Relay:
         if not spans:
             if emit:
                 self._traffic.to_upstream += len(emit)
-                self._upstream.write(emit)
+                self._write(self._upstream_transport, emit)
             return
         self._process_client(emit, spans, 0, 0)
 
@@ -402,7 +402,7 @@ class Relay:
         parts.clear()
         if data:
             self._traffic.to_upstream += len(data)
-            self._upstream.write(data)
+            self._write(self._upstream_transport, data)
 
     def _ask(self, tag: int, body: bytes) -> tuple[Guarded, Any]:
         """The message and the policy's answer: a verdict, a future of one, for a Bind also None
@@ -715,7 +715,7 @@ class Relay:
                 return
         if emit:
             self._traffic.to_client += len(emit)
-            self._client.write(emit)
+            self._write(self._client_transport, emit)
         if close_after:
             self._drained()
 
