@@ -397,6 +397,11 @@ class MetricsServer:
         bound = self._server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
 
+    async def start_unix(self, path: str) -> str:
+        """Serve on a unix socket instead (a worker of --workers N, scraped by its parent)."""
+        self._server = await asyncio.start_unix_server(self._serve, path)
+        return path
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -437,8 +442,3 @@ class MetricsServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-
-
-def metrics_port_for_worker(port: int, worker_index: int) -> int:
-    """With --workers N, worker i serves its own metrics on PORT+i (each is its own process)."""
-    return port + worker_index if port else 0

@@ -30,7 +30,8 @@ from proxy.audit.connection import AuditedConnection, OnAuditFailure
 from proxy.config import Settings, parse_listen
 from proxy.connection_policy import ClientInfo, ConnectionPolicy
 from proxy.elevation import GRANT_KEY_ENV, GrantBook
-from proxy.metrics import MeteredConnection, Metrics, MetricsServer, metrics_port_for_worker
+from proxy.metrics import MeteredConnection, Metrics, MetricsServer
+from proxy.metrics_workers import worker_socket
 from proxy.policy.model import Policy
 from proxy.policy.model import Settings as PolicySettings
 
@@ -311,12 +312,20 @@ def readiness(policy: Callable[[], Policy | None], host: str, port: int) -> Call
     return ready
 
 
-async def start_metrics_server(metrics: Metrics, listen: tuple[str, int],
+WORKER_METRICS = "unix:"
+"""`settings.metrics` of a worker of --workers N: `unix:DIR`, serve on DIR/worker-I.sock for the parent."""
+
+
+async def start_metrics_server(metrics: Metrics, listen: str,
                                ready: Callable[[], Awaitable[bool]], worker_index: int = 0) -> MetricsServer:
-    """Serve /metrics, /healthz, /readyz; worker i of --workers N listens on PORT+i."""
-    host, port = listen
+    """Serve /metrics, /healthz, /readyz on HOST:PORT, or (a worker of --workers N, `unix:DIR`) on
+    a private unix socket that the parent's one endpoint scrapes (proxy/metrics_workers.py)."""
     server = MetricsServer(metrics, ready)
-    bound = await server.start(host, metrics_port_for_worker(port, worker_index))
+    if listen.startswith(WORKER_METRICS):
+        path = await server.start_unix(worker_socket(listen[len(WORKER_METRICS):], worker_index))
+        log.debug("worker %d metrics on %s", worker_index, path)
+        return server
+    bound = await server.start(*parse_listen(listen))
     log.info("metrics on http://%s:%d/metrics", *bound)
     return server
 
@@ -326,7 +335,7 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
 
     The guard's Enforcement (with --policy; elevation grants feed its `active_role`), wrapped per
     connection as MeteredConnection(AuditedConnection(GuardedConnection)); the metrics as the
-    relay observer; SIGHUP reload with accounting; the metrics endpoint (worker i on PORT+i)
+    relay observer; SIGHUP reload with accounting; the metrics endpoint (a worker's on a unix socket)
     started with the server; the audit sink flushed and closed after the drain.
     Raises OperationsSettingsError or EnforcementError with a one-line reason.
     """
@@ -372,8 +381,7 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
             policy_given = settings.policy is not None
             ready = readiness(lambda: (loaded[0] if loaded else None) if policy_given else _NO_POLICY,
                               target.host, target.port)
-            servers.append(await start_metrics_server(metrics, parse_listen(settings.metrics), ready,
-                                                      worker_index))
+            servers.append(await start_metrics_server(metrics, settings.metrics, ready, worker_index))
 
     async def on_stopped() -> None:
         for metrics_server in servers:

@@ -8,14 +8,18 @@ import inspect
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from proxy import native
-from proxy.config import Settings
+from proxy.config import Settings, parse_listen
 from proxy.connection_policy import ClientInfo, ConnectionPolicy, PassThrough
 from proxy.session import (
     NullObserver,
@@ -26,6 +30,9 @@ from proxy.session import (
     client_tls_context,
 )
 from proxy.session.endpoint import Endpoint
+
+if TYPE_CHECKING:
+    from proxy.metrics_workers import WorkersEndpoint
 
 log = logging.getLogger("pgveil.server")
 
@@ -268,7 +275,9 @@ async def _serve_one(
 
 
 def _serve_workers(settings: Settings, runtime: Runtime) -> int:
-    """Fork N workers that each listen on the same port (SO_REUSEPORT); relay signals to them."""
+    """Fork N workers that each listen on the same port (SO_REUSEPORT); relay signals to them;
+    start a worker again when it dies unexpectedly. With --metrics the parent serves the one
+    metrics endpoint, summing what each worker serves on its private unix socket."""
     host, port = settings.listen_address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
@@ -281,15 +290,47 @@ def _serve_workers(settings: Settings, runtime: Runtime) -> int:
         return 1
     port = probe.getsockname()[1]  # resolves port 0; bound but not listening, so it gets no clients
     worker_settings = _with_listen(settings, f"{host}:{port}")
+    metrics_dir: str | None = None
+    endpoint: WorkersEndpoint | None = None
+    if settings.metrics is not None:
+        from proxy.metrics_workers import WorkersEndpoint, worker_socket
+        from proxy.operations import WORKER_METRICS
+
+        metrics_dir = tempfile.mkdtemp(prefix="pgveil-metrics-")
+        try:
+            endpoint = WorkersEndpoint(parse_listen(settings.metrics),
+                                       [worker_socket(metrics_dir, i) for i in range(settings.workers)])
+        except OSError as exc:
+            probe.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            log.error("cannot serve metrics on %s: %s", settings.metrics, reason)
+            return 1
+        worker_settings = replace(worker_settings, metrics=WORKER_METRICS + metrics_dir)
+    try:
+        return _run_workers(settings, worker_settings, runtime, probe, endpoint, (host, port))
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_workers(settings: Settings, worker_settings: Settings, runtime: Runtime, probe: socket.socket,
+                 endpoint: WorkersEndpoint | None, address: tuple[str, int]) -> int:
     cancel_secret = secrets.token_bytes(32)  # shared so any worker can map any cancel key
     children: dict[int, int] = {}
-    pipes: list[int] = []
-    for index in range(settings.workers):
+    stopping: list[int] = []  # the signal that stops the group, once one came
+
+    def start(index: int) -> int:
+        """Fork worker `index`; returns the read end of the pipe it reports its port on."""
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(read_fd)
             probe.close()
+            if endpoint is not None:
+                endpoint.close_inherited()
             code = 1
             try:
                 code = asyncio.run(_serve_one(worker_settings, runtime, index, cancel_secret, write_fd, None))
@@ -301,20 +342,33 @@ def _serve_workers(settings: Settings, runtime: Runtime) -> int:
                 os._exit(code)
         os.close(write_fd)
         children[pid] = index
-        pipes.append(read_fd)
-    ok = True
-    for fd in pipes:
+        return read_fd
+
+    def started(fd: int) -> bool:
         with os.fdopen(fd) as ready:
-            if not ready.readline().strip():
-                ok = False
+            return bool(ready.readline().strip())
+
+    pipes = [start(index) for index in range(settings.workers)]
+    ok = all([started(fd) for fd in pipes])
     probe.close()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if signum != signal.SIGHUP and not stopping:
+            stopping.append(signum)
+        _relay_signal(children, signum)
+
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda signum, frame: _relay_signal(children, signum))
+        signal.signal(signum, on_signal)
     if not ok:
         log.error("a worker failed to start; stopping the others")
+        stopping.append(signal.SIGTERM)
         _relay_signal(children, signal.SIGTERM)
     else:
-        log.info("listening on %s:%d (%d workers)", host, port, settings.workers)
+        if endpoint is not None:
+            endpoint.serve_in_background()
+            log.info("metrics on http://%s:%d/metrics (all %d workers; each also on its own socket in %s)",
+                     *endpoint.address, settings.workers, Path(endpoint.sockets[0]).parent)
+        log.info("listening on %s:%d (%d workers)", *address, settings.workers)
     code = 0 if ok else 1
     while children:
         try:
@@ -323,8 +377,22 @@ def _serve_workers(settings: Settings, runtime: Runtime) -> int:
             break
         except InterruptedError:
             continue
-        children.pop(pid, None)
-        if os.waitstatus_to_exitcode(status) != 0:
+        index = children.pop(pid, None)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if index is None:
+            continue
+        if stopping:
+            if exit_code != 0:
+                code = 1
+            continue
+        log.error("worker %d (pid %d) exited unexpectedly (%s); starting it again", index, pid,
+                  f"signal {-exit_code}" if exit_code < 0 else f"exit code {exit_code}")
+        if endpoint is not None:
+            endpoint.restarts += 1
+        if not started(start(index)) and not stopping:
+            log.error("worker %d failed to start again; stopping the others", index)
+            stopping.append(signal.SIGTERM)
+            _relay_signal(children, signal.SIGTERM)
             code = 1
     return code
 
@@ -336,8 +404,6 @@ def _relay_signal(children: dict[int, int], signum: int) -> None:
 
 
 def _with_listen(settings: Settings, listen: str) -> Settings:
-    from dataclasses import replace
-
     return replace(settings, listen=listen)
 
 
