@@ -6,19 +6,15 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger("pgveil.metrics")
-
-SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 
 GAUGE_COMBINE: dict[str, Callable[[float, float], float]] = {
     "pgveil_policy_loaded_timestamp_seconds": min,  # the oldest policy still in force on some worker
@@ -35,11 +31,11 @@ def worker_socket(directory: str, worker_index: int) -> str:
     return str(Path(directory) / f"worker-{worker_index}.sock")
 
 
-def _combine(family: Metric, sample_name: str) -> Callable[[float, float], float]:
-    if sample_name.endswith("_created"):
+def _combine(family: str, kind: str) -> Callable[[float, float], float]:
+    if family.endswith("_created"):
         return min
-    if family.type == "gauge":
-        return GAUGE_COMBINE.get(family.name, _add)
+    if kind == "gauge":
+        return GAUGE_COMBINE.get(family, _add)
     return _add
 
 
@@ -48,39 +44,37 @@ def _add(a: float, b: float) -> float:
 
 
 def aggregate(texts: Sequence[str]) -> bytes:
-    """One Prometheus text exposition from several workers': counters and histogram buckets summed
-    per identical label set, gauges per GAUGE_COMBINE; families and series in first-seen order."""
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[SampleKey, float]] = {}
+    """One Prometheus text exposition from several workers' (as prometheus-client writes them):
+    counters and histogram buckets summed per identical label set, gauges per GAUGE_COMBINE;
+    families and series in first-seen order. Works on lines: no parsing into objects."""
+    heads: dict[str, list[str]] = {}  # family -> its HELP and TYPE lines
+    series: dict[str, dict[str, float]] = {}  # family -> "name{labels}" -> value
     for text in texts:
-        for family in text_string_to_metric_families(text):
-            merged = families.get(family.name)
-            if merged is None:
-                merged = families[family.name] = Metric(family.name, family.documentation, family.type)
-                values[family.name] = {}
-            series = values[family.name]
-            for sample in family.samples:
-                key = (sample.name, tuple(sample.labels.items()))
-                if key in series:
-                    series[key] = _combine(merged, sample.name)(series[key], sample.value)
-                else:
-                    series[key] = sample.value
-    for name, merged in families.items():
-        for (sample_name, labels), value in values[name].items():
-            merged.add_sample(sample_name, dict(labels), value)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed(list(families.values())))
-    return generate_latest(registry)
-
-
-class _Fixed:
-    """A collector that yields families already built."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self.families
+        family = ""
+        combine: Callable[[float, float], float] = _add
+        for line in text.splitlines():
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    lines = heads.setdefault(family, [])
+                    if len(lines) < 2:
+                        lines.append(line)
+                    if parts[1] == "TYPE" and len(parts) == 4:
+                        combine = _combine(family, parts[3])
+                    series.setdefault(family, {})
+                continue
+            key, _, value = line.rpartition(" ")
+            if not key:
+                continue
+            values = series.setdefault(family, {})
+            number = float(value)
+            values[key] = combine(values[key], number) if key in values else number
+    out: list[str] = []
+    for family, values in series.items():
+        out.extend(heads.get(family, ()))
+        out.extend(f"{key} {floatToGoString(value)}" for key, value in values.items())  # type: ignore[no-untyped-call]
+    return ("\n".join(out) + "\n").encode() if out else b""
 
 
 def fetch(path: str, target: str, timeout: float = FETCH_TIMEOUT) -> tuple[int, bytes] | None:

@@ -36,7 +36,7 @@ async def _some_statements(metrics: Metrics, count: int) -> None:
         await metered.on_query("SELECT 1")
         await metered.on_complete(Outcome(rows=1, sqlstate=None, upstream_seconds=0.003))
     await metered.on_query("SELECT a.ssn FROM a JOIN b USING (ssn)")
-    metrics.policy_loaded_now("v1", "policy.yaml")
+    metrics.policy_loaded_now("v1", "/etc/my policy.yaml")  # a space inside a label value
 
 
 async def test_one_workers_exposition_comes_back_unchanged_and_two_are_summed() -> None:
@@ -51,7 +51,8 @@ async def test_one_workers_exposition_comes_back_unchanged_and_two_are_summed() 
     assert total(both, "pgveil_statement_upstream_seconds_count") == 8
     assert sample(both, "pgveil_statement_upstream_seconds_bucket", le="0.005") == 8
     assert sample(both, "pgveil_connections_total", result="accepted") == 2
-    assert sample(both, "pgveil_policy_info", source="policy.yaml", version="v1") == 1  # an info, not a count
+    # an info (1 per version loaded), not a count
+    assert sample(both, "pgveil_policy_info", source="/etc/my policy.yaml", version="v1") == 1
     assert both.count("# TYPE pgveil_statements_total counter") == 1
     loaded = [float(line.split()[1]) for text in (alone, second.exposition())
               for line in text.decode().splitlines() if line.startswith("pgveil_policy_loaded_timestamp")]
