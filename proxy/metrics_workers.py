@@ -96,6 +96,21 @@ def fetch(path: str, target: str, timeout: float = FETCH_TIMEOUT) -> tuple[int, 
     return int(parts[1]), body
 
 
+def group_metrics(workers: int, scraped: int, restarts: int) -> str:
+    """The series the parent adds about the worker processes themselves."""
+    return (
+        "# HELP pgveil_workers Worker processes configured (--workers)\n"
+        "# TYPE pgveil_workers gauge\n"
+        f"pgveil_workers {workers}\n"
+        "# HELP pgveil_workers_scraped Worker processes whose metrics are in this scrape\n"
+        "# TYPE pgveil_workers_scraped gauge\n"
+        f"pgveil_workers_scraped {scraped}\n"
+        "# HELP pgveil_worker_restarts Worker processes that exited unexpectedly and were started again\n"
+        "# TYPE pgveil_worker_restarts counter\n"
+        f"pgveil_worker_restarts_total {restarts}\n"
+    )
+
+
 def _said(answer: tuple[int, bytes] | None) -> str:
     return "not answering" if answer is None else answer[1].decode(errors="replace").strip()
 
@@ -156,7 +171,7 @@ class WorkersEndpoint:
             texts = [answer[1].decode() for answer in self._ask_all("/metrics")
                      if answer is not None and answer[0] == 200]
             scraped = len(texts)
-            texts.append(self._own_metrics(scraped))
+            texts.append(group_metrics(len(self.sockets), scraped, self.restarts))
             return 200, CONTENT_TYPE_LATEST, aggregate(texts)
         if path in ("/healthz", "/readyz"):
             failing = [f"worker {i}: {_said(answer)}" for i, answer in enumerate(self._ask_all(path))
@@ -167,19 +182,6 @@ class WorkersEndpoint:
             word = "unhealthy" if path == "/healthz" else "not ready"
             return status, "text/plain", (f"{word}\n" + "".join(f"{line}\n" for line in failing)).encode()
         return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"
-
-    def _own_metrics(self, scraped: int) -> str:
-        return (
-            "# HELP pgveil_workers Worker processes configured (--workers)\n"
-            "# TYPE pgveil_workers gauge\n"
-            f"pgveil_workers {len(self.sockets)}\n"
-            "# HELP pgveil_workers_scraped Worker processes whose metrics are in this scrape\n"
-            "# TYPE pgveil_workers_scraped gauge\n"
-            f"pgveil_workers_scraped {scraped}\n"
-            "# HELP pgveil_worker_restarts Worker processes that exited unexpectedly and were started again\n"
-            "# TYPE pgveil_worker_restarts counter\n"
-            f"pgveil_worker_restarts_total {self.restarts}\n"
-        )
 
     def _answer(self, handler: BaseHTTPRequestHandler, head_only: bool) -> None:
         try:

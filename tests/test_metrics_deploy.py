@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from proxy.metrics import Metrics
+from proxy.metrics_workers import group_metrics
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 METRIC = re.compile(r"\bpgveil_[a-z_]+")
@@ -19,6 +20,9 @@ def exposed_series() -> set[str]:
     for family in Metrics().registry.collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "info": ["_info"]}
         names.update(family.name + suffix for suffix in suffixes.get(family.type, [""]))
+    for line in group_metrics(2, 2, 0).splitlines():  # the parent's own with --workers N
+        if not line.startswith("#"):
+            names.add(line.split()[0])
     return names
 
 
