@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("proxy.commands.audit", "audit log tools (verify)"),
     "fingerprints": ("proxy.commands.fingerprints", "review learned query fingerprints"),
     "elevate": ("proxy.commands.elevate", "grant a time-limited role elevation"),
+    "discover": ("proxy.commands.discover", "find sensitive columns; draft or gate a policy"),
 }
 
 
