@@ -79,6 +79,10 @@ def _messages(mode: str, aid: int) -> tuple[bytes, bytes, bytes]:
     return Parse("P0_1", sql).encode() + execute, execute, BindComplete().encode() + rows
 
 
+_COLD = 0
+"""Bytes written over before each timed transaction (--cold): 0, the caches stay warm."""
+
+
 class _Transport:
     """The in-memory end of a leg: collects what the relay writes."""
 
@@ -126,10 +130,19 @@ async def _relay_run(policy: Any, observer: Any, mode: str, transactions: int) -
                     _messages("extended", 1)[2])
     for _ in range(200):  # warm up
         await _exchange(client, upstream, upstream_transport, later, answer)
-    started = time.process_time()
-    for _ in range(transactions):
-        await _exchange(client, upstream, upstream_transport, later, answer)
-    used = time.process_time() - started
+    if _COLD:  # the caches are emptied before each transaction; only the transaction is timed
+        buffer, filler = bytearray(_COLD), bytes(range(256)) * (_COLD // 256)
+        used = 0.0
+        for _ in range(transactions):
+            buffer[:] = filler
+            started = time.process_time()
+            await _exchange(client, upstream, upstream_transport, later, answer)
+            used += time.process_time() - started
+    else:
+        started = time.process_time()
+        for _ in range(transactions):
+            await _exchange(client, upstream, upstream_transport, later, answer)
+        used = time.process_time() - started
     relay.finish("bench over")
     return used / transactions * 1e6
 
@@ -248,6 +261,8 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="SOURCE_TREE")
     parser.add_argument("--only", help="comma-separated configurations (default: all)")
     parser.add_argument("--profile", metavar="FILE", help="profile the current tree's pass (cProfile)")
+    parser.add_argument("--cold", type=int, default=0, metavar="KIB",
+                        help="write over KIB KiB before each transaction (cold caches, as live)")
     parser.add_argument("--child", nargs=3, metavar=("DSN", "POLICY", "CONFIGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -255,6 +270,8 @@ def main() -> int:
 
         uvloop.install()
         dsn, policy_file, chosen = args.child
+        global _COLD
+        _COLD = args.cold * 1024
         asyncio.run(_child_main(dsn, Path(policy_file), args.transactions, chosen.split(",")))
         return 0
 
@@ -284,6 +301,7 @@ def main() -> int:
                 if args.profile and name == "after" and round_number == 0:
                     command += ["-m", "cProfile", "-o", args.profile]
                 command += [str(HERE / "hotpath.py"), "--transactions", str(args.transactions),
+                            *(["--cold", str(args.cold)] if args.cold else []),
                             "--child", pg.dsn(dbname="bench"), str(policy), ",".join(configurations)]
                 child = subprocess.run(command, check=False, capture_output=True, text=True, cwd=tree,
                                        env={**os.environ, "PYTHONPATH": str(tree)})
@@ -291,8 +309,9 @@ def main() -> int:
                     raise RuntimeError(f"the {name} pass failed:\n{child.stderr[-4000:]}")
                 for key, value in json.loads(child.stdout.strip().splitlines()[-1]).items():
                     results[name].setdefault(key, []).append(value)
+        cold = f", {args.cold} KiB written over before each transaction" if args.cold else ""
         print(f"pgveil CPU µs per pgbench -S transaction, in-process, median and best of {args.rounds} "
-              f"rounds of {args.transactions} (load average {os.getloadavg()[0]:.1f})")
+              f"rounds of {args.transactions}{cold} (load average {os.getloadavg()[0]:.1f})")
         header = f"{'configuration':<18} {'mode':<9}" + "".join(
             f" {name + ' median':>14} {name + ' best':>12}" for name, _ in trees)
         print(header)

@@ -52,7 +52,7 @@ from proxy.wire import (
     rows_in_command_tag,
 )
 from proxy.wire.backend import ParameterStatus
-from proxy.wire.codec import text
+from proxy.wire.codec import ENCODING, ERRORS, text
 from proxy.wire.frontend import Bind
 
 log = logging.getLogger("pgveil.session")
@@ -417,7 +417,7 @@ class Relay:
             answer = self._fast_answer(message)
             return message, answer if answer is not None else self._call(policy.on_bind, message.statement)
         if tag == _Q:
-            message = Query.decode(body)
+            message = _query(body)
             answer = self._fast_answer(message)
             return message, answer if answer is not None else self._call(policy.on_query, message.sql)
         if tag == _P:
@@ -580,7 +580,7 @@ class Relay:
                 request.rewritten(0, verdict)
                 if isinstance(verdict, Rewrite) and verdict.prepares is not None:
                     request.prepares = verdict.prepares
-                return Query(verdict.sql).encode()
+                return _query_message(verdict.sql)
         return None
 
     def _marker(self, request: Request, refusal: Refuse) -> str:
@@ -1049,6 +1049,21 @@ def position_in_client_text(body: bytes, splices: Splices) -> bytes | None:
             return b"E" + (len(fields) + 4).to_bytes(4, "big") + fields
         pos = end + 1
     return None
+
+
+def _query(body: bytes) -> Query:
+    """Query.decode of a Query body; the usual one (one terminating NUL) decoded here, compiled."""
+    if body and body.find(b"\x00") == len(body) - 1:
+        return Query(body[:-1].decode(ENCODING, ERRORS))
+    return Query.decode(body)
+
+
+def _query_message(sql: str) -> bytes:
+    """Query(sql).encode(), compiled (a rewritten statement on every cache hit)."""
+    raw = sql.encode(ENCODING, ERRORS)
+    if b"\x00" in raw:
+        return Query(sql).encode()  # raises as encode does
+    return b"Q" + (len(raw) + 5).to_bytes(4, "big") + raw + b"\x00"
 
 
 def _ignore(data: bytes) -> None:
