@@ -393,3 +393,65 @@ def test_names_alone_classify_only_without_values() -> None:
     assert [f.kind for f in d.classify(d.ColumnFacts("users", "name", "text"), ["Ada Lovelace"] * 5)] \
         == ["person_name"]
     assert d.classify(d.ColumnFacts("products", "name", "text"), ["Widget Pro"] * 5) == []
+
+
+def test_partitions_privileges_and_failed_samples(upstream: Any, database: tuple[str, Any],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A partitioned table is sampled through its parent (partitions are not listed twice); a table
+    the login may not read and a sample PostgreSQL refuses are classified by name only, and the
+    error message (which could quote data) is not printed, only its SQLSTATE."""
+    assert database  # creates the database
+    upstream.execute("""
+        DROP SCHEMA IF EXISTS edge CASCADE; CREATE SCHEMA edge;
+        CREATE TABLE edge.signups (id integer, contact_email text, day date) PARTITION BY RANGE (day);
+        CREATE TABLE edge.signups_2025 PARTITION OF edge.signups
+          FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+        INSERT INTO edge.signups
+          SELECT i, 'p' || i || '@example.com', '2025-03-01' FROM generate_series(1, 50) i;
+        CREATE TABLE edge.secrets (id integer, ssn text);
+        INSERT INTO edge.secrets VALUES (1, 'not-an-ssn-at-all');
+        CREATE MATERIALIZED VIEW edge.unfilled AS SELECT 'x'::text AS iban WITH NO DATA;
+        DROP ROLE IF EXISTS discover_limited;
+        CREATE ROLE discover_limited LOGIN PASSWORD 'limited';
+        GRANT USAGE ON SCHEMA edge TO discover_limited;
+        GRANT SELECT ON edge.signups, edge.unfilled TO discover_limited;
+    """, dbname=DATABASE)
+    limited = upstream.dsn("discover_limited", "limited", dbname=DATABASE)
+    code, out, err = discover(capsys, "--upstream", limited, "--schema", "edge", "--format", "json")
+    assert code == 0, err
+    tables = {t["name"]: t for t in json.loads(out)["tables"]}
+    assert set(tables) == {"edge.signups", "edge.secrets", "edge.unfilled"}
+    (email,) = tables["edge.signups"]["columns"]
+    assert email["kind"] == "email" and email["evidence"][1] == "50 of 50 sampled values are e-mail addresses"
+    assert tables["edge.secrets"]["problem"] == "no SELECT privilege: classified by names only"
+    assert tables["edge.secrets"]["columns"][0]["confidence"] == 0.5   # the name alone
+    assert tables["edge.unfilled"]["problem"].startswith("sampling failed (SQLSTATE 55000")
+    assert "edge.secrets: no SELECT privilege" in err and "not-an-ssn" not in out + err
+    assert "has not been populated" not in out + err   # PostgreSQL's message is not passed on
+
+
+def test_demo_policy_gaps(upstream: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Against the demo data set: the detectors find the demo policy's sensitive columns, and with the
+    demo policy only what it leaves out (the `mock` schema's copy of users, the review text)."""
+    import asyncio
+
+    from proxy.demo.dataset import load_dataset
+
+    upstream.execute("DROP DATABASE IF EXISTS pgveil_discover_demo")
+    asyncio.run(load_dataset(upstream.dsn(), "pgveil_discover_demo"))
+    dsn = upstream.dsn(dbname="pgveil_discover_demo")
+    code, out, _ = discover(capsys, "--upstream", dsn, "--format", "json")
+    assert code == 0
+    found = reported_kinds(json.loads(out))
+    expected = {("public.users", "full_name"), ("public.users", "email"), ("public.users", "password_hash"),
+                ("public.users", "phone"), ("public.user_demographics", "birth_date"),
+                ("public.user_demographics", "gender"), ("public.user_demographics", "zip"),
+                ("public.identity_verifications", "document_number_hash"),
+                ("public.identity_verifications", "national_id")}
+    assert expected <= set(found)
+    policy = str(Path(__file__).parent.parent / "proxy" / "demo" / "reviews.yaml")
+    code, out, _ = discover(capsys, "--upstream", dsn, "--policy", policy, "--format", "json")
+    assert code == 1
+    gaps = {(t["name"], c["name"]) for t in json.loads(out)["tables"] for c in t["columns"]}
+    assert gaps == {("mock.users", "email"), ("mock.users", "password_hash"), ("mock.users", "phone"),
+                    ("public.reviews", "body")}

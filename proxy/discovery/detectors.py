@@ -109,6 +109,19 @@ def is_national_id(value: str) -> bool:
     return is_uk_nino(value) or is_nl_bsn(value)
 
 
+_ID_TOKEN = re.compile(r"^[A-Z0-9][A-Z0-9 ./-]{4,22}[A-Z0-9]$")
+_HEX_DIGEST = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{40}|[0-9a-f]{64}|[0-9a-f]{128})$")
+
+
+def is_id_number(value: str) -> bool:
+    """In a column named like an identity document: an ID-number shape (6 to 24 characters, at least
+    5 digits; any country's format) or a hex digest of one (MD5/SHA), which identifies just the same."""
+    text = value.strip()
+    if _HEX_DIGEST.match(text.lower()):
+        return True
+    return _ID_TOKEN.match(text.upper()) is not None and sum(c.isdigit() for c in text) >= 5
+
+
 def is_ip_address(value: str) -> bool:
     text = value.strip()
     if not text or len(text) > 49 or not (":" in text or text.count(".") == 3):
@@ -294,6 +307,12 @@ DETECTORS: tuple[Detector, ...] = (
              _words("nino", "ni_?number", "national_?insurance(?:_?number)?", "national_?id", "bsn",
                     "burgerservicenummer", "sofi(?:_?nummer)?", "citizen_?id", "id_?number"),
              is_national_id, alone=is_uk_nino, identifier=True),
+    Detector("id_document", "are ID-number shaped or digests of one", Sensitivity.RESTRICTED,
+             _words("national_?id", "passport(?:_?(?:number|no))?",
+                    "drivers?_?licen[cs]e(?:_?(?:number|no))?",
+                    "document_?(?:number|no)(?:_?hash)?", "tax_?id", "tin", "id_?card(?:_?number)?",
+                    "personalausweis(?:nummer)?", "identity_?number"),
+             is_id_number, identifier=True),
     Detector("phone", "are phone numbers", Sensitivity.CONFIDENTIAL,
              _words("phone", "phone_?number", "mobile", "cell", "tel", "telephone", "fax", "msisdn",
                     "telefon", "telefoonnummer"), is_phone_number, alone=is_e164_phone,
@@ -456,7 +475,7 @@ def suggested_protection(kind: str, type_sql: str) -> Protection | None:
         return Partial(keep_last=4) if is_text or type_sql.startswith(("bigint", "numeric")) else Redact()
     if kind == "phone":
         return Partial(keep_last=2) if is_text else Redact()
-    if kind in ("us_ssn", "national_id", "ip_address"):
+    if kind in ("us_ssn", "national_id", "id_document", "ip_address"):
         return HashProtection()
     if kind == "date_of_birth":
         return Generalize(unit="year") if is_date else Redact()
