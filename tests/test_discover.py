@@ -357,6 +357,18 @@ def test_faker_data_several_locales(upstream: Any, database: tuple[str, Any],
 # ---------------------------------------------------------------------------------------------
 # The value checks on their own (pure functions)
 
+def test_sample_sql_is_bounded() -> None:
+    from proxy.discovery.sample import Column, Table, sample_sql
+
+    table = Table(1, "public", 'we"ird', 5_000_000.0, True, [Column(d.ColumnFacts('we"ird', "a b", "text"))])
+    assert sample_sql(table, 1000) == ('SELECT pg_catalog.left("a b"::pg_catalog.text, 512) FROM "public".'
+                                       '"we""ird" TABLESAMPLE SYSTEM (0.024000) LIMIT 1000')
+    table.reltuples = 2000.0
+    assert "TABLESAMPLE BERNOULLI (60.000000) LIMIT 1000" in sample_sql(table, 1000)
+    table.reltuples = -1.0
+    assert "TABLESAMPLE BERNOULLI (100.000000) LIMIT 10" in sample_sql(table, 10)
+
+
 def test_checksums() -> None:
     assert d.is_card_number("4111 1111 1111 1111") and not d.is_card_number("4111 1111 1111 1112")
     assert not d.is_card_number("9111111111111111")  # no card network starts with 9
@@ -411,16 +423,21 @@ def test_partitions_privileges_and_failed_samples(upstream: Any, database: tuple
         CREATE TABLE edge.secrets (id integer, ssn text);
         INSERT INTO edge.secrets VALUES (1, 'not-an-ssn-at-all');
         CREATE MATERIALIZED VIEW edge.unfilled AS SELECT 'x'::text AS iban WITH NO DATA;
+        CREATE TABLE edge.big AS
+          SELECT 'b' || i || '@example.com' AS mail FROM generate_series(1, 120000) i;
+        ANALYZE edge.big;
         DROP ROLE IF EXISTS discover_limited;
         CREATE ROLE discover_limited LOGIN PASSWORD 'limited';
         GRANT USAGE ON SCHEMA edge TO discover_limited;
-        GRANT SELECT ON edge.signups, edge.unfilled TO discover_limited;
+        GRANT SELECT ON edge.signups, edge.unfilled, edge.big TO discover_limited;
     """, dbname=DATABASE)
     limited = upstream.dsn("discover_limited", "limited", dbname=DATABASE)
     code, out, err = discover(capsys, "--upstream", limited, "--schema", "edge", "--format", "json")
     assert code == 0, err
     tables = {t["name"]: t for t in json.loads(out)["tables"]}
-    assert set(tables) == {"edge.signups", "edge.secrets", "edge.unfilled"}
+    assert set(tables) == {"edge.signups", "edge.secrets", "edge.unfilled", "edge.big"}
+    (mail,) = tables["edge.big"]["columns"]   # 120,000 rows: whole pages sampled (SYSTEM), at most N rows
+    assert mail["kind"] == "email" and 0 < tables["edge.big"]["sampled_rows"] <= 1000
     (email,) = tables["edge.signups"]["columns"]
     assert email["kind"] == "email" and email["evidence"][1] == "50 of 50 sampled values are e-mail addresses"
     assert tables["edge.secrets"]["problem"] == "no SELECT privilege: classified by names only"
