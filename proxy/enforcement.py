@@ -20,6 +20,7 @@ from proxy.catalog import CatalogReader, CatalogSnapshot, load_catalog, parse_se
 from proxy.catalog_watch import CatalogWatch
 from proxy.config import DEFAULT_MAX_STATEMENT_SIZE
 from proxy.connection_policy import ClientInfo, Outcome
+from proxy.discovery.watch import UnclassifiedColumns
 from proxy.firewall.fingerprints import FingerprintKeeper
 from proxy.guard.cache import CacheHit, VerdictCache
 from proxy.guard.encodings import decode_statement, encode_statement
@@ -109,6 +110,9 @@ class Enforcement:
         self._ddl_noted = 0  # DDL statements follow_ddl_soon was told of
         self._ddl_caught_up = 0  # ... of which the catalog has been brought up to date after
         self.statements_waiting = 0  # statements waiting for DDL to be followed (ddl_followed)
+        # Names-only discovery, run after each catalog read (never per statement): a gauge and log lines.
+        self.unclassified = UnclassifiedColumns()
+        self._discover_names()
 
     @classmethod
     async def create(cls, policy_path: str, upstream_dsn: str,
@@ -164,6 +168,7 @@ class Enforcement:
         self.state = state
         self.cache.clear()
         log.info("policy %s loaded from %s", state.policy.version, self.policy_path)
+        asyncio.get_running_loop().call_soon(self._discover_names)
         return state.policy
 
     async def refresh_catalog(self) -> None:
@@ -180,6 +185,14 @@ class Enforcement:
             return
         self._last_refresh = time.monotonic()
         self.state = _State(self.state.policy, catalog)
+        asyncio.get_running_loop().call_soon(self._discover_names)  # after the waiting statements go on
+
+    def _discover_names(self) -> None:
+        """Count and log columns whose names look sensitive and that the policy leaves out."""
+        try:
+            self.unclassified.update(self.state.policy, self.state.catalog)
+        except Exception:  # discovery is advice: it never stops serving
+            log.exception("names-only discovery failed")
 
     async def fresh_catalog(self, required: bool = True) -> bool:
         """Refresh the catalog when PostgreSQL's definitions changed since it was read (functions,

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
@@ -41,6 +41,23 @@ class _TrafficCollector:
 
 
 _BYTES_HELP = "Bytes relayed, by direction (client_to_server, server_to_client)"
+
+
+class _UnclassifiedCollector:
+    """pgveil_unclassified_sensitive_columns, read from names-only discovery at scrape time."""
+
+    NAME = "pgveil_unclassified_sensitive_columns"
+    HELP = ("Columns whose names look confidential or restricted (pgveil discover's detectors, names "
+            "only) and that the policy leaves unclassified or under-classified; updated on catalog reads")
+
+    def __init__(self) -> None:
+        self.count: Callable[[], int] = lambda: 0
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, value=self.count())
 
 
 class _VerdictCacheCollector:
@@ -186,6 +203,8 @@ class Metrics:
             r.register(collector)
         self.verdict_cache = _VerdictCacheCollector()
         r.register(self.verdict_cache)
+        self.unclassified = _UnclassifiedCollector()
+        r.register(self.unclassified)
         self.connections_open = Gauge(
             "pgveil_connections_open", "Client connections currently open", registry=r)
         self.connections = Counter(
@@ -245,6 +264,10 @@ class Metrics:
     def count_verdict_cache(self, counts: Callable[[], tuple[int, int]]) -> None:
         """Report the guard's verdict cache: `counts()` gives (hits, misses) so far, read at scrape."""
         self.verdict_cache.counts = counts
+
+    def count_unclassified(self, count: Callable[[], int]) -> None:
+        """Report names-only discovery: `count()` gives the unclassified sensitive columns, read at scrape."""
+        self.unclassified.count = count
 
     def statement_counted(self, role: str, kind: str, decision: str) -> None:
         self.statements[(role, kind, decision)] += 1

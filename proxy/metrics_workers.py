@@ -4,6 +4,7 @@ time from its private unix socket, summed into one (nothing is added to the stat
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ log = logging.getLogger("pgveil.metrics")
 GAUGE_COMBINE: dict[str, Callable[[float, float], float]] = {
     "pgveil_policy_loaded_timestamp_seconds": min,  # the oldest policy still in force on some worker
     "pgveil_policy_info": max,  # 1 per (version, source) loaded on at least one worker
+    "pgveil_unclassified_sensitive_columns": max,  # every worker reads the same catalog and policy
 }
 """How a gauge of several workers becomes one; a gauge not named here is a count and is summed.
 `*_created` (when a series began) takes the earliest worker's."""
@@ -150,8 +152,16 @@ class WorkersEndpoint:
         return str(host), int(port)
 
     def serve_in_background(self) -> None:
+        """Serve from a thread that, like every thread it starts, blocks the signals the parent
+        handles: a signal the kernel gave one of them would not interrupt the main thread's
+        wait for its children, so SIGTERM or SIGHUP would wait for a worker to exit."""
         self._thread = threading.Thread(target=self._http.serve_forever, name="pgveil-metrics", daemon=True)
-        self._thread.start()
+        handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        try:
+            self._thread.start()  # a new thread starts with its creator's signal mask
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def close_inherited(self) -> None:
         """In a forked worker: drop the inherited listening socket (the parent keeps serving it)."""

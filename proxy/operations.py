@@ -364,6 +364,7 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
         if metrics is not None:
             metrics.policy_loaded_now(enforcement.policy.version, enforcement.policy.source)
             metrics.count_verdict_cache(lambda: (enforcement.cache.hits, enforcement.cache.misses))
+            metrics.count_unclassified(lambda: enforcement.unclassified.sensitive)
 
         async def reload_now() -> None:
             policy = await reload_policy(enforcement.reload, metrics)

@@ -472,3 +472,58 @@ def test_demo_policy_gaps(upstream: Any, capsys: pytest.CaptureFixture[str]) -> 
     gaps = {(t["name"], c["name"]) for t in json.loads(out)["tables"] for c in t["columns"]}
     assert gaps == {("mock.users", "email"), ("mock.users", "password_hash"), ("mock.users", "phone"),
                     ("public.reviews", "body")}
+
+
+# ---------------------------------------------------------------------------------------------
+# `pgveil serve`: the same detectors on names only, after each catalog read
+
+def test_serve_counts_and_logs_unclassified_columns_after_ddl(upstream: Any, tmp_path: Path) -> None:
+    import urllib.request
+
+    from proxy.embedded import free_port
+    from tests.proxy_harness import spawn_serve, wait_until
+
+    upstream.execute("DROP DATABASE IF EXISTS pgveil_discover_serve")
+    upstream.execute("CREATE DATABASE pgveil_discover_serve")
+    upstream.execute("CREATE TABLE t (id integer, email text, card_count integer)",
+                     dbname="pgveil_discover_serve")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"version: 1\nroles:\n  admin:\n    members: [{upstream.superuser}]\n"
+                      "    statements: [all]\n    tables: ['*']\n"
+                      "    reveal: [public, internal, confidential, restricted]\n"
+                      "datasets:\n  public.t:\n    columns:\n      email: {sensitivity: confidential}\n")
+    port = free_port()
+
+    def gauge() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        (line,) = [x for x in text.splitlines() if x.startswith("pgveil_unclassified_sensitive_columns ")]
+        return float(line.split()[1])
+
+    dsn = upstream.dsn(dbname="pgveil_discover_serve")
+    with spawn_serve("--upstream", dsn, "--policy", str(policy), "--listen", "127.0.0.1:0",
+                     "--metrics", f"127.0.0.1:{port}") as served:
+        served.wait_for_line("metrics on http://")
+        assert gauge() == 0   # email is classified; card_count is a count, not a card
+        with psycopg.connect(served.dsn(upstream.superuser, upstream.superpassword,
+                                        dbname="pgveil_discover_serve"), autocommit=True) as conn:
+            conn.execute("ALTER TABLE t ADD COLUMN ssn text")
+            conn.execute("CREATE TABLE u (id integer, phone_number text, gender text)")
+            conn.execute("SELECT 1")
+            wait_until(lambda: gauge() == 2, "the gauge to count t.ssn and u.phone_number")
+            served.wait_for_line(r"discovery: column public\.t\.ssn looks like us_ssn \(restricted\)")
+            served.wait_for_line(r"discovery: column public\.u\.gender looks like gender \(internal\)")
+            conn.execute("ALTER TABLE t ADD COLUMN note_count integer, ADD COLUMN iban text")
+            conn.execute("SELECT 1")
+            wait_until(lambda: gauge() == 3, "the gauge to count t.iban too")
+            served.wait_for_line(r"discovery: column public\.t\.iban looks like iban")
+        served.terminate()
+        served.wait()
+    # One line per new finding: the second catalog read did not log t.ssn again.
+    assert gauge_lines(served.stderr) == ["public.t.ssn", "public.u.phone_number", "public.u.gender",
+                                          "public.t.iban"]
+
+
+def gauge_lines(stderr: str) -> list[str]:
+    return [line.split("discovery: column ", 1)[1].split(" ", 1)[0]
+            for line in stderr.splitlines() if "discovery: column " in line]

@@ -12,6 +12,7 @@ from proxy.discovery.sample import Column, Table
 from proxy.policy.model import (
     ColumnPolicy,
     Constant,
+    Dataset,
     Email,
     Generalize,
     Hash,
@@ -70,11 +71,15 @@ def column_entry(column: Column) -> dict[str, Any]:
 
 
 def gap(column: Column, table: Table, policy: Policy) -> Gap | None:
-    best = column.findings[0]
-    dataset = policy.datasets.get(table.qualified_name)
+    return coverage_gap(column.findings[0], policy.datasets.get(table.qualified_name), table.qualified_name,
+                        column.facts.name)
+
+
+def coverage_gap(best: Finding, dataset: Dataset | None, relation: str, column_name: str) -> Gap | None:
+    """How the policy entry governing a relation (None: it has none) falls short of a finding."""
     if dataset is None:
-        return Gap("unclassified", f"the policy does not list {table.qualified_name}", None)
-    listed = dataset.columns.get(column.facts.name)
+        return Gap("unclassified", f"the policy does not list {relation}", None)
+    listed = dataset.columns.get(column_name)
     if listed is None:
         return Gap("unclassified", "the policy does not list this column (it is internal, unmasked "
                                    "for any role that reveals internal)", None)
