@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pgveil discover: cannot read the upstream (SQLSTATE {exc.sqlstate}, "
               f"{type(exc).__name__})", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.InterfaceError) as exc:
+    except (OSError, ValueError, asyncpg.InterfaceError) as exc:
         print(f"pgveil discover: cannot connect to the upstream: {exc}", file=sys.stderr)
         return 2
     fail_at = args.fail_at or ("confidential" if policy is not None else None)
