@@ -52,6 +52,8 @@ TRUTH: dict[tuple[str, str], str] = {
     ("public.events", "client_addr"): "ip_address",
     ("public.archived", "email"): "email",              # empty table: by name only
     ("public.archived", "buyer"): "email",              # empty table: foreign key to customers.email
+    ("public.Odd Table", "E-Mail Address"): "email",    # names that YAML must quote
+    ("public.Odd Table", "homePhone"): "phone",         # camelCase
 }
 CANARIES = ["Canarywyn", "canary.h11@example.org", "4111 1111 1111 1111", "CANARY-NOTE lorem ipsum dolor sit",
             "Canary Lane 77", "DE89370400440532013000", "078-05-1120"]
@@ -158,6 +160,10 @@ INSERT INTO events SELECT i, ('10.1.' || (i / 256) % 256 || '.' || i % 256)::ine
   FROM generate_series(1, 5000) i;
 ANALYZE events;
 CREATE TABLE archived (id integer, email text, buyer text REFERENCES customers(email));
+CREATE TABLE "Odd Table" ("E-Mail Address" text, "homePhone" text, "yes" integer);
+INSERT INTO "Odd Table"
+  SELECT 'odd' || i || '@example.com', '+44 20 7946 ' || lpad(i::text, 4, '0'), i
+  FROM generate_series(1, 40) i;
 """
 
 
@@ -443,6 +449,14 @@ def test_partitions_privileges_and_failed_samples(upstream: Any, database: tuple
     assert tables["edge.secrets"]["problem"] == "no SELECT privilege: classified by names only"
     assert tables["edge.secrets"]["columns"][0]["confidence"] == 0.5   # the name alone
     assert tables["edge.unfilled"]["problem"].startswith("sampling failed (SQLSTATE 55000")
+    # A table another session holds locked: lock_timeout ends the wait, the next tables are sampled.
+    with psycopg.connect(upstream.dsn(dbname=DATABASE)) as locker:
+        locker.execute("LOCK TABLE edge.signups IN ACCESS EXCLUSIVE MODE")
+        code, out, err = discover(capsys, "--upstream", limited, "--schema", "edge", "--format", "json")
+    assert code == 0, err
+    tables = {t["name"]: t for t in json.loads(out)["tables"]}
+    assert tables["edge.signups"]["problem"].startswith("sampling failed (SQLSTATE 55P03")
+    assert tables["edge.big"]["sampled_rows"] > 0
     assert "edge.secrets: no SELECT privilege" in err and "not-an-ssn" not in out + err
     assert "has not been populated" not in out + err   # PostgreSQL's message is not passed on
 
