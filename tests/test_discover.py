@@ -541,3 +541,11 @@ def test_serve_counts_and_logs_unclassified_columns_after_ddl(upstream: Any, tmp
 def gauge_lines(stderr: str) -> list[str]:
     return [line.split("discovery: column ", 1)[1].split(" ", 1)[0]
             for line in stderr.splitlines() if "discovery: column " in line]
+
+
+def test_a_telling_comment_counts_like_a_telling_name() -> None:
+    emails = [f"p{i}@example.com" for i in range(3)]   # too few for values alone
+    assert d.classify(d.ColumnFacts("t", "c7", "text"), emails) == []
+    (finding,) = d.classify(d.ColumnFacts("t", "c7", "text", comment="Customer E-Mail, from signup"), emails)
+    assert finding.kind == "email" and finding.evidence == (
+        "the column's comment mentions email", "3 of 3 sampled values are e-mail addresses")
