@@ -549,3 +549,24 @@ def test_a_telling_comment_counts_like_a_telling_name() -> None:
     (finding,) = d.classify(d.ColumnFacts("t", "c7", "text", comment="Customer E-Mail, from signup"), emails)
     assert finding.kind == "email" and finding.evidence == (
         "the column's comment mentions email", "3 of 3 sampled values are e-mail addresses")
+
+
+def test_inheritance_children_are_governed_by_their_parents_entry(
+        upstream: Any, database: tuple[str, Any], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    dsn, _ = database
+    upstream.execute("""
+        DROP SCHEMA IF EXISTS inh CASCADE; CREATE SCHEMA inh;
+        CREATE TABLE inh.people (email text);
+        CREATE TABLE inh.people_old (moved_on date) INHERITS (inh.people);
+        INSERT INTO inh.people SELECT 'n' || i || '@example.com' FROM generate_series(1, 20) i;
+        INSERT INTO inh.people_old
+          SELECT 'o' || i || '@example.com', '2020-01-01' FROM generate_series(1, 20) i;
+    """, dbname=DATABASE)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndatasets:\n  inh.people:\n    columns:\n"
+                      "      email: {sensitivity: confidential, protection: email}\n")
+    code, out, err = discover(capsys, "--upstream", dsn, "--schema", "inh", "--policy", str(policy),
+                              "--fail-at", "public")
+    assert (code, out.splitlines()[-1]) == (0, "datasets: {}"), out + err
+    code, out, _ = discover(capsys, "--upstream", dsn, "--schema", "inh")
+    assert "inh.people_old:" in out   # without a policy the child is drafted like any table

@@ -71,8 +71,10 @@ def column_entry(column: Column) -> dict[str, Any]:
 
 
 def gap(column: Column, table: Table, policy: Policy) -> Gap | None:
-    return coverage_gap(column.findings[0], policy.datasets.get(table.qualified_name), table.qualified_name,
-                        column.facts.name)
+    """The table's own entry governs it, else its nearest listed inheritance ancestor's."""
+    dataset = next((policy.datasets[name] for name in (table.qualified_name, *table.ancestors)
+                    if name in policy.datasets), None)
+    return coverage_gap(column.findings[0], dataset, table.qualified_name, column.facts.name)
 
 
 def coverage_gap(best: Finding, dataset: Dataset | None, relation: str, column_name: str) -> Gap | None:

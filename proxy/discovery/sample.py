@@ -35,6 +35,14 @@ JOIN pg_catalog.pg_attribute ra ON ra.attrelid = con.confrelid AND ra.attnum = c
 WHERE con.contype = 'f' AND pg_catalog.cardinality(con.conkey) = 1
 """
 
+_PARENTS_SQL = """
+SELECT i.inhrelid, pn.nspname || '.' || pc.relname, i.inhparent
+FROM pg_catalog.pg_inherits i
+JOIN pg_catalog.pg_class pc ON pc.oid = i.inhparent
+JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
+ORDER BY i.inhrelid, i.inhseqno
+"""
+
 
 @dataclass
 class Column:
@@ -53,6 +61,7 @@ class Table:
     columns: list[Column] = field(default_factory=list)
     sampled_rows: int = 0
     problem: str = ""  # why it was not sampled ('' if it was)
+    ancestors: list[str] = field(default_factory=list)  # inheritance parents, nearest first
 
     @property
     def qualified_name(self) -> str:
@@ -93,6 +102,17 @@ async def read_catalog(conn: asyncpg.Connection, schemas: list[str] | None) -> l
     for table in tables.values():
         for column in table.columns:
             column.references = references.get((table.oid, column.facts.name), "")
+    parents: dict[int, list[tuple[str, int]]] = {}
+    for row in await conn.fetch(_PARENTS_SQL):
+        parents.setdefault(int(row[0]), []).append((row[1], int(row[2])))
+    for table in tables.values():
+        pending, seen = [table.oid], {table.oid}
+        while pending:  # breadth first: nearest ancestors first, as the policy resolves them
+            for name, oid in parents.get(pending.pop(0), []):
+                if oid not in seen:
+                    seen.add(oid)
+                    table.ancestors.append(name)
+                    pending.append(oid)
     return list(tables.values())
 
 
