@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 
 import psycopg
@@ -120,5 +121,32 @@ def test_a_worker_that_does_not_answer_is_visible_and_the_scrape_still_answers(u
         finally:
             os.kill(stopped, signal.SIGCONT)
         assert scrape(port, "/healthz") == (200, "ok\n")
+        served.terminate()
+        assert served.wait() == 0
+
+
+def test_signals_reach_the_workers_while_the_parent_is_being_scraped(upstream) -> None:
+    """The parent's scrape threads must not swallow SIGHUP/SIGTERM meant for its main thread."""
+    port = free_port()
+    with spawn_serve("--upstream", upstream.dsn(), "--listen", "127.0.0.1:0", "--metrics",
+                     f"127.0.0.1:{port}", "--workers", "2") as served:
+        stop = threading.Event()
+
+        def scrape_all_the_time() -> None:
+            while not stop.is_set():
+                scrape(port)
+
+        scrapers = [threading.Thread(target=scrape_all_the_time) for _ in range(3)]
+        for thread in scrapers:
+            thread.start()
+        try:
+            for hangup in range(1, 31):
+                served.process.send_signal(signal.SIGHUP)
+                wait_until(lambda n=hangup: served.stderr.count("SIGHUP: nothing to reload") == 2 * n,
+                           f"both workers to get SIGHUP number {hangup}", timeout=10)
+        finally:
+            stop.set()
+            for thread in scrapers:
+                thread.join()
         served.terminate()
         assert served.wait() == 0
