@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -316,11 +317,18 @@ def _serve_workers(settings: Settings, runtime: Runtime) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+"""More than MAX_RESTARTS unexpected worker exits within RESTART_WINDOW seconds stop the whole
+group (exit code 1), so a worker that keeps dying ends in the supervisor's restart, not a loop."""
+
+
 def _run_workers(settings: Settings, worker_settings: Settings, runtime: Runtime, probe: socket.socket,
                  endpoint: WorkersEndpoint | None, address: tuple[str, int]) -> int:
     cancel_secret = secrets.token_bytes(32)  # shared so any worker can map any cancel key
     children: dict[int, int] = {}
     stopping: list[int] = []  # the signal that stops the group, once one came
+    recent: list[float] = []  # when workers last exited unexpectedly (monotonic)
 
     def start(index: int) -> int:
         """Fork worker `index`; returns the read end of the pipe it reports its port on."""
@@ -385,8 +393,17 @@ def _run_workers(settings: Settings, worker_settings: Settings, runtime: Runtime
             if exit_code != 0:
                 code = 1
             continue
-        log.error("worker %d (pid %d) exited unexpectedly (%s); starting it again", index, pid,
-                  f"signal {-exit_code}" if exit_code < 0 else f"exit code {exit_code}")
+        how = f"signal {-exit_code}" if exit_code < 0 else f"exit code {exit_code}"
+        now = time.monotonic()
+        recent[:] = [when for when in recent if now - when < RESTART_WINDOW] + [now]
+        if len(recent) > MAX_RESTARTS:
+            log.error("worker %d (pid %d) exited unexpectedly (%s), %d unexpected exits in %.0f s: "
+                      "stopping the others", index, pid, how, len(recent), RESTART_WINDOW)
+            stopping.append(signal.SIGTERM)
+            _relay_signal(children, signal.SIGTERM)
+            code = 1
+            continue
+        log.error("worker %d (pid %d) exited unexpectedly (%s); starting it again", index, pid, how)
         if endpoint is not None:
             endpoint.restarts += 1
         if not started(start(index)) and not stopping:

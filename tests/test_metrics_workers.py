@@ -13,6 +13,7 @@ import psycopg
 from proxy.embedded import free_port
 from proxy.metrics import MeteredConnection, Metrics
 from proxy.metrics_workers import aggregate, fetch, worker_socket
+from proxy.server import MAX_RESTARTS
 from tests.proxy_harness import spawn_serve, wait_until
 from tests.test_audit_e2e import sample, scrape
 from tests.test_metrics import CLIENT, GuardStandIn
@@ -150,3 +151,17 @@ def test_signals_reach_the_workers_while_the_parent_is_being_scraped(upstream) -
                 thread.join()
         served.terminate()
         assert served.wait() == 0
+
+
+def test_a_worker_that_keeps_dying_stops_the_group_instead_of_restarting_forever(upstream) -> None:
+    with spawn_serve("--upstream", upstream.dsn(), "--listen", "127.0.0.1:0", "--workers", "2") as served:
+        for death in range(1, MAX_RESTARTS + 1):
+            victim = worker_pids(served.process.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda v=victim: len(pids := worker_pids(served.process.pid)) == 2 and v not in pids,
+                       f"restart number {death}")
+            with psycopg.connect(served.dsn(), autocommit=True) as conn:
+                assert conn.execute("select 1").fetchone() == (1,)
+        os.kill(worker_pids(served.process.pid)[0], signal.SIGKILL)
+        assert served.wait() == 1
+        assert f"{MAX_RESTARTS + 1} unexpected exits in" in served.stderr
