@@ -7,6 +7,7 @@ sample in and gets back numbers and names.
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import json
 import math
@@ -369,10 +370,12 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SPLIT = re.compile(r"[^a-z0-9]+")
 
 
-def name_words(name: str) -> list[str]:
-    return [word for word in _SPLIT.split(_CAMEL.sub("_", name).lower()) if word]
+@functools.lru_cache(maxsize=65536)
+def name_words(name: str) -> tuple[str, ...]:
+    return tuple(word for word in _SPLIT.split(_CAMEL.sub("_", name).lower()) if word)
 
 
+@functools.lru_cache(maxsize=65536)
 def _name_form(name: str) -> str:
     return "_" + "_".join(name_words(name)) + "_"
 
@@ -406,7 +409,7 @@ def name_says(detector: Detector, facts: ColumnFacts) -> str:
     words = name_words(facts.name)
     if detector.name_pattern.search(_name_form(facts.name)) and not set(words) & _NEGATING_WORDS:
         return f"column name '{facts.name}' suggests {detector.kind}"
-    if (detector.kind == "person_name" and words == ["name"]
+    if (detector.kind == "person_name" and words == ("name",)
             and _PEOPLE_TABLES.search(_name_form(facts.table))):
         return f"column 'name' of a table named '{facts.table}' suggests {detector.kind}"
     if facts.comment and detector.name_pattern.search(_name_form(facts.comment)):

@@ -26,6 +26,7 @@ class UnclassifiedColumns:
         self.sensitive = 0  # gaps at or above confidential: pgveil_unclassified_sensitive_columns
         self._gaps: dict[Key, Sensitivity] = {}
         self._by_relation: dict[str, tuple[Relation, Dataset | None, dict[Key, Sensitivity]]] = {}
+        self._findings: dict[tuple[str, str, str], Finding | None] = {}  # names-only, policy-independent
 
     def update(self, policy: Policy, catalog: CatalogSnapshot) -> list[Key]:
         """Recount; log one line per gap not seen in the previous run and return them."""
@@ -41,9 +42,9 @@ class UnclassifiedColumns:
                 continue
             gaps: dict[Key, Sensitivity] = {}
             for column in relation.columns:
-                findings = classify(ColumnFacts(relation.name, column.name, column.type_sql), [])
-                if findings and _uncovered(findings[0], dataset, relation, column.name):
-                    gaps[(relation.qualified_name, column.name, findings[0].kind)] = findings[0].sensitivity
+                best = self._finding(relation.name, column.name, column.type_sql)
+                if best is not None and _uncovered(best, dataset, relation, column.name):
+                    gaps[(relation.qualified_name, column.name, best.kind)] = best.sensitivity
             by_relation[relation.qualified_name] = (relation, dataset, gaps)
         current = {key: level for _, _, gaps in by_relation.values() for key, level in gaps.items()}
         new = [key for key in current if key not in self._gaps]
@@ -52,9 +53,19 @@ class UnclassifiedColumns:
                         "classify it that high (run pgveil discover --policy to check its values)",
                         key[0], key[1], key[2], current[key].name.lower())
         self._by_relation, self._gaps = by_relation, current
+        if len(self._findings) > 4 * sum(len(r.columns) for r, _, _ in by_relation.values()) + 1024:
+            self._findings.clear()  # dropped relations: start the memo again rather than let it grow
         self.sensitive = sum(1 for level in current.values() if level >= SENSITIVE)
         return new
 
+
+    def _finding(self, table: str, column: str, type_sql: str) -> Finding | None:
+        """The strongest names-only finding, remembered across catalog reads and policy reloads."""
+        key = (table, column, type_sql)
+        if key not in self._findings:
+            findings = classify(ColumnFacts(table, column, type_sql), [])
+            self._findings[key] = findings[0] if findings else None
+        return self._findings[key]
 
 
 def _uncovered(best: Finding, dataset: Dataset | None, relation: Relation, column: str) -> bool:
