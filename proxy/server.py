@@ -297,7 +297,13 @@ def _serve_workers(settings: Settings, runtime: Runtime) -> int:
         from proxy.metrics_workers import WorkersEndpoint, worker_socket
         from proxy.operations import WORKER_METRICS
 
-        metrics_dir = tempfile.mkdtemp(prefix="pgveil-metrics-")
+        try:
+            metrics_dir = tempfile.mkdtemp(prefix="pgveil-metrics-")  # the workers' private sockets
+        except OSError as exc:
+            probe.close()
+            log.error("cannot create a directory for the workers' metrics sockets in %s: %s",
+                      tempfile.gettempdir(), exc.strerror or exc)
+            return 1
         try:
             endpoint = WorkersEndpoint(parse_listen(settings.metrics),
                                        [worker_socket(metrics_dir, i) for i in range(settings.workers)])
