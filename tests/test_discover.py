@@ -411,6 +411,8 @@ def test_names_alone_classify_only_without_values() -> None:
     assert [f.kind for f in d.classify(d.ColumnFacts("users", "name", "text"), ["Ada Lovelace"] * 5)] \
         == ["person_name"]
     assert d.classify(d.ColumnFacts("products", "name", "text"), ["Widget Pro"] * 5) == []
+    assert [f.kind for f in d.classify(d.ColumnFacts("cards", "card_holder_name", "text"),
+                                       ["Ada Lovelace"] * 5)] == ["person_name"]
 
 
 def test_partitions_privileges_and_failed_samples(upstream: Any, database: tuple[str, Any],

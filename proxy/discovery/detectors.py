@@ -334,6 +334,7 @@ DETECTORS: tuple[Detector, ...] = (
              _words("first_?name", "last_?name", "given_?name", "family_?name", "sur_?name",
                     "full_?name", "middle_?name", "maiden_?name", "fore_?name", "contact_?name",
                     "customer_?name", "person_?name", "display_?name", "vorname", "nachname",
+                    "(?:card_?|account_?)?holder(?:_?name)?", "cardholder(?:_?name)?",
                     "achternaam", "voornaam", "nom", "prenom"), is_person_name, types=TEXT_TYPES),
     Detector("postal_address", "look like street addresses", Sensitivity.CONFIDENTIAL,
              _words("address", "addr", "street", "street_?address", "address_?line_?[0-9]?",
