@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -34,8 +35,36 @@ def bin_dir() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, for a server started a moment later. Chosen below the kernel's
+    ephemeral range: a port the kernel picked for `bind(0)` can be given, between our close and
+    the server's bind, to any outgoing connection as its local port (a test suite opens many),
+    and the server then fails with EADDRINUSE. Never the same port twice in one process."""
+    low, _high = _ephemeral_range()
+    candidates = list(range(max(1024, low - 12000), low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # no luck below the range: the kernel's choice
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
