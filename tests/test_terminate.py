@@ -239,9 +239,8 @@ def test_a_query_then_terminate_runs_and_its_results_arrive(route: Route, databa
     assert_like_postgresql(route, database, build, then, split)
 
 
+@pytest.mark.parametrize("route", ["policy", "policy-strict"], indirect=True)  # a refusal needs a policy
 def test_a_refused_query_before_terminate_is_refused_and_audited(route: Route, database: Database) -> None:
-    if route.name == "plain":
-        pytest.skip("a refusal needs a policy")
     tag = uuid.uuid4().hex
     writes = [Query("SELECT * FROM pg_authid").encode() + insert(tag) + TERMINATE]
     types, _ = exchange(route, database, writes)
