@@ -202,3 +202,32 @@ async def test_a_completion_is_durable_before_the_connections_next_statement_run
     assert [(r["type"], r["request"]) for r in records(log)] == [
         ("access", 1), ("completion", 1), ("access", 2)]
     await sink.close()
+
+
+class RaisingFastPath(GuardStandIn):
+    """A guard whose synchronous answers (FastPath) all raise."""
+
+    def fast_query(self, sql: str) -> Verdict | None:
+        raise RuntimeError("fast_query broke")
+
+    def fast_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict | None:
+        raise RuntimeError("fast_parse broke")
+
+    def fast_bind(self, statement_name: str) -> Verdict | None:
+        raise RuntimeError("fast_bind broke")
+
+    def fast_complete(self, outcome: Outcome) -> bool:
+        return False
+
+
+async def test_a_raising_fast_path_is_refused_and_audited_for_every_message(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    sink = JsonLinesFileSink(log)
+    audited = AuditedConnection(RaisingFastPath(), sink, CLIENT)
+    answers = [audited.fast_query("SELECT 1"), audited.fast_parse("s1", "SELECT 1", ()),
+               audited.fast_bind("s1")]
+    for answer in answers:  # refused, each with its own access record (not left to the relay)
+        assert isinstance(answer, Refuse) and answer.rule == "internal-error"
+    accesses = [r for r in records(log) if r["type"] == "access"]
+    assert [(r["decision"], r["rule"]) for r in accesses] == [("refuse", "internal-error")] * 3
+    await sink.close()

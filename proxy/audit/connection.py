@@ -356,39 +356,36 @@ class AuditedConnection:
 
     def fast_query(self, sql: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         fast = self._fast
-        if fast is None:
-            return None
-        try:
-            verdict = fast.fast_query(sql)
-        except Exception:  # refused and audited, as on_query does
-            log.exception("the policy raised; refusing")
-            verdict = INTERNAL_ERROR
-        if verdict is None or not isinstance(verdict, _VERDICTS):
-            return verdict if verdict is None else self._audited_later(verdict, "query", None, sql)
-        return self.record_access(verdict, "query", sql=sql)
+        return None if fast is None else self._fast_audited(fast.fast_query, (sql,), "query", None, sql)
 
     def fast_parse(self, statement_name: str, sql: str,
                    param_types: tuple[int, ...]) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         fast = self._fast
-        if fast is None:
-            return None
-        verdict = fast.fast_parse(statement_name, sql, param_types)
-        if verdict is None or not isinstance(verdict, _VERDICTS):
-            return verdict if verdict is None else self._audited_later(verdict, "parse", statement_name, sql)
-        return self.record_access(verdict, "parse", statement_name=statement_name, sql=sql)
+        return None if fast is None else self._fast_audited(
+            fast.fast_parse, (statement_name, sql, param_types), "parse", statement_name, sql)
 
     def fast_bind(self, statement_name: str) -> Verdict | Coroutine[Any, Any, Verdict] | None:
         fast = self._fast
-        if fast is None:
-            return None
+        return None if fast is None else self._fast_audited(
+            fast.fast_bind, (statement_name,), "bind", statement_name, None)
+
+    def _fast_audited(self, decide: Callable[..., Any], args: tuple[Any, ...], protocol: str,
+                      statement_name: str | None,
+                      sql: str | None) -> Verdict | Coroutine[Any, Any, Verdict] | None:
+        """The inner policy's synchronous answer, audited: None (ask the async hook), a verdict whose
+        access record is written, or a coroutine (the record must be durable first, or the inner
+        answer is itself still to come). A raising inner policy is refused and audited, as the
+        async hooks do."""
         try:
-            verdict = fast.fast_bind(statement_name)
-        except Exception:  # refused and audited, as on_bind does
+            verdict = decide(*args)
+        except Exception:
             log.exception("the policy raised; refusing")
             verdict = INTERNAL_ERROR
-        if verdict is None or not isinstance(verdict, _VERDICTS):
-            return verdict if verdict is None else self._audited_later(verdict, "bind", statement_name, None)
-        return self.record_access(verdict, "bind", statement_name=statement_name)
+        if verdict is None:
+            return None
+        if not isinstance(verdict, _VERDICTS):
+            return self._audited_later(verdict, protocol, statement_name, sql)
+        return self.record_access(verdict, protocol, statement_name=statement_name, sql=sql)
 
     async def _audited_later(self, decided: Coroutine[Any, Any, Verdict], protocol: str,
                              statement_name: str | None, sql: str | None) -> Verdict:
