@@ -1,0 +1,313 @@
+"""StateStore: pgveil's shared state in one versioned PostgreSQL schema, with change propagation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("pgveil.state")
+
+DEFAULT_SCHEMA = "pgveil_state"
+STATE_PASSWORD_ENV = "PGVEIL_STATE_PASSWORD"
+"""Environment variable with the state login's password (a Kubernetes Secret), when the DSN has none."""
+DEFAULT_POLL_INTERVAL = 0.5
+"""Seconds between two reads of the change counters (the fallback when a notification is missed)."""
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class StateError(RuntimeError):
+    """A state store that cannot be used (bad settings, a migration that fails); one line."""
+
+
+class StateUnavailable(StateError):
+    """The store cannot be reached now; what needs fresh state is refused (fail closed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One step of the schema. `sql` may name the schema as `{schema}` and must be idempotent
+    (CREATE ... IF NOT EXISTS, ADD COLUMN IF NOT EXISTS): it runs once per store, under the
+    migration lock, in one transaction with the others that are due."""
+
+    version: int
+    name: str
+    sql: str
+
+
+_MIGRATIONS: dict[int, Migration] = {}
+
+
+def register_migration(version: int, name: str, sql: str) -> Migration:
+    """Add a migration every StateStore applies (in version order) when it opens.
+
+    Versions are global: 1-99 the store itself, 100-199 elevation, 200-299 DLP (row budgets,
+    lockouts), 300-399 fingerprints; pick the next free number of your range. Registering the
+    same version again with the same content is a no-op (modules may be imported twice); with
+    other content it is a programming error (ValueError)."""
+    migration = Migration(version, name, sql)
+    known = _MIGRATIONS.get(version)
+    if known is not None and known != migration:
+        raise ValueError(f"state migration {version} is already {known.name!r}")
+    _MIGRATIONS[version] = migration
+    return migration
+
+
+def migrations() -> list[Migration]:
+    """Every registered migration, in the order they are applied."""
+    return [_MIGRATIONS[version] for version in sorted(_MIGRATIONS)]
+
+
+register_migration(1, "change counters", """
+CREATE TABLE IF NOT EXISTS {schema}.changes (
+    topic text PRIMARY KEY,
+    counter bigint NOT NULL DEFAULT 0,
+    changed_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
+""")
+
+
+Listener = Callable[[], Awaitable[None]]
+
+_UNREACHABLE_CLASSES = ("08", "57", "53", "28", "3D")
+"""SQLSTATE classes that say the store cannot be used now (connection, shutdown, resources,
+authentication, database gone), as opposed to an error in what was asked."""
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` means the store cannot be reached (rather than a bad query)."""
+    if isinstance(exc, StateUnavailable):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        return state[:2] in _UNREACHABLE_CLASSES or (state == "42501" and "CONNECT" in str(exc).upper())
+    return isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, ConnectionError))
+
+
+class StateStore:
+    """One serving process's (or command's) handle on the state schema.
+
+    `open()` connects an asyncpg pool, applies the due migrations under an advisory lock (several
+    replicas may start at once) and starts the watcher: a connection that LISTENs on the
+    store's channel and reads the change counters every `poll_interval` seconds, so a missed
+    notification is caught within that. A topic's listeners run (and must re-read their data)
+    whenever its counter moves, and once at open. While the store cannot be reached the watcher
+    retries; listeners keep what they last read (`available` is False meanwhile).
+    """
+
+    def __init__(self, dsn: str, schema: str = DEFAULT_SCHEMA, *,
+                 poll_interval: float = DEFAULT_POLL_INTERVAL, password: str | None = None,
+                 connect_timeout: float = 5.0, max_size: int = 4) -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise StateError(f"state schema must be a plain lower-case name, not {schema!r}")
+        self.dsn = dsn
+        self.schema = schema
+        self.poll_interval = poll_interval
+        self.password = password if password is not None else os.environ.get(STATE_PASSWORD_ENV) or None
+        self.connect_timeout = connect_timeout
+        self.max_size = max_size
+        self.channel = f"{schema}_changes"
+        self.available = False
+        self.applied: list[int] = []  # the migrations this handle applied when it opened
+        self.last_read: float | None = None  # time.monotonic() of the last successful counter read
+        self._pool: asyncpg.Pool | None = None
+        self._listeners: dict[str, list[Listener]] = {}
+        self._counters: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- opening and closing ---------------------------------------------------------------------
+    async def open(self, watch: bool = True) -> None:
+        """Connect, migrate, and (with `watch`) follow changes. Raises StateUnavailable or StateError."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, password=self.password, min_size=1, max_size=self.max_size,
+                timeout=self.connect_timeout, command_timeout=self.connect_timeout * 2)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError) as exc:
+            raise StateUnavailable(f"state store {self.where()}: cannot connect: {exc}") from None
+        try:
+            self.applied = await self.migrate()
+        except BaseException:
+            await self.close()
+            raise
+        self.available = True
+        if watch:
+            await self._read_counters()
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+            self._watcher = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), 5)
+
+    def where(self) -> str:
+        """The DSN without its password, for messages."""
+        return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", re.sub(r"password=\S+", "password=***", self.dsn))
+
+    # -- schema ----------------------------------------------------------------------------------
+    def sql(self, text: str) -> str:
+        """`text` with `{schema}` replaced by the quoted schema name."""
+        return text.replace("{schema}", f'"{self.schema}"')
+
+    async def migrate(self) -> list[int]:
+        """Apply every registered migration not yet applied; returns the versions applied now."""
+        applied: list[int] = []
+        async with self.transaction() as connection:
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                                     f"pgveil_state:{self.schema}")
+            await connection.execute(self.sql(
+                "CREATE SCHEMA IF NOT EXISTS {schema};"
+                "CREATE TABLE IF NOT EXISTS {schema}.migrations (version integer PRIMARY KEY,"
+                " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"))
+            rows = await connection.fetch(self.sql("SELECT version FROM {schema}.migrations"))
+            done = {row[0] for row in rows}
+            for migration in migrations():
+                if migration.version in done:
+                    continue
+                try:
+                    await connection.execute(self.sql(migration.sql))
+                except asyncpg.PostgresError as exc:
+                    raise StateError(f"state migration {migration.version} ({migration.name}) failed: "
+                                     f"{exc}") from None
+                await connection.execute(self.sql("INSERT INTO {schema}.migrations (version, name) "
+                                                  "VALUES ($1, $2)"), migration.version, migration.name)
+                applied.append(migration.version)
+        if applied:
+            log.info("state store %s: schema %s migrated to version %d",
+                     self.where(), self.schema, applied[-1])
+        return applied
+
+    async def version(self) -> int:
+        row = await self.fetchrow("SELECT max(version) FROM {schema}.migrations")
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
+    # -- reading and writing ---------------------------------------------------------------------
+    def _pool_now(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StateUnavailable("the state store is not open")
+        return self._pool
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; StateUnavailable when the store cannot be reached."""
+        pool = self._pool_now()
+        try:
+            async with pool.acquire(timeout=self.connect_timeout) as connection:
+                yield connection
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            self.available = False
+            raise StateUnavailable(f"state store {self.where()} unreachable: "
+                                   f"{str(exc) or type(exc).__name__}") from None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection inside a transaction (committed when the block ends without error)."""
+        async with self.connection() as connection, connection.transaction():
+            yield connection
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.connection() as connection:
+            return list(await connection.fetch(self.sql(sql), *args))
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with self.connection() as connection:
+            return await connection.fetchrow(self.sql(sql), *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        async with self.connection() as connection:
+            return str(await connection.execute(self.sql(sql), *args))
+
+    async def changed(self, connection: asyncpg.Connection, topic: str) -> int:
+        """Within a write's transaction: move `topic`'s change counter and notify every replica
+        (the notification is delivered at commit). Returns the new counter."""
+        counter = await connection.fetchval(self.sql(
+            "INSERT INTO {schema}.changes AS c (topic, counter) VALUES ($1, 1) ON CONFLICT (topic) DO "
+            "UPDATE SET counter = c.counter + 1, changed_at = now() RETURNING counter"), topic)
+        await connection.execute("SELECT pg_notify($1, $2)", self.channel, topic)
+        return int(counter)
+
+    # -- following changes -----------------------------------------------------------------------
+    def subscribe(self, topic: str, listener: Listener) -> None:
+        """Run `listener` whenever `topic` changes (and at the next counter read). A listener that
+        raises is run again at the next read (the change counts as not yet seen)."""
+        self._listeners.setdefault(topic, []).append(listener)
+        self._counters.pop(topic, None)
+        self._wake.set()
+
+    async def refresh(self) -> None:
+        """Read the change counters now and run the listeners of the topics that moved."""
+        await self._read_counters()
+
+    async def _read_counters(self) -> None:
+        rows = await self.fetch("SELECT topic, counter FROM {schema}.changes")
+        self.available = True
+        self.last_read = time.monotonic()
+        counters = {row[0]: int(row[1]) for row in rows}
+        for topic, listeners in list(self._listeners.items()):
+            counter = counters.get(topic, 0)
+            if self._counters.get(topic) == counter:
+                continue
+            try:
+                for listener in listeners:
+                    await listener()
+            except StateUnavailable:
+                raise
+            except Exception:
+                log.exception("state store: listener of %s failed; retried at the next read", topic)
+                continue
+            self._counters[topic] = counter
+
+    async def _watch(self) -> None:
+        """LISTEN on a connection of its own; read the counters on each notification and every
+        poll_interval. Reconnect after failures (pausing up to 2 s between attempts)."""
+        pause = self.poll_interval
+        while not self._closing:
+            listening: asyncpg.Connection | None = None
+            try:
+                listening = await asyncpg.connect(self.dsn, password=self.password,
+                                                  timeout=self.connect_timeout)
+                await listening.add_listener(self.channel, self._notified)
+                while not self._closing:
+                    await self._read_counters()
+                    pause = self.poll_interval
+                    if listening.is_closed():
+                        raise StateUnavailable("the listening connection closed")
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.available:
+                    log.warning("state store %s unreachable, serving from the last state read: %s",
+                                self.where(), exc)
+                self.available = False
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+            finally:
+                if listening is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(listening.close(), 2)
+
+    def _notified(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        self._wake.set()
