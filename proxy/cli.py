@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("proxy.commands.check", "validate a policy (against the live schema)"),
     "explain": ("proxy.commands.explain", "show decision, rule and rewritten SQL; no execution"),
     "catalog": ("proxy.commands.catalog", "print the dataset metadata registry as JSON"),
-    "audit": ("proxy.commands.audit", "audit log tools (verify)"),
+    "audit": ("proxy.commands.audit", "audit log tools (verify, report)"),
     "fingerprints": ("proxy.commands.fingerprints", "review learned query fingerprints"),
     "elevate": ("proxy.commands.elevate", "grant a time-limited role elevation"),
     "discover": ("proxy.commands.discover", "find sensitive columns; draft or gate a policy"),

@@ -6,14 +6,20 @@ import argparse
 import os
 import sys
 
-DESCRIPTION = "Audit log tools. `verify` checks the hash chain of a JSON-lines audit log."
+DESCRIPTION = ("Audit log tools. `verify` checks the hash chain of a JSON-lines audit log; `report` "
+               "summarises who read what over a window.")
 EPILOG = """examples:
   pgveil audit verify /var/log/pgveil/audit.jsonl      # the file and its rotations (.1, .2, ...)
   pgveil audit verify /var/log/pgveil/                 # every *.jsonl log in a directory
   PGVEIL_AUDIT_KEY=... pgveil audit verify --key-env PGVEIL_AUDIT_KEY audit.jsonl
   pgveil audit verify postgresql://auditor@audit-db/audit --table pgveil_audit   # the table sink
 
-exit status: 0 when the chain is intact, 1 with one "file:line: what is wrong" per problem."""
+  pgveil audit report /var/log/pgveil/audit.jsonl --window 7d --policy policy.yaml
+  pgveil audit report /var/log/pgveil/ --since 2026-12-01 --until 2026-12-08 --format json
+  pgveil audit report postgresql://auditor@audit-db/audit --table pgveil_audit --window 24h
+
+exit status (verify): 0 when the chain is intact, 1 with one "file:line: what is wrong" per problem.
+exit status (report): 0, 1 when a source cannot be read, 2 for a malformed window."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="table of a PostgreSQL sink (default %(default)s)")
     verify.add_argument("--key-env", metavar="NAME",
                         help="environment variable holding the HMAC key the log was written with")
+    from proxy.commands.audit_report import REPORT_HELP, add_report_arguments
+
+    report = actions.add_parser("report", help="who read what over a window (text or JSON)",
+                                description=REPORT_HELP)
+    add_report_arguments(report)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "report":
+        from proxy.commands.audit_report import run_report
+
+        return run_report(args)
     from proxy.audit.verify import verify
 
     key = None

@@ -29,19 +29,34 @@ not see the column unmasked gets instead), plus whether it is a quasi-identifier
 
 Column types come from the live schema when --upstream is given (and mode becomes REQUIRED for
 NOT NULL columns); without it "type" is null. Columns that exist upstream but are not listed in
-the policy are included with the defaults that apply to them (internal, redacted when masked)."""
+the policy are included with the defaults that apply to them (internal, redacted when masked).
+
+With --access-from (an audit log file, a directory of logs, or the postgresql:// DSN of a table
+sink) every dataset and column also gets "access": when it was last read, how many statements
+read it and how many rows those returned, by role and by login (for columns also how many read it
+unmasked), within --since/--until/--window (default: the whole trail). The audit chain is not
+checked (pgveil audit verify does that)."""
 
 EPILOG = """\
 examples:
   pgveil catalog --policy policies/reviews.yaml
   pgveil catalog --policy policies/reviews.yaml --upstream postgresql://postgres@127.0.0.1:5432/reviews
-  pgveil catalog --policy policies/reviews.yaml | jq '.[] | select(.name == "public.users")'"""
+  pgveil catalog --policy policies/reviews.yaml | jq '.[] | select(.name == "public.users")'
+  pgveil catalog --policy policies/reviews.yaml --access-from /var/log/pgveil/audit.jsonl --window 30d"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, metavar="FILE", help="policy file (format v1)")
     parser.add_argument("--upstream", metavar="DSN",
                         help="PostgreSQL to read column types and NOT NULL from (optional)")
+    from proxy.commands.audit_report import add_window_arguments
+
+    parser.add_argument("--access-from", metavar="SOURCE", action="append",
+                        help="audit log file, directory of logs or postgresql:// DSN of a table sink: "
+                             "add who read each dataset and column (repeatable)")
+    parser.add_argument("--access-table", default="pgveil_audit", metavar="TABLE",
+                        help="table of a PostgreSQL audit sink (default %(default)s)")
+    add_window_arguments(parser)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +88,46 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             print(f"pgveil catalog: cannot read the schema from the upstream: {exc}", file=sys.stderr)
             return 1
-    json.dump(registry(policy, live), sys.stdout, indent=2)
+    entries = registry(policy, live)
+    if args.access_from:
+        failed = add_access(entries, args)
+        if failed:
+            return failed
+    elif args.since or args.until or args.window:
+        print("pgveil catalog: --since, --until and --window need --access-from", file=sys.stderr)
+        return 2
+    json.dump(entries, sys.stdout, indent=2)
     sys.stdout.write("\n")
+    return 0
+
+
+def add_access(entries: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """Give each dataset and column entry its `access` from the audit trail; 0, or the exit status."""
+    from proxy.audit.access import usage_json
+    from proxy.commands.audit_report import NOT_CHECKED, read_summary, window_of
+
+    try:
+        window = window_of(args)
+    except ValueError as exc:
+        print(f"pgveil catalog: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary, sources = read_summary(args.access_from, args.access_table, window)
+    except (OSError, ValueError) as exc:
+        print(f"pgveil catalog: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # asyncpg's errors: the table sink could not be read
+        if type(exc).__module__.startswith("asyncpg"):
+            print(f"pgveil catalog: cannot read audit table {args.access_table}: {exc}", file=sys.stderr)
+            return 1
+        raise
+    for entry in entries:
+        entry["access"] = usage_json(summary.datasets.get(entry["name"]))
+        for column in entry["schema"]:
+            column["access"] = usage_json(summary.columns.get(f"{entry['name']}.{column['name']}"),
+                                          columns=True)
+    read = ", ".join(f"{source.name} ({source.records:,} records)" for source in sources)
+    print(f"pgveil catalog: access from {read}, window {window.text()}; {NOT_CHECKED}", file=sys.stderr)
     return 0
 
 
