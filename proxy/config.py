@@ -195,6 +195,7 @@ class Settings:
     startup_timeout: float = 10.0
     drain_timeout: float = 30.0
     log_level: str = "info"
+    state_dsn: str | None = None  # the state store (proxy/state); "upstream": the --upstream database
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

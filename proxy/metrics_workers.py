@@ -21,6 +21,7 @@ GAUGE_COMBINE: dict[str, Callable[[float, float], float]] = {
     "pgveil_policy_loaded_timestamp_seconds": min,  # the oldest policy still in force on some worker
     "pgveil_policy_info": max,  # 1 per (version, source) loaded on at least one worker
     "pgveil_unclassified_sensitive_columns": max,  # every worker reads the same catalog and policy
+    "pgveil_elevations_active": max,  # every worker reads the same state store
 }
 """How a gauge of several workers becomes one; a gauge not named here is a count and is summed.
 `*_created` (when a series began) takes the earliest worker's."""

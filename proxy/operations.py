@@ -26,7 +26,7 @@ from proxy.audit import (
     Unsealed,
     fsync_interval_of,
 )
-from proxy.audit.connection import AuditedConnection, OnAuditFailure
+from proxy.audit.connection import AuditedConnection, AuditEventSource, OnAuditFailure
 from proxy.config import Settings, parse_listen
 from proxy.connection_policy import ClientInfo, ConnectionPolicy
 from proxy.elevation import GRANT_KEY_ENV, GrantBook
@@ -37,6 +37,7 @@ from proxy.policy.model import Settings as PolicySettings
 
 if TYPE_CHECKING:
     from proxy.server import ServeHooks
+    from proxy.state.elevations import ElevationWorkflow
 
 log = logging.getLogger("pgveil.operations")
 
@@ -201,19 +202,28 @@ class ElevationSettings:
 
     grants_file: str | None = None
     key_env: str = GRANT_KEY_ENV
+    request_timeout: int = 3600  # seconds a workflow request waits for a decision (state store)
 
     @classmethod
     def from_settings(cls, extra: Mapping[str, Any]) -> ElevationSettings:
         section = extra.get("elevation") or {}
         if not isinstance(section, Mapping):
             raise OperationsSettingsError("elevation: must be a mapping of setting: value")
-        unknown = sorted(set(section) - {"grants_file", "key_env"})
+        unknown = sorted(set(section) - {"grants_file", "key_env", "request_timeout"})
         if unknown:
             raise OperationsSettingsError(
-                f"elevation.{unknown[0]}: unknown setting (known: grants_file, key_env)")
+                f"elevation.{unknown[0]}: unknown setting (known: grants_file, key_env, request_timeout)")
         grants_file = section.get("grants_file") or os.environ.get("PGVEIL_GRANTS_FILE")
+        timeout = 3600
+        if "request_timeout" in section:
+            from proxy.elevation import GrantError, parse_duration
+
+            try:
+                timeout = parse_duration(str(section["request_timeout"]))
+            except GrantError as exc:
+                raise OperationsSettingsError(f"elevation.request_timeout: {exc}") from None
         return cls(grants_file=str(grants_file) if grants_file else None,
-                   key_env=str(section.get("key_env", GRANT_KEY_ENV)))
+                   key_env=str(section.get("key_env", GRANT_KEY_ENV)), request_timeout=timeout)
 
 
 def open_grant_book(elevation: ElevationSettings, policy: Callable[[], Policy | None],
@@ -229,11 +239,54 @@ def open_grant_book(elevation: ElevationSettings, policy: Callable[[], Policy | 
     return GrantBook(elevation.grants_file, policy, key.encode() if key else None, on_event)
 
 
-def active_role_of(grants: GrantBook | None) -> Callable[[str], str | None] | None:
-    """What the guard's `active_role` parameter takes: login -> elevated role now, or None."""
-    if grants is None:
+def active_role_of(grants: GrantBook | None,
+                   workflow: ElevationWorkflow | None = None) -> Callable[[str], str | None] | None:
+    """What the guard's `active_role` parameter takes: login -> elevated role now, or None (a grant
+    of the state store's workflow first, then one of the grants file)."""
+    if workflow is None:
+        if grants is None:
+            return None
+        return lambda login: grants.active_role(login, time.time())
+
+    def active(login: str) -> str | None:
+        now = time.time()
+        role = workflow.active_role(login, now)
+        if role is None and grants is not None:
+            role = grants.active_role(login, now)
+        return role
+
+    return active
+
+
+def open_workflow(settings: Settings, elevation: ElevationSettings, policy: Callable[[], Policy | None],
+                  metrics: Metrics | None = None) -> ElevationWorkflow | None:
+    """The elevation workflow on the state store of --state-dsn (not yet opened), or None."""
+    if not settings.state_dsn:
         return None
-    return lambda login: grants.active_role(login, time.time())
+    from proxy.state import StateError, StateStore
+    from proxy.state.elevations import ElevationWorkflow, workflow_metrics
+
+    section = settings.extra.get("state") or {}
+    if not isinstance(section, Mapping):
+        raise OperationsSettingsError("state: must be a mapping of setting: value")
+    unknown = sorted(set(section) - {"schema", "poll_interval_ms"})
+    if unknown:
+        raise OperationsSettingsError(
+            f"state.{unknown[0]}: unknown setting (known: poll_interval_ms, schema)")
+    poll = section.get("poll_interval_ms", 500)
+    if isinstance(poll, bool) or not isinstance(poll, int) or not 10 <= poll <= 60_000:
+        raise OperationsSettingsError(
+            f"state.poll_interval_ms must be 10 to 60000 milliseconds, not {poll!r}")
+    dsn = settings.upstream if settings.state_dsn == "upstream" else settings.state_dsn
+    try:
+        store = StateStore(dsn, str(section.get("schema", "pgveil_state")), poll_interval=poll / 1000)
+    except StateError as exc:
+        raise OperationsSettingsError(str(exc)) from None
+    workflow = ElevationWorkflow(store, policy, elevation.request_timeout)
+    if metrics is not None:
+        workflow.on_event = workflow_metrics(metrics, workflow)
+    workflow.start()
+    return workflow
 
 
 def build_connection_policy_factory(
@@ -241,7 +294,7 @@ def build_connection_policy_factory(
     sink: AuditSink | None,
     metrics: Metrics | None,
     audit: AuditSettings = AuditSettings(),
-    grants: GrantBook | None = None,
+    grants: AuditEventSource | None = None,
 ) -> ConnectionPolicyFactory:
     """Wrap the guard's per-connection policy: MeteredConnection(AuditedConnection(inner(client))).
 
@@ -349,6 +402,7 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
     metrics = Metrics() if settings.metrics else None
     loaded: list[Policy] = []  # the policy in force, once there is one
     grants = open_grant_book(elevation, lambda: loaded[0] if loaded else None, metrics)
+    workflow = open_workflow(settings, elevation, lambda: loaded[0] if loaded else None, metrics)
     inner: ConnectionPolicyFactory = lambda client: PassThrough()  # noqa: E731
     reload: Callable[[], Awaitable[None]] | None = None
     closing: list[Callable[[], Awaitable[None]]] = []
@@ -356,9 +410,13 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
         from proxy.enforcement import Enforcement
 
         enforcement = await Enforcement.create(settings.policy, settings.upstream,
-                                               active_role=active_role_of(grants),
+                                               active_role=active_role_of(grants, workflow),
                                                max_statement_size=settings.max_statement_size)
         inner = enforcement.connection_policy
+        if workflow is not None:
+            from proxy.state.elevations import ElevationStatements
+
+            enforcement.intercept = ElevationStatements(workflow).intercept
         closing.append(enforcement.close)
         loaded.append(enforcement.policy)
         if metrics is not None:
@@ -372,8 +430,18 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
                 loaded[:] = [policy]
 
         reload = reload_now
+    elif workflow is not None:
+        log.warning("--state-dsn without --policy: the elevation workflow needs a policy; not used")
+    if workflow is not None:
+        closing.append(workflow.store.close)
+        await workflow.store.start()  # an unreachable store is retried in the background
     sink = open_audit_sink(audit)
-    factory = build_connection_policy_factory(inner, sink, metrics, audit, grants)
+    events: AuditEventSource | None = grants
+    if workflow is not None:
+        from proxy.state.elevations import EventSources
+
+        events = EventSources(workflow, grants)
+    factory = build_connection_policy_factory(inner, sink, metrics, audit, events)
     servers: list[MetricsServer] = []
 
     async def on_started(server: object) -> None:

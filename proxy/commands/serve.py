@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time a client has to start up and authenticate (10)")
     parser.add_argument("--drain-timeout", metavar="SECONDS", type=float,
                         help="on SIGTERM, how long open statements may take before they are cut (30)")
+    parser.add_argument("--state-dsn", metavar="DSN",
+                        help="PostgreSQL state store shared by replicas (elevation workflow): a DSN, or "
+                             "'upstream' for the --upstream database; password from PGVEIL_STATE_PASSWORD")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(info)")
 
 

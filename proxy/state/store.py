@@ -125,6 +125,7 @@ class StateStore:
         self._counters: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._opener: asyncio.Task[None] | None = None
         self._closing = False
 
     # -- opening and closing ---------------------------------------------------------------------
@@ -138,16 +139,51 @@ class StateStore:
             raise StateUnavailable(f"state store {self.where()}: cannot connect: {exc}") from None
         try:
             self.applied = await self.migrate()
-        except BaseException:
-            await self.close()
+        except BaseException as exc:
+            pool, self._pool = self._pool, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), 5)
+            if isinstance(exc, Exception) and not isinstance(exc, StateError) and unreachable(exc):
+                raise StateUnavailable(f"state store {self.where()}: {exc}") from None
             raise
         self.available = True
         if watch:
-            await self._read_counters()
+            with contextlib.suppress(StateUnavailable):  # the watcher reads them again at once
+                await self._read_counters()
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def start(self) -> None:
+        """`open()`, or, when the store cannot be reached now, keep trying in the background (every
+        poll_interval, up to 2 s apart) so a replica starts and serves without it. StateError (a
+        migration that fails) is raised at once: that is a setting to fix, not an outage."""
+        try:
+            await self.open()
+        except StateUnavailable as exc:
+            log.warning("%s; serving without it and retrying", exc)
+            self._opener = asyncio.get_running_loop().create_task(self._keep_opening())
+
+    async def _keep_opening(self) -> None:
+        pause = self.poll_interval
+        while not self._closing:
+            await asyncio.sleep(pause)
+            try:
+                await self.open()
+            except StateUnavailable:
+                pause = min(pause * 2, 2.0)
+                continue
+            except StateError as exc:
+                log.error("state store %s cannot be used: %s", self.where(), exc)
+                return
+            log.info("state store %s reached", self.where())
+            return
 
     async def close(self) -> None:
         self._closing = True
+        if self._opener is not None:
+            self._opener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._opener
+            self._opener = None
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
