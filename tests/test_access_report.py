@@ -242,8 +242,8 @@ def check_report(report: dict[str, Any], trail: Trail) -> None:
     readers = report["topReaders"]
     bob = trail.accesses("acc_bob")
     # bob read restricted columns unmasked: first; alice only masked
-    assert [(r["login"], r["role"], r["statements"], r["unmaskedStatements"], r["rows"]) for r in readers] == [
-        ("acc_bob", "auditor", 3, 3, 6), ("acc_alice", "analyst", 2, 0, 6)]
+    assert [(r["login"], r["role"], r["statements"], r["unmaskedStatements"], r["rows"])
+            for r in readers] == [("acc_bob", "auditor", 3, 3, 6), ("acc_alice", "analyst", 2, 0, 6)]
     assert readers[0]["lastRead"] == bob[3]["time"]
     assert readers[0]["columns"] == [
         {"column": "public.acc_people.ssn", "statements": 2, "unmasked": 2},
@@ -263,7 +263,8 @@ def test_report_from_the_file_log_as_json(capsys: pytest.CaptureFixture[str], tr
     assert report["sources"][0]["files"] == len(rotated_files(trail.log)) + 1
     assert report["budgetBreaches"] == [] and report["honeytokenHits"] == []
     # restricted only: email (confidential) is no longer a sensitive column, so alice drops out
-    report = report_json(capsys, str(trail.log), "--policy", str(trail.policy), "--min-sensitivity", "restricted")
+    report = report_json(capsys, str(trail.log), "--policy", str(trail.policy),
+                         "--min-sensitivity", "restricted")
     alice = [r for r in report["topReaders"] if r["login"] == "acc_alice"]
     assert [c["column"] for c in alice[0]["columns"]] == ["public.acc_people.ssn"]
 
@@ -364,7 +365,8 @@ def test_report_errors(capsys: pytest.CaptureFixture[str], trail: Trail, tmp_pat
     assert code == 2 and "ISO 8601" in err
 
 
-def test_a_window_skips_rotated_files_it_cannot_need(capsys: pytest.CaptureFixture[str], trail: Trail) -> None:
+def test_a_window_skips_rotated_files_it_cannot_need(capsys: pytest.CaptureFixture[str],
+                                                     trail: Trail) -> None:
     everything = report_json(capsys, str(trail.log), "--policy", str(trail.policy))
     carol = [r for r in trail.records() if r["type"] == "connect" and r["login"] == "acc_carol"]
     late = report_json(capsys, str(trail.log), "--since", carol[0]["time"])

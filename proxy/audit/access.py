@@ -140,6 +140,19 @@ class AccessSummary:
         self.first = ""
         self.last = ""
         self._pending: dict[tuple[str, Any, Any], list[Tally]] = {}
+        self._known: dict[tuple[int, str, str, str], tuple[Usage, tuple[Tally, Tally, Tally]]] = {}
+
+    def _tallies(self, usages: dict[str, Usage], name: str, role: str,
+                 login: str) -> tuple[Usage, tuple[Tally, Tally, Tally]]:
+        """The usage of a dataset or column and its tallies in all, for the role and for the login."""
+        key = (id(usages), name, role, login)
+        known = self._known.get(key)
+        if known is None:
+            usage = usages.get(name)
+            if usage is None:
+                usage = usages[name] = Usage()
+            known = self._known[key] = (usage, usage.tallies(role, login))
+        return known
 
     def add_all(self, records: Iterable[tuple[str, dict[str, Any]]]) -> AccessSummary:
         for chain, record in records:
@@ -198,25 +211,21 @@ class AccessSummary:
         touched: list[Tally] = []
         statement_kind = _text(record.get("statement_kind"), "unknown")
         for relation in dict.fromkeys(relations):
-            usage = self.datasets.get(relation)
-            if usage is None:
-                usage = self.datasets[relation] = Usage()
+            usage, tallies = self._tallies(self.datasets, relation, role, login)
             usage.kinds[statement_kind] += 1
-            for tally in usage.tallies(role, login):
+            for tally in tallies:
                 tally.add(when)
-                touched.append(tally)
+            touched.extend(tallies)
         unmasked: list[str] = []
         for column in dict.fromkeys(columns):
             prefix = f"{column}:"
             raw = not any(mask.startswith(prefix) for mask in masks)
             if raw:
                 unmasked.append(column)
-            usage = self.columns.get(column)
-            if usage is None:
-                usage = self.columns[column] = Usage()
-            for tally in usage.tallies(role, login):
+            tallies = self._tallies(self.columns, column, role, login)[1]
+            for tally in tallies:
                 tally.add(when, raw)
-                touched.append(tally)
+            touched.extend(tallies)
         if columns:
             shape_key: ShapeKey = (login, role, tuple(dict.fromkeys(columns)), tuple(unmasked))
             shape = self.shapes.get(shape_key)

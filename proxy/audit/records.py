@@ -21,6 +21,7 @@ _CANONICAL = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _WINDOW = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 # The start of a sealed record as the sinks write it: enough to skip a line without parsing it.
+_decode = json.JSONDecoder().decode
 _LEAD = re.compile(rb'^\{"seq":\d+,"type":"([^"\\]*)","time":"([^"\\]*)"')
 
 
@@ -28,7 +29,7 @@ def time_key(text: str) -> str:
     """A record's `time` as text that sorts in time order: pgveil writes UTC with microseconds
     (`2026-11-26T10:31:07.412093+00:00`), taken as it is; any other ISO 8601 form is converted.
     A time that is not ISO 8601 sorts first."""
-    if _CANONICAL.match(text):
+    if len(text) == 32 and text[26:] == "+00:00" and _CANONICAL.match(text):
         return text
     try:
         moment = datetime.fromisoformat(text)
@@ -191,7 +192,7 @@ def log_records(path: str | Path, window: Window, source: Source | None = None
                     elif not raw.strip():
                         continue
                     try:
-                        record = json.loads(raw)
+                        record = _decode(raw.decode("utf-8", "replace"))
                     except ValueError:
                         record = None
                     if not isinstance(record, dict):
