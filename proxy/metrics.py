@@ -230,6 +230,19 @@ class Metrics:
         self.elevations = Counter(
             "pgveil_elevation_events", "Elevation grant events (granted, used, expired, revoked, rejected)",
             ["event"], registry=r)
+        self.row_budget_breaches = Counter(
+            "pgveil_row_budget_breaches", "Statements cancelled for passing a row budget, by role and "
+            "limit (max_rows_per_statement, max_rows_per_hour)", ["role", "limit"], registry=r)
+        self.honeytoken_hits = Counter(
+            "pgveil_honeytoken_hits", "Honeytoken values seen in PostgreSQL's answers, by honeytoken and "
+            "action (alert, terminate)", ["token", "action"], registry=r)
+
+    def dlp_event(self, event: dict[str, Any]) -> None:
+        """A DataGuard event (proxy/dlp/guard.py): a row-budget breach or a honeytoken hit."""
+        if event.get("type") == "budget":
+            self.row_budget_breaches.labels(str(event.get("role")), str(event.get("limit"))).inc()
+        elif event.get("type") == "honeytoken":
+            self.honeytoken_hits.labels(str(event.get("token")), str(event.get("action"))).inc()
 
     # The session's RelayObserver (proxy/session/observer.py): connections, bytes, upstream failures.
 
@@ -343,6 +356,15 @@ class MeteredConnection:
     def shows_diagnostics(self) -> bool:
         ask = getattr(self.inner, "shows_diagnostics", None)
         return ask is not None and ask() is True
+
+    def data_guard(self) -> Any:
+        """The inner policy's DataGuard, its events counted (pgveil_row_budget_breaches_total,
+        pgveil_honeytoken_hits_total)."""
+        ask = getattr(self.inner, "data_guard", None)
+        guard = ask() if ask is not None else None
+        if guard is not None:
+            guard.listeners.append(self.metrics.dlp_event)
+        return guard
 
     async def on_function_call(self, function_oid: int) -> Verdict:
         started = time.perf_counter()

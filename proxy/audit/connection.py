@@ -89,6 +89,7 @@ def statement_fragment(verdict: Verdict) -> str:
 
 
 _VERDICTS = (Allow, Rewrite, Refuse)
+_DLP_WRITES: set[asyncio.Future[None]] = set()  # DLP records being made durable (kept referenced)
 
 
 class AuditedConnection:
@@ -340,6 +341,41 @@ class AuditedConnection:
     def shows_diagnostics(self) -> bool:
         ask = getattr(self.inner, "shows_diagnostics", None)
         return ask is not None and ask() is True
+
+    def data_guard(self) -> Any:
+        """The inner policy's DataGuard (proxy/dlp/guard.py), its breaches and honeytoken hits
+        written as audit records of type `budget` and `honeytoken`."""
+        ask = getattr(self.inner, "data_guard", None)
+        guard = ask() if ask is not None else None
+        if guard is not None:
+            guard.listeners.append(self._dlp_record)
+        return guard
+
+    def _dlp_record(self, event: dict[str, Any]) -> None:
+        """A DLP event as an audit record, written without holding up the relay (it has happened:
+        the rows were withheld or the session ended either way); a failure is logged."""
+        role = event.get("role") or self.role_name
+        record = {"type": event["type"], **self._who(role, self.policy_version),
+                  **{key: value for key, value in event.items() if key not in ("type", "role")}}
+        try:
+            waiter = self.sink.append(unsealed(record))
+        except AuditError as exc:
+            log.error("audit write failed for a %s record: %s", event["type"], exc)
+            if self.timer:
+                self.timer.audit_failed(str(event["type"]))
+            return
+        if waiter is not None:
+            task = asyncio.ensure_future(self._dlp_durable(waiter, str(event["type"])))
+            _DLP_WRITES.add(task)
+            task.add_done_callback(_DLP_WRITES.discard)
+
+    async def _dlp_durable(self, waiter: Awaitable[None], record_type: str) -> None:
+        try:
+            await waiter
+        except AuditError as exc:
+            log.error("audit write failed for a %s record: %s", record_type, exc)
+            if self.timer:
+                self.timer.audit_failed(record_type)
 
     async def on_function_call(self, function_oid: int) -> Verdict:
         verdict = await self._decided(self.inner.on_function_call(function_oid))

@@ -23,6 +23,7 @@ from proxy.policy.model import (
     Email,
     Generalize,
     Hash,
+    Honeytoken,
     Partial,
     Policy,
     Protection,
@@ -38,12 +39,16 @@ FINGERPRINT_MODES = ("off", "learn", "enforce")
 COLUMN_MODES = ("NULLABLE", "REQUIRED", "REPEATED")
 MIN_HASH_KEY_BYTES = 16
 
-_TOP_KEYS = ("version", "settings", "roles", "datasets", "elevations")
-_SETTINGS_KEYS = ("default_role", "hash_key_env")
+_TOP_KEYS = ("version", "settings", "roles", "datasets", "elevations", "honeytokens")
+_SETTINGS_KEYS = ("default_role", "hash_key_env", "honeytoken_lockout")
 _ROLE_KEYS = (
     "members", "description", "statements", "tables", "reveal", "max_quasi_identifiers",
-    "row_filters", "injection", "fingerprints", "application",
+    "row_filters", "injection", "fingerprints", "application", "max_rows_per_statement",
+    "max_rows_per_hour",
 )
+_HONEYTOKEN_KEYS = ("name", "table", "column", "value", "value_env", "action")
+HONEYTOKEN_ACTIONS = ("alert", "terminate")
+MIN_HONEYTOKEN_CHARS = 8
 _DATASET_KEYS = (
     "description", "version", "registered_by", "registered_at", "originating_source", "columns",
 )
@@ -366,6 +371,7 @@ class _PolicyBuilder:
                 continue
             datasets[dataset.name] = dataset
         elevations = self.attempt(lambda: self.elevations(top.get("elevations"), raw_roles)) or ()
+        honeytokens = self.attempt(lambda: self.honeytokens(top.get("honeytokens"), roles, datasets)) or ()
         if settings.default_role != "deny" and settings.default_role not in raw_roles:
             self.error("settings.default_role",
                        f"no role named '{settings.default_role}' (use 'deny' or one of the roles: "
@@ -385,6 +391,7 @@ class _PolicyBuilder:
             datasets=datasets,
             elevations=elevations,
             source=self.source,
+            honeytokens=honeytokens,
         )
 
     @staticmethod
@@ -403,7 +410,12 @@ class _PolicyBuilder:
             self.error("settings.hash_key_env",
                        f"{env_name!r} is not an environment variable name (letters, digits, _)")
             env_name = None
-        return Settings(default_role=default_role, hash_key_env=env_name or "PGVEIL_HASH_KEY")
+        lockout = 3600
+        if spec.get("honeytoken_lockout") is not None:
+            lockout = self.attempt(lambda: self.duration(
+                spec.get("honeytoken_lockout"), "settings.honeytoken_lockout")) or 3600
+        return Settings(default_role=default_role, hash_key_env=env_name or "PGVEIL_HASH_KEY",
+                        honeytoken_lockout_seconds=lockout)
 
     def role(self, name: str, value: object) -> Role:
         path = _join("roles", name)
@@ -429,6 +441,8 @@ class _PolicyBuilder:
             spec.get("fingerprints"), _join(path, "fingerprints"), FINGERPRINT_MODES, "off"))
         application = self.attempt(
             lambda: self.flag(spec.get("application"), _join(path, "application"), False))
+        budgets = {key: self.attempt(partial(self.row_limit, spec.get(key), _join(path, key)))
+                   for key in ("max_rows_per_statement", "max_rows_per_hour")}
         return Role(
             name=name,
             members=members or (),
@@ -441,7 +455,108 @@ class _PolicyBuilder:
             injection=cast(Literal["enforce", "alert", "off"], injection or "enforce"),
             fingerprints=cast(Literal["off", "learn", "enforce"], fingerprints or "off"),
             application=application is True,
+            max_rows_per_statement=budgets["max_rows_per_statement"],
+            max_rows_per_hour=budgets["max_rows_per_hour"],
         )
+
+    def row_limit(self, value: object, path: str) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.fail(path, f"expected a whole number of rows >= 1, got {value!r} "
+                            "(leave the key out for no limit)")
+        return value
+
+    def honeytokens(self, value: object, roles: Mapping[str, Role],
+                    datasets: Mapping[str, Dataset]) -> tuple[Honeytoken, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.fail("honeytokens", f"expected a list, got {_type_name(value)}")
+        built: list[Honeytoken] = []
+        names: set[str] = set()
+        for index, item in enumerate(value):
+            path = _join("honeytokens", index)
+            token = self.attempt(partial(self.honeytoken, item, path, roles, datasets))
+            if token is None:
+                continue
+            if token.name in names:
+                self.error(_join(path, "name"),
+                           f"'{token.name}' is used twice (honeytoken names must be unique)")
+                continue
+            names.add(token.name)
+            built.append(token)
+        return tuple(built)
+
+    def honeytoken(self, value: object, path: str, roles: Mapping[str, Role],
+                   datasets: Mapping[str, Dataset]) -> Honeytoken:
+        spec = self.mapping(value, path, _HONEYTOKEN_KEYS)
+        for required in ("name", "table", "column"):
+            if not spec.get(required):
+                self.error(_join(path, required), "missing (honeytokens need name, table, column and value)")
+        name = self.attempt(lambda: self.text(spec.get("name"), _join(path, "name")))
+        table = self.attempt(lambda: self.text(spec.get("table"), _join(path, "table")))
+        column = self.attempt(lambda: self.text(spec.get("column"), _join(path, "column")))
+        action = self.attempt(lambda: self.choice(
+            spec.get("action"), _join(path, "action"), HONEYTOKEN_ACTIONS, "alert"))
+        token_value = self.honeytoken_value(spec, path)
+        if not name or not table or not column or action is None or token_value is None:
+            raise _Invalid
+        if not self.check_relation_name(table, _join(path, "table")):
+            raise _Invalid
+        table = qualify_relation_name(table)
+        dataset = datasets.get(table)
+        policy = dataset.column(column) if dataset is not None else ColumnPolicy()
+        for role in roles.values():
+            if not role.sees_unmasked(policy):
+                self.error(_join(path, "column"),
+                           f"{table}.{column} is masked for role {role.name} (sensitivity "
+                           f"{policy.sensitivity.name.lower()}); a honeytoken's column must be unmasked "
+                           "for every role, so that pgveil sees its value in any role's results: plant it "
+                           "in a column every role sees, or lower that column's sensitivity")
+                raise _Invalid
+        return Honeytoken(name=name, table=table, column=column, value=token_value,
+                          action=cast(Literal["alert", "terminate"], action))
+
+    def honeytoken_value(self, spec: Mapping[str, Any], path: str) -> str | None:
+        """The marker: `value`, or the environment variable `value_env` names (so the policy file
+        can be shared without the markers)."""
+        if ("value" in spec) == ("value_env" in spec):
+            self.error(path, "give exactly one of value and value_env")
+            return None
+        if "value_env" in spec:
+            env_name = self.attempt(lambda: self.text(spec.get("value_env"), _join(path, "value_env")))
+            if env_name is None:
+                return None
+            if not _ENV_NAME.match(env_name):
+                self.error(_join(path, "value_env"),
+                           f"{env_name!r} is not an environment variable name (letters, digits, _)")
+                return None
+            found = os.environ.get(env_name)
+            if found is None:
+                if not self.require_hash_key:  # pgveil check without the deployment's secrets
+                    return "x" * MIN_HONEYTOKEN_CHARS
+                self.error(_join(path, "value_env"), f"environment variable {env_name} is not set")
+                return None
+            where = _join(path, "value_env")
+            text_value: str | None = found
+        else:
+            where = _join(path, "value")
+            raw = spec.get("value")
+            if isinstance(raw, int | float) and not isinstance(raw, bool):
+                raw = str(raw)
+            text_value = self.attempt(lambda: self.text(raw, where))
+        if text_value is None:
+            return None
+        if "\x00" in text_value:
+            self.error(where, "holds a NUL character, which PostgreSQL text never does")
+            return None
+        if len(text_value) < MIN_HONEYTOKEN_CHARS:
+            self.error(where, f"too short ({len(text_value)} characters); a honeytoken value needs at least "
+                       f"{MIN_HONEYTOKEN_CHARS}, or it matches ordinary data (pgveil honeytokens plant "
+                       "makes unguessable ones)")
+            return None
+        return text_value
 
     def check_statement_class(self, item: str, path: str) -> None:
         if item not in STATEMENT_CLASSES:

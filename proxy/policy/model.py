@@ -107,6 +107,14 @@ class Role:
     # The role's SQL is built by application code (not typed by people): the firewall then also
     # applies the rules for shapes only injected SQL has (stacked statements, catalog probing, ...).
     application: bool = False
+    # Exfiltration budgets (docs/dlp.md): rows one statement's result may hand the client, and rows
+    # one login of this role may receive in any rolling hour; None: no limit.
+    max_rows_per_statement: int | None = None
+    max_rows_per_hour: int | None = None
+
+    @property
+    def has_row_budget(self) -> bool:
+        return self.max_rows_per_statement is not None or self.max_rows_per_hour is not None
 
     def matches(self, login: str) -> bool:
         return any(fnmatch.fnmatchcase(login, pattern) for pattern in self.members)
@@ -133,9 +141,22 @@ class Elevation:
 
 
 @dataclass(frozen=True, slots=True)
+class Honeytoken:
+    """A planted row no legitimate query reads: `value` in `table`.`column` (docs/dlp.md)."""
+
+    name: str
+    table: str  # schema.name
+    column: str
+    value: str
+    action: Literal["alert", "terminate"] = "alert"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     default_role: str = "deny"
     hash_key_env: str = "PGVEIL_HASH_KEY"
+    # how long a login that read a `terminate` honeytoken is refused new connections
+    honeytoken_lockout_seconds: int = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +169,7 @@ class Policy:
     datasets: dict[str, Dataset]
     elevations: tuple[Elevation, ...] = ()
     source: str = ""  # file it was loaded from
+    honeytokens: tuple[Honeytoken, ...] = ()
 
     def role_for_user(self, login: str) -> Role | None:
         """First role (in file order) whose members match the login, else the default role."""

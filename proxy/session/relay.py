@@ -76,6 +76,12 @@ _COPY_IN: Final = 0x47  # CopyInResponse
 _PARSE_COMPLETE: Final = 0x31
 _PARAMETER_STATUS: Final = 0x53
 _NOTICE: Final = 0x4E  # NoticeResponse: those below NOTICE reach only roles that see everything
+# Counted and bounded for row budgets (docs/dlp.md), only on connections that have a DataGuard:
+_DATA_ROW: Final = 0x44
+_COPY_DATA: Final = 0x64
+_SUSPENDED: Final = 0x73  # PortalSuspended: a chunk of a portal ends (Execute with a row limit)
+_EMPTY: Final = 0x49  # EmptyQueryResponse
+_NO_RESULT: Final = -2  # _allowance while no result is being counted
 # Execute too: it runs a statement before any Sync (a Flush asks for the results), so a request
 # is running from then on (a client that goes away then gets its statement cancelled).
 _CLIENT_WATCHED = b"QPFSXcfE"
@@ -84,7 +90,9 @@ _CLIENT_ALLOWED = bytes(t for t in FRONTEND_TAGS if t != ord("p"))
 _UPSTREAM_WATCHED = b"CEZG1N"  # ParseComplete: which Parse of a request an error position is in
 _UPSTREAM_WATCHED_SETTINGS = b"CEZG1NS"  # and ParameterStatus, for policies that follow settings
 _UPSTREAM_WATCHED_TRANSPARENT = b"EZG"  # no policy, no on_complete: row counts are not needed
+_UPSTREAM_COUNTED = b"DdsI"  # and, with a row budget, the rows and the ends of results
 _TERMINATE = Terminate().encode()
+_BUDGET_SQLSTATE: Final = "54000"  # proxy.dlp.guard.BUDGET_SQLSTATE
 # Client bytes held while a verdict is awaited before the client is no longer read (flow control
 # without two epoll changes per audited statement).
 _BACKLOG_LIMIT = 64 * 1024
@@ -141,6 +149,7 @@ class Request:
         # pgveil's upstream statement the request PREPAREs (its CommandComplete is not the client's)
         # or EXECUTEs
         self.prepares: UpstreamTicket | None = None
+        self.dlp: Any = None  # the results it will produce, for a DataGuard (proxy/dlp/guard.py)
 
     def rewritten(self, index: int, verdict: Verdict) -> None:
         """Statement `index` of the request is forwarded as `verdict`'s rewrite of the client's text."""
@@ -219,7 +228,7 @@ class Relay:
         observer: RelayObserver,
         max_message_size: int,
         marker_prefix: str,
-        cancel_upstream: Callable[[], None],
+        cancel_upstream: Callable[[], Any],
         on_finished: Callable[[str], None],
         label: str,
     ) -> None:
@@ -259,11 +268,32 @@ class Relay:
         # that cannot say never lets them through.
         self._shows_diagnostics: Callable[[], bool] | None = (
             None if transparent else getattr(policy, "shows_diagnostics", None))
+        # Row budgets and honeytokens (proxy/dlp): a guard only for connections that have either.
+        guard_of = None if transparent else getattr(policy, "data_guard", None)
+        guard: Any = guard_of() if guard_of is not None else None
+        self._guard: Any = guard
+        self._counting = guard is not None and guard.counts_rows is True
+        self._tokens: Any = guard.pattern if guard is not None else None
+        self._allowance = _NO_RESULT  # rows the result being counted may still pass (-1: any)
+        self._result_rows = 0  # rows of it passed so far
+        self._swallowing = False  # after a row-budget breach: nothing but notices until ReadyForQuery
+        self._breached = False  # a breach in the chunk being counted (its statement may need a cancel)
+        # After a breach the statement is cancelled; what PostgreSQL sends from its ReadyForQuery on
+        # waits until PostgreSQL has taken the cancel, so that it cannot hit the client's next one.
+        self._cancelling: Any = None
+        self._held: list[bytes] | None = None
         if transparent:
             watched = _UPSTREAM_WATCHED_TRANSPARENT
         else:
             watched = _UPSTREAM_WATCHED if self._parameter_status is None else _UPSTREAM_WATCHED_SETTINGS
-        upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE)
+        held = b""
+        if guard is not None:
+            if self._counting:
+                watched = watched + _UPSTREAM_COUNTED
+            # every message whole: no byte of a row passes before the row is searched, and the
+            # stream can be cut at any message
+            held = BACKEND_TAGS
+        upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE, held)
         self._client_scanner: Any = client_scanner
         self._upstream_scanner: Any = upstream_scanner
         self._traffic: Any = observer.traffic
@@ -346,6 +376,9 @@ class Relay:
                     self._send_upstream(parts)
                     self.fail_client(exc)
                     return
+                if tag == _B and self._guard is not None:
+                    assert isinstance(message, BoundStatement)
+                    self._guard.bind(message.portal, message.statement)
                 if answer is _COVERED:
                     continue
                 if isinstance(answer, asyncio.Future):
@@ -370,7 +403,9 @@ class Relay:
             elif tag == _S:
                 self._on_sync()
             elif tag == _EXECUTE:
-                self._batch()
+                batch = self._batch()
+                if self._guard is not None:
+                    self._guard.execute(emit[start + 5 : end], batch)
             elif tag == _X:
                 parts.append(emit[pos:end])
                 self._send_upstream(parts)
@@ -564,6 +599,8 @@ class Relay:
                     request.parsed = set()
                 request.parsed.add(message.statement)
             request.parses += 1
+            if self._guard is not None:
+                self._guard.parse(message.statement, message.sql, verdict.info.fingerprint)
             if isinstance(verdict, Refuse):
                 return Parse(message.statement, self._marker(request, verdict)).encode()
             if verdict.sql != message.sql:
@@ -572,6 +609,9 @@ class Relay:
             return None
         request = Request(extended=False, verdicts=1, sent_at=self._loop.time())
         self._requests.append(request)
+        if self._guard is not None and tag == _Q:
+            assert isinstance(message, Query)
+            self._guard.query(message.sql, verdict.info.fingerprint, request)
         if isinstance(verdict, Refuse):
             return Query(self._marker(request, verdict)).encode()
         if tag == _Q:
@@ -708,16 +748,156 @@ class Relay:
             self._upstream_broke(exc)
             return
         close_after = False
+        tripped = False
+        if self._guard is not None:
+            if self._tokens is not None and emit:
+                cut = self._honeytokens(emit)
+                if cut >= 0:  # a `terminate` honeytoken: nothing from its message on reaches the client
+                    tripped = True
+                    emit = emit[:cut]
+                    spans = [span for span in spans if span[2] <= cut]
+            if self._counting:
+                emit, spans = self._count_rows(emit, spans)
         if spans:
             emit, close_after = self._inspect(emit, spans)
             if self._settings_lost:
                 self.finish("the policy could not follow a session setting", _settings_lost_error())
                 return
+        if self._held is not None:
+            self._held.append(emit)
+            emit = b""
         if emit:
             self._traffic.to_client += len(emit)
             self._write(self._client_transport, emit)
+        if tripped:
+            self._write(self._client_transport, self._guard.terminate_error())
+            self.finish("a honeytoken was read")
+            return
         if close_after:
             self._drained()
+
+    # ---- row budgets and honeytokens (only with a DataGuard) ---------------------------------------
+
+    def _honeytokens(self, emit: bytes) -> int:
+        """Search the chunk (whole messages only) for honeytoken values, once: each hit is reported;
+        the start of the message of the first `terminate` one is returned (-1: none)."""
+        pattern = self._tokens
+        found = pattern.search(emit)
+        if found is None:
+            return -1
+        n = len(emit)
+        start = 0  # the message that holds found.start()
+        end = 0
+        while found is not None:
+            at = found.start()
+            while end <= at and end < n:
+                start = end
+                end = start + 1 + ((emit[start + 1] << 24) | (emit[start + 2] << 16)
+                                   | (emit[start + 3] << 8) | emit[start + 4])
+            if found.end() <= end and at >= start + 5:  # inside one message's body
+                if self._guard.honeytoken(found.group(0), emit[start], self._current()):
+                    return start
+                found = pattern.search(emit, end)
+            else:  # across two messages: not a value
+                found = pattern.search(emit, at + 1)
+        return -1
+
+    def _count_rows(self, emit: bytes, spans: list[tuple[int, int, int]],
+                    ) -> tuple[bytes, list[tuple[int, int, int]]]:
+        """Count the DataRow and CopyData messages of each result against its allowance; past it,
+        the row is replaced by the row-budget error, the statement cancelled and everything up to
+        ReadyForQuery swallowed (notices and settings reports still pass). Returns the bytes and
+        the spans for `_inspect` (rows and result ends taken out)."""
+        guard = self._guard
+        kept: list[tuple[int, int, int]] = []
+        parts: list[bytes] | None = None
+        pos = 0  # emit[pos:] is not decided yet
+        out = 0  # bytes decided so far (in parts, or all of emit[:pos] when parts is None)
+        allowance = self._allowance
+        rows = self._result_rows
+        swallowing = self._swallowing
+        for tag, start, end in spans:
+            if swallowing:
+                if _passes_swallowed(tag, emit, start, end):
+                    if parts is None:  # swallowing since the chunk began: nothing before is kept
+                        parts = []
+                    parts.append(emit[start:end])
+                    kept.append((tag, out, out + end - start))
+                    out += end - start
+                    if tag == _READY:
+                        swallowing = False
+                        cancelling = self._cancelling
+                        if cancelling is not None and not cancelling.done() and self._held is None:
+                            self._held = []  # this chunk on: written once PostgreSQL took the cancel
+                pos = end
+                continue
+            if tag == _DATA_ROW or tag == _COPY_DATA:  # noqa: SIM109 (compiled: two int compares)
+                if allowance == _NO_RESULT:
+                    allowance = guard.result_start(self._current())
+                    rows = 0
+                if allowance < 0 or rows < allowance:
+                    rows += 1
+                    continue
+                # past the budget: this row becomes the error, the rest of the request is swallowed
+                error = guard.breach(rows)
+                if parts is None:
+                    parts = []
+                parts.append(emit[pos:start])
+                parts.append(error)
+                out += start - pos + len(error)
+                pos = end
+                swallowing = True
+                request = self._current()
+                if request is not None:
+                    request.rows += rows
+                    request.sqlstate = _BUDGET_SQLSTATE
+                guard.result_end(self._current(), rows, False)
+                allowance = _NO_RESULT
+                rows = 0
+                self._breached = True
+                continue
+            if tag == _COMPLETE or tag == _ERROR or tag == _SUSPENDED or tag == _EMPTY:  # noqa: SIM109
+                guard.result_end(self._current(), rows if allowance != _NO_RESULT else 0, tag == _SUSPENDED)
+                allowance = _NO_RESULT
+                rows = 0
+                if tag == _SUSPENDED or tag == _EMPTY:  # noqa: SIM109
+                    continue
+            elif tag == _READY:
+                allowance = _NO_RESULT
+                rows = 0
+            kept.append((tag, out + start - pos, out + end - pos))
+        if allowance != _NO_RESULT and rows:
+            guard.progress(rows)  # a long result: the hour ledger hears of it chunk by chunk
+        if self._breached:
+            self._breached = False
+            if swallowing:  # PostgreSQL is still at it: cancel the statement
+                self._cancel_breached()
+        self._allowance = allowance
+        self._result_rows = rows
+        self._swallowing = swallowing
+        if parts is None:  # nothing cut; or swallowing since the chunk began and still: nothing kept
+            return (emit, kept) if pos == 0 else (b"", kept)
+        if not swallowing:
+            parts.append(emit[pos:])
+        return b"".join(parts), kept
+
+    def _cancel_breached(self) -> None:
+        cancelling = self._cancel_upstream()
+        if isinstance(cancelling, asyncio.Future):
+            self._cancelling = cancelling
+            cancelling.add_done_callback(self._cancelled)
+
+    def _cancelled(self, future: asyncio.Future[Any]) -> None:
+        """PostgreSQL has taken the cancel of a breached statement: what waited for it goes out."""
+        if self._cancelling is future:
+            self._cancelling = None
+        held = self._held
+        self._held = None
+        if held and not self.finished:
+            data = b"".join(held)
+            if data:
+                self._traffic.to_client += len(data)
+                self._write(self._client_transport, data)
 
     def _upstream_broke(self, exc: ProtocolViolation) -> None:
         log.warning("%s: PostgreSQL broke the protocol: %s", self._label, exc.reason)
@@ -1016,6 +1196,14 @@ class Relay:
         self._open_batch = None
         if batch is not None and (batch.verdicts or batch.closes):
             self._complete(batch, answered=False)
+
+
+def _passes_swallowed(tag: int, emit: bytes, start: int, end: int) -> bool:
+    """What still reaches the client after a row-budget breach: ReadyForQuery, notices, settings
+    reports, and a FATAL error."""
+    if tag == _READY or tag == _NOTICE or tag == _PARAMETER_STATUS:  # noqa: SIM109
+        return True
+    return tag == _ERROR and error_sqlstate(emit[start + 5 : end])[1]
 
 
 def refusal_error(refusal: Refuse) -> ErrorResponse:

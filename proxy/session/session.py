@@ -468,14 +468,17 @@ class Session:
             log.warning("%s: could not forward a cancel request: %s", self.label, exc.reason)
         self.client.close()
 
-    def _cancel_running_statement(self) -> None:
+    def _cancel_running_statement(self) -> asyncio.Future[None] | None:
+        """Send PostgreSQL a CancelRequest; the answer is done once PostgreSQL has taken it (closed
+        the cancel connection), so the relay can hold what must wait for that (docs/dlp.md)."""
         key = self.upstream_key
         if key is None:
-            return
+            return None
         context = self.context
         cancel = send_cancel(context.target, context.upstream_tls, key.process_id, key.secret_key)
         task = asyncio.ensure_future(cancel)
         task.add_done_callback(_ignore_result)
+        return task
 
     # ---- authentication ----------------------------------------------------------------------------
 

@@ -16,13 +16,18 @@ from proxy.wire.errors import ProtocolViolation
 
 _PASS: Final = 1
 _WATCH: Final = 2
+_HOLD: Final = 3
 
 
-def _kinds(watched: bytes, allowed: bytes) -> bytes:
-    """One lookup per type byte: 0 not allowed, 1 relayed unread, 2 watched."""
+def _kinds(watched: bytes, allowed: bytes, held: bytes = b"") -> bytes:
+    """One lookup per type byte: 0 not allowed, 1 relayed unread, 2 watched, 3 held whole but
+    not reported."""
     table = bytearray(256)
     for tag in allowed:
         table[tag] = _PASS
+    for tag in held:
+        if table[tag]:
+            table[tag] = _HOLD
     for tag in watched:
         table[tag] = _WATCH
     return bytes(table)
@@ -40,22 +45,38 @@ class MessageScanner:
     CopyData flow through without being buffered or decoded.
     """
 
-    __slots__ = ("_kinds", "_limit", "_pending", "_skip")
+    __slots__ = ("_have", "_kinds", "_limit", "_parts", "_pending", "_skip", "_want")
 
-    def __init__(self, watched: bytes, allowed: bytes, max_message_size: int) -> None:
-        self._kinds = _kinds(watched, allowed)
+    def __init__(self, watched: bytes, allowed: bytes, max_message_size: int, held: bytes = b"") -> None:
+        """`held`: allowed types that are relayed unread but only whole (never a partial message),
+        so the caller can search the bytes `feed` returns knowing no such message is cut."""
+        self._kinds = _kinds(watched, allowed, held)
         self._limit = max_message_size + 4  # the length field counts itself
-        self._pending = b""  # an incomplete header, or an incomplete watched message
+        self._pending = b""  # an incomplete header
         self._skip = 0  # bytes of an unwatched message body still to pass through
+        # an incomplete watched or held message: its pieces, their length, its whole length (so a
+        # large one arriving in many reads is joined once, not copied again on every read)
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._want = 0
 
     @property
     def mid_message(self) -> bool:
         """True while the bytes relayed so far end inside a message."""
-        return bool(self._pending) or self._skip > 0
+        return bool(self._pending) or self._skip > 0 or self._want > 0
 
     def feed(self, data: bytes) -> tuple[bytes, list[Span]]:
         """Returns (bytes to relay now, spans of the watched messages inside them)."""
-        if self._pending:
+        if self._want:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._want:
+                return b"", []
+            data = b"".join(self._parts)
+            self._parts = []
+            self._have = 0
+            self._want = 0
+        elif self._pending:
             data = self._pending + data
             self._pending = b""
         n = len(data)
@@ -83,12 +104,16 @@ class MessageScanner:
             if not 4 <= length <= limit:
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(tag)!r}")
             end = pos + 1 + length
-            if kind == _WATCH:
+            if kind == _PASS:
                 if end > n:
-                    self._pending = data[pos:]
+                    self._skip = end - n
+                    return data, spans
+            else:
+                if end > n:
+                    self._parts = [data[pos:]]
+                    self._have = n - pos
+                    self._want = end - pos
                     return data[:pos], spans
-                spans.append((tag, pos, end))
-            elif end > n:
-                self._skip = end - n
-                return data, spans
+                if kind == _WATCH:
+                    spans.append((tag, pos, end))
             pos = end
