@@ -322,6 +322,11 @@ def test_report_counts_budget_and_honeytoken_records_written_by_the_audit_writer
         {"type": "honeytoken", "time": now_iso(), **who, "client_address": "10.0.3.4:40000",
          "token": "canary-1", "table": "public.acc_people", "action": "terminate", "fingerprint": "cc33"},
         {"type": "some-future-type", "time": now_iso(), "detail": 1},
+        {"type": "elevation", "time": now_iso(), "event": "granted", "grant_id": "g-1", "login": "acc_dev",
+         "elevated_role": "auditor", "reason": "INC-7", "approver": "acc_lead",
+         "granted_at": "2026-12-01T10:00:00+00:00", "expires_at": "2026-12-01T10:30:00+00:00"},
+        {"type": "elevation", "time": now_iso(), "event": "used", "grant_id": "g-1", "login": "acc_dev",
+         "elevated_role": "auditor", "reason": "INC-7", "approver": "acc_lead"},
     ]
 
     async def append() -> None:
@@ -345,6 +350,11 @@ def test_report_counts_budget_and_honeytoken_records_written_by_the_audit_writer
          "last": records[4]["time"], "logins": {"acc_bob": 2}, "roles": {"auditor": 2},
          "clients": {"10.0.3.4": 2}, "fingerprints": {"cc33": 2}}]
     assert report["otherRecordTypes"] == {"some-future-type": 1}
+    assert report["elevations"] == [
+        {"grant": "g-1", "login": "acc_dev", "elevatedRole": "auditor", "approver": "acc_lead",
+         "reason": "INC-7", "grantedAt": "2026-12-01T10:00:00+00:00",
+         "expiresAt": "2026-12-01T10:30:00+00:00", "events": {"granted": 1, "used": 1},
+         "last": records[-1]["time"], "problems": []}]
     code, out, _ = run(capsys, "audit", "report", str(copy))
     assert code == 0
     lines = out.splitlines()
@@ -354,6 +364,9 @@ def test_report_counts_budget_and_honeytoken_records_written_by_the_audit_writer
     hits = lines.index("Honeytoken hits")
     assert lines[hits + 2].split()[:6] == ["canary-1", "public.acc_people", "terminate", "2", "acc_bob", "2"]
     assert "Other record types: some-future-type 1" in out
+    elevations = lines.index("Elevations")
+    assert lines[elevations + 2].split()[:7] == [
+        "g-1", "acc_dev", "auditor", "acc_lead", "INC-7", "granted", "1,"]
 
 
 def test_report_errors(capsys: pytest.CaptureFixture[str], trail: Trail, tmp_path: Path) -> None:
