@@ -205,6 +205,22 @@ class StateStore:
 
     async def migrate(self) -> list[int]:
         """Apply every registered migration not yet applied; returns the versions applied now."""
+        wanted = {migration.version for migration in migrations()}
+        try:
+            async with self.connection() as connection:  # up to date: nothing to lock or create
+                if await connection.fetchval("SELECT to_regclass($1)", f'"{self.schema}".migrations'):
+                    rows = await connection.fetch(self.sql("SELECT version FROM {schema}.migrations"))
+                    if wanted <= {row[0] for row in rows}:
+                        return []
+            return await self._migrate_locked()
+        except asyncpg.PostgresError as exc:
+            if unreachable(exc):
+                raise
+            raise StateError(f"state store {self.where()}: cannot use or migrate schema {self.schema}: "
+                             f"{exc} (the state login must own the schema, or have CREATE on the "
+                             "database to create it)") from None
+
+    async def _migrate_locked(self) -> list[int]:
         applied: list[int] = []
         async with self.transaction() as connection:
             await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
