@@ -399,3 +399,28 @@ def test_a_directory_of_worker_logs(capsys: pytest.CaptureFixture[str], trail: T
     assert (report["totals"]["served"], report["totals"]["rows"]) == (12, 26)
     assert [(r["login"], r["statements"], r["rows"]) for r in report["topReaders"]] == [
         ("acc_bob", 6, 12), ("acc_alice", 4, 12)]
+
+
+def test_a_pipeline_completion_covering_several_statements_counts_its_rows_once(
+        capsys: pytest.CaptureFixture[str], trail: Trail, tmp_path: Path) -> None:
+    log = tmp_path / "pipeline.jsonl"
+    with spawn_serve("--upstream", trail.upstream.dsn(dbname=DATABASE), "--policy", str(trail.policy),
+                     "--listen", "127.0.0.1:0", "--audit-log", str(log)) as serve:
+        with psycopg.connect(serve.dsn("acc_alice", PASSWORD, DATABASE), autocommit=True,
+                             prepare_threshold=None) as conn, conn.pipeline():
+            first = conn.execute("SELECT email FROM acc_people WHERE id <= %s", (2,))
+            second = conn.execute("SELECT id FROM acc_people WHERE id <= %s", (3,))
+            conn.execute("SELECT ssn FROM acc_people WHERE id <= %s", (1,))
+        assert len(first.fetchall()) == 2 and len(second.fetchall()) == 3
+        serve.terminate()
+        assert serve.wait() == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    completions = [r for r in records if r["type"] == "completion"]
+    covering = [r for r in completions if len(r.get("requests", [])) > 1]
+    assert covering, f"psycopg's pipeline should give one completion for several requests: {completions}"
+    entries = catalog(capsys, trail, "--access-from", str(log))
+    people = entries["public.acc_people"]["access"]
+    assert people["statements"] == 3
+    assert people["rows"] == sum(r["rows"] for r in completions)  # each completion's rows once
+    columns = columns_of(entries["public.acc_people"])
+    assert columns["email"]["statements"] == 1 and columns["ssn"]["statements"] == 1
