@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,8 +274,15 @@ def test_report_from_the_file_log_as_json(capsys: pytest.CaptureFixture[str], tr
 def test_report_from_the_table_sink(capsys: pytest.CaptureFixture[str], trail: Trail) -> None:
     report = report_json(capsys, trail.table_dsn, "--table", TABLE, "--policy", str(trail.policy))
     check_report(report, trail)
-    assert report["sources"] == [{"name": TABLE, "files": 0, "records": len(trail.records()),
+    count = len(trail.records())
+    assert report["sources"] == [{"name": TABLE, "files": 0, "lines": count, "records": count,
                                   "unreadableLines": 0}]
+    # the window is a WHERE on the table's `at` column
+    bob = trail.accesses("acc_bob")
+    report = report_json(capsys, trail.table_dsn, "--table", TABLE, "--since", bob[0]["time"],
+                         "--until", bob[3]["time"])
+    assert (report["totals"]["served"], report["totals"]["rows"]) == (3, 6)
+    assert report["sources"][0]["lines"] < count
 
 
 def test_report_without_policy_takes_masked_columns_as_sensitive(
@@ -424,3 +433,22 @@ def test_a_pipeline_completion_covering_several_statements_counts_its_rows_once(
     assert people["rows"] == sum(r["rows"] for r in completions)  # each completion's rows once
     columns = columns_of(entries["public.acc_people"])
     assert columns["email"]["statements"] == 1 and columns["ssn"]["statements"] == 1
+
+
+def test_report_from_standard_input_and_damaged_lines(trail: Trail, tmp_path: Path) -> None:
+    """`-` reads a collector's stream; a line that is not JSON is counted and warned about, a last
+    line without its newline (a record being written) is not."""
+    stream = tmp_path / "stream.jsonl"
+    text = "".join(file.read_text() for file in [*rotated_files(trail.log), trail.log])
+    stream.write_text(text + "not a record\n" + '{"seq":99,"type":"access","ti')
+    result = subprocess.run([sys.executable, "-m", "proxy", "audit", "report", "-", "--format", "json",
+                             "--policy", str(trail.policy)], stdin=stream.open("rb"),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    check_report(report, trail)
+    assert report["sources"][0]["name"] == "-" and report["sources"][0]["unreadableLines"] == 1
+    text_result = subprocess.run([sys.executable, "-m", "proxy", "audit", "report", "-"],
+                                 stdin=stream.open("rb"), capture_output=True, text=True, timeout=60,
+                                 check=False)
+    assert "WARNING: -: 1 line is not JSON records (torn or edited)" in text_result.stdout

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+import sys
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -165,43 +166,51 @@ class Source:
 def log_records(path: str | Path, window: Window, source: Source | None = None
                 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Records (as dicts) of the file log at `path` (its rotations oldest first, or every log of a
-    directory) from the window's start on, each with the name of its chain (one per log).
-
-    A record before the window is skipped without parsing; after the window's end only completion
-    records are parsed (their statements may be in the window). Lines are read one at a time."""
+    directory; `-` is standard input) from the window's start on, each with the name of its chain
+    (one per log). Lines are read one at a time (see `lines_records`)."""
+    if str(path) == "-":
+        yield from lines_records(sys.stdin.buffer, "-", window, source)
+        return
     path = Path(path)
     logs = logs_of(path)
     if not logs:
         raise FileNotFoundError(f"{path}: no audit log found")
-    since, until = window.since_key, window.until_key
     for active, files in logs:
-        chain = str(active)
         for file in _files_in_window(files, window):
             if source is not None:
                 source.files += 1
             with file.open("rb") as handle:
-                for raw in handle:
-                    if source is not None:
-                        source.lines += 1
-                    lead = _lead(raw)
-                    if lead is not None:
-                        kind, time = lead
-                        key = time_key(time)
-                        if key < since or (until is not None and key >= until and kind != "completion"):
-                            continue
-                    elif not raw.strip():
-                        continue
-                    try:
-                        record = _decode(raw.decode("utf-8", "replace"))
-                    except ValueError:
-                        record = None
-                    if not isinstance(record, dict):
-                        if source is not None:
-                            source.unreadable += 1
-                        continue
-                    if source is not None:
-                        source.records += 1
-                    yield chain, record
+                yield from lines_records(handle, str(active), window, source)
+
+
+def lines_records(lines: Iterable[bytes], chain: str, window: Window, source: Source | None = None
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The records of sealed lines of one chain. A record before the window is skipped without
+    parsing; after the window's end only completion records are parsed (their statements may be
+    in the window). A last line without its newline is a record still being written: skipped."""
+    since, until = window.since_key, window.until_key
+    for raw in lines:
+        if source is not None:
+            source.lines += 1
+        lead = _lead(raw)
+        if lead is not None:
+            kind, time = lead
+            key = time_key(time)
+            if key < since or (until is not None and key >= until and kind != "completion"):
+                continue
+        elif not raw.strip():
+            continue
+        try:
+            record = _decode(raw.decode("utf-8", "replace"))
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if source is not None and raw.endswith(b"\n"):
+                source.unreadable += 1
+            continue
+        if source is not None:
+            source.records += 1
+        yield chain, record
 
 
 async def table_records(dsn: str, table: str, window: Window, source: Source | None = None

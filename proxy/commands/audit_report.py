@@ -37,8 +37,8 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="audit log file (its rotations are included), directory of logs, or the "
-                             "postgresql:// DSN of a table sink")
+                        help="audit log file (its rotations are included), directory of logs, - for "
+                             "standard input, or the postgresql:// DSN of a table sink")
     parser.add_argument("--table", default="pgveil_audit",
                         help="table of a PostgreSQL sink (default %(default)s)")
     add_window_arguments(parser)
@@ -158,8 +158,9 @@ def build_report(summary: AccessSummary, sources: list[Source], sensitive: Calla
     return {
         "window": summary.window.describe(),
         "records": {"first": summary.first or None, "last": summary.last or None},
-        "sources": [{"name": source.name, "files": source.files, "records": source.records,
-                     "unreadableLines": source.unreadable} for source in sources],
+        "sources": [{"name": source.name, "files": source.files, "lines": source.lines,
+                     "records": source.records, "unreadableLines": source.unreadable}
+                    for source in sources],
         "chainChecked": False,
         "note": NOT_CHECKED,
         "totals": {
@@ -238,8 +239,8 @@ def render_text(report: dict[str, Any]) -> str:
     """The report as readable text tables."""
     totals = report["totals"]
     sources = ", ".join(f"{source['name']} ({source['files']} file{'s' if source['files'] != 1 else ''}, "
-                        f"{source['records']:,} records)"
-                        if source["files"] else f"{source['name']} ({source['records']:,} records)"
+                        f"{source['lines']:,} lines)"
+                        if source["files"] else f"{source['name']} ({source['lines']:,} lines)"
                         for source in report["sources"])
     window = report["window"]
     span = ("all records" if window["since"] is None and window["until"] is None else
@@ -257,8 +258,9 @@ def render_text(report: dict[str, Any]) -> str:
     ]
     for source in report["sources"]:
         if source["unreadableLines"]:
-            out.append(f"WARNING: {source['name']}: {source['unreadableLines']:,} lines are not JSON "
-                       "records (torn or edited): run `pgveil audit verify`\n")
+            bad = source["unreadableLines"]
+            out.append(f"WARNING: {source['name']}: {bad:,} {'line is' if bad == 1 else 'lines are'} not "
+                       "JSON records (torn or edited): run `pgveil audit verify`\n")
     out.append(f"\nTop readers of sensitive columns ({report['sensitiveColumns']['basis']})\n")
     out.append(_table(
         ["LOGIN", "ROLE", "STATEMENTS", "UNMASKED", "ROWS", "LAST READ", "COLUMNS (statements, unmasked)"],

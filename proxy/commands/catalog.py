@@ -126,7 +126,7 @@ def add_access(entries: list[dict[str, Any]], args: argparse.Namespace) -> int:
         for column in entry["schema"]:
             column["access"] = usage_json(summary.columns.get(f"{entry['name']}.{column['name']}"),
                                           columns=True)
-    read = ", ".join(f"{source.name} ({source.records:,} records)" for source in sources)
+    read = ", ".join(f"{source.name} ({source.lines:,} lines)" for source in sources)
     print(f"pgveil catalog: access from {read}, window {window.text()}; {NOT_CHECKED}", file=sys.stderr)
     return 0
 
