@@ -261,15 +261,23 @@ class StateStore:
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection; StateUnavailable when the store cannot be reached."""
         pool = self._pool_now()
+        try:  # whatever keeps a connection from being had means the store cannot be reached
+            connection = await pool.acquire(timeout=self.connect_timeout)
+        except Exception as exc:
+            self.available = False
+            raise StateUnavailable(f"state store {self.where()} unreachable: "
+                                   f"{str(exc) or type(exc).__name__}") from None
         try:
-            async with pool.acquire(timeout=self.connect_timeout) as connection:
-                yield connection
+            yield connection
         except Exception as exc:
             if not unreachable(exc):
                 raise
             self.available = False
             raise StateUnavailable(f"state store {self.where()} unreachable: "
                                    f"{str(exc) or type(exc).__name__}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await pool.release(connection, timeout=self.connect_timeout)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
