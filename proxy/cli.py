@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fingerprints": ("proxy.commands.fingerprints", "review learned query fingerprints"),
     "elevate": ("proxy.commands.elevate", "grant a time-limited role elevation"),
     "discover": ("proxy.commands.discover", "find sensitive columns; draft or gate a policy"),
+    "honeytokens": ("proxy.commands.honeytokens", "plant honeytoken rows; list and clear lockouts"),
 }
 
 
