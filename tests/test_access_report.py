@@ -452,3 +452,25 @@ def test_report_from_standard_input_and_damaged_lines(trail: Trail, tmp_path: Pa
                                  stdin=stream.open("rb"), capture_output=True, text=True, timeout=60,
                                  check=False)
     assert "WARNING: -: 1 line is not JSON records (torn or edited)" in text_result.stdout
+
+
+def test_standard_input_with_workers_chains_interleaved(trail: Trail, tmp_path: Path) -> None:
+    """Workers writing to one standard output mix their chains (same connection ids in each): the
+    report follows each chain by its `prev` hashes, so every completion meets its own access."""
+    from proxy.audit.chain import ChainState, HashChain, serialise
+
+    ours = [line + "\n" for file in [*rotated_files(trail.log), trail.log]
+            for line in file.read_text().splitlines()]
+    other, chain, state = [], HashChain(key=b"another worker"), ChainState()
+    for line in ours:
+        record = {k: v for k, v in json.loads(line).items() if k not in ("seq", "prev", "chain", "hash")}
+        sealed, state = chain.seal_body(serialise(record)[1:-1], state)
+        other.append(sealed.decode())
+    stream = tmp_path / "stdout.jsonl"
+    stream.write_text("".join(line for pair in zip(ours, other, strict=True) for line in pair))
+    result = subprocess.run([sys.executable, "-m", "proxy", "audit", "report", "-", "--format", "json",
+                             "--policy", str(trail.policy)], stdin=stream.open("rb"),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["totals"]["served"], report["totals"]["rows"]) == (12, 26)

@@ -23,6 +23,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _WINDOW = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 # The start of a sealed record as the sinks write it: enough to skip a line without parsing it.
 _decode = json.JSONDecoder().decode
+_TAIL = re.compile(rb'"prev":"([0-9a-f]{64})","chain":"[^"]*","hash":"([0-9a-f]{64})"\}\s*$')
 _LEAD = re.compile(rb'^\{"seq":\d+,"type":"([^"\\]*)","time":"([^"\\]*)"')
 
 
@@ -169,7 +170,7 @@ def log_records(path: str | Path, window: Window, source: Source | None = None
     directory; `-` is standard input) from the window's start on, each with the name of its chain
     (one per log). Lines are read one at a time (see `lines_records`)."""
     if str(path) == "-":
-        yield from lines_records(sys.stdin.buffer, "-", window, source)
+        yield from lines_records(sys.stdin.buffer, "-", window, source, interleaved=True)
         return
     path = Path(path)
     logs = logs_of(path)
@@ -183,15 +184,25 @@ def log_records(path: str | Path, window: Window, source: Source | None = None
                 yield from lines_records(handle, str(active), window, source)
 
 
-def lines_records(lines: Iterable[bytes], chain: str, window: Window, source: Source | None = None
-                  ) -> Iterator[tuple[str, dict[str, Any]]]:
+def lines_records(lines: Iterable[bytes], chain: str, window: Window, source: Source | None = None,
+                  interleaved: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
     """The records of sealed lines of one chain. A record before the window is skipped without
     parsing; after the window's end only completion records are parsed (their statements may be
-    in the window). A last line without its newline is a record still being written: skipped."""
+    in the window). A last line without its newline is a record still being written: skipped.
+
+    `interleaved`: the lines of several chains are mixed (workers writing to one standard output);
+    each record is put in the chain whose last hash is its `prev` (a new chain when none is)."""
     since, until = window.since_key, window.until_key
+    heads: dict[bytes, str] = {}  # last hash of each interleaved chain -> its name
+    base = chain
     for raw in lines:
         if source is not None:
             source.lines += 1
+        if interleaved:
+            tail = _TAIL.search(raw, max(0, len(raw) - 200))
+            if tail is not None:
+                chain = heads.pop(tail.group(1), "") or f"{base}#{len(heads) + 1}"
+                heads[tail.group(2)] = chain
         lead = _lead(raw)
         if lead is not None:
             kind, time = lead
