@@ -418,6 +418,13 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
 
             enforcement.intercept = ElevationStatements(workflow).intercept
         closing.append(enforcement.close)
+        if workflow is not None:  # hourly row budgets across replicas (docs/dlp.md)
+            from proxy.dlp.shared_ledger import StateLedger
+
+            ledger = StateLedger(workflow.store)
+            enforcement.dlp.ledger = ledger
+            ledger.start()
+            closing.append(ledger.close)
         loaded.append(enforcement.policy)
         if metrics is not None:
             metrics.policy_loaded_now(enforcement.policy.version, enforcement.policy.source)

@@ -286,10 +286,9 @@ def test_terminate_in_binary_format_and_copy(world: World) -> None:
     assert "honeytoken" in asyncio.run(run())
     subprocess.run([sys.executable, "-m", "proxy", "honeytokens", "clear", THIEF, "--policy", str(world.policy)],
                    check=True, capture_output=True, timeout=60)
-    with psycopg.connect(world.dsn(THIEF)) as conn:
-        with pytest.raises(psycopg.Error, match="honeytoken"):
-            with conn.cursor().copy("COPY (SELECT body FROM ht.wide WHERE id = 2) TO STDOUT") as copy:
-                for _line in copy:
-                    pass
+    with psycopg.connect(world.dsn(THIEF)) as conn, pytest.raises(psycopg.Error, match="honeytoken"):
+        with conn.cursor().copy("COPY (SELECT body FROM ht.wide WHERE id = 2) TO STDOUT") as copy:
+            for _line in copy:
+                pass
     subprocess.run([sys.executable, "-m", "proxy", "honeytokens", "clear", THIEF, "--policy", str(world.policy)],
                    check=True, capture_output=True, timeout=60)

@@ -17,11 +17,12 @@ import psycopg
 import pytest
 
 from tests.conftest import Upstream
-from tests.proxy_harness import RunningProxy, running_proxy
+from tests.proxy_harness import RunningProxy, ServeProcess, running_proxy, spawn_serve, wait_until
 
 DATABASE = "budget_test"
 PASSWORD = "budget-pw-12"
-CAPPED, HOURLY, FREE, CHUNKS = "rb_capped", "rb_hourly", "rb_free", "rb_chunks"
+CAPPED, HOURLY, FREE, CHUNKS, SHARED = "rb_capped", "rb_hourly", "rb_free", "rb_chunks", "rb_shared"
+STATE_DATABASE = "budget_state"
 LIMIT = 10
 HOUR = 25
 
@@ -40,6 +41,11 @@ roles:
     max_rows_per_statement: {LIMIT}
   hourly:
     members: [{HOURLY}]
+    statements: [select]
+    tables: ["rb.*"]
+    max_rows_per_hour: {HOUR}
+  shared:
+    members: [{SHARED}]
     statements: [select]
     tables: ["rb.*"]
     max_rows_per_hour: {HOUR}
@@ -70,6 +76,7 @@ class World:
     upstream: Upstream
     proxy: RunningProxy
     audit_log: Path
+    policy: Path
 
     def dsn(self, login: str) -> str:
         return self.proxy.dsn(login, PASSWORD, DATABASE)
@@ -82,7 +89,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     upstream.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-    for login in (CAPPED, HOURLY, FREE, CHUNKS):
+    for login in (CAPPED, HOURLY, FREE, CHUNKS, SHARED):
         upstream.execute(f"DROP ROLE IF EXISTS {login}")
         upstream.execute(f"CREATE ROLE {login} LOGIN PASSWORD '{PASSWORD}'")
     upstream.execute(f"CREATE DATABASE {DATABASE}")
@@ -91,15 +98,16 @@ def world(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
                      "CREATE TABLE rb.big AS SELECT g AS id, repeat('x', 100) AS filler "
                      "FROM generate_series(1, 300000) g",
                      dbname=DATABASE)
-    upstream.execute(f"GRANT USAGE ON SCHEMA rb TO {CAPPED}, {HOURLY}, {FREE}, {CHUNKS}; "
-                     f"GRANT SELECT ON rb.items, rb.big TO {CAPPED}, {HOURLY}, {FREE}, {CHUNKS}", dbname=DATABASE)
+    logins = ", ".join((CAPPED, HOURLY, FREE, CHUNKS, SHARED))
+    upstream.execute(f"GRANT USAGE ON SCHEMA rb TO {logins}; GRANT SELECT ON rb.items, rb.big TO {logins}",
+                     dbname=DATABASE)
     directory = tmp_path_factory.mktemp("budgets")
     policy = directory / "policy.yaml"
     policy.write_text(POLICY)
     audit_log = directory / "audit.jsonl"
     with running_proxy(_Database(upstream), policy_path=str(policy), audit_log=str(audit_log),
                        metrics="127.0.0.1:0") as proxy:
-        yield World(upstream, proxy, audit_log)
+        yield World(upstream, proxy, audit_log, policy)
 
 
 def _is_budget_error(exc: BaseException, limit: str = "max_rows_per_statement", role: str = "capped") -> bool:
@@ -218,12 +226,11 @@ def test_declare_fetch_counts_across_fetches(world: World) -> None:
 def test_server_side_cursor_of_psycopg(world: World) -> None:
     with psycopg.connect(world.dsn(CAPPED)) as conn:
         seen = 0
-        with pytest.raises(psycopg.Error) as caught:
-            with conn.cursor(name="named") as cursor:
-                cursor.itersize = 4
-                cursor.execute("SELECT * FROM rb.items ORDER BY id")
-                for _row in cursor:
-                    seen += 1
+        with pytest.raises(psycopg.Error) as caught, conn.cursor(name="named") as cursor:
+            cursor.itersize = 4
+            cursor.execute("SELECT * FROM rb.items ORDER BY id")
+            for _row in cursor:
+                seen += 1
         assert _is_budget_error(caught.value), caught.value
         assert seen <= LIMIT
         conn.rollback()
@@ -266,9 +273,8 @@ def test_copy_to_stdout(world: World) -> None:
         assert len(lines) <= LIMIT
         conn.rollback()
         _still_usable(conn)
-    with psycopg.connect(world.dsn(FREE)) as conn:
-        with conn.cursor().copy("COPY rb.items TO STDOUT") as copy:
-            assert len(list(copy.rows())) == 100
+    with psycopg.connect(world.dsn(FREE)) as conn, conn.cursor().copy("COPY rb.items TO STDOUT") as copy:
+        assert len(list(copy.rows())) == 100
 
 
 @pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
@@ -312,3 +318,56 @@ def test_breaches_are_audited_and_counted(world: World) -> None:
     assert record["fingerprint"] and record["client_address"]
     exposition = world.proxy.hooks.observer.exposition().decode()
     assert 'pgveil_row_budget_breaches_total{limit="max_rows_per_statement",role="capped"}' in exposition
+
+
+# ---- two pgveil processes sharing a state store ---------------------------------------------------
+
+def _rows_or_breach(dsn: str) -> int | None:
+    """Rows a 10-row statement passed, or None when it was cut by the hourly budget."""
+    with psycopg.connect(dsn) as conn:
+        try:
+            return len(conn.execute("SELECT * FROM rb.items LIMIT 10").fetchall())
+        except psycopg.Error as exc:
+            assert _is_budget_error(exc, "max_rows_per_hour", "shared"), exc
+            return None
+
+
+def test_hourly_budget_across_two_replicas(world: World, tmp_path: Path) -> None:
+    """Replica A hands the login 20 rows; replica B, sharing the state store, cuts the login's
+    next statements long before B's own 25 rows (alone, B would pass two 10-row statements)."""
+    upstream = world.upstream
+    upstream.execute(f"DROP DATABASE IF EXISTS {STATE_DATABASE} WITH (FORCE)")
+    upstream.execute(f"CREATE DATABASE {STATE_DATABASE}")
+    replicas: list[ServeProcess] = []
+    try:
+        for index in range(2):
+            replicas.append(spawn_serve(
+                "--upstream", upstream.dsn(dbname=DATABASE), "--policy", str(world.policy),
+                "--listen", "127.0.0.1:0", "--audit-log", str(tmp_path / f"audit-{index}.jsonl"),
+                "--state-dsn", upstream.dsn(dbname=STATE_DATABASE)))
+        a, b = (replica.dsn(SHARED, PASSWORD, DATABASE) for replica in replicas)
+        assert _rows_or_breach(a) == 10 and _rows_or_breach(a) == 10
+
+        def stored() -> int:
+            with psycopg.connect(upstream.dsn(dbname=STATE_DATABASE)) as conn:
+                row = conn.execute("SELECT coalesce(sum(rows), 0) FROM pgveil_state.row_budget "
+                                   "WHERE login = %s", (SHARED,)).fetchone()
+            return int(row[0]) if row else 0
+
+        wait_until(lambda: stored() >= 20, "replica A's rows in the state store")
+        # B reads the login's total within a flush interval of its connection: its first statement
+        # may still pass on B's own count; once B's rows are in the store, B knows the total too
+        first = _rows_or_breach(b)
+        if first is not None:
+            wait_until(lambda: stored() >= 30, "replica B's rows in the state store")
+            assert _rows_or_breach(b) is None, "B passed 20 rows of a login that had 20 of its 25 already"
+        records = [json.loads(line) for line in (tmp_path / "audit-1.jsonl").read_text().splitlines()]
+        assert any(r.get("type") == "budget" and r.get("limit") == "max_rows_per_hour" for r in records)
+    finally:
+        for replica in replicas:
+            replica.terminate()
+        for replica in replicas:
+            try:
+                replica.wait(30)
+            finally:
+                replica.__exit__(None, None, None)

@@ -104,6 +104,10 @@ class DataGuard:
         self.lockout_seconds = lockout_seconds
         current = role()
         self.counts_rows = current is not None and current.has_row_budget
+        if current is not None and current.max_rows_per_hour is not None:
+            watch = getattr(runtime.ledger, "watch", None)  # a shared ledger reads its total early
+            if watch is not None:
+                watch(login)
         matcher = runtime.matcher(policy)
         self.matcher = matcher
         self.pattern: re.Pattern[bytes] | None = matcher.pattern if matcher is not None else None
