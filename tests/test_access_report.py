@@ -357,7 +357,7 @@ def test_report_counts_budget_and_honeytoken_records_written_by_the_audit_writer
     assert report["honeytokenHits"] == [
         {"token": "canary-1", "table": "public.acc_people", "action": "terminate", "count": 2,
          "last": records[4]["time"], "logins": {"acc_bob": 2}, "roles": {"auditor": 2},
-         "clients": {"10.0.3.4": 2}, "fingerprints": {"cc33": 2}}]
+         "clients": {"10.0.3.4": 2}, "fingerprints": {"cc33": 2}, "columns": {}}]
     assert report["otherRecordTypes"] == {"some-future-type": 1}
     assert report["elevations"] == [
         {"grant": "g-1", "login": "acc_dev", "elevatedRole": "auditor", "approver": "acc_lead",

@@ -90,6 +90,7 @@ def test_report_counts_real_budget_breaches_and_honeytoken_hits(
     assert (honeytoken["token"], honeytoken["table"], honeytoken["action"], honeytoken["count"]) == (
         "canary-people", "public.dl_people", "alert", 1)
     assert honeytoken["logins"] == {"dl_bob": 1} and honeytoken["clients"] == {"127.0.0.1": 1}
+    assert honeytoken["columns"] == {"note": 1}
     assert honeytoken["last"] == hit["time"]
     assert report["otherRecordTypes"] == {}
     assert pgveil(["audit", "report", str(audit_log)]) == 0
@@ -99,3 +100,13 @@ def test_report_counts_real_budget_breaches_and_honeytoken_hits(
     assert budget_row[:5] == ["dl_alice", "capped", "max_rows_per_statement", "2", "1"]
     hit_row = lines[lines.index("Honeytoken hits") + 2].split()
     assert hit_row[:6] == ["canary-people", "public.dl_people", "alert", "1", "dl_bob", "1"]
+
+
+def test_catalog_names_relations_read_that_the_registry_lacks(
+        capsys: pytest.CaptureFixture[str], audit_log: Path) -> None:
+    capsys.readouterr()
+    assert pgveil(["catalog", "--policy", str(audit_log.parent / "policy.yaml"),
+                   "--access-from", str(audit_log)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == []  # the policy lists no datasets
+    assert "read in the window but not in the registry: public.dl_people" in err

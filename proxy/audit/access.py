@@ -80,6 +80,7 @@ class Hits:
     roles: Counter[str] = field(default_factory=Counter)
     clients: Counter[str] = field(default_factory=Counter)
     fingerprints: Counter[str] = field(default_factory=Counter)
+    columns: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -312,6 +313,8 @@ class AccessSummary:
         if record.get("role") is not None:
             hits.roles[_text(record.get("role"))] += 1
         hits.clients[client_host(record.get("client_address"))] += 1
+        if isinstance(record.get("column"), str):
+            hits.columns[record["column"]] += 1
         fingerprint = record.get("fingerprint")
         if isinstance(fingerprint, str) and fingerprint:
             hits.fingerprints[fingerprint] += 1

@@ -195,7 +195,8 @@ def build_report(summary: AccessSummary, sources: list[Source], sensitive: Calla
         "honeytokenHits": [
             {"token": token, "table": table, "action": action, "count": hits.count,
              "last": hits.last or None, "logins": _top(hits.logins, top), "roles": _top(hits.roles, top),
-             "clients": _top(hits.clients, top), "fingerprints": _top(hits.fingerprints, top)}
+             "clients": _top(hits.clients, top), "fingerprints": _top(hits.fingerprints, top),
+             "columns": _top(hits.columns, top)}
             for (token, table, action), hits in sorted(
                 summary.honeytokens.items(), key=lambda item: (-item[1].count, item[0]))
         ],

@@ -128,6 +128,12 @@ def add_access(entries: list[dict[str, Any]], args: argparse.Namespace) -> int:
                                           columns=True)
     read = ", ".join(f"{source.name} ({source.lines:,} lines)" for source in sources)
     print(f"pgveil catalog: access from {read}, window {window.text()}; {NOT_CHECKED}", file=sys.stderr)
+    listed = {entry["name"] for entry in entries}
+    unlisted = sorted(name for name, usage in summary.datasets.items()
+                      if name not in listed and usage.total.statements)
+    if unlisted:
+        shown = ", ".join(unlisted[:10]) + (f" and {len(unlisted) - 10} more" if len(unlisted) > 10 else "")
+        print(f"pgveil catalog: read in the window but not in the registry: {shown}", file=sys.stderr)
     return 0
 
 
