@@ -474,3 +474,25 @@ def test_standard_input_with_workers_chains_interleaved(trail: Trail, tmp_path: 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["totals"]["served"], report["totals"]["rows"]) == (12, 26)
+
+
+def test_window_options() -> None:
+    from datetime import UTC, datetime
+
+    from proxy.audit.records import parse_window, time_key
+
+    now = datetime(2026, 12, 8, 12, 0, tzinfo=UTC)
+    window = parse_window(None, None, "7d", now=now)
+    assert window.describe() == {"since": "2026-12-01T12:00:00.000000+00:00", "until": None}
+    window = parse_window(None, "2026-12-08", "36h", now=now)
+    assert window.describe() == {"since": "2026-12-06T12:00:00.000000+00:00",
+                                 "until": "2026-12-08T00:00:00.000000+00:00"}
+    window = parse_window("2026-12-01T09:00:00+01:00", "2026-12-02T00:00:00Z", None)
+    assert window.describe() == {"since": "2026-12-01T08:00:00.000000+00:00",
+                                 "until": "2026-12-02T00:00:00.000000+00:00"}
+    for bad in [("2026-12-02", "2026-12-01", None), ("2026-12-01", None, "1d"), (None, None, "0d")]:
+        with pytest.raises(ValueError):
+            parse_window(*bad)
+    # records written with another offset or precision still sort by the moment they name
+    assert time_key("2026-12-01T10:00:00+01:00") == "2026-12-01T09:00:00.000000+00:00"
+    assert time_key("2026-12-01T09:00:00.000001+00:00") > time_key("2026-12-01T10:00:00+01:00")
