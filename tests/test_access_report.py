@@ -168,6 +168,8 @@ def check_people(people: dict[str, Any], trail: Trail) -> None:
     assert access["lastRead"] == bob[2]["time"]
     assert access["statementKinds"] == {"select": 5}
     assert access["refusedStatements"] == 1  # alice's DELETE
+    assert access["lastRefused"] == trail.records()[[r.get("rule") for r in trail.records()].index(
+        "statement-class")]["time"]
     columns = columns_of(people)
     ssn = columns["ssn"]
     # SELECT * by alice (masked), two reads by bob (unmasked); count(*) reads no column

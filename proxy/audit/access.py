@@ -388,4 +388,5 @@ def usage_json(usage: Usage | None, columns: bool = False) -> dict[str, Any]:
     if not columns:
         entry["statementKinds"] = dict(sorted(usage.kinds.items()))
         entry["refusedStatements"] = usage.refused
+        entry["lastRefused"] = usage.last_refused or None
     return entry
