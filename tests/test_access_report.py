@@ -498,3 +498,22 @@ def test_window_options() -> None:
     # records written with another offset or precision still sort by the moment they name
     assert time_key("2026-12-01T10:00:00+01:00") == "2026-12-01T09:00:00.000000+00:00"
     assert time_key("2026-12-01T09:00:00.000001+00:00") > time_key("2026-12-01T10:00:00+01:00")
+
+
+def test_reading_stops_a_day_after_the_window() -> None:
+    """Past the window only completions are parsed, and nothing more than a day after it is read."""
+    from proxy.audit.chain import ChainState, HashChain, serialise
+    from proxy.audit.records import Source, lines_records, parse_window
+
+    chain, state, lines = HashChain(), ChainState(), []
+    for day in range(1, 6):
+        for kind in ("access", "completion"):
+            line, state = chain.seal_body(serialise(
+                {"type": kind, "time": f"2026-11-0{day}T12:00:00.000000+00:00", "connection_id": 1,
+                 "request": day})[1:-1], state)
+            lines.append(line)
+    source = Source("test")
+    window = parse_window("2026-11-02", "2026-11-03", None)
+    got = [record["type"] for _, record in lines_records(lines, "c", window, source)]
+    assert got == ["access", "completion", "completion"]  # day 2; day 3's completion
+    assert source.lines == 7  # days 1-3 and the first record of day 4: then it stops

@@ -188,11 +188,14 @@ def lines_records(lines: Iterable[bytes], chain: str, window: Window, source: So
                   interleaved: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
     """The records of sealed lines of one chain. A record before the window is skipped without
     parsing; after the window's end only completion records are parsed (their statements may be
-    in the window). A last line without its newline is a record still being written: skipped.
+    in the window), and reading stops at the first record more than COMPLETION_GRACE after it.
+    A last line without its newline is a record still being written: skipped.
 
     `interleaved`: the lines of several chains are mixed (workers writing to one standard output);
     each record is put in the chain whose last hash is its `prev` (a new chain when none is)."""
     since, until = window.since_key, window.until_key
+    # past this, no completion can belong to a statement of the window: the rest is not read
+    latest = canonical(window.until + COMPLETION_GRACE) if window.until is not None else None
     heads: dict[bytes, str] = {}  # last hash of each interleaved chain -> its name
     base = chain
     for raw in lines:
@@ -208,6 +211,8 @@ def lines_records(lines: Iterable[bytes], chain: str, window: Window, source: So
             kind, time = lead
             key = time_key(time)
             if key < since or (until is not None and key >= until and kind != "completion"):
+                if latest is not None and key > latest:
+                    return
                 continue
         elif not raw.strip():
             continue
