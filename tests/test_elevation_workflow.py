@@ -4,6 +4,7 @@ the store inside the upstream database kept out of reach, the CLI, and the metri
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -23,6 +24,9 @@ from proxy.elevation_statements import (
     skip_space_and_comments,
 )
 from proxy.embedded import free_port
+from proxy.policy.loader import load_policy
+from proxy.state import StateStore
+from proxy.state.elevations import ElevationWorkflow
 from tests.conftest import Upstream
 from tests.proxy_harness import ServeProcess, spawn_serve, wait_until
 from tests.test_audit_e2e import sample, scrape
@@ -63,7 +67,7 @@ elevations:
 """
 CONFIG = """\
 elevation:
-  request_timeout: 2s
+  request_timeout: 10m
 state:
   poll_interval_ms: 200
 """
@@ -194,8 +198,18 @@ def test_a_grant_ends_at_its_expiry_by_the_replicas_clock_on_an_open_connection(
 
 
 def test_a_request_not_decided_in_time_times_out(served: Served) -> None:
-    request_id = ask(served, "wf_sven", "wf_support", "5m", "nobody around")[0]
-    time.sleep(2.2)  # elevation.request_timeout: 2s
+    async def ask_on_the_store() -> int:  # as a replica with elevation.request_timeout: 1s would
+        store = StateStore(served.upstream.dsn(dbname=DATABASE))
+        await store.open(watch=False)
+        try:
+            workflow = ElevationWorkflow(store, lambda: load_policy(served.policy), request_timeout=1)
+            answer = await workflow.request("wf_sven", "wf_support", "5m", "nobody around")
+        finally:
+            await store.close()
+        return int(str(answer.rows[0][0]))
+
+    request_id = asyncio.run(ask_on_the_store())
+    time.sleep(1.2)
     with connect(served, "wf_sam", prepare_threshold=None) as sam:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="timed out, not pending"):
             sam.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
