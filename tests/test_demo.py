@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -27,6 +28,7 @@ from proxy.embedded import free_port
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Constant, Email, Generalize, Hash, Partial, Policy, Redact
 from tests.conftest import Upstream
+from tests.proxy_harness import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -338,6 +340,35 @@ def test_demo_side_by_side_shows_masked_and_raw_values_and_refusals(
     assert "o***@example.net" in output  # data scientist
     assert "olivia.garcia1@exampl…" in output  # security engineer (truncated to its column)
     assert "pgveil:" in output  # roles that may not read users see their refusal
+
+
+def test_sven_asks_and_sam_approves_in_their_own_sessions_as_the_demo_prints(
+        running_demo: tuple[DemoProcess, str, int]) -> None:
+    output = running_demo[1]
+    sven_dsn, sam_dsn = re.findall(r"^  psql '(postgresql://\S+)'$", output, flags=re.MULTILINE)
+    asked, approved = re.findall(r"reviews=> (PGVEIL ELEVATE (?:REQUEST|APPROVE) .*);$", output,
+                                 flags=re.MULTILINE)
+    query = "SELECT email FROM users WHERE id = 1"
+    with psycopg.connect(sven_dsn, autocommit=True) as sven:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="table-not-allowed"):
+            sven.execute(query)
+        request_id = sven.execute(asked).fetchone()[0]  # type: ignore[index]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="own request"):
+            sven.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
+        with psycopg.connect(sam_dsn, autocommit=True) as sam:
+            sam.execute(approved.replace("APPROVE 1", f"APPROVE {request_id}"))
+            wait_until(lambda: not refused(sven, query), "the approval to reach sven's session", timeout=10)
+            assert sven.execute(query).fetchone() == ("o***@example.net",)  # production, still masked
+            sam.execute(f"PGVEIL ELEVATE REVOKE {request_id}")
+            wait_until(lambda: refused(sven, query), "the revocation", timeout=10)
+
+
+def refused(connection: psycopg.Connection[Any], query: str) -> bool:
+    try:
+        connection.execute(query)
+    except psycopg.errors.InsufficientPrivilege:
+        return True
+    return False
 
 
 def test_software_engineer_reaches_production_only_through_the_printed_elevation(

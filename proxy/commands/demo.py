@@ -119,6 +119,8 @@ def _run_demo(port: int, workdir: Path, stop: threading.Event) -> int:
             "--listen", f"127.0.0.1:{port}",
             "--metrics", f"127.0.0.1:{metrics_port}",
             "--audit-log", str(audit_path),
+            # the elevation workflow's state store: a schema in the cluster's postgres database
+            "--state-dsn", postgres.dsn(dbname="postgres"),
         ]
         with open(log_path, "wb") as log:
             proxy = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -127,7 +129,7 @@ def _run_demo(port: int, workdir: Path, stop: threading.Event) -> int:
         if not _wait_listening(proxy, log_path, stop):
             return 0  # stopped by the user while starting
         _print_intro(postgres.dsn(dbname=DEMO_DATABASE), port, metrics_port, log_path, audit_path)
-        _print_elevation_hint(grants_path, env["PGVEIL_GRANT_KEY"])
+        _print_elevation_hint(port, grants_path, env["PGVEIL_GRANT_KEY"])
         for query in SIDE_BY_SIDE_QUERIES:
             if stop.is_set():
                 break
@@ -209,13 +211,25 @@ def _print_intro(direct_dsn: str, port: int, metrics_port: int, log_path: Path, 
     print(flush=True)
 
 
-def _print_elevation_hint(grants_path: Path, grant_key: str) -> None:
-    from proxy.demo import POLICY_PATH
+def _print_elevation_hint(port: int, grants_path: Path, grant_key: str) -> None:
+    from proxy.demo import DEMO_DATABASE, DEMO_LOGINS, POLICY_PATH
 
-    print("sven_engineer (software_engineer) sees only mock.*; to give him 30 minutes of production\n"
-          "access as production_support, approved by sam_security, run in another terminal:", flush=True)
-    print(f"  PGVEIL_GRANT_KEY={grant_key} pgveil elevate --user sven_engineer --role production_support \\\n"
-          f"    --for 30m --reason 'demo: debug a stuck review' --approver sam_security \\\n"
+    passwords = {login.login: login.password for login in DEMO_LOGINS}
+    sven = role_dsn("sven_engineer", passwords["sven_engineer"], port, DEMO_DATABASE)
+    sam = role_dsn("sam_security", passwords["sam_security"], port, DEMO_DATABASE)
+    print("Elevation: sven_engineer (software_engineer) sees only mock.*. He asks for 30 minutes as\n"
+          "production_support and sam_security approves, each from their own psql session:", flush=True)
+    print(f"  psql '{sven}'\n"
+          "    reviews=> PGVEIL ELEVATE REQUEST production_support FOR 30m REASON 'debug a stuck review';\n"
+          f"  psql '{sam}'\n"
+          "    reviews=> PGVEIL ELEVATE LIST;\n"
+          "    reviews=> PGVEIL ELEVATE APPROVE 1 REASON 'ok for INC-42';\n"
+          "Within a second sven's open session runs as production_support (production tables, still\n"
+          "masked) until the 30 minutes pass or sam runs PGVEIL ELEVATE REVOKE 1. Nobody approves\n"
+          "their own request; every step is in the audit log.", flush=True)
+    print("The single-replica file form still works too:\n"
+          f"  PGVEIL_GRANT_KEY={grant_key} pgveil elevate --user sven_engineer --role production_support \\\n"
+          "    --for 30m --reason 'demo: debug a stuck review' --approver sam_security \\\n"
           f"    --policy {POLICY_PATH} --grants {grants_path}", flush=True)
     print(flush=True)
 
