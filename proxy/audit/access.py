@@ -30,6 +30,15 @@ class Tally:
         if unmasked:
             self.unmasked += 1
 
+    def merge(self, other: Tally, unmasked: bool = False) -> None:
+        """Add the statements and rows of `other` (all of them unmasked, or none)."""
+        self.statements += other.statements
+        self.rows += other.rows
+        if other.last > self.last:
+            self.last = other.last
+        if unmasked:
+            self.unmasked += other.statements
+
 
 @dataclass(slots=True)
 class Usage:
@@ -96,8 +105,12 @@ class Elevation:
     problems: list[str] = field(default_factory=list)
 
 
-ShapeKey = tuple[str, str, tuple[str, ...], tuple[str, ...]]
-"""(login, role, columns read, those of them read unmasked): one per kind of statement a reader ran."""
+ShapeKey = tuple[str, str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+"""(login, role, statement kind, relations, columns, masks) of a served access record: the statements
+of one shape are counted together and spread over datasets, columns and readers when read."""
+
+ReaderKey = tuple[str, str, tuple[str, ...], tuple[str, ...]]
+"""(login, role, columns read, those of them read unmasked)."""
 
 
 def _text(value: Any, default: str = "?") -> str:
@@ -128,10 +141,16 @@ class AccessSummary:
         self.window = window or Window()
         self._since = self.window.since_key
         self._until = self.window.until_key
-        self.datasets: dict[str, Usage] = {}
-        self.columns: dict[str, Usage] = {}
-        self.shapes: dict[ShapeKey, Tally] = {}
-        self.masked_columns: set[str] = set()  # every column some access record in the window masked
+        self._shapes: dict[ShapeKey, Tally] = {}
+        # rows of completions covering statements of several shapes: once per union of the shapes
+        self._shared_rows: dict[ShapeKey, int] = {}
+        self._refused_relations: dict[str, Tally] = {}
+        self._refused_masks: set[str] = set()
+        self._spread: tuple[int, int] | None = None  # (shapes, rows) of the last spread
+        self._datasets: dict[str, Usage] = {}
+        self._columns: dict[str, Usage] = {}
+        self._readers: dict[ReaderKey, Tally] = {}
+        self._masked: set[str] = set()
         self.refusals: dict[str, Refusals] = {}
         self.budget: dict[tuple[str, str, str], Breaches] = {}
         self.honeytokens: dict[tuple[str, str, str], Hits] = {}
@@ -140,20 +159,7 @@ class AccessSummary:
         self.counts: Counter[str] = Counter()
         self.first = ""
         self.last = ""
-        self._pending: dict[tuple[str, Any, Any], list[Tally]] = {}
-        self._known: dict[tuple[int, str, str, str], tuple[Usage, tuple[Tally, Tally, Tally]]] = {}
-
-    def _tallies(self, usages: dict[str, Usage], name: str, role: str,
-                 login: str) -> tuple[Usage, tuple[Tally, Tally, Tally]]:
-        """The usage of a dataset or column and its tallies in all, for the role and for the login."""
-        key = (id(usages), name, role, login)
-        known = self._known.get(key)
-        if known is None:
-            usage = usages.get(name)
-            if usage is None:
-                usage = usages[name] = Usage()
-            known = self._known[key] = (usage, usage.tallies(role, login))
-        return known
+        self._pending: dict[tuple[str, Any, Any], tuple[ShapeKey, Tally]] = {}
 
     def add_all(self, records: Iterable[tuple[str, dict[str, Any]]]) -> AccessSummary:
         for chain, record in records:
@@ -198,63 +204,52 @@ class AccessSummary:
         role, login = _text(record.get("role")), _text(record.get("login"))
         relations, columns = _strings(record.get("relations")), _strings(record.get("columns"))
         masks = _strings(record.get("masks"))
-        for mask in masks:
-            column = mask.rpartition(":")[0]
-            if column:
-                self.masked_columns.add(column)
         decision = record.get("decision")
         key = (chain, record.get("connection_id"), record.get("request"))
         if decision not in READ_DECISIONS:
             self._pending.pop(key, None)
+            self._refused_masks.update(masks)
             self._refused(_text(record.get("rule"), "(no rule)"), role, login, relations, when)
             return
         self.counts["served"] += 1
-        touched: list[Tally] = []
-        statement_kind = _text(record.get("statement_kind"), "unknown")
-        for relation in dict.fromkeys(relations):
-            usage, tallies = self._tallies(self.datasets, relation, role, login)
-            usage.kinds[statement_kind] += 1
-            for tally in tallies:
-                tally.add(when)
-            touched.extend(tallies)
-        unmasked: list[str] = []
-        for column in dict.fromkeys(columns):
-            prefix = f"{column}:"
-            raw = not any(mask.startswith(prefix) for mask in masks)
-            if raw:
-                unmasked.append(column)
-            tallies = self._tallies(self.columns, column, role, login)[1]
-            for tally in tallies:
-                tally.add(when, raw)
-            touched.extend(tallies)
-        if columns:
-            shape_key: ShapeKey = (login, role, tuple(dict.fromkeys(columns)), tuple(unmasked))
-            shape = self.shapes.get(shape_key)
-            if shape is None:
-                shape = self.shapes[shape_key] = Tally()
-            shape.add(when, bool(unmasked))
-            touched.append(shape)
-        if touched:
-            self._pending[key] = touched
-        else:
-            self._pending.pop(key, None)
+        shape_key: ShapeKey = (login, role, _text(record.get("statement_kind"), "unknown"),
+                               tuple(relations), tuple(columns), tuple(masks))
+        shape = self._shapes.get(shape_key)
+        if shape is None:
+            shape = self._shapes[shape_key] = Tally()
+        shape.statements += 1
+        if when > shape.last:
+            shape.last = when
+        self._pending[key] = (shape_key, shape)
 
     def _completion(self, chain: str, record: dict[str, Any]) -> None:
         covered = record.get("requests")
-        numbers = covered if isinstance(covered, list) and covered else [record.get("request")]
         connection = record.get("connection_id")
-        seen: dict[int, Tally] = {}
-        for number in numbers:
-            for tally in self._pending.pop((chain, connection, number), ()):
-                seen[id(tally)] = tally
-        if not seen:
-            return
+        if not isinstance(covered, list) or not covered:
+            found = self._pending.pop((chain, connection, record.get("request")), None)
+            if found is None:
+                return
+            shapes = [found]
+        else:
+            shapes = [found for number in covered
+                      if (found := self._pending.pop((chain, connection, number), None)) is not None]
+            if not shapes:
+                return
         self.counts["completed"] += 1
         rows = record.get("rows")
-        if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
-            self.counts["rows"] += rows
-            for tally in seen.values():
-                tally.rows += rows
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
+            return
+        self.counts["rows"] += rows
+        if all(shape is shapes[0][1] for _, shape in shapes):
+            shapes[0][1].rows += rows
+            return
+        # several shapes: the rows go once to each dataset, column and reader of any of them
+        keys = [key for key, _ in shapes]
+        union: ShapeKey = (keys[0][0], keys[0][1], "",
+                           tuple(dict.fromkeys(name for key in keys for name in key[3])),
+                           tuple(dict.fromkeys(name for key in keys for name in key[4])),
+                           tuple(dict.fromkeys(name for key in keys for name in key[5])))
+        self._shared_rows[union] = self._shared_rows.get(union, 0) + rows
 
     def _refused(self, rule: str, role: str, login: str, relations: list[str], when: str) -> None:
         self.counts["refused"] += 1
@@ -267,11 +262,10 @@ class AccessSummary:
         refusals.roles[role] += 1
         for relation in dict.fromkeys(relations):
             refusals.relations[relation] += 1
-            usage = self.datasets.get(relation)
-            if usage is None:
-                usage = self.datasets[relation] = Usage()
-            usage.refused += 1
-            usage.last_refused = max(usage.last_refused, when)
+            tally = self._refused_relations.get(relation)
+            if tally is None:
+                tally = self._refused_relations[relation] = Tally()
+            tally.add(when)
 
     def _connect(self, record: dict[str, Any], when: str) -> None:
         if record.get("decision") == "refuse":
@@ -337,11 +331,79 @@ class AccessSummary:
 
     # ---- reading the counts ---------------------------------------------------------------------
 
+    @property
+    def datasets(self) -> dict[str, Usage]:
+        """Per relation (`schema.name`): the served statements that named it, and refusals."""
+        self._spread_shapes()
+        return self._datasets
+
+    @property
+    def columns(self) -> dict[str, Usage]:
+        """Per column (`schema.table.column`): the served statements that read it."""
+        self._spread_shapes()
+        return self._columns
+
+    @property
+    def masked_columns(self) -> set[str]:
+        """Every column that some access record of the window masked."""
+        self._spread_shapes()
+        return self._masked
+
+    def _spread_shapes(self) -> None:
+        """Spread the statements of each shape over its datasets, columns and reader (again only
+        when records were added since the last time)."""
+        state = (self.counts["served"] + self.counts["refused"], self.counts["rows"])
+        if self._spread == state:
+            return
+        self._spread = state
+        datasets: dict[str, Usage] = {}
+        columns: dict[str, Usage] = {}
+        readers: dict[ReaderKey, Tally] = {}
+        masked = {mask.rpartition(":")[0] for mask in self._refused_masks} - {""}
+        shapes = [*self._shapes.items(),
+                  *((key, Tally(rows=rows)) for key, rows in self._shared_rows.items())]
+        for (login, role, kind, relations, names, masks), shape in shapes:
+            for mask in masks:
+                if column := mask.rpartition(":")[0]:
+                    masked.add(column)
+            for relation in dict.fromkeys(relations):
+                usage = datasets.get(relation)
+                if usage is None:
+                    usage = datasets[relation] = Usage()
+                if shape.statements:
+                    usage.kinds[kind] += shape.statements
+                for tally in usage.tallies(role, login):
+                    tally.merge(shape)
+            unmasked: list[str] = []
+            for column in dict.fromkeys(names):
+                prefix = f"{column}:"
+                raw = not any(mask.startswith(prefix) for mask in masks)
+                if raw:
+                    unmasked.append(column)
+                usage = columns.get(column)
+                if usage is None:
+                    usage = columns[column] = Usage()
+                for tally in usage.tallies(role, login):
+                    tally.merge(shape, raw)
+            if names:
+                reader_key: ReaderKey = (login, role, tuple(dict.fromkeys(names)), tuple(unmasked))
+                reader = readers.get(reader_key)
+                if reader is None:
+                    reader = readers[reader_key] = Tally()
+                reader.merge(shape, bool(unmasked))
+        for relation, refused in self._refused_relations.items():
+            usage = datasets.get(relation)
+            if usage is None:
+                usage = datasets[relation] = Usage()
+            usage.refused, usage.last_refused = refused.statements, refused.last
+        self._datasets, self._columns, self._readers, self._masked = datasets, columns, readers, masked
+
     def readers(self, sensitive: Callable[[str], bool]) -> list[dict[str, Any]]:
         """Per (login, role): the statements that read a column `sensitive` says is, those that read
         one unmasked, their rows, the last one's time and the columns; most unmasked reads first."""
+        self._spread_shapes()
         readers: dict[tuple[str, str], dict[str, Any]] = {}
-        for (login, role, columns, unmasked), tally in self.shapes.items():
+        for (login, role, columns, unmasked), tally in self._readers.items():
             chosen = [column for column in columns if sensitive(column)]
             if not chosen:
                 continue
