@@ -146,7 +146,7 @@ class AccessSummary:
         self._shared_rows: dict[ShapeKey, int] = {}
         self._refused_relations: dict[str, Tally] = {}
         self._refused_masks: set[str] = set()
-        self._spread: tuple[int, int] | None = None  # (shapes, rows) of the last spread
+        self._spread: tuple[int, int] | None = None  # (statements, rows) counted at the last spread
         self._datasets: dict[str, Usage] = {}
         self._columns: dict[str, Usage] = {}
         self._readers: dict[ReaderKey, Tally] = {}
