@@ -32,7 +32,8 @@ SYNTAX = ("PGVEIL ELEVATE REQUEST <role> FOR <duration> REASON '<why>' | PGVEIL 
           "[REASON '<why>'] | PGVEIL ELEVATE LIST")
 
 _MAYBE = re.compile(r"\s*(?:/\*|--|pgveil\b)", re.IGNORECASE)
-_SPACE = frozenset(" \t\n\r\f\v")
+_SPACES = re.compile(r"[ \t\n\r\f\v]*")
+_COMMENT_MARK = re.compile(r"/\*|\*/")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _NUMBER_WORD = re.compile(r"[0-9][A-Za-z0-9]*")
 _DURATION_TEXT = re.compile(r"^(?:\d+d)?(?:\d+h)?(?:\d+m)?(?:\d+s)?$", re.IGNORECASE)
@@ -68,23 +69,18 @@ def skip_space_and_comments(sql: str, position: int = 0) -> int:
     block comment runs to the end, as PostgreSQL reads it (and then rejects it)."""
     length = len(sql)
     while position < length:
-        char = sql[position]
-        if char in _SPACE:
-            position += 1
-        elif sql.startswith("--", position):
+        position = _SPACES.match(sql, position).end()  # type: ignore[union-attr]  # always matches
+        if sql.startswith("--", position):
             newline = sql.find("\n", position)
             position = length if newline < 0 else newline + 1
         elif sql.startswith("/*", position):
             depth, position = 1, position + 2
-            while position < length and depth:
-                if sql.startswith("/*", position):
-                    depth, position = depth + 1, position + 2
-                elif sql.startswith("*/", position):
-                    depth, position = depth - 1, position + 2
-                else:
-                    position += 1
-            if depth:
-                return length
+            while depth:
+                mark = _COMMENT_MARK.search(sql, position)
+                if mark is None:
+                    return length
+                depth += 1 if mark.group() == "/*" else -1
+                position = mark.end()
         else:
             break
     return position

@@ -248,12 +248,12 @@ def active_role_of(grants: GrantBook | None,
             return None
         return lambda login: grants.active_role(login, time.time())
 
+    if grants is None:
+        return workflow.active_role
+
     def active(login: str) -> str | None:
-        now = time.time()
-        role = workflow.active_role(login, now)
-        if role is None and grants is not None:
-            role = grants.active_role(login, now)
-        return role
+        role = workflow.active_role(login)
+        return role if role is not None else grants.active_role(login, time.time())
 
     return active
 

@@ -209,11 +209,14 @@ class ElevationWorkflow:
             by_login.setdefault(grant.login, []).append(grant)
         self._by_login = {login: tuple(entries) for login, entries in by_login.items()}
 
-    def active_role(self, login: str, now: float) -> str | None:
-        """The role `login` is elevated to at `now` by a grant read from the store, or None."""
+    def active_role(self, login: str, now: float | None = None) -> str | None:
+        """The role `login` is elevated to at `now` (default: this process's clock) by a grant read
+        from the store, or None. One dict look-up for a login without grants."""
         grants = self._by_login.get(login)
         if not grants:
             return None
+        if now is None:
+            now = time.time()
         policy = self.policy()
         chosen: StoredGrant | None = None
         for grant in grants:
