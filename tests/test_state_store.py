@@ -106,3 +106,37 @@ def test_the_state_schema_is_closed_to_other_logins(upstream: Upstream) -> None:
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_store_unreachable_at_start_is_opened_in_the_background_once_it_answers(
+        upstream: Upstream) -> None:
+    database = f"state_late_{uuid.uuid4().hex[:8]}"
+    upstream.execute(f"CREATE DATABASE {database} ALLOW_CONNECTIONS false")
+
+    async def main() -> None:
+        store = StateStore(upstream.dsn(dbname=database), poll_interval=0.1, connect_timeout=2)
+        seen: list[str] = []
+
+        async def listener() -> None:
+            seen.append("read")
+
+        store.subscribe("anything", listener)
+        try:
+            await store.start()  # returns: the replica serves without the store meanwhile
+            assert not store.available
+            with pytest.raises(StateUnavailable):
+                await store.fetch("SELECT 1")
+            upstream.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+            for _ in range(200):
+                if store.available and seen:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.available and seen == ["read"]
+            assert await store.version() == max(m.version for m in migrations())
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        upstream.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
