@@ -111,6 +111,7 @@ class DataGuard:
         matcher = runtime.matcher(policy)
         self.matcher = matcher
         self.pattern: re.Pattern[bytes] | None = matcher.pattern if matcher is not None else None
+        self.forms: tuple[bytes, ...] = tuple(matcher.tokens) if matcher is not None else ()
         self.listeners: list[Listener] = []
         self._statements: dict[str, Expected] = {}  # prepared statement -> what its Executes count to
         self._portals: dict[str, str] = {}  # portal -> its statement
@@ -198,6 +199,22 @@ class DataGuard:
                     allowance = left
                     self._binding = ("max_rows_per_hour", role.max_rows_per_hour, used)
         return allowance
+
+    def min_allowance(self) -> int:
+        """Rows that no result may be refused now, whatever it continues (the relay's scanner
+        counts that many without reporting each one); -1: no limit."""
+        role = self._role()
+        if role is None:
+            return 0
+        quota = -1
+        if role.max_rows_per_statement is not None:
+            carried = max(self._carried.values(), default=0)
+            quota = max(0, role.max_rows_per_statement - carried)
+        if role.max_rows_per_hour is not None:
+            left = max(0, role.max_rows_per_hour - self.runtime.ledger.used(self.login))
+            if quota < 0 or left < quota:
+                quota = left
+        return quota
 
     def progress(self, rows: int) -> None:
         """`rows` rows of the open result have passed so far (the hour ledger hears them)."""

@@ -82,6 +82,7 @@ _COPY_DATA: Final = 0x64
 _SUSPENDED: Final = 0x73  # PortalSuspended: a chunk of a portal ends (Execute with a row limit)
 _EMPTY: Final = 0x49  # EmptyQueryResponse
 _NO_RESULT: Final = -2  # _allowance while no result is being counted
+_PROGRESS_ROWS: Final = 1024  # a long result's rows go to the hour ledger in batches of this many
 # Execute too: it runs a statement before any Sync (a Flush asks for the results), so a request
 # is running from then on (a client that goes away then gets its statement cancelled).
 _CLIENT_WATCHED = b"QPFSXcfE"
@@ -90,7 +91,8 @@ _CLIENT_ALLOWED = bytes(t for t in FRONTEND_TAGS if t != ord("p"))
 _UPSTREAM_WATCHED = b"CEZG1N"  # ParseComplete: which Parse of a request an error position is in
 _UPSTREAM_WATCHED_SETTINGS = b"CEZG1NS"  # and ParameterStatus, for policies that follow settings
 _UPSTREAM_WATCHED_TRANSPARENT = b"EZG"  # no policy, no on_complete: row counts are not needed
-_UPSTREAM_COUNTED = b"DdsI"  # and, with a row budget, the rows and the ends of results
+_UPSTREAM_COUNTED = b"sI"  # and, with a row budget, the ends of results ...
+_ROWS = b"Dd"  # ... and the rows, counted by the scanner (reported once the quota is spent)
 _TERMINATE = Terminate().encode()
 _BUDGET_SQLSTATE: Final = "54000"  # proxy.dlp.guard.BUDGET_SQLSTATE
 # Client bytes held while a verdict is awaited before the client is no longer read (flow control
@@ -274,6 +276,8 @@ class Relay:
         self._guard: Any = guard
         self._counting = guard is not None and guard.counts_rows is True
         self._tokens: Any = guard.pattern if guard is not None else None
+        # a few honeytoken values: one bytes.find each per read (faster than the alternation)
+        self._finds: Any = guard.forms if guard is not None and 0 < len(guard.forms) <= 8 else None
         self._allowance = _NO_RESULT  # rows the result being counted may still pass (-1: any)
         self._result_rows = 0  # rows of it passed so far
         self._swallowing = False  # after a row-budget breach: nothing but notices until ReadyForQuery
@@ -287,13 +291,17 @@ class Relay:
         else:
             watched = _UPSTREAM_WATCHED if self._parameter_status is None else _UPSTREAM_WATCHED_SETTINGS
         held = b""
+        counted = b""
         if guard is not None:
             if self._counting:
                 watched = watched + _UPSTREAM_COUNTED
-            # every message whole: no byte of a row passes before the row is searched, and the
-            # stream can be cut at any message
-            held = BACKEND_TAGS
-        upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE, held)
+                counted = _ROWS
+            if self._tokens is not None:
+                # every message whole: no byte of a row passes before the row is searched
+                held = BACKEND_TAGS
+        upstream_scanner = MessageScanner(watched, BACKEND_TAGS, POSTGRES_MAX_MESSAGE_SIZE, held, counted)
+        self._counted_base = 0  # the scanner's count of unreported rows, as far as they are accounted
+        self._progressed = 0  # rows of the open result the hour ledger has heard of
         self._client_scanner: Any = client_scanner
         self._upstream_scanner: Any = upstream_scanner
         self._traffic: Any = observer.traffic
@@ -781,25 +789,34 @@ class Relay:
     def _honeytokens(self, emit: bytes) -> int:
         """Search the chunk (whole messages only) for honeytoken values, once: each hit is reported;
         the start of the message of the first `terminate` one is returned (-1: none)."""
-        pattern = self._tokens
-        found = pattern.search(emit)
-        if found is None:
-            return -1
+        hits: list[tuple[int, int]] = []
+        finds = self._finds
+        if finds is not None:
+            for token in finds:
+                at = emit.find(token)
+                while at >= 0:
+                    hits.append((at, at + len(token)))
+                    at = emit.find(token, at + 1)
+            if not hits:
+                return -1
+            hits.sort()
+        else:
+            for found in self._tokens.finditer(emit):
+                hits.append((found.start(), found.end()))
+            if not hits:
+                return -1
         n = len(emit)
-        start = 0  # the message that holds found.start()
+        start = 0  # the message that holds the hit
         end = 0
-        while found is not None:
-            at = found.start()
+        for at, stop in hits:
             while end <= at and end < n:
                 start = end
                 end = start + 1 + ((emit[start + 1] << 24) | (emit[start + 2] << 16)
                                    | (emit[start + 3] << 8) | emit[start + 4])
-            if found.end() <= end and at >= start + 5:  # inside one message's body
-                if self._guard.honeytoken(found.group(0), emit[start], self._current()):
-                    return start
-                found = pattern.search(emit, end)
-            else:  # across two messages: not a value
-                found = pattern.search(emit, at + 1)
+            # inside one message's body (across two messages it is not a value)
+            if (stop <= end and at >= start + 5
+                    and self._guard.honeytoken(emit[at:stop], emit[start], self._current())):
+                return start
         return -1
 
     def _count_rows(self, emit: bytes, spans: list[tuple[int, int, int]],
@@ -807,16 +824,35 @@ class Relay:
         """Count the DataRow and CopyData messages of each result against its allowance; past it,
         the row is replaced by the row-budget error, the statement cancelled and everything up to
         ReadyForQuery swallowed (notices and settings reports still pass). Returns the bytes and
-        the spans for `_inspect` (rows and result ends taken out)."""
+        the spans for `_inspect` (rows and result ends taken out).
+
+        The scanner counts rows without reporting them while its quota lasts (rows that cannot
+        pass any limit: no span, no call per row); `marks` say how many it had counted when it
+        reached each span reported. Once the quota is spent it reports each row, and the limit
+        is checked row by row."""
         guard = self._guard
+        scanner: Any = self._upstream_scanner
+        marks: list[int] = scanner.marks if spans else []
+        base = self._counted_base
+        index = 0
         kept: list[tuple[int, int, int]] = []
         parts: list[bytes] | None = None
         pos = 0  # emit[pos:] is not decided yet
         out = 0  # bytes decided so far (in parts, or all of emit[:pos] when parts is None)
         allowance = self._allowance
         rows = self._result_rows
+        progressed = self._progressed
         swallowing = self._swallowing
         for tag, start, end in spans:
+            mark = marks[index]
+            index += 1
+            if mark != base:  # rows the scanner counted before this message: the open result's
+                if not swallowing:
+                    if allowance == _NO_RESULT:
+                        allowance = guard.result_start(self._current())
+                        rows = 0
+                    rows += mark - base
+                base = mark
             if swallowing:
                 if _passes_swallowed(tag, emit, start, end):
                     if parts is None:  # swallowing since the chunk began: nothing before is kept
@@ -854,20 +890,42 @@ class Relay:
                 guard.result_end(self._current(), rows, False)
                 allowance = _NO_RESULT
                 rows = 0
+                progressed = 0
                 self._breached = True
                 continue
             if tag == _COMPLETE or tag == _ERROR or tag == _SUSPENDED or tag == _EMPTY:  # noqa: SIM109
                 guard.result_end(self._current(), rows if allowance != _NO_RESULT else 0, tag == _SUSPENDED)
                 allowance = _NO_RESULT
                 rows = 0
+                progressed = 0
                 if tag == _SUSPENDED or tag == _EMPTY:  # noqa: SIM109
                     continue
             elif tag == _READY:
                 allowance = _NO_RESULT
                 rows = 0
+                progressed = 0
+                progressed = 0
             kept.append((tag, out + start - pos, out + end - pos))
-        if allowance != _NO_RESULT and rows:
-            guard.progress(rows)  # a long result: the hour ledger hears of it chunk by chunk
+        final: int = scanner.counted
+        if final != base and not swallowing:
+            if allowance == _NO_RESULT:
+                allowance = guard.result_start(self._current())
+                rows = 0
+            rows += final - base
+        self._counted_base = final
+        if allowance != _NO_RESULT and rows - progressed >= _PROGRESS_ROWS:
+            guard.progress(rows)  # a long result: the hour ledger hears of it as it goes
+            progressed = rows
+        self._progressed = progressed
+        if spans or scanner.quota == 0:
+            # rows the scanner may count without reporting from now on: none can pass a limit
+            # (while no message is reported the quota it counts down stays right)
+            quota: int = guard.min_allowance()
+            if allowance >= 0 and not swallowing:
+                left = allowance - rows
+                if quota < 0 or left < quota:
+                    quota = left if left > 0 else 0
+            scanner.quota = quota
         if self._breached:
             self._breached = False
             if swallowing:  # PostgreSQL is still at it: cancel the statement

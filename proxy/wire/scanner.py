@@ -17,17 +17,21 @@ from proxy.wire.errors import ProtocolViolation
 _PASS: Final = 1
 _WATCH: Final = 2
 _HOLD: Final = 3
+_COUNT: Final = 4
 
 
-def _kinds(watched: bytes, allowed: bytes, held: bytes = b"") -> bytes:
+def _kinds(watched: bytes, allowed: bytes, held: bytes = b"", counted: bytes = b"") -> bytes:
     """One lookup per type byte: 0 not allowed, 1 relayed unread, 2 watched, 3 held whole but
-    not reported."""
+    not reported, 4 counted (relayed unread while the quota lasts, then held and reported)."""
     table = bytearray(256)
     for tag in allowed:
         table[tag] = _PASS
     for tag in held:
         if table[tag]:
             table[tag] = _HOLD
+    for tag in counted:
+        if table[tag]:
+            table[tag] = _COUNT
     for tag in watched:
         table[tag] = _WATCH
     return bytes(table)
@@ -45,12 +49,23 @@ class MessageScanner:
     CopyData flow through without being buffered or decoded.
     """
 
-    __slots__ = ("_have", "_kinds", "_limit", "_parts", "_pending", "_skip", "_want")
+    __slots__ = ("_counting", "_have", "_kinds", "_limit", "_parts", "_pending", "_skip", "_want",
+                 "counted", "marks", "quota")
 
-    def __init__(self, watched: bytes, allowed: bytes, max_message_size: int, held: bytes = b"") -> None:
+    def __init__(self, watched: bytes, allowed: bytes, max_message_size: int, held: bytes = b"",
+                 counted: bytes = b"") -> None:
         """`held`: allowed types that are relayed unread but only whole (never a partial message),
-        so the caller can search the bytes `feed` returns knowing no such message is cut."""
-        self._kinds = _kinds(watched, allowed, held)
+        so the caller can search the bytes `feed` returns knowing no such message is cut.
+
+        `counted` (row budgets): types counted and relayed unread while `quota` (rows) lasts (-1:
+        without end); once it is spent each one is held whole and reported as a span. `counted` is the
+        running count of those not reported; `marks` (cleared by each `feed`) holds, for each span
+        reported, the running count when it was reached."""
+        self._kinds = _kinds(watched, allowed, held, counted)
+        self._counting = bool(counted)
+        self.counted = 0
+        self.quota = 0
+        self.marks: list[int] = []
         self._limit = max_message_size + 4  # the length field counts itself
         self._pending = b""  # an incomplete header
         self._skip = 0  # bytes of an unwatched message body still to pass through
@@ -88,6 +103,9 @@ class MessageScanner:
             pos = self._skip
             self._skip = 0
         spans: list[Span] = []
+        counting = self._counting
+        if counting:
+            self.marks = []
         kinds = self._kinds
         limit = self._limit
         while True:
@@ -104,6 +122,13 @@ class MessageScanner:
             if not 4 <= length <= limit:
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(tag)!r}")
             end = pos + 1 + length
+            if kind == _COUNT:
+                quota = self.quota
+                if quota != 0:  # within the quota: counted, relayed unread (even in pieces)
+                    if quota > 0:
+                        self.quota = quota - 1
+                    self.counted += 1
+                    kind = _PASS
             if kind == _PASS:
                 if end > n:
                     self._skip = end - n
@@ -114,6 +139,8 @@ class MessageScanner:
                     self._have = n - pos
                     self._want = end - pos
                     return data[:pos], spans
-                if kind == _WATCH:
+                if kind == _WATCH or kind == _COUNT:  # noqa: SIM109 (compiled: two int compares)
                     spans.append((tag, pos, end))
+                    if counting:
+                        self.marks.append(self.counted)
             pos = end
