@@ -269,10 +269,12 @@ def open_workflow(settings: Settings, elevation: ElevationSettings, policy: Call
     section = settings.extra.get("state") or {}
     if not isinstance(section, Mapping):
         raise OperationsSettingsError("state: must be a mapping of setting: value")
-    unknown = sorted(set(section) - {"schema", "poll_interval_ms"})
+    unknown = sorted(set(section) - {"schema", "poll_interval_ms", "fingerprints"})
     if unknown:
         raise OperationsSettingsError(
-            f"state.{unknown[0]}: unknown setting (known: poll_interval_ms, schema)")
+            f"state.{unknown[0]}: unknown setting (known: fingerprints, poll_interval_ms, schema)")
+    if not isinstance(section.get("fingerprints", False), bool):
+        raise OperationsSettingsError("state.fingerprints must be true or false")
     poll = section.get("poll_interval_ms", 500)
     if isinstance(poll, bool) or not isinstance(poll, int) or not 10 <= poll <= 60_000:
         raise OperationsSettingsError(
@@ -417,6 +419,11 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
             from proxy.state.elevations import ElevationStatements
 
             enforcement.intercept = ElevationStatements(workflow).intercept
+            if (settings.extra.get("state") or {}).get("fingerprints"):  # the allow-lists there too
+                from proxy.state.fingerprints import keeper_on_state
+
+                refresh = float(os.environ.get("PGVEIL_FINGERPRINTS_REFRESH_SECONDS", "10"))
+                enforcement.fingerprints = keeper_on_state(workflow.store, refresh)
         closing.append(enforcement.close)
         if workflow is not None:  # hourly row budgets across replicas (docs/dlp.md)
             from proxy.dlp.shared_ledger import StateLedger

@@ -6,11 +6,16 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.firewall.fingerprints import FingerprintStore
 
 DESCRIPTION = """Review the statement shapes (pglast fingerprints) that roles with `fingerprints: learn`
 recorded, and those refused as `pending` under `fingerprints: enforce`. An approved fingerprint is
 allowed; a revoked one is refused even in learn mode. The store is the file beside the policy
-(--policy, or --file) or, for a fleet of replicas, a PostgreSQL table (--dsn, --table)."""
+(--policy, or --file) or, for a fleet of replicas, a PostgreSQL table (--dsn, --table) or the
+fingerprints table of pgveil's state store (--state-dsn)."""
 EPILOG = """examples:
   pgveil fingerprints list --policy policies/reviews.yaml      # reads policies/reviews.fingerprints.json
   pgveil fingerprints list --policy policies/reviews.yaml --status pending --role app
@@ -37,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="the store is the .fingerprints.json file beside this policy")
         where.add_argument("--file", metavar="PATH", help="the store is this JSON file")
         where.add_argument("--dsn", metavar="DSN", help="the store is a table in this PostgreSQL database")
+        where.add_argument("--state-dsn", metavar="DSN",
+                           help="the store is pgveil's state store (serve's `state: {fingerprints: true}`); "
+                                "password from PGVEIL_STATE_PASSWORD")
+        action.add_argument("--schema", default="pgveil_state", help="state schema (with --state-dsn)")
         action.add_argument("--table", default="public.pgveil_fingerprints",
                             help="table of a PostgreSQL store (default %(default)s)")
 
@@ -48,19 +57,33 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from proxy.firewall.fingerprints import (
-        FileFingerprintStore,
-        FingerprintStore,
-        PostgresFingerprintStore,
-        Status,
-        default_store_path,
-    )
+    from proxy.firewall.fingerprints import FileFingerprintStore, PostgresFingerprintStore, default_store_path
 
     store: FingerprintStore
+    if args.state_dsn:
+        from proxy.state import StateError, StateStore
+        from proxy.state.fingerprints import StateFingerprintStore
+
+        state = StateStore(args.state_dsn, args.schema)
+        try:
+            await state.open(watch=False)
+        except StateError as exc:
+            print(f"pgveil fingerprints: {exc}", file=sys.stderr)
+            return 2
+        try:
+            return await _act(args, StateFingerprintStore(state))
+        finally:
+            await state.close()
     if args.dsn:
         store = PostgresFingerprintStore(args.dsn, args.table)
     else:
         store = FileFingerprintStore(args.file or default_store_path(args.policy))
+    return await _act(args, store)
+
+
+async def _act(args: argparse.Namespace, store: FingerprintStore) -> int:
+    from proxy.firewall.fingerprints import Status
+
     if args.action == "list":
         entries = [entry for entry in await store.load()
                    if args.role in (None, entry.role) and args.status in (None, entry.status)]

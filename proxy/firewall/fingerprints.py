@@ -306,6 +306,11 @@ class FingerprintKeeper:
             return cls(PostgresFingerprintStore(dsn, table), refresh)
         return cls(FileFingerprintStore(default_store_path(policy_path)), refresh)
 
+    def reload_soon(self) -> None:
+        """Re-read the list at the next screen (its store told of a change)."""
+        if self._loaded_at is not None:
+            self._loaded_at = -self.refresh_seconds - 1.0
+
     async def screen(self, role: Role, info: StatementInfo) -> Refuse | None:
         if role.fingerprints == "off":
             return None

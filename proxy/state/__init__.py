@@ -26,6 +26,9 @@ API for features (import from `proxy.state`):
                                          # poll_interval, so a missed notification costs <= 0.5 s)
     store.available, store.last_read     # whether the last counter read worked, and when
                                          # (time.monotonic())
+    await in_task(coroutine)             # REQUIRED around store calls made while a statement is
+                                         # decided (the relay steps those coroutines outside any
+                                         # task; asyncpg's timeouts need one)
 
 Every call that needs the store raises StateUnavailable when it cannot be reached: fail closed for
 anything that needs fresh state, keep serving from what the listeners last read otherwise.
@@ -39,6 +42,7 @@ from proxy.state.store import (
     StateError,
     StateStore,
     StateUnavailable,
+    in_task,
     migrations,
     register_migration,
     unreachable,
@@ -46,5 +50,5 @@ from proxy.state.store import (
 
 __all__ = [
     "DEFAULT_POLL_INTERVAL", "DEFAULT_SCHEMA", "STATE_PASSWORD_ENV", "Migration", "StateError", "StateStore",
-    "StateUnavailable", "migrations", "register_migration", "unreachable",
+    "StateUnavailable", "in_task", "migrations", "register_migration", "unreachable",
 ]

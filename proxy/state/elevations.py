@@ -15,7 +15,6 @@ every workflow statement is refused (nothing can be decided without fresh state)
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import logging
 import os
@@ -43,7 +42,7 @@ from proxy.elevation_statements import (
 from proxy.guard.verdict import Refuse, Rewrite, StatementInfo, Verdict
 from proxy.metrics import Metrics
 from proxy.policy.model import Elevation, Policy
-from proxy.state.store import StateStore, StateUnavailable, register_migration, unreachable
+from proxy.state.store import StateStore, StateUnavailable, in_task, register_migration, unreachable
 
 log = logging.getLogger("pgveil.elevation")
 
@@ -526,13 +525,7 @@ class ElevationStatements:
             return Refuse(RULE, str(exc), info=StatementInfo(kind="elevation"), sqlstate="42601")
         info = StatementInfo(kind="elevation", normalized_sql=command.normalized)
         try:
-            # in a task of its own: the relay may step this coroutine outside any task, and asyncpg's
-            # timeouts need one; the task never fails (proxy/session/eager.py's resumption does not
-            # hand a failed future's exception back to the coroutine that awaited it)
-            answer, failure = await asyncio.get_running_loop().create_task(
-                _settled(self.workflow.run(login, command)))
-            if failure is not None or answer is None:
-                raise failure or RuntimeError("no answer")
+            answer = await in_task(self.workflow.run(login, command))
         except WorkflowRefused as exc:
             return Refuse(RULE, f"{exc}", info=info)
         except StateUnavailable as exc:
@@ -588,9 +581,3 @@ def workflow_metrics(metrics: Metrics, workflow: ElevationWorkflow) -> Callable[
 
     return on_event
 
-
-async def _settled(step: Coroutine[Any, Any, Answer]) -> tuple[Answer | None, Exception | None]:
-    try:
-        return await step, None
-    except Exception as exc:
-        return None, exc

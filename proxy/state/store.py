@@ -8,9 +8,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -78,6 +78,30 @@ REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
 
 
 Listener = Callable[[], Awaitable[None]]
+T = TypeVar("T")
+
+
+async def in_task(work: Coroutine[Any, Any, T]) -> T:
+    """Await `work` in a task of its own when there is no current task.
+
+    pgveil's relay steps policy coroutines by hand before it makes a task of them
+    (proxy/session/eager.py), and asyncpg's timeouts (pool.acquire, command timeouts) need a
+    current task: every store call reachable from a statement's decision goes through this. The
+    task never fails (its outcome is handed back and raised here), because the hand-stepped
+    coroutine cannot be resumed with a failed future's exception."""
+    if asyncio.current_task() is not None:
+        return await work
+    value, failure = await asyncio.get_running_loop().create_task(_settled(work))
+    if failure is not None:
+        raise failure
+    return value  # type: ignore[return-value]
+
+
+async def _settled(work: Coroutine[Any, Any, T]) -> tuple[T | None, Exception | None]:
+    try:
+        return await work, None
+    except Exception as exc:
+        return None, exc
 
 _UNREACHABLE_CLASSES = ("08", "57", "53", "28", "3D")
 """SQLSTATE classes that say the store cannot be used now (connection, shutdown, resources,
