@@ -243,9 +243,21 @@ def _literal(value: Value, column_type: ColumnType) -> str:
     if isinstance(value, int):
         return f"{int(value)}::{column_type}"
     text = value.isoformat() if isinstance(value, datetime) else str(value)
-    # E'' reads the same whatever standard_conforming_strings is
-    escaped = text.replace("\x00", "").replace("\\", "\\\\").replace("'", "''")
+    # E'' reads the same whatever standard_conforming_strings is; every character outside printable
+    # ASCII as a \u escape, so the answer is the same bytes in every client encoding (in SJIS, BIG5,
+    # GBK, ... a non-ASCII byte can swallow the backslash that doubles another, and a reason ending
+    # in one then closed the literal early and ran as SQL no policy had checked)
+    escaped = "".join(_ESCAPES.get(char) or (char if " " <= char <= "~" else _unicode_escape(char))
+                      for char in text.replace("\x00", ""))
     return f"E'{escaped}'::{column_type}"
+
+
+_ESCAPES = {"\\": "\\\\", "'": "''"}
+
+
+def _unicode_escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _name(column: str) -> str:

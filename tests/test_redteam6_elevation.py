@@ -1,0 +1,328 @@
+"""Red team round 6: attacks on the elevation workflow (PGVEIL ELEVATE statements, the state store)
+through one `pgveil serve` on real PostgreSQL with psycopg: other spellings of a login, SET ROLE,
+the extended protocol, look-alike statements, writing the store directly, forged notifications,
+decisions on closed requests, cursors and prepared statements that outlive a grant, and an SQL
+injection through the answer's literals in a client encoding whose characters swallow a backslash.
+docs/redteam.md, "Round 6: elevation workflow and DLP", says what held and what is by design."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from proxy.embedded import free_port
+from tests.conftest import Upstream
+from tests.proxy_harness import ServeProcess, spawn_serve, wait_until
+
+DATABASE = "rt6_elevation"
+PASSWORD = "rt6-elev-pw-5521"
+SVEN, SAM, KIM = "rt6_sven", "rt6_sam", "rt6_kim"
+SAM_LOOKALIKES = ("RT6_SAM", "rt6_sam ", "rt6_s\u0430m")  # upper case, a trailing space, a Cyrillic a
+SECRET = "kept-secret-rt6"
+POLICY = f"""\
+version: 1
+settings: {{default_role: deny}}
+roles:
+  rt6_engineer:
+    members: [{SVEN}, {KIM}, "RT6_SAM", "rt6_sam ", "rt6_s\\u0430m"]
+    statements: [select]
+    tables: ["public.rt6_items"]
+  rt6_security:
+    members: [{SAM}]
+    statements: [select]
+    tables: ["public.rt6_items"]
+  rt6_support:
+    members: []
+    statements: [select]
+    tables: ["public.*"]
+elevations:
+  - role: rt6_support
+    users: [{SVEN}, {KIM}]
+    max_duration: 10m
+    approver_required: true
+    approvers: [{SAM}]
+"""
+CONFIG = """\
+elevation:
+  request_timeout: 10m
+state:
+  poll_interval_ms: 200
+"""
+
+
+@dataclass
+class Served:
+    upstream: Upstream
+    directory: Path
+    process: ServeProcess
+
+    def dsn(self, login: str) -> str:
+        return self.process.dsn(login, PASSWORD, DATABASE)
+
+    def audit(self) -> list[dict[str, Any]]:
+        path = self.directory / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _quoted(login: str) -> str:
+    return '"' + login.replace('"', '""') + '"'
+
+
+@pytest.fixture(scope="module")
+def served(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    upstream.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+    upstream.execute(f"CREATE DATABASE {DATABASE}")
+    logins = (SVEN, SAM, KIM, *SAM_LOOKALIKES)
+    for login in logins:
+        upstream.execute(f"DROP ROLE IF EXISTS {_quoted(login)}; "
+                         f"CREATE ROLE {_quoted(login)} LOGIN PASSWORD '{PASSWORD}'")
+    upstream.execute(f"GRANT {SAM} TO {SVEN}")  # sven may SET ROLE to the approver's role
+    everyone = ", ".join(_quoted(login) for login in logins)
+    upstream.execute("CREATE TABLE rt6_items (id int); INSERT INTO rt6_items VALUES (1);"
+                     f"CREATE TABLE rt6_secrets (secret text); INSERT INTO rt6_secrets VALUES ('{SECRET}');"
+                     f"GRANT SELECT ON rt6_items, rt6_secrets TO {everyone}", dbname=DATABASE)
+    directory = tmp_path_factory.mktemp("rt6_elevation")
+    policy, config = directory / "policy.yaml", directory / "pgveil.yaml"
+    policy.write_text(POLICY)
+    config.write_text(CONFIG)
+    with spawn_serve("--upstream", upstream.dsn(dbname=DATABASE), "--policy", str(policy),
+                     "--config", str(config), "--listen", "127.0.0.1:0",
+                     "--audit-log", str(directory / "audit.jsonl"), "--metrics", f"127.0.0.1:{free_port()}",
+                     "--state-dsn", "upstream") as process:
+        yield Served(upstream, directory, process)
+        process.terminate()
+        process.wait(30)
+
+
+def connect(served: Served, login: str, **options: Any) -> psycopg.Connection[Any]:
+    options.setdefault("prepare_threshold", None)
+    options.setdefault("autocommit", True)
+    # keywords, not a URL: a login with a space or a non-ASCII letter reaches PostgreSQL as it is
+    connection = psycopg.connect(host=served.process.host, port=served.process.port, user=login,
+                                 password=PASSWORD, dbname=DATABASE, **options)
+    assert connection.execute("SELECT session_user").fetchone() == (login,)
+    return connection
+
+
+def sees_secret(connection: psycopg.Connection[Any]) -> bool:
+    try:
+        return connection.execute("SELECT secret FROM rt6_secrets").fetchall() == [(SECRET,)]
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+
+
+def ask(served: Served, login: str = SVEN, duration: str = "5m", reason: str = "INC-6") -> int:
+    with connect(served, login) as connection:
+        sql = f"PGVEIL ELEVATE REQUEST rt6_support FOR {duration} REASON '{reason}'"
+        row = connection.execute(sql).fetchone()
+    assert row is not None and row[3] == "pending"
+    return int(row[0])
+
+
+def state_of(served: Served, request_id: int) -> str:
+    with psycopg.connect(served.upstream.dsn(dbname=DATABASE)) as connection:
+        row = connection.execute("SELECT state FROM pgveil_state.elevation_requests WHERE id = %s",
+                                 (request_id,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def refused_steps(served: Served, request_id: int) -> list[dict[str, Any]]:
+    return [event for event in served.audit() if event.get("type") == "elevation"
+            and event.get("request_id") == request_id and event.get("result") == "refused"]
+
+
+# -- who approves ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lookalike", SAM_LOOKALIKES)
+def test_a_login_spelled_like_the_approver_is_not_the_approver(served: Served, lookalike: str) -> None:
+    """PostgreSQL logins are case-, space- and code-point-exact, and so is the approvers: match."""
+    request_id = ask(served)
+    with connect(served, lookalike) as other:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not approve"):
+            other.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
+    assert state_of(served, request_id) == "pending"
+    refused = refused_steps(served, request_id)
+    assert refused and refused[-1]["actor"] == lookalike and refused[-1]["event"] == "approve"
+    assert "may not approve" in refused[-1]["problem"]
+
+
+def test_set_role_to_the_approver_does_not_make_the_requester_an_approver(served: Served) -> None:
+    """pgveil takes the session's login (PostgreSQL authenticated it), never current_user."""
+    request_id = ask(served)
+    with connect(served, SVEN) as sven:
+        try:
+            sven.execute(f"SET ROLE {SAM}")
+        except psycopg.errors.InsufficientPrivilege:
+            pass  # pgveil may refuse the SET ROLE itself; the approval below must fail either way
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="own request"):
+            sven.execute(f"PGVEIL ELEVATE APPROVE {request_id} REASON 'as sam'")
+    with connect(served, SVEN, options=f"-c role={SAM}") as sven:  # the role set at startup
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="own request"):
+            sven.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
+    assert state_of(served, request_id) == "pending"
+    assert refused_steps(served, request_id)[-1]["actor"] == SVEN
+
+
+def test_self_approval_over_the_extended_protocol_and_with_a_parameter(served: Served) -> None:
+    request_id = ask(served)
+    with connect(served, SVEN, prepare_threshold=0) as sven:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="own request"):
+            sven.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
+    with connect(served, SAM) as sam:  # a parameter is no request number: the statement is refused
+        with pytest.raises(psycopg.errors.SyntaxError, match="request number"):
+            sam.execute("PGVEIL ELEVATE APPROVE %s", (request_id,))
+    assert state_of(served, request_id) == "pending"
+
+
+@pytest.mark.parametrize("template", [
+    "SELECT 1; PGVEIL ELEVATE APPROVE {id}",
+    "SELECT 'PGVEIL ELEVATE APPROVE {id}'",
+    "SELECT E'\\nPGVEIL ELEVATE APPROVE {id}'",
+    "SELECT $x$PGVEIL ELEVATE APPROVE {id}$x$",
+    "/* PGVEIL ELEVATE APPROVE {id} */ SELECT 1",
+    "-- PGVEIL ELEVATE APPROVE {id}\nSELECT 1",
+    "U&\"PGVEIL\" ELEVATE APPROVE {id}",
+    "\ufeffPGVEIL ELEVATE APPROVE {id}",
+    "\u00a0PGVEIL ELEVATE APPROVE {id}",
+    "PGVEIL\u00a0ELEVATE APPROVE {id}",
+    "PGVEIL ELEVATE APPROVE {id}; SELECT 1",
+    "PGVEIL ELEVATE APPROVE {id}0",
+    "PGVEIL ELEVATE APPROVE 0{id} REASON 'x' 'y'",
+])
+def test_look_alike_approvals_by_the_approver_change_nothing(served: Served, template: str) -> None:
+    """Only a message that is the statement alone is one; everything else goes to PostgreSQL (and
+    fails there) or is refused. Sent by the real approver, so a mistaken match would approve."""
+    request_id = ask(served)
+    sql = template.format(id=request_id)
+    with connect(served, SAM) as sam:
+        sam.pgconn.exec_(sql.encode("utf-8"))
+        assert sam.execute("SELECT count(*) FROM rt6_items").fetchone() == (1,)
+    assert state_of(served, request_id) == "pending"
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+def test_the_store_cannot_be_written_through_pgveil_even_when_elevated(served: Served) -> None:
+    request_id = ask(served, reason="store writes")
+    with connect(served, SVEN) as sven:
+        for sql in (
+            "INSERT INTO pgveil_state.elevation_requests (login, role, seconds, reason, state, decide_by, "
+            f"decided_by, granted_at, expires_at) VALUES ('{SVEN}', 'rt6_support', 600, 'x', 'approved', "
+            f"now(), '{SAM}', now(), now() + interval '1 hour')",
+            f"UPDATE pgveil_state.elevation_requests SET state = 'approved' WHERE id = {request_id}",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                sven.execute(sql)
+        # notifications pass (statements: [select] does not cover NOTIFY's effect): harmless, a re-read
+        sven.execute("NOTIFY pgveil_state_changes, 'elevations'")
+        sven.execute("SELECT pg_notify('pgveil_state_changes', 'elevations')")
+        assert not sees_secret(sven)
+    assert state_of(served, request_id) == "pending"
+
+
+def test_a_forged_notification_straight_to_postgresql_grants_nothing(served: Served) -> None:
+    """Anyone who can reach PostgreSQL can NOTIFY on the store's channel: a notification only makes
+    the replicas re-read the store, whose tables they cannot write."""
+    request_id = ask(served, reason="forged notify")
+    direct = psycopg.connect(served.upstream.dsn(SVEN, PASSWORD, DATABASE), autocommit=True)
+    with direct, connect(served, SVEN) as sven:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            direct.execute(f"UPDATE pgveil_state.elevation_requests SET state = 'approved', "
+                           f"expires_at = now() + interval '1h' WHERE id = {request_id}")
+        for payload in ("elevations", "", "x" * 7000):
+            direct.execute("SELECT pg_notify('pgveil_state_changes', %s)", (payload,))
+        assert not sees_secret(sven)
+    assert state_of(served, request_id) == "pending"
+
+
+def test_a_reason_with_quotes_is_stored_as_text_not_run(served: Served) -> None:
+    reason = "x'); UPDATE pgveil_state.elevation_requests SET state = 'approved'; --"
+    request_id = ask(served, reason=reason.replace("'", "''"))
+    with connect(served, SAM) as sam:
+        listed = {row[0]: row for row in sam.execute("PGVEIL ELEVATE LIST").fetchall()}
+    assert listed[request_id][5] == reason and listed[request_id][3] == "pending"
+
+
+def test_the_answer_is_not_sql_in_an_encoding_that_swallows_a_backslash(served: Served) -> None:
+    """In SJIS with backslash_quote on (both allowed for roles without masked data) the UTF-8 bytes
+    E3 81 81 5C read as two characters, the second swallowing the backslash that pgveil doubled in its E'' literal: a
+    reason ending in ぁ\\' then closed the literal in pgveil's answer, and the rest of the reason ran
+    as SQL with no policy check (here: a table the role may not read). The answer's literals are
+    now plain ASCII (non-ASCII characters as \\u escapes), the same bytes in every encoding."""
+    injected = "ぁ\\')) AS v; SELECT secret FROM rt6_secrets; --"
+    sql = f"PGVEIL ELEVATE REQUEST rt6_support FOR 5m REASON '{injected.replace(chr(39), chr(39) * 2)}'"
+    with connect(served, SVEN, client_encoding="SJIS") as sven:
+        assert not sees_secret(sven)
+        # PostgreSQL's own guard against \' in client-only encodings; a role without masked data may
+        # turn it off (pgveil refuses that only for roles with masked data)
+        sven.execute("SET backslash_quote = on")
+        result = sven.pgconn.exec_(sql.encode("utf-8"))
+        assert result.status == psycopg.pq.ExecStatus.TUPLES_OK, result.error_message
+        rows = [[result.get_value(r, c) for c in range(result.nfields)] for r in range(result.ntuples)]
+        assert all(SECRET.encode() not in (value or b"") for row in rows for value in row), rows
+        assert result.ntuples == 1 and result.nfields == 11
+        assert result.get_value(0, 5) == injected.encode("shift_jis")  # the reason, as SJIS text
+    with connect(served, SVEN) as sven:  # and read back in UTF8
+        listed = [row for row in sven.execute("PGVEIL ELEVATE LIST").fetchall() if row[5] == injected]
+    assert listed and listed[0][3] == "pending"
+
+
+# -- decisions on closed requests, and what outlives a grant ---------------------------------------
+
+def test_closed_requests_cannot_be_approved_and_longer_or_other_roles_cannot_be_asked(served: Served) -> None:
+    denied, revoked = ask(served, reason="to deny"), ask(served, reason="to revoke")
+    with connect(served, SAM) as sam:
+        sam.execute(f"PGVEIL ELEVATE DENY {denied} REASON 'no'")
+        sam.execute(f"PGVEIL ELEVATE REVOKE {revoked}")
+        for request_id, state in ((denied, "denied"), (revoked, "revoked")):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=f"is {state}, not pending"):
+                sam.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no elevation request"):
+            sam.execute("PGVEIL ELEVATE APPROVE 999999999")
+    with connect(served, SVEN) as sven:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="longer than"):
+            sven.execute("PGVEIL ELEVATE REQUEST rt6_support FOR 11m REASON 'long'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no entry under elevations"):
+            sven.execute("PGVEIL ELEVATE REQUEST rt6_security FOR 1m REASON 'other role'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no role named"):
+            sven.execute('PGVEIL ELEVATE REQUEST "RT6_SUPPORT" FOR 1m REASON \'case\'')
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="reason is required"):
+            sven.execute("PGVEIL ELEVATE REQUEST rt6_support FOR 1m REASON '   '")
+    with connect(served, KIM) as kim:  # another requester may not revoke sven's request
+        pending = ask(served, reason="kim revokes")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="only rt6_sven or an approver"):
+            kim.execute(f"PGVEIL ELEVATE REVOKE {pending}")
+    assert state_of(served, pending) == "pending"
+    events = [(e["event"], e["result"], e["actor"]) for e in served.audit()
+              if e.get("type") == "elevation" and e.get("request_id") in (denied, revoked, pending)]
+    assert ("approve", "refused", SAM) in events and ("revoke", "refused", KIM) in events
+
+
+def test_cursors_and_prepared_statements_of_a_grant_do_not_outlive_it(served: Served) -> None:
+    request_id = ask(served, reason="cursor after revoke")
+    with connect(served, SAM) as sam:
+        sam.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
+    with connect(served, SVEN) as sven, connect(served, SVEN, autocommit=False) as open_tx:
+        open_tx.commit()
+        wait_until(lambda: sees_secret(sven), "the grant", timeout=5)
+        sven.execute("DECLARE held CURSOR WITH HOLD FOR SELECT secret FROM rt6_secrets")
+        sven.execute("PREPARE peek AS SELECT secret FROM rt6_secrets")
+        assert sven.execute("EXECUTE peek").fetchall() == [(SECRET,)]
+        wait_until(lambda: sees_secret(open_tx), "the grant", timeout=5)
+        open_tx.execute("DECLARE inside CURSOR FOR SELECT secret FROM rt6_secrets")
+        with connect(served, SAM) as sam:
+            sam.execute(f"PGVEIL ELEVATE REVOKE {request_id} REASON 'done'")
+        wait_until(lambda: not sees_secret(sven), "the revocation", timeout=5)
+        for sql in ("FETCH ALL FROM held", "EXECUTE peek"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                sven.execute(sql).fetchall()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            open_tx.execute("FETCH ALL FROM inside").fetchall()
+        open_tx.rollback()
