@@ -452,6 +452,7 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
     sink = open_audit_sink(audit)
     events: AuditEventSource | None = grants
     if workflow is not None:
+        workflow.record_events = sink is not None
         from proxy.state.elevations import EventSources
 
         events = EventSources(workflow, grants)

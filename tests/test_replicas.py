@@ -192,6 +192,10 @@ def test_forged_approvals_are_refused_and_audited(fleet: Fleet) -> None:
         eve.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
     # statements that only look like an approval, even from the approver: a string, a comment,
     # a nested comment that hides the word from a non-nesting reader, a second statement
+    def sams_records() -> list[dict[str, Any]]:
+        return [r for r in fleet.audit(1) if r["type"] == "access" and r["login"] == "rp_sam"]
+
+    before = len(sams_records())
     with connect(fleet, 1, "rp_sam") as sam:
         assert sam.execute(f"SELECT 'PGVEIL ELEVATE APPROVE {request_id}'").fetchone() == (
             f"PGVEIL ELEVATE APPROVE {request_id}",)
@@ -204,6 +208,12 @@ def test_forged_approvals_are_refused_and_audited(fleet: Fleet) -> None:
             sam.execute(f"PGVEIL ELEVATE APPROVE {request_id}; SELECT 1")
         listed = {row[0]: row[3] for row in sam.execute("PGVEIL ELEVATE LIST").fetchall()}
     assert listed[request_id] == "pending"  # nothing above approved it
+    look_alikes = sams_records()[before:]  # each one audited as what it is
+    assert [(r["statement_kind"], r["decision"]) for r in look_alikes][:4] == [("select", "allow")] * 4
+    assert look_alikes[4]["decision"] == "refuse" and look_alikes[4]["statement_kind"] != "elevation"
+    assert (look_alikes[5]["statement_kind"], look_alikes[5]["decision"]) == ("elevation", "refuse")
+    assert not any(e["event"] == "approve" and e["actor"] == "rp_sam"
+                   for e in events_of(fleet, 1, request_id))
     time.sleep(IN_FORCE_WITHIN)
     with connect(fleet, 2, "rp_sven") as sven:
         assert not sees_secret(sven)

@@ -180,6 +180,7 @@ class ElevationWorkflow:
         self._used: set[int] = set()
         self._ended: set[int] = set()
         self._events: list[dict[str, Any]] = []
+        self.record_events = True  # False without an audit sink: nothing would take them
 
     def start(self) -> None:
         """Follow the store's changes (before `store.open()`, or at once after it)."""
@@ -267,8 +268,9 @@ class ElevationWorkflow:
 
     # -- audit events ----------------------------------------------------------------------------
     def _grant_event(self, event: str, grant: StoredGrant, **extra: Any) -> None:
-        self._events.append({"type": "elevation", "event": event, "store": "state", **grant.audit_fields(),
-                             "replica": _REPLICA, **extra})
+        if self.record_events:
+            self._events.append({"type": "elevation", "event": event, "store": "state",
+                                 **grant.audit_fields(), "replica": _REPLICA, **extra})
         if self.on_event:
             self.on_event("grant", event)
 
@@ -285,7 +287,8 @@ class ElevationWorkflow:
         if problem is not None:
             record["problem"] = problem
         record.update(extra)
-        self._events.append(record)
+        if self.record_events:
+            self._events.append(record)
         if self.on_event:
             self.on_event("step", f"{step}:{result}")
 
