@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "catalog": ("proxy.commands.catalog", "print the dataset metadata registry as JSON"),
     "audit": ("proxy.commands.audit", "audit log tools (verify, report)"),
     "fingerprints": ("proxy.commands.fingerprints", "review learned query fingerprints"),
-    "elevate": ("proxy.commands.elevate", "grant a time-limited role elevation"),
+    "elevate": ("proxy.commands.elevate", "elevation workflow: request, approve, deny, revoke, list"),
     "discover": ("proxy.commands.discover", "find sensitive columns; draft or gate a policy"),
     "honeytokens": ("proxy.commands.honeytokens", "plant honeytoken rows; list and clear lockouts"),
 }
