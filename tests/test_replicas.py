@@ -178,6 +178,9 @@ def test_asked_on_a_approved_on_b_in_force_on_c_then_revoked_everywhere(fleet: F
     seen_on_c = [e["event"] for e in events_of(fleet, 2, request_id)]
     assert seen_on_c[:3] == ["granted", "used", "revoked"]  # C saw it come, used it, saw it go
     assert all("time" in e for e in events_of(fleet, 1, request_id))
+    # one request is one grant id in every record (what `pgveil audit report` groups by)
+    assert {e["grant_id"] for replica in range(3) for e in events_of(fleet, replica, request_id)} == {
+        str(request_id)}
 
 
 def test_forged_approvals_are_refused_and_audited(fleet: Fleet) -> None:

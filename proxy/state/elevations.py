@@ -111,7 +111,8 @@ class StoredGrant:
     expires_at: float
 
     def audit_fields(self) -> dict[str, Any]:
-        return {"request_id": self.id, "login": self.login, "elevated_role": self.role, "reason": self.reason,
+        return {"request_id": self.id, "grant_id": str(self.id), "login": self.login,
+                "elevated_role": self.role, "reason": self.reason,
                 "approver": self.approver, "granted_at": _iso(self.granted_at),
                 "expires_at": _iso(self.expires_at)}
 
@@ -279,7 +280,8 @@ class ElevationWorkflow:
                     reason: str | None = None, request_id: int | None = None,
                     **extra: Any) -> None:
         record: dict[str, Any] = {"type": "elevation", "event": step, "result": result, "actor": actor,
-                                  "via": via, "replica": _REPLICA, "request_id": request_id}
+                                  "via": via, "replica": _REPLICA, "request_id": request_id,
+                                  "grant_id": None if request_id is None else str(request_id)}
         if request is not None:
             record.update(request)
         if reason is not None:
