@@ -371,3 +371,65 @@ def test_hourly_budget_across_two_replicas(world: World, tmp_path: Path) -> None
                 replica.wait(30)
             finally:
                 replica.__exit__(None, None, None)
+
+
+# ---- what the relay does (and does not do) -------------------------------------------------------
+
+def _relay_of(world: World, login: str) -> object:
+    relays = [session.relay for session in world.proxy.server.sessions
+              if getattr(session, "relay", None) is not None and f" {login}@" in session.label]
+    assert len(relays) == 1, relays
+    return relays[0]
+
+
+def test_no_guard_without_a_budget_or_honeytokens(world: World) -> None:
+    """A role without a budget, under a policy without honeytokens: the relay has no DataGuard
+    and watches what it watched before row budgets existed (rows are not even framed whole)."""
+    with psycopg.connect(world.dsn(FREE)) as free, psycopg.connect(world.dsn(CAPPED)) as capped:
+        free.execute("SELECT 1").fetchall()
+        capped.execute("SELECT 1").fetchall()
+        assert getattr(_relay_of(world, FREE), "_guard") is None
+        assert getattr(_relay_of(world, FREE), "_counting") is False
+        assert getattr(_relay_of(world, CAPPED), "_guard") is not None
+        assert getattr(_relay_of(world, CAPPED), "_counting") is True
+
+
+def test_scanner_counts_rows_within_its_quota_and_reports_the_rest() -> None:
+    """The scanner's counted kind, fed a stream of rows and result ends cut at random places with
+    random quotas: every byte passes, rows within the quota are counted (not reported), every
+    other row is reported whole, and each reported message's mark is the count so far."""
+    import random
+
+    from proxy.wire import BACKEND_TAGS, MessageScanner
+
+    def message(tag: bytes, body: bytes) -> bytes:
+        return tag + (len(body) + 4).to_bytes(4, "big") + body
+
+    rng = random.Random(12)
+    for _ in range(200):
+        stream = b"".join(
+            message(b"D", b"x" * rng.randint(0, 300)) if rng.random() < 0.85 else message(b"C", b"SELECT 1\x00")
+            for _ in range(rng.randint(1, 60)))
+        scanner = MessageScanner(b"CEZ", BACKEND_TAGS, 1 << 20, b"", b"Dd")
+        scanner.quota = rng.choice((-1, 0, rng.randint(0, 40)))
+        out, reported, pos = b"", 0, 0
+        while pos < len(stream):
+            step = rng.randint(1, 700)
+            emit, spans = scanner.feed(stream[pos : pos + step])
+            pos += step
+            assert len(scanner.marks) == len(spans) or not spans
+            for (tag, start, end), mark in zip(spans, scanner.marks, strict=False):
+                assert end <= len(emit) and emit[start] == tag
+                assert mark + reported <= stream.count(b"D") and mark <= scanner.counted
+                if tag == ord("D"):
+                    reported += 1
+            out += emit
+            if rng.random() < 0.2:
+                scanner.quota = rng.randint(0, 5)
+        assert out == stream
+        rows = 0
+        at = 0
+        while at < len(stream):
+            rows += stream[at] == ord("D")
+            at += 1 + int.from_bytes(stream[at + 1 : at + 5], "big")
+        assert scanner.counted + reported == rows
