@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -112,6 +112,26 @@ class FastPath(Protocol):
 
 
 def fast_path_of(policy: object) -> FastPath | None:
+    """What the relay calls for `policy`'s synchronous answers: for the guard stacked under the
+    audit and metrics layers as `pgveil serve` stacks them, one object doing the three layers'
+    common case in one compiled step (proxy/hitpath.py); else `layered_fast_path_of(policy)`."""
+    if type(policy).__name__ in _COMBINED_LAYERS:
+        if not _COMBINED:
+            from proxy import hitpath  # (it imports the layers: not at module level)
+            from proxy.native import compiled
+
+            _COMBINED.append(compiled(hitpath).combined_fast_path)
+        combined = _COMBINED[0](policy)
+        if combined is not None:
+            return combined  # type: ignore[no-any-return]
+    return layered_fast_path_of(policy)
+
+
+_COMBINED_LAYERS = frozenset({"MeteredConnection", "AuditedConnection", "GuardedConnection"})
+_COMBINED: list[Callable[[object], Any]] = []  # proxy.hitpath.combined_fast_path, compiled when built
+
+
+def layered_fast_path_of(policy: object) -> FastPath | None:
     """`policy` if it has the whole FastPath, else None."""
     if all(callable(getattr(policy, name, None))
            for name in ("fast_query", "fast_parse", "fast_bind", "fast_complete")):

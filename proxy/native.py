@@ -17,6 +17,7 @@ from types import ModuleType
 COMPILED = {
     "proxy.wire.scanner": "proxy.wire._scanner_native",
     "proxy.session.relay": "proxy.session._relay_native",
+    "proxy.hitpath": "proxy._hitpath_native",
 }
 """Modules compiled at install, by the name of their compiled copy."""
 
@@ -52,5 +53,8 @@ def compiled(module: ModuleType) -> ModuleType:
 
 
 def describe() -> str:
-    """One line for the log: what runs for each compiled module."""
+    """One line for the log: what runs for each compiled module (resolving those not used yet)."""
+    for name in COMPILED:
+        if name not in IMPLEMENTATIONS:
+            compiled(importlib.import_module(name))
     return ", ".join(f"{name.rsplit('.', 1)[1]} {how}" for name, how in sorted(IMPLEMENTATIONS.items()))

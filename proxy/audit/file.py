@@ -231,7 +231,7 @@ class JsonLinesFileSink(MappingWrites):
             try:
                 self._write(records)
             except AuditError:
-                log.error("audit records queued behind were lost with the record that failed")
+                self._log_lost_behind()
                 raise
         else:
             self._write((record,))
@@ -273,9 +273,23 @@ class JsonLinesFileSink(MappingWrites):
             else:
                 self._write_all(data)
         except OSError as exc:
-            raise AuditError(f"cannot write audit log {self.path}: {exc.strerror or exc}") from exc
+            raise AuditError(self._write_failure(exc)) from exc
         chain.state = state
         self._unsynced = True
+        self._schedule()
+
+    # proxy/hitpath.py writes the common case (no rotation due) itself, as `_write` and `_write_all`
+    # do, with these helpers: keep the two in step.
+
+    def _write_failure(self, exc: OSError) -> str:
+        return f"cannot write audit log {self.path}: {exc.strerror or exc}"
+
+    @staticmethod
+    def _log_lost_behind() -> None:
+        log.error("audit records queued behind were lost with the record that failed")
+
+    def _schedule(self) -> None:
+        """After a write: the fsync within the interval, the tidy-up (head file, records behind)."""
         if self._sync_due is None and self._syncing is None and self.fsync_interval is not None:
             delay = self.fsync_interval or DEFAULT_FSYNC_INTERVAL  # strict: records nobody waits for
             self._sync_due = asyncio.get_running_loop().call_later(delay, self._start_sync)
@@ -316,10 +330,16 @@ class JsonLinesFileSink(MappingWrites):
         """All of `data` or nothing: a write that fails part way is cut off again (no torn record)."""
         fd = self._fd if self._fd is not None else self._open()
         before = self._size
-        written = 0
+        written = os.write(fd, data)  # raising, nothing was written
+        if written < len(data):
+            self._write_rest(fd, data, written, before)
+        self._size = before + len(data)
+
+    def _write_rest(self, fd: int, data: bytes, written: int, before: int) -> None:
+        """The rest of `data` after a short write (a file size limit): it raises or goes on; when it
+        raises, what was written of it is cut off again (the file was `before` bytes long)."""
         try:
-            written = os.write(fd, data)
-            while written < len(data):  # a short write (a file size limit): the rest raises or goes on
+            while written < len(data):
                 written += os.write(fd, memoryview(data)[written:])
         except OSError:
             if written:
@@ -329,7 +349,6 @@ class JsonLinesFileSink(MappingWrites):
                     self._broken = (f"audit log {self.path} holds a torn record that cannot be cut off "
                                     f"({exc.strerror}); restart pgveil")
             raise
-        self._size = before + len(data)
 
     def _rotate(self) -> None:
         """Close the full file and start a new one; the chain simply continues into it. The old
