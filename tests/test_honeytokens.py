@@ -292,3 +292,18 @@ def test_terminate_in_binary_format_and_copy(world: World) -> None:
                 pass
     subprocess.run([sys.executable, "-m", "proxy", "honeytokens", "clear", THIEF, "--policy", str(world.policy)],
                    check=True, capture_output=True, timeout=60)
+
+
+def test_check_against_the_live_schema_names_a_missing_honeytoken_column(world: World, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY + "honeytokens:\n  - {name: h, table: ht.customers, column: notes, "
+                      "value: abcdefghijkl}\n  - {name: g, table: ht.nowhere, column: x, value: abcdefghijkm}\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "check", "--policy", str(policy), "--upstream",
+                           world.upstream.dsn(dbname=DATABASE)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "honeytokens[0].column: no column 'notes' in ht.customers" in done.stdout + done.stderr
+    assert "honeytokens[1].table: no table or view ht.nowhere" in done.stdout + done.stderr
+    policy.write_text(POLICY + "honeytokens:\n  - {name: h, table: ht.customers, column: note, value: abcdefghijkl}\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "check", "--policy", str(policy), "--upstream",
+                           world.upstream.dsn(dbname=DATABASE)], capture_output=True, text=True, timeout=120)
+    assert "honeytokens" not in done.stdout + done.stderr, done.stdout + done.stderr

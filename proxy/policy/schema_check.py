@@ -89,6 +89,24 @@ def check_policy_against_catalog(policy: Policy, catalog: CatalogSnapshot) -> li
     findings.extend(_role_findings(policy, catalog))
     findings.extend(_view_findings(policy, catalog))
     findings.extend(_coverage_findings(policy, catalog))
+    findings.extend(_honeytoken_findings(policy, catalog))
+    return findings
+
+
+def _honeytoken_findings(policy: Policy, catalog: CatalogSnapshot) -> list[Finding]:
+    """Each honeytoken's table and column exist (the unmasked-for-every-role check is only as good
+    as the names it checks)."""
+    findings: list[Finding] = []
+    for index, token in enumerate(policy.honeytokens):
+        relation = catalog.relations.get(token.table)
+        if relation is None:
+            findings.append(Finding(f"honeytokens[{index}].table",
+                                    f"no table or view {token.table} in the upstream database "
+                                    f"'{catalog.database}' (plant it there, or fix the name)"))
+        elif relation.column(token.column) is None:
+            known = ", ".join(column.name for column in relation.columns) or "none"
+            findings.append(Finding(f"honeytokens[{index}].column",
+                                    f"no column '{token.column}' in {token.table} (its columns: {known})"))
     return findings
 
 
