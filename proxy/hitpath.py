@@ -434,9 +434,11 @@ class HitPath:
         else:
             members = audit._who_members(role_name, version)
         sqlstate = outcome.sqlstate
-        body = (f'"type":"completion","time":"{now}",{members},"request":{request},"rows":{outcome.rows:d},'
-                f'"upstream_seconds":{round(outcome.upstream_seconds, 6)!r},'
-                f'"sqlstate":{"null" if sqlstate is None else json_string(sqlstate)}')
+        rows = str(int(outcome.rows))  # (no format specs: mypyc makes those str.format calls)
+        seconds = repr(round(outcome.upstream_seconds, 6))
+        state = "null" if sqlstate is None else json_string(sqlstate)
+        body = (f'"type":"completion","time":"{now}",{members},"request":{request},"rows":{rows},'
+                f'"upstream_seconds":{seconds},"sqlstate":{state}')
         record = tuple.__new__(Unsealed, ("completion", now, body))
         if file._tidy is not None:
             file._behind.append(record)
