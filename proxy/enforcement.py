@@ -8,9 +8,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pglast import ast, parse_sql
 from pglast.enums import DiscardMode, VariableSetKind
@@ -21,6 +21,7 @@ from proxy.catalog_watch import CatalogWatch
 from proxy.config import DEFAULT_MAX_STATEMENT_SIZE
 from proxy.connection_policy import ClientInfo, Outcome
 from proxy.discovery.watch import UnclassifiedColumns
+from proxy.dlp.guard import DataGuard, DlpRuntime
 from proxy.firewall.fingerprints import FingerprintKeeper
 from proxy.guard.cache import CacheHit, VerdictCache
 from proxy.guard.encodings import decode_statement, encode_statement
@@ -99,6 +100,9 @@ class Enforcement:
         self.upstream_dsn = upstream_dsn
         self.state = state
         self.active_role = active_role
+        # pgveil's own statements (PGVEIL ELEVATE ...): (login, sql) -> None for every other
+        # statement, else the verdict to await; asked before the guard, only off the fast path
+        self.intercept: Callable[[str, str], Coroutine[Any, Any, Verdict] | None] | None = None
         self.cache = VerdictCache()
         self.fingerprints = FingerprintKeeper.for_policy(policy_path)
         self._refreshing: asyncio.Task[None] | None = None
@@ -113,6 +117,8 @@ class Enforcement:
         # Names-only discovery, run after each catalog read (never per statement): a gauge and log lines.
         self.unclassified = UnclassifiedColumns()
         self._discover_names()
+        # Row budgets and honeytokens (docs/dlp.md): the hour ledger and the lockout book.
+        self.dlp = DlpRuntime(policy_path)
 
     @classmethod
     async def create(cls, policy_path: str, upstream_dsn: str,
@@ -370,6 +376,10 @@ class GuardedConnection:
                 sqlstate="28000",
             )
         self._startup_params = dict(params)
+        if self.enforcement.policy.honeytokens:
+            locked = self.enforcement.dlp.lockout_refusal(self.session.user)
+            if locked is not None:
+                return Refuse("honeytoken-lockout", locked, sqlstate="28000")
         if role_is_masked(self.enforcement.policy, role):
             # settings made with ALTER ROLE/DATABASE since the catalog was read count too
             await self.enforcement.fresh_catalog()
@@ -436,6 +446,17 @@ class GuardedConnection:
         else:
             self.session.reported[name] = value
             self._settings_problem = _UNCHECKED
+
+    def data_guard(self) -> DataGuard | None:
+        """The relay's row budgets and honeytoken search for this connection (docs/dlp.md); None
+        when the policy has no honeytokens and the role no row budget, so the relay does nothing
+        more than without this feature. Asked once, when the relay starts."""
+        policy = self.enforcement.policy
+        role = self.role()
+        if not policy.honeytokens and (role is None or not role.has_row_budget):
+            return None
+        return DataGuard(self.enforcement.dlp, policy, self.role, self.session.user,
+                         policy.settings.honeytoken_lockout_seconds)
 
     def shows_diagnostics(self) -> bool:
         """PostgreSQL's notices below NOTICE (plan trees hold values as constants) reach only a role
@@ -508,6 +529,12 @@ class GuardedConnection:
 
     async def on_query(self, sql: str) -> Verdict:
         self.prepared.call()
+        intercept = self.enforcement.intercept
+        if intercept is not None:
+            own = intercept(self.session.user, sql)
+            if own is not None:
+                self._pending_effects, self._pending_ddl = (), False
+                return await own
         self._check_upstream_statements()
         text = self._in_session_encoding(sql)
         if isinstance(text, Refuse):
@@ -530,6 +557,14 @@ class GuardedConnection:
         if statement_name.lower().startswith(NAME_PREFIX):
             self.prepared.define(("statement", statement_name), None)
             return _reserved_name(statement_name)
+        intercept = self.enforcement.intercept
+        own = intercept(self.session.user, sql) if intercept is not None else None
+        if own is not None:  # a re-execution (Bind) gives its answer again, as prepared
+            self._pending_effects, self._pending_ddl = (), False
+            verdict = await own
+            self.prepared.define(("statement", statement_name), None if isinstance(verdict, Refuse) else
+                                 Prepared(sql, verdict.sql, verdict, self._basis(self.role())))
+            return verdict
         if may_drop_statements(text):
             self.upstream.forget_all(deallocated=True)
         verdict = await self._judge(text)
