@@ -70,3 +70,24 @@ async def test_cancelling_the_task_cancels_the_coroutine():
     with pytest.raises(asyncio.CancelledError):
         await pending
     assert cleaned_up == [True]
+
+
+async def catches_a_failed_future(future: asyncio.Future[int]) -> str:
+    try:
+        await future
+    except ValueError as exc:
+        return f"caught {exc}"
+    return "not raised"
+
+
+async def test_a_failed_future_is_raised_inside_the_coroutine_that_awaits_it():
+    # the coroutine's own try/except must see the failure (before, it escaped the resume task when
+    # the future was not exactly asyncio.Future: the event loop then throws its exception in)
+    class OwnFuture(asyncio.Future):  # type: ignore[type-arg]
+        pass
+
+    future: asyncio.Future[int] = OwnFuture()
+    pending = start_eagerly(catches_a_failed_future(future))
+    assert not isinstance(pending, Answered)
+    future.set_exception(ValueError("store unreachable"))
+    assert await pending == "caught store unreachable"
