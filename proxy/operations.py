@@ -425,11 +425,13 @@ async def serve_hooks(settings: Settings, worker_index: int) -> ServeHooks:
                 refresh = float(os.environ.get("PGVEIL_FINGERPRINTS_REFRESH_SECONDS", "10"))
                 enforcement.fingerprints = keeper_on_state(workflow.store, refresh)
         closing.append(enforcement.close)
-        if workflow is not None:  # hourly row budgets across replicas (docs/dlp.md)
+        if workflow is not None:  # hourly row budgets and lockouts across replicas (docs/dlp.md)
             from proxy.dlp.shared_ledger import StateLedger
+            from proxy.dlp.shared_lockouts import StateLockouts
 
             ledger = StateLedger(workflow.store)
             enforcement.dlp.ledger = ledger
+            enforcement.dlp.lockouts = StateLockouts(workflow.store)
             ledger.start()
             closing.append(ledger.close)
         loaded.append(enforcement.policy)

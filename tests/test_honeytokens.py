@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -307,3 +308,55 @@ def test_check_against_the_live_schema_names_a_missing_honeytoken_column(world: 
     done = subprocess.run([sys.executable, "-m", "proxy", "check", "--policy", str(policy), "--upstream",
                            world.upstream.dsn(dbname=DATABASE)], capture_output=True, text=True, timeout=120)
     assert "honeytokens" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+# ---- lockouts across replicas (state store) ---------------------------------------------------------
+
+def test_lockout_reaches_every_replica_through_the_state_store(world: World, tmp_path: Path) -> None:
+    """A terminate hit on replica A locks the login out on replica B too (within the store's
+    poll), and `pgveil honeytokens clear --state-dsn` ends it on both."""
+    from tests.proxy_harness import ServeProcess, spawn_serve, wait_until
+
+    state = "honey_state"
+    world.upstream.execute(f"DROP DATABASE IF EXISTS {state} WITH (FORCE)")
+    world.upstream.execute(f"CREATE DATABASE {state}")
+    state_dsn = world.upstream.dsn(dbname=state)
+    replicas: list[ServeProcess] = []
+    try:
+        for index in range(2):
+            # a lockout directory of its own each: only the store can carry a lockout across
+            env = {**os.environ, "PGVEIL_HONEYTOKEN_LOCKOUTS": str(tmp_path / f"lockouts-{index}")}
+            replicas.append(spawn_serve(
+                "--upstream", world.upstream.dsn(dbname=DATABASE), "--policy", str(world.policy),
+                "--listen", "127.0.0.1:0", "--audit-log", str(tmp_path / f"audit-{index}.jsonl"),
+                "--state-dsn", state_dsn, env=env))
+        a, b = (replica.dsn(THIEF, PASSWORD, DATABASE) for replica in replicas)
+
+        def refused(dsn: str) -> bool:
+            try:
+                psycopg.connect(dsn).close()
+            except psycopg.OperationalError as exc:
+                assert "locked out" in str(exc), exc
+                return True
+            return False
+
+        assert not refused(b)
+        with psycopg.connect(a) as conn, pytest.raises(psycopg.Error, match="honeytoken"):
+            conn.execute("SELECT body FROM ht.wide WHERE id = 2").fetchall()
+        assert refused(a)
+        wait_until(lambda: refused(b), "replica B to refuse the locked-out login")
+        listed = subprocess.run([sys.executable, "-m", "proxy", "honeytokens", "lockouts", "--state-dsn",
+                                 state_dsn], capture_output=True, text=True, timeout=60)
+        assert THIEF in listed.stdout and "wide" in listed.stdout, listed.stdout + listed.stderr
+        cleared = subprocess.run([sys.executable, "-m", "proxy", "honeytokens", "clear", THIEF, "--state-dsn",
+                                  state_dsn], capture_output=True, text=True, timeout=60)
+        assert cleared.returncode == 0, cleared.stderr
+        wait_until(lambda: not refused(a) and not refused(b), "both replicas to accept the login again")
+    finally:
+        for replica in replicas:
+            replica.terminate()
+        for replica in replicas:
+            try:
+                replica.wait(30)
+            finally:
+                replica.__exit__(None, None, None)

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "beside it, in FILE's name with .lockouts)")
         where.add_argument("--lockouts", metavar="DIR", help="the lockout directory (as "
                            "PGVEIL_HONEYTOKEN_LOCKOUTS gives pgveil serve)")
+        where.add_argument("--state-dsn", metavar="DSN", help="the state store pgveil serve "
+                           "--state-dsn uses (lockouts of every replica)")
+        command.add_argument("--schema", default="pgveil_state", help="the state store's schema "
+                             "(default pgveil_state)")
 
 
 def _book(args: argparse.Namespace) -> object:
@@ -65,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action_name == "plant":
         return _plant(args)
+    if args.state_dsn:
+        return asyncio.run(_in_store(args))
     book = _book(args)
     assert isinstance(book, LockoutBook)
     if args.action_name == "clear":
@@ -73,13 +79,45 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print(f"{args.login} is not locked out", file=sys.stderr)
         return 1
-    entries = book.entries()
+    _print(list(book.entries()))
+    return 0
+
+
+def _print(entries: list[object]) -> None:
+    from proxy.dlp.honeytokens import Lockout
+
     if not entries:
         print("no login is locked out")
     for entry in entries:
+        assert isinstance(entry, Lockout)
         until = datetime.datetime.fromtimestamp(entry.until, datetime.UTC).isoformat(timespec="seconds")
         print(f"{entry.login}\tuntil {until}\thoneytoken {entry.token}")
-    return 0
+
+
+async def _in_store(args: argparse.Namespace) -> int:
+    from proxy.dlp.shared_lockouts import clear_lockout, read_lockouts
+    from proxy.state import StateError, StateStore
+
+    try:
+        store = StateStore(args.state_dsn, args.schema)
+        await store.open(watch=False)
+    except StateError as exc:
+        print(f"pgveil honeytokens: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.action_name == "clear":
+            if await clear_lockout(store, args.login):
+                print(f"lockout of {args.login} cleared (every replica, within a second)")
+                return 0
+            print(f"{args.login} is not locked out", file=sys.stderr)
+            return 1
+        _print(list(await read_lockouts(store)))
+        return 0
+    except StateError as exc:
+        print(f"pgveil honeytokens: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
 
 
 def _plant(args: argparse.Namespace) -> int:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.dlp.honeytokens import HoneytokenMatcher, LockoutBook, default_lockout_dir
+from proxy.dlp.cursors import cursor_uses
+from proxy.dlp.honeytokens import HoneytokenMatcher, LockoutBook, Lockouts, default_lockout_dir
 from proxy.dlp.ledger import MemoryLedger, RowLedger
 from proxy.policy.model import Honeytoken, Policy, Role
 from proxy.wire import ErrorResponse
@@ -71,10 +72,10 @@ class DlpRuntime:
     rolling-hour ledger, the lockout book."""
 
     def __init__(self, policy_path: str | Path, ledger: RowLedger | None = None,
-                 lockouts: LockoutBook | None = None) -> None:
+                 lockouts: Lockouts | None = None) -> None:
         self.ledger: RowLedger = ledger if ledger is not None else MemoryLedger()
         directory = os.environ.get(LOCKOUT_DIR_ENV) or default_lockout_dir(policy_path)
-        self.lockouts = lockouts if lockouts is not None else LockoutBook(directory)
+        self.lockouts: Lockouts = lockouts if lockouts is not None else LockoutBook(directory)
         self._matcher: tuple[Policy | None, HoneytokenMatcher | None] = (None, None)
 
     def matcher(self, policy: Policy) -> HoneytokenMatcher | None:
@@ -131,21 +132,17 @@ class DataGuard:
             request.dlp = deque((Expected(None, fingerprint, sticky=True),))
             return
         expected: deque[Expected] = deque()
-        for statement in sql.split(";"):
-            if not statement.strip():
-                continue
-            declared = declared_cursor(statement)
+        for declared, cursor in cursor_uses(sql) or ():  # as PostgreSQL parses it (comments and all)
             if declared is not None:
                 self._carried.pop("c:" + declared, None)
-            cursor = fetched_cursor(statement)
             expected.append(Expected(None if cursor is None else "c:" + cursor, fingerprint))
         request.dlp = expected or deque((Expected(None, fingerprint, sticky=True),))
 
     def parse(self, statement: str, sql: str, fingerprint: str) -> None:
-        declared = declared_cursor(sql) if _CURSOR_WORDS.search(sql) is not None else None
+        uses = cursor_uses(sql) if _CURSOR_WORDS.search(sql) is not None else None
+        declared, cursor = uses[0] if uses and len(uses) == 1 else (None, None)
         if declared is not None:
             self._carried.pop("c:" + declared, None)
-        cursor = fetched_cursor(sql) if declared is None and _CURSOR_WORDS.search(sql) is not None else None
         self._statements[statement] = Expected(None if cursor is None else "c:" + cursor, fingerprint)
         if len(self._statements) > _CARRIED_KEPT:
             del self._statements[next(iter(self._statements))]
@@ -292,7 +289,7 @@ class DataGuard:
         if terminate:
             try:
                 self.runtime.lockouts.lock(self.login, self.lockout_seconds, token.name)
-            except OSError as exc:
+            except Exception as exc:
                 log.error("could not record the lockout of login %s: %s", self.login, exc)
         self._emit({"type": "honeytoken", "token": token.name, "table": token.table,
                     "column": token.column, "action": token.action, "role": role_name,

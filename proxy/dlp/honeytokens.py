@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from proxy.policy.model import Honeytoken
 
@@ -65,32 +66,54 @@ class Lockout:
     since: float
 
 
+class Lockouts(Protocol):
+    """Where lockouts are kept: a directory (LockoutBook) or the state store (StateLockouts)."""
+
+    def lock(self, login: str, seconds: int, token: str) -> Lockout:
+        """Lock `login` out for `seconds` (in force in this process at once); raises OSError or
+        StateError when it could not be kept for the others."""
+
+    def locked(self, login: str, now: float | None = None) -> Lockout | None:
+        """The lockout of `login` in force, else None. Synchronous and cheap (asked at startup)."""
+
+
 class LockoutBook:
     """Logins refused new connections after reading a `terminate` honeytoken: one small JSON file
     per login in a directory (every worker and every replica that shares the directory sees it;
-    `pgveil honeytokens clear LOGIN` deletes it). A missing directory means nobody is locked out."""
+    `pgveil honeytokens clear LOGIN` deletes it). A missing directory means nobody is locked out.
+    A lockout that cannot be written (a read-only directory) holds in this process only."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        self._memory: dict[str, Lockout] = {}
 
     def lock(self, login: str, seconds: int, token: str) -> Lockout:
         now = time.time()
         lockout = Lockout(login, now + seconds, token, now)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         body = json.dumps({"login": login, "until": lockout.until, "token": token, "since": now})
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".lock-")
         try:
-            with os.fdopen(handle, "w") as out:
-                out.write(body)
-            os.replace(temporary, self.directory / _file_name(login))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".lock-")
+            try:
+                with os.fdopen(handle, "w") as out:
+                    out.write(body)
+                os.replace(temporary, self.directory / _file_name(login))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+        except OSError:
+            self._memory[login] = lockout  # not for the others, but at least here
             raise
         return lockout
 
     def locked(self, login: str, now: float | None = None) -> Lockout | None:
         """The lockout of `login` in force, else None (an expired one is removed)."""
+        remembered = self._memory.get(login)
+        if remembered is not None:
+            if remembered.until > (time.time() if now is None else now):
+                return remembered
+            del self._memory[login]
         path = self.directory / _file_name(login)
         try:
             data = json.loads(path.read_text())
@@ -107,6 +130,7 @@ class LockoutBook:
         return lockout
 
     def clear(self, login: str) -> bool:
+        self._memory.pop(login, None)
         try:
             (self.directory / _file_name(login)).unlink()
         except FileNotFoundError:
