@@ -36,11 +36,12 @@ CREATE TABLE ht.accounts (id integer PRIMARY KEY, plan text NOT NULL);
 INSERT INTO ht.accounts SELECT g, 'plan ' || g FROM generate_series(1, 5) g;
 CREATE TABLE ht.customers (
     id integer PRIMARY KEY, full_name text NOT NULL, email text, card_number varchar(19),
-    note text, signup date, account_id integer REFERENCES ht.accounts (id)
+    note text, signup date, account_id integer REFERENCES ht.accounts (id),
+    rating smallint NOT NULL CHECK (rating BETWEEN 1 AND 5)
 );
 INSERT INTO ht.customers
 SELECT g, 'Name ' || g, 'user' || g || '@example.com', '4111111111111111', 'note ' || g,
-       date '2020-01-01' + g, 1 + g % 5
+       date '2020-01-01' + g, 1 + g % 5, 1 + g % 5
 FROM generate_series(1, 50) g;
 CREATE TABLE ht.wide (id integer PRIMARY KEY, body text);
 """
@@ -147,12 +148,13 @@ def world(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def test_plant_inserts_plausible_rows_with_unguessable_markers(world: World) -> None:
     assert len(set(world.markers)) == 3 and all(len(marker) >= 20 for marker in world.markers)
     with psycopg.connect(world.upstream.dsn(dbname=DATABASE)) as conn:
-        rows = conn.execute("SELECT id, full_name, email, card_number, signup, account_id FROM ht.customers "
-                            "WHERE note = ANY(%s)", (world.markers,)).fetchall()
+        rows = conn.execute("SELECT id, full_name, email, card_number, signup, account_id, rating "
+                            "FROM ht.customers WHERE note = ANY(%s)", (world.markers,)).fetchall()
     assert len(rows) == 3
-    for id_, full_name, email, card, signup, account in rows:
-        assert id_ > 50 and " " in full_name and is_email(email)
+    for id_, full_name, email, card, signup, account, rating in rows:
+        assert id_ > 50 and " " in full_name and is_email(email) and not full_name.startswith("Name ")
         assert card.isdigit() and luhn_valid(card) and signup is not None and 1 <= account <= 5
+        assert 1 <= rating <= 5  # from an existing row: the CHECK constraint holds
 
 
 def test_plant_refuses_what_it_cannot_do(world: World) -> None:

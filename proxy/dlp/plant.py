@@ -226,6 +226,17 @@ async def plant(dsn: str, dataset: str, count: int, column_name: str | None = No
                 quoted = '"' + ref_column.replace('"', '""') + '"'
                 references[column.name] = await conn.fetchval(
                     f"SELECT {quoted} FROM {ref_table} ORDER BY random() LIMIT 1")
+        # Numbers, dates and flags come from randomly chosen existing rows (they satisfy the table's
+        # CHECK constraints and look like the rest); text is always made up, so no real name or
+        # address is copied into a fake row. Dates of birth are made up too.
+        borrowed = [c for c in columns if c.name != marker_column.name and c.references is None
+                    and not c.unique and not c.has_default and not c.type_sql.startswith(TEXT_TYPES)
+                    and kinds[c.name] != "date_of_birth"]
+        samples: list[Any] = []
+        if borrowed:
+            names_sql = ", ".join('"' + c.name.replace('"', '""') + '"' for c in borrowed)
+            samples = list(await conn.fetch(f"SELECT {names_sql} FROM {table} ORDER BY random() LIMIT $1",
+                                            count))
         rng = random.Random(secrets.randbits(64))
         markers: list[str] = []
         inserted = [c for c in columns if not c.has_default or c.name == marker_column.name]
@@ -242,6 +253,8 @@ async def plant(dsn: str, dataset: str, count: int, column_name: str | None = No
                         values.append(marker)
                     elif column.name in references:
                         values.append(references[column.name])
+                    elif samples and column in borrowed:
+                        values.append(samples[index % len(samples)][column.name])
                     else:
                         values.append(_fake(column, kinds[column.name], rng, index, next_ids))
                 try:
