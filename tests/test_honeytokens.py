@@ -362,3 +362,39 @@ def test_lockout_reaches_every_replica_through_the_state_store(world: World, tmp
                 replica.wait(30)
             finally:
                 replica.__exit__(None, None, None)
+
+
+# ---- the demo ------------------------------------------------------------------------------------
+
+def test_demo_plants_honeytokens_and_caps_the_executive() -> None:
+    """`pgveil demo` plants two honeytoken reviews that a `SELECT *` trips (audited, alert) and
+    gives the executive a 100-row statement budget (the README's tour and docs/demo.md)."""
+    import re
+
+    from proxy.embedded import free_port
+    from tests.proxy_harness import wait_until
+    from tests.test_demo import DemoProcess, printed_dsns
+
+    demo = DemoProcess(free_port())
+    try:
+        output = demo.read_until("Press Ctrl-C")
+        assert "Planted 2 honeytoken reviews" in output
+        dsns = printed_dsns(output)
+        audit_log = Path(re.search(r"audit log: (\S+)", output).group(1))  # type: ignore[union-attr]
+        with psycopg.connect(dsns["data_scientist"]) as conn:
+            assert len(conn.execute("SELECT * FROM reviews").fetchall()) == 3002
+
+        def hits() -> list[dict[str, object]]:
+            return [r for r in map(json.loads, audit_log.read_text().splitlines())
+                    if r.get("type") == "honeytoken"]
+
+        wait_until(lambda: len(hits()) == 2, "the two honeytoken records")
+        assert {hit["token"] for hit in hits()} == {"review-1", "review-2"}
+        assert all(hit["login"] == "dana_scientist" and hit["action"] == "alert" for hit in hits())
+        with psycopg.connect(dsns["executive"]) as conn:
+            with pytest.raises(psycopg.Error, match="row-budget: role executive may receive at most 100"):
+                conn.execute("SELECT * FROM analytics.restaurant_scorecard").fetchall()
+            conn.rollback()
+            assert conn.execute("SELECT count(*) FROM analytics.restaurant_scorecard").fetchone() == (120,)
+    finally:
+        demo.stop()

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_demo(port: int, workdir: Path, stop: threading.Event) -> int:
     import asyncio
 
-    from proxy.demo import DEMO_DATABASE, POLICY_PATH, load_dataset
+    from proxy.demo import DEMO_DATABASE, load_dataset
     from proxy.embedded import EmbeddedPostgres, free_port
 
     _check_port_free(port)
@@ -100,6 +100,7 @@ def _run_demo(port: int, workdir: Path, stop: threading.Event) -> int:
         started = time.monotonic()
         asyncio.run(load_dataset(postgres.dsn(), DEMO_DATABASE))
         print(f"Loaded the restaurant-review data set in {time.monotonic() - started:.1f} s.", flush=True)
+        policy_path = _plant_honeytokens(postgres.dsn(dbname=DEMO_DATABASE), workdir)
         metrics_port = free_port()
         log_path = workdir / "pgveil.log"
         audit_path = workdir / "audit.jsonl"
@@ -115,7 +116,7 @@ def _run_demo(port: int, workdir: Path, stop: threading.Event) -> int:
         command = [
             sys.executable, "-m", "proxy", "serve",
             "--upstream", postgres.dsn(dbname=DEMO_DATABASE),
-            "--policy", str(POLICY_PATH),
+            "--policy", str(policy_path),
             "--listen", f"127.0.0.1:{port}",
             "--metrics", f"127.0.0.1:{metrics_port}",
             "--audit-log", str(audit_path),
@@ -147,6 +148,23 @@ def _run_demo(port: int, workdir: Path, stop: threading.Event) -> int:
             _stop_process(proxy)
         postgres.stop()
         print("pgveil demo stopped.", flush=True)
+
+
+def _plant_honeytokens(dsn: str, workdir: Path) -> Path:
+    """Plant two honeytoken reviews (pgveil honeytokens plant: fake rows, random markers) and
+    write the demo policy with them listed, for pgveil to serve (docs/dlp.md)."""
+    import asyncio
+
+    from proxy.demo import POLICY_PATH
+    from proxy.dlp.plant import plant, policy_snippet
+
+    planted = asyncio.run(plant(dsn, "public.reviews", 2, "body"))
+    path = workdir / "reviews.yaml"
+    path.write_text(POLICY_PATH.read_text(encoding="utf-8") + "\n"
+                    + policy_snippet(planted, "alert", "review"), encoding="utf-8")
+    print(f"Planted {len(planted.markers)} honeytoken reviews: a query that reads one is audited and "
+          f"logged (the markers are in {path}).", flush=True)
+    return path
 
 
 def _check_port_free(port: int) -> None:

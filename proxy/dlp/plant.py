@@ -23,6 +23,8 @@ _LAST = ("Lindqvist", "Okafor", "Marchetti", "Brennan", "Takahashi", "Novak", "D
 _STREETS = ("Elm Street", "Harbour Road", "Mill Lane", "Station Avenue", "Church Walk")
 _CITIES = ("Brookhaven", "Westford", "Ashby", "Millbrook", "Fairview")
 _WORDS = ("follow-up", "renewal", "invoice", "shipment", "callback", "review", "upgrade")
+_PHRASES = ("Lovely staff, will come back", "Slow service but worth the wait", "Asked for a callback",
+            "Great value for the price", "Delivery arrived late again", "Please update my address")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +133,10 @@ def marker_value(kind: str, max_length: int | None) -> str:
     token = secrets.token_hex(MARKER_RANDOM_HEX // 2)
     if kind == "email":
         value = f"{secrets.choice(_FIRST).lower()}.{token}@example.net"
-    elif kind in ("person_name", "free_text", "postal_address"):
+    elif kind in ("person_name", "postal_address"):
         value = f"{secrets.choice(_FIRST)} {secrets.choice(_LAST)}-{token}"
+    elif kind in ("", "free_text"):
+        value = f"{secrets.choice(_PHRASES)} (ref {token})"
     else:
         value = f"REF-{token.upper()}"
     if max_length is not None and len(value) > max_length:
