@@ -18,11 +18,13 @@ _PASS: Final = 1
 _WATCH: Final = 2
 _HOLD: Final = 3
 _COUNT: Final = 4
+_COUNT_HELD: Final = 5
 
 
 def _kinds(watched: bytes, allowed: bytes, held: bytes = b"", counted: bytes = b"") -> bytes:
     """One lookup per type byte: 0 not allowed, 1 relayed unread, 2 watched, 3 held whole but
-    not reported, 4 counted (relayed unread while the quota lasts, then held and reported)."""
+    not reported, 4 counted (relayed unread while the quota lasts, then held and reported), 5
+    counted and held (held whole but not reported while the quota lasts, then reported)."""
     table = bytearray(256)
     for tag in allowed:
         table[tag] = _PASS
@@ -31,7 +33,8 @@ def _kinds(watched: bytes, allowed: bytes, held: bytes = b"", counted: bytes = b
             table[tag] = _HOLD
     for tag in counted:
         if table[tag]:
-            table[tag] = _COUNT
+            # a counted type that is also held stays whole: honeytokens are searched in every row
+            table[tag] = _COUNT_HELD if table[tag] == _HOLD else _COUNT
     for tag in watched:
         table[tag] = _WATCH
     return bytes(table)
@@ -122,13 +125,20 @@ class MessageScanner:
             if not 4 <= length <= limit:
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(tag)!r}")
             end = pos + 1 + length
-            if kind == _COUNT:
+            if kind == _COUNT or kind == _COUNT_HELD:  # noqa: SIM109 (compiled: two int compares)
                 quota = self.quota
-                if quota != 0:  # within the quota: counted, relayed unread (even in pieces)
+                if quota != 0:  # within the quota: counted, relayed unread (even in pieces unless held)
+                    if kind == _COUNT_HELD and end > n:  # counted once whole (its header is read again)
+                        self._parts = [data[pos:]]
+                        self._have = n - pos
+                        self._want = end - pos
+                        return data[:pos], spans
                     if quota > 0:
                         self.quota = quota - 1
                     self.counted += 1
-                    kind = _PASS
+                    kind = _PASS if kind == _COUNT else _HOLD
+                else:
+                    kind = _COUNT
             if kind == _PASS:
                 if end > n:
                     self._skip = end - n
