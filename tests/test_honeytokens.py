@@ -398,3 +398,18 @@ def test_demo_plants_honeytokens_and_caps_the_executive() -> None:
             assert conn.execute("SELECT count(*) FROM analytics.restaurant_scorecard").fetchone() == (120,)
     finally:
         demo.stop()
+
+
+@pytest.mark.skipif(__import__("shutil").which("psql") is None, reason="psql is not installed")
+def test_psql_backslash_copy_trips_a_terminate_honeytoken(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "wide.txt"
+    try:
+        done = subprocess.run(["psql", world.dsn(THIEF), "-X", "-c", f"\\copy ht.wide to '{out}'"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "pgveil: honeytoken:" in done.stderr, done.stderr
+        assert world.wide_marker not in (out.read_text() if out.exists() else "")
+        hit = [h for h in world.hits() if h.get("login") == THIEF][-1]
+        assert hit["token"] == "wide" and hit["message_type"] == "d"
+    finally:
+        subprocess.run([sys.executable, "-m", "proxy", "honeytokens", "clear", THIEF, "--policy",
+                        str(world.policy)], capture_output=True, timeout=60)
