@@ -31,6 +31,7 @@ CAPPED, HOURLY, THIEF, READER = "rt6_capped", "rt6_hourly", "rt6_thief", "rt6_re
 LIMIT = 10
 HOUR = 30
 THIEF_LIMIT = 1000
+ACCENTED = "Zoë Ålvarez-Müller 8c1f2e77d0b9"  # a honeytoken value that is not ASCII
 
 SCHEMA = """
 CREATE SCHEMA rt6d;
@@ -58,6 +59,7 @@ def _policy(alert: str, wide: str) -> str:
         "honeytokens": [
             {"name": "note", "table": "rt6d.notes", "column": "note", "value": alert, "action": "alert"},
             {"name": "wide", "table": "rt6d.wide", "column": "body", "value": wide, "action": "terminate"},
+            {"name": "accent", "table": "rt6d.notes", "column": "note", "value": ACCENTED, "action": "alert"},
         ]})
 
 
@@ -102,7 +104,7 @@ def world(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
     upstream.execute(f"CREATE DATABASE {DATABASE}")
     upstream.execute(SCHEMA, dbname=DATABASE)
     alert, wide = "NOTE-" + secrets.token_hex(10), "WIDE-" + secrets.token_hex(10)
-    upstream.execute(f"INSERT INTO rt6d.notes VALUES (21, '{alert}'); "
+    upstream.execute(f"INSERT INTO rt6d.notes VALUES (21, '{alert}'), (22, '{ACCENTED}'); "
                      f"INSERT INTO rt6d.wide VALUES (1, 'ordinary row'), "
                      f"(2, repeat('a', 1500000) || '{wide}' || repeat('b', 1500000))", dbname=DATABASE)
     everyone = ", ".join(logins)
@@ -337,3 +339,14 @@ def test_the_scanner_holds_counted_rows_whole_when_rows_are_held() -> None:
     plain = MessageScanner(b"C", b"DCZ", 1 << 20, counted=b"D")  # no honeytokens: rows pass in pieces
     plain.quota = 5
     assert plain.feed(row[:500])[0] == row[:500] and plain.counted == 1
+
+
+@pytest.mark.parametrize("encoding", ["UTF8", "LATIN1", "WIN1252", "EUC_JP"])
+def test_a_honeytoken_that_is_not_ascii_in_any_client_encoding(world: World, encoding: str) -> None:
+    """PostgreSQL converts results to the session's client_encoding: a value with letters outside
+    ASCII travels as other bytes than its UTF-8 form in LATIN1 or WIN1252."""
+    before = len(world.records("honeytoken"))
+    with psycopg.connect(world.dsn(READER), autocommit=True, client_encoding=encoding) as conn:
+        assert conn.execute("SELECT note FROM rt6d.notes WHERE id = 22").fetchone() == (ACCENTED,)
+    hits = world.records("honeytoken")[before:]
+    assert any(hit.get("token") == "accent" for hit in hits), hits

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from proxy.guard.encodings import CODECS
 from proxy.policy.model import Honeytoken
 
 
@@ -24,7 +25,19 @@ def _forms(value: str) -> list[bytes]:
     forms = [value.encode("utf-8")]
     with contextlib.suppress(ValueError):
         forms.append(uuid.UUID(value).bytes)
+    if not value.isascii():  # PostgreSQL converts results to the session's client_encoding
+        for codec in _CLIENT_CODECS:
+            with contextlib.suppress(UnicodeError, LookupError):
+                encoded = value.encode(codec)
+                if encoded not in forms:
+                    forms.append(encoded)
     return forms
+
+
+_CLIENT_CODECS = (*dict.fromkeys(CODECS.values()), "shift_jis", "shift_jis_2004", "big5", "gbk", "cp949",
+                  "gb18030", "johab")
+"""Python's codecs of the client encodings PostgreSQL converts to (those pgveil reads, and the
+client-only ones a role without masked data may use); EUC_TW and MULE_INTERNAL have none."""
 
 
 @dataclass(frozen=True, slots=True)
