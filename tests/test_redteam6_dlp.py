@@ -271,15 +271,35 @@ def test_the_hourly_budget_is_per_login_across_connections(world: World) -> None
 
 # ---- honeytokens --------------------------------------------------------------------------------
 
-def test_a_terminate_honeytoken_in_a_split_row_of_a_role_with_a_row_budget(world: World) -> None:
+async def _asyncpg_binary(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.fetch("SELECT id, body FROM rt6d.wide WHERE id >= $1 ORDER BY id", 1)
+    except (asyncpg.PostgresError, asyncpg.exceptions.ConnectionDoesNotExistError, OSError) as exc:
+        return str(exc)
+    finally:
+        await conn.close()
+    return "not ended"
+
+
+@pytest.mark.parametrize("how", ["select", "copy", "asyncpg"])
+def test_a_terminate_honeytoken_in_a_split_row_of_a_role_with_a_row_budget(world: World, how: str) -> None:
     """The role has a row budget too: rows within the budget were relayed in pieces as they came
     (the budget's counting replaced the honeytokens' whole-message holding), so a 3 MB row holding a
-    `terminate` value passed unsearched, byte for byte, and nothing was raised."""
+    `terminate` value went out unsearched, and the FATAL was spliced into the middle of the row."""
     tap = Tap(world.proxy.port)
     try:
-        with psycopg.connect(world.dsn(THIEF, tap.port)) as conn:
-            with pytest.raises(psycopg.Error, match="honeytoken"):
-                conn.execute("SELECT id, body FROM rt6d.wide ORDER BY id").fetchall()
+        if how == "asyncpg":
+            assert "honeytoken" in asyncio.run(_asyncpg_binary(world.dsn(THIEF, tap.port)))
+        else:
+            with psycopg.connect(world.dsn(THIEF, tap.port)) as conn:
+                with pytest.raises(psycopg.Error, match="honeytoken"):  # noqa: PT012
+                    if how == "copy":
+                        with conn.cursor().copy("COPY (SELECT id, body FROM rt6d.wide ORDER BY id) TO STDOUT") as copy:
+                            for _chunk in copy:
+                                pass
+                    else:
+                        conn.execute("SELECT id, body FROM rt6d.wide ORDER BY id").fetchall()
         received = tap.received()
     finally:
         tap.close()
