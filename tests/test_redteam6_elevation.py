@@ -7,6 +7,7 @@ docs/redteam.md, "Round 6: elevation workflow and DLP", says what held and what 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ import psycopg
 import pytest
 
 from proxy.embedded import free_port
+from proxy.policy.loader import parse_policy
+from proxy.state import StateStore
+from proxy.state.elevations import ElevationWorkflow
+from proxy.state.store import StateError
 from tests.conftest import Upstream
 from tests.proxy_harness import ServeProcess, spawn_serve, wait_until
 
@@ -326,3 +331,41 @@ def test_cursors_and_prepared_statements_of_a_grant_do_not_outlive_it(served: Se
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             open_tx.execute("FETCH ALL FROM inside").fetchall()
         open_tx.rollback()
+
+
+def test_a_state_schema_created_by_another_login_is_not_used(upstream: Upstream) -> None:
+    """A login with CREATE on the database creates schema pgveil_state before pgveil first runs
+    (and lets anyone create in it). pgveil's migration ran inside it; as its owner she could then
+    drop the tables and re-create them with an approved grant of her own making, which every
+    replica honoured (decided_by names a valid approver). The store now refuses to use a schema
+    or table that belongs to another login than its own (or a superuser)."""
+    database, mallory = "rt6_store_trap", "rt6_mallory"
+    upstream.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    upstream.execute(f"CREATE DATABASE {database}")
+    upstream.execute(f"DROP ROLE IF EXISTS {mallory}; CREATE ROLE {mallory} LOGIN PASSWORD '{PASSWORD}'; "
+                     f"GRANT CREATE ON DATABASE {database} TO {mallory}")
+    mallory_dsn = upstream.dsn(mallory, PASSWORD, database)
+    with psycopg.connect(mallory_dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA pgveil_state; GRANT ALL ON SCHEMA pgveil_state TO PUBLIC")
+
+    async def open_and_forge() -> str | None:
+        store = StateStore(upstream.dsn(dbname=database))
+        try:
+            await store.open(watch=False)
+        except StateError as exc:
+            return str(exc)
+        try:
+            with psycopg.connect(mallory_dsn, autocommit=True) as conn:  # the schema's owner forges
+                conn.execute("DROP TABLE pgveil_state.elevation_requests CASCADE")
+                conn.execute("CREATE TABLE pgveil_state.elevation_requests AS SELECT 1::bigint AS id, "
+                             f"'{SVEN}'::text AS login, 'rt6_support'::text AS role, 'forged'::text AS reason, "
+                             f"'approved'::text AS state, '{SAM}'::text AS decided_by, 600 AS seconds, "
+                             "now() AS granted_at, now() + interval '10 minutes' AS expires_at")
+            workflow = ElevationWorkflow(store, lambda: parse_policy(POLICY))
+            await workflow.reload()
+            return f"opened; forged grant in force: {workflow.active_role(SVEN)}"
+        finally:
+            await store.close()
+
+    outcome = asyncio.run(open_and_forge())
+    assert outcome is not None and "belong to another login" in outcome and "schema pgveil_state" in outcome, outcome

@@ -235,14 +235,38 @@ class StateStore:
                 if await connection.fetchval("SELECT to_regclass($1)", f'"{self.schema}".migrations'):
                     rows = await connection.fetch(self.sql("SELECT version FROM {schema}.migrations"))
                     if wanted <= {row[0] for row in rows}:
+                        await self._check_owners(connection)
                         return []
-            return await self._migrate_locked()
+            applied = await self._migrate_locked()
+            async with self.connection() as connection:
+                await self._check_owners(connection)
+            return applied
         except asyncpg.PostgresError as exc:
             if unreachable(exc):
                 raise
             raise StateError(f"state store {self.where()}: cannot use or migrate schema {self.schema}: "
                              f"{exc} (the state login must own the schema, or have CREATE on the "
                              "database to create it)") from None
+
+    async def _check_owners(self, connection: asyncpg.Connection) -> None:
+        """StateError unless the schema and everything in it belong to the state login or a
+        superuser: the owner of a schema may drop and re-create its tables (a pre-created schema
+        would let its owner write grants that every replica honours)."""
+        rows = await connection.fetch(
+            "SELECT 'schema ' || n.nspname AS what, pg_get_userbyid(n.nspowner) AS owner FROM pg_namespace n "
+            "WHERE n.nspname = $1 "
+            "AND n.nspowner <> (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user) "
+            "AND NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = n.nspowner) "
+            "UNION ALL SELECT 'relation ' || c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 "
+            "AND c.relowner <> (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user) "
+            "AND NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = c.relowner) ORDER BY 1", self.schema)
+        if rows:
+            found = ", ".join(f"{row['what']} (owner {row['owner']})" for row in rows[:5])
+            raise StateError(f"state store {self.where()}: {found} in schema {self.schema} belong to another "
+                             "login, who could write grants and lockouts every replica honours; the state "
+                             "login (or a superuser) must own the schema and its tables: drop the schema "
+                             "or ALTER ... OWNER TO the state login")
 
     async def _migrate_locked(self) -> list[int]:
         applied: list[int] = []
