@@ -107,21 +107,51 @@ def value(connection: psycopg.Connection[Any], sql: str = EMAIL) -> str:
 
 def run_twice(proxy: RunningProxy, connection: psycopg.Connection[Any], sql: str = EMAIL,
               login: str = "gv_analyst") -> str:
-    """`sql` twice; the second run must be a hit on the HitPath, with the same answer."""
+    """`sql`, then `sql` again answered by the HitPath (`as_hit`), with the same answer."""
     first = value(connection, sql)
-    before = hits(proxy, login)
-    assert value(connection, sql) == first
-    assert hits(proxy, login) == before + 1, "the repeated statement was not a verdict-cache hit"
+    assert as_hit(proxy, connection, sql, login) == first
     return first
+
+
+def _forget_fragment(proxy: RunningProxy, login: str) -> None:
+    """Clear the HitPath's memo of the last statement fragment: only HitPath._record sets it again
+    (an access record written by the hit path itself), so afterwards it tells who answered."""
+    async def clear() -> None:
+        _relay_of_now(proxy, login)._fast.fragment_info = None
+    proxy.run(clear())
+
+
+def _hit_path_wrote(proxy: RunningProxy, login: str) -> bool:
+    async def look() -> bool:
+        return _relay_of_now(proxy, login)._fast.fragment_info is not None
+    return bool(proxy.run(look()))
+
+
+def _relay_of_now(proxy: RunningProxy, login: str) -> Any:
+    found = [s.relay for s in proxy.server.sessions if s.relay is not None and not s.relay.finished
+             and _guard(s.relay._policy).session.user == login]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def as_hit(proxy: RunningProxy, connection: psycopg.Connection[Any], sql: str = EMAIL,
            login: str = "gv_analyst") -> str:
-    """`sql` once, asserted to have been a verdict-cache hit."""
-    before = hits(proxy, login)
-    answer = value(connection, sql)
-    assert hits(proxy, login) == before + 1, "not answered from the verdict cache"
-    return answer
+    """`sql` answered by the HitPath itself: a verdict-cache hit whose access record HitPath._record
+    wrote. A masked role's statement goes the layered way when its catalog check (once a second)
+    is due, or an elevation event is to be written first: then it is run once more, and every
+    answer must be the same."""
+    answers: list[str] = []
+    for _ in range(3):
+        _forget_fragment(proxy, login)
+        before = hits(proxy, login)
+        answers.append(value(connection, sql))
+        assert hits(proxy, login) == before + 1, "not answered from the verdict cache"
+        if _hit_path_wrote(proxy, login):
+            break
+    else:
+        pytest.fail(f"the hit path never answered {sql!r}")
+    assert len(set(answers)) == 1, answers
+    return answers[-1]
 
 
 def grant(policy: Path, grants: Path, seconds: int) -> None:
@@ -351,11 +381,15 @@ def test_a_failed_audit_write_refuses_the_repeated_statement(world: GuardWorld, 
         full = os.open("/dev/full", os.O_WRONLY)
         try:
             os.dup2(full, sink._fd)  # the disk is full from now on
-            for _ in range(2):
+            by_hit_path = []
+            for _ in range(3):
                 before = hits(proxy)
+                _forget_fragment(proxy, "gv_analyst")
                 with pytest.raises(psycopg.errors.InsufficientPrivilege, match="audit-unavailable"):
                     value(analyst)
-                assert hits(proxy) == before + 1  # decided on the hit path, refused by its audit write
+                assert hits(proxy) == before + 1
+                by_hit_path.append(_hit_path_wrote(proxy, "gv_analyst"))
+            assert any(by_hit_path)  # decided by the hit path, refused by its own failed write
         finally:
             os.dup2(kept, sink._fd)
             os.close(kept)
