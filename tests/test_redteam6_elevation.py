@@ -369,3 +369,28 @@ def test_a_state_schema_created_by_another_login_is_not_used(upstream: Upstream)
 
     outcome = asyncio.run(open_and_forge())
     assert outcome is not None and "belong to another login" in outcome and "schema pgveil_state" in outcome, outcome
+
+
+def test_a_grant_read_before_the_store_went_away_ends_at_its_expiry(served: Served) -> None:
+    """While the store cannot be reached a replica keeps the grants it last read: each only until
+    its own expires_at by the replica's clock (a revocation meanwhile waits for the store)."""
+    async def run() -> tuple[str | None, str | None, str | None]:
+        store = StateStore(served.upstream.dsn(dbname=DATABASE))
+        await store.open(watch=False)
+        workflow = ElevationWorkflow(store, lambda: parse_policy(POLICY))
+        try:
+            asked = await workflow.request(SVEN, "rt6_support", "1m", "outage test")
+            request_id = int(str(asked.rows[0][0]))
+            await workflow.decide(SAM, "approve", request_id, "ok")
+            await workflow.reload()
+            grant = next(g for g in workflow._by_login[SVEN] if g.id == request_id)
+            await workflow.decide(SAM, "revoke", request_id, "cleanup")
+        finally:
+            await store.close()  # from here on the store is gone for this workflow
+        before = workflow.active_role(SVEN, now=grant.expires_at - 1)
+        after = workflow.active_role(SVEN, now=grant.expires_at + 1)
+        again = workflow.active_role(SVEN, now=grant.expires_at - 1)  # an ended grant stays ended
+        return before, after, again
+
+    before, after, again = asyncio.run(run())
+    assert before == "rt6_support" and after is None and again is None
