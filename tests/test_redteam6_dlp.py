@@ -250,8 +250,9 @@ def test_asyncpg_binary_copy_and_portal_chunks(world: World) -> None:
 
 
 def test_aggregates_collapse_rows_into_one_by_design(world: World) -> None:
-    """A documented limit (docs/dlp.md): budgets count rows, and json_agg/string_agg/array_agg
-    hand a whole table over as one; several statements of one Query each have their budget."""
+    """A documented limit (docs/redteam.md round 6): budgets count rows, and json_agg/string_agg/
+    array_agg hand a whole table over as one, as do notifications; several statements of one
+    Query each have their budget."""
     with psycopg.connect(world.dsn(CAPPED), autocommit=True) as conn:
         for sql in ("SELECT json_agg(i) FROM rt6d.items i", "SELECT string_agg(label, ',') FROM rt6d.items",
                     "SELECT array_agg(id) FROM rt6d.items"):
@@ -259,6 +260,10 @@ def test_aggregates_collapse_rows_into_one_by_design(world: World) -> None:
         result = conn.pgconn.exec_(b"SELECT * FROM rt6d.items WHERE id <= 10; "
                                    b"SELECT * FROM rt6d.items WHERE id > 10 AND id <= 20")
         assert result.ntuples == LIMIT and result.error_message in (b"", None)
+        # not as rows at all: one row, and every label as a notification to the session itself
+        conn.execute("LISTEN rt6_out")
+        assert conn.execute("SELECT count(pg_notify('rt6_out', label)) FROM rt6d.items").fetchone() == (100,)
+        assert len(list(conn.notifies(timeout=1, stop_after=100))) == 100
 
 
 def test_the_hourly_budget_is_per_login_across_connections(world: World) -> None:
