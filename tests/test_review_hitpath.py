@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,9 +26,11 @@ import pytest
 
 from proxy import connection_policy, native
 from proxy.elevation import append_grant, create_grant
+from proxy.embedded import free_port
 from proxy.policy.loader import load_policy
 from tests.guard_setup import DATABASE, PASSWORD, POLICY, GuardDatabase, GuardWorld, world  # noqa: F401
-from tests.proxy_harness import RunningProxy, running_proxy, wait_until
+from tests.proxy_harness import RunningProxy, running_proxy, spawn_serve, wait_until
+from tests.test_audit_e2e import sample, scrape
 
 RAW_EMAIL = "quokkamail7731"  # gv.people id 1, masked (email) for the analyst, raw for the admin
 EMAIL = "select email from gv.people where id = 1"
@@ -275,6 +278,39 @@ def test_a_reloaded_policy_that_masks_a_column_masks_the_repeated_statement(
         proxy.run(proxy.server.reload())  # the SIGHUP handler's call
         assert RAW_EMAIL not in value(analyst)
         assert RAW_EMAIL not in as_hit(proxy, analyst)
+
+
+def test_sighup_to_pgveil_serve_masks_the_repeated_statement(world: GuardWorld, tmp_path: Path) -> None:  # noqa: F811
+    """The real command line and a real SIGHUP; the hits read from /metrics."""
+    revealing = POLICY.replace("reveal: [public, internal]\n    row_filters",
+                               "reveal: [public, internal, confidential]\n    row_filters", 1)
+    policy, log = tmp_path / "policy.yaml", tmp_path / "audit.jsonl"
+    policy.write_text(revealing)
+    port = free_port()
+
+    def cache_hits() -> float:
+        return sample(scrape(port)[1], "pgveil_verdict_cache_total", result="hit")
+
+    with spawn_serve("--upstream", world.dsn(), "--policy", str(policy), "--listen", "127.0.0.1:0",
+                     "--audit-log", str(log), "--metrics", f"127.0.0.1:{port}") as served, \
+            psycopg.connect(served.dsn("gv_analyst", PASSWORD, DATABASE), autocommit=True,
+                            prepare_threshold=None) as analyst:
+        assert RAW_EMAIL in value(analyst)
+        before = cache_hits()
+        assert RAW_EMAIL in value(analyst)
+        assert cache_hits() == before + 1
+        policy.write_text(POLICY)
+        served.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: sample(scrape(port)[1], "pgveil_policy_reloads_total", result="ok") == 1,
+                   "the reload", timeout=20)
+        assert RAW_EMAIL not in value(analyst)
+        before = cache_hits()
+        assert RAW_EMAIL not in value(analyst)
+        assert cache_hits() == before + 1
+        served.terminate()
+        served.wait(30)
+    verified = pgveil_audit_verify(log)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 # ---- session settings the guard follows --------------------------------------------------------
