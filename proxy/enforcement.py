@@ -21,7 +21,7 @@ from proxy.catalog_watch import CatalogWatch
 from proxy.config import DEFAULT_MAX_STATEMENT_SIZE
 from proxy.connection_policy import ClientInfo, Outcome
 from proxy.discovery.watch import UnclassifiedColumns
-from proxy.dlp.guard import DataGuard, DlpRuntime
+from proxy.dlp.guard import DataGuard, DlpRuntime, may_have_row_budget
 from proxy.firewall.fingerprints import FingerprintKeeper
 from proxy.guard.cache import CacheHit, VerdictCache
 from proxy.guard.encodings import decode_statement, encode_statement
@@ -449,11 +449,11 @@ class GuardedConnection:
 
     def data_guard(self) -> DataGuard | None:
         """The relay's row budgets and honeytoken search for this connection (docs/dlp.md); None
-        when the policy has no honeytokens and the role no row budget, so the relay does nothing
-        more than without this feature. Asked once, when the relay starts."""
+        when the policy has no honeytokens and the login no row budget, not even by an elevation,
+        so the relay does nothing more than without this feature. Asked once, when the relay
+        starts."""
         policy = self.enforcement.policy
-        role = self.role()
-        if not policy.honeytokens and (role is None or not role.has_row_budget):
+        if not policy.honeytokens and not may_have_row_budget(policy, self.role(), self.session.user):
             return None
         return DataGuard(self.enforcement.dlp, policy, self.role, self.session.user,
                          policy.settings.honeytoken_lockout_seconds)

@@ -10,6 +10,7 @@ attach).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -55,6 +56,20 @@ def fetched_cursor(sql: str) -> str | None:
 def declared_cursor(sql: str) -> str | None:
     match = _DECLARE.match(sql)
     return None if match is None else _cursor_name(match.group(1))
+
+
+def may_have_row_budget(policy: Policy, role: Role | None, login: str) -> bool:
+    """Whether a connection of `login` under `role` must count rows: its role has a budget, or an
+    `elevations:` entry lets the login assume a role that has one (an elevation binds a connection
+    opened before it; without a limit the relay's scanner only keeps a count)."""
+    if role is not None and role.has_row_budget:
+        return True
+    for elevation in policy.elevations:
+        target = policy.roles.get(elevation.role)
+        if (target is not None and target.has_row_budget
+                and any(fnmatch.fnmatchcase(login, user) for user in elevation.users)):
+            return True
+    return False
 
 
 @dataclass(slots=True)
@@ -104,7 +119,7 @@ class DataGuard:
         self._role = role
         self.lockout_seconds = lockout_seconds
         current = role()
-        self.counts_rows = current is not None and current.has_row_budget
+        self.counts_rows = may_have_row_budget(policy, current, login)
         if current is not None and current.max_rows_per_hour is not None:
             watch = getattr(runtime.ledger, "watch", None)  # a shared ledger reads its total early
             if watch is not None:
