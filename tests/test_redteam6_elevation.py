@@ -30,12 +30,13 @@ PASSWORD = "rt6-elev-pw-5521"
 SVEN, SAM, KIM = "rt6_sven", "rt6_sam", "rt6_kim"
 SAM_LOOKALIKES = ("RT6_SAM", "rt6_sam ", "rt6_s\u0430m")  # upper case, a trailing space, a Cyrillic a
 SECRET = "kept-secret-rt6"
+LONG = "rt6_" + "l" * 59  # 63 bytes: the longest PostgreSQL name (NAMEDATALEN 64)
 POLICY = f"""\
 version: 1
 settings: {{default_role: deny}}
 roles:
   rt6_engineer:
-    members: [{SVEN}, {KIM}, "RT6_SAM", "rt6_sam ", "rt6_s\\u0430m"]
+    members: [{SVEN}, {KIM}, "RT6_SAM", "rt6_sam ", "rt6_s\\u0430m", "rt6_llll*"]
     statements: [select]
     tables: ["public.rt6_items"]
   rt6_security:
@@ -53,6 +54,11 @@ elevations:
     max_duration: 10m
     approver_required: true
     approvers: [{SAM}]
+  - role: rt6_support
+    users: [{LONG}]
+    max_duration: 10m
+    approver_required: true
+    approvers: ["rt6_*"]
 """
 CONFIG = """\
 elevation:
@@ -84,7 +90,7 @@ def _quoted(login: str) -> str:
 def served(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     upstream.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
     upstream.execute(f"CREATE DATABASE {DATABASE}")
-    logins = (SVEN, SAM, KIM, *SAM_LOOKALIKES)
+    logins = (SVEN, SAM, KIM, LONG, *SAM_LOOKALIKES)
     for login in logins:
         upstream.execute(f"DROP ROLE IF EXISTS {_quoted(login)}; "
                          f"CREATE ROLE {_quoted(login)} LOGIN PASSWORD '{PASSWORD}'")
@@ -418,3 +424,24 @@ def test_the_elevated_roles_row_budget_binds_a_connection_opened_before_the_gran
         finally:
             with connect(served, SAM) as sam:
                 sam.execute(f"PGVEIL ELEVATE REVOKE {request_id}")
+
+
+def test_a_login_name_longer_than_postgresql_keeps_is_not_another_login(served: Served) -> None:
+    """PostgreSQL cuts a startup user name to 63 bytes, so `LONG + "x"` logs in as LONG. pgveil
+    took the uncut name as the login: LONG approved its own request as `LONG + "x"` (another
+    name for the approvers pattern rt6_*), and a lockout of LONG would not have matched it."""
+    with connect(served, LONG) as long_login:
+        row = long_login.execute("PGVEIL ELEVATE REQUEST rt6_support FOR 1m REASON 'long'").fetchone()
+    assert row is not None
+    request_id = int(row[0])
+    try:
+        other = psycopg.connect(host=served.process.host, port=served.process.port, user=LONG + "x",
+                                password=PASSWORD, dbname=DATABASE, autocommit=True)
+    except psycopg.OperationalError:
+        pass  # refused at startup: as safe
+    else:
+        with other:
+            assert other.execute("SELECT session_user").fetchone() == (LONG,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="own request"):
+                other.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
+    assert state_of(served, request_id) == "pending"

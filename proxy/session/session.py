@@ -83,6 +83,8 @@ message to it until PostgreSQL sent AuthenticationOk (the startup packet to MAX_
 LINGER_SECONDS = 2.0
 """After a FATAL before relaying, how long pgveil drops what the client still sends before closing
 (closing with unread bytes resets the connection, and the client may never read the FATAL)."""
+_LONGEST_NAME = 63
+"""Bytes of a user or database name PostgreSQL keeps (NAMEDATALEN 64 less one)."""
 _FALSE_WORDS = {"false", "off", "no", "0"}
 
 
@@ -274,6 +276,14 @@ class Session:
         user = params.get("user")
         if not user:
             raise ProtocolViolation("no PostgreSQL user name specified in startup packet", "28000")
+        for what, name in (("user", user), ("database", params.get("database") or "")):
+            if len(name.encode("utf-8", "surrogateescape")) > _LONGEST_NAME:
+                # PostgreSQL would cut it to 63 bytes and log the client in as the login so named,
+                # which pgveil would take for another (its policy, lockouts, who approves)
+                log.info("%s: refused a %s name longer than %d bytes", self.label, what, _LONGEST_NAME)
+                self._fatal("28000", f"pgveil: startup: the {what} name is longer than {_LONGEST_NAME} "
+                            f"bytes, the most PostgreSQL keeps of a name; connect with the exact {what} name")
+                return False
         replication = params.get("replication")
         if replication is not None and replication.lower() not in _FALSE_WORDS:
             log.warning("%s: refused a replication connection", self.label)
