@@ -39,7 +39,7 @@ from proxy.audit.file import JsonLinesFileSink
 from proxy.audit.sink import AuditError, Unsealed, json_string
 from proxy.connection_policy import INTERNAL_ERROR, Outcome
 from proxy.enforcement import _CATALOG_CHECK_SECONDS, LONG_STATEMENT, GuardedConnection
-from proxy.guard.cache import _NUMBER
+from proxy.guard.cache import _NUMBER, CacheHit
 from proxy.guard.positions import Splices
 from proxy.guard.upstream_prepare import NAME_PREFIX
 from proxy.guard.verdict import Allow, Refuse, Rewrite
@@ -264,20 +264,11 @@ class HitPath:
             key = context[2]
         else:
             key = guard.context_and_key(role)[1]
-        cache: Any = self.enforcement.cache
-        entry: Any = None
-        literals: list[str] | None = None
-        if cache._exact:
-            entry = cache._exact.get((key, sql))
-        if entry is None:
-            bucket = "'".join(sql.split("'")[::2]).encode("utf-8", "surrogatepass").translate(None, _DIGITS)
-            for candidate in cache._shapes.get((key, bucket), ()):
-                literals = _extract(candidate.skeleton, candidate.kinds, sql)
-                if literals is not None:
-                    entry = candidate
-                    break
-            if entry is None:
-                return None
+        found = _find(self.enforcement.cache, sql, key)
+        if found is None:
+            return None
+        entry: Any = found[0]
+        literals = found[1]
         verdict: Any = entry.verdict
         if (type(verdict) is Refuse or entry.effects or entry.hit.ddl
                 or (self._judged(role) and verdict.info.reads_definitions)):
@@ -288,18 +279,7 @@ class HitPath:
                 return None
         if literals is None:  # an exact entry
             return role, entry.hit.verdict
-        pieces: Any = entry.template
-        if pieces is not None:
-            if len(literals) == 1:
-                text = pieces[0] + literals[0] + pieces[1]
-            else:
-                parts = [pieces[0]]
-                for index in range(len(literals)):
-                    parts.append(literals[index])
-                    parts.append(pieces[index + 1])
-                text = "".join(parts)
-            return role, _rewrite(text, verdict.info, entry.layout, literals)
-        return role, _allow(sql, verdict.info)
+        return role, _new_verdict(entry, literals, sql)
 
     def _guard_raised(self, protocol: str, statement_name: str | None, sql: str | None,
                       started: float) -> Answer:
@@ -444,6 +424,56 @@ class HitPath:
             file._behind.append(record)
         else:
             file.append_behind(record)
+
+
+# ---- the verdict cache's lookup ---------------------------------------------------------------------
+
+def cache_lookup(cache: Any, sql: str, context_key: object) -> Any:
+    """proxy.guard.cache.VerdictCache.lookup, compiled (VerdictCache uses it when it is): the
+    CacheHit of `sql` under `context_key`, counted as a hit, or None, counted as a miss."""
+    found = _find(cache, sql, context_key)
+    if found is None:
+        cache.misses += 1
+        return None
+    cache.hits += 1
+    entry: Any = found[0]
+    literals = found[1]
+    if literals is None or (entry.template is None and type(entry.verdict) is not Allow):
+        return entry.hit  # an exact entry, or a refusal
+    return tuple.__new__(CacheHit, (_new_verdict(entry, literals, sql), entry.effects, entry.hit.ddl))
+
+
+def _find(cache: Any, sql: str, context_key: object) -> tuple[Any, list[str] | None] | None:
+    """The cache entry `sql` matches under `context_key` and its literals (None: an exact entry),
+    as VerdictCache.lookup finds it (exact entries first, then the first shape of its bucket)."""
+    if cache._exact:
+        entry = cache._exact.get((context_key, sql))
+        if entry is not None:
+            return entry, None
+    bucket = "'".join(sql.split("'")[::2]).encode("utf-8", "surrogatepass").translate(None, _DIGITS)
+    for candidate in cache._shapes.get((context_key, bucket), ()):
+        literals = _extract(candidate.skeleton, candidate.kinds, sql)
+        if literals is not None:
+            return candidate, literals
+    return None
+
+
+def _new_verdict(entry: Any, literals: list[str], sql: str) -> Any:
+    """A shape entry's verdict for `sql` (its literals put back into the cached rewrite); the
+    entry's verdict must be an Allow or a Rewrite."""
+    verdict: Any = entry.verdict
+    pieces: Any = entry.template
+    if pieces is None:
+        return _allow(sql, verdict.info)
+    if len(literals) == 1:
+        text = pieces[0] + literals[0] + pieces[1]
+    else:
+        parts = [pieces[0]]
+        for index in range(len(literals)):
+            parts.append(literals[index])
+            parts.append(pieces[index + 1])
+        text = "".join(parts)
+    return _rewrite(text, verdict.info, entry.layout, literals)
 
 
 # ---- shared pieces --------------------------------------------------------------------------------

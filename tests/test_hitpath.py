@@ -255,3 +255,39 @@ def test_the_verdicts_of_a_hit_are_the_ones_their_constructors_make() -> None:
     assert made.splices is not None and expected.splices is not None
     assert made.splices.spans == expected.splices.spans and made.splices.literals == ("5",)
     assert made.splices.client_position(9) == expected.splices.client_position(9)
+
+
+@pytest.mark.parametrize("login", ["gv_analyst", "gv_admin"])
+def test_the_compiled_cache_lookup_finds_what_the_cache_finds(world: GuardWorld, login: str) -> None:  # noqa: F811
+    """VerdictCache uses proxy.hitpath.cache_lookup when it is compiled: over the bypass attempts and
+    the reporting corpus, with their literals changed, it answers what VerdictCache.lookup does."""
+    from proxy.guard.pipeline import analyse
+    from tests.test_bypass_guard import ATTEMPTS
+    from tests.test_guard_enforcement import REPORTING, _variant
+
+    context = world.context(login)
+    statements = [sql for _, sql in ATTEMPTS] + REPORTING
+    ours, theirs = VerdictCache(), VerdictCache()
+    for sql in statements:
+        analysis = analyse(sql, context)
+        ours.store(sql, "k", analysis)
+        theirs.store(sql, "k", analysis)
+    found = 0
+    for sql in statements:
+        for text in (sql, _variant(sql), sql + " ", sql.replace("1", "12", 1)):
+            if text is None:
+                continue
+            mine, expected = HITPATH.cache_lookup(ours, text, "k"), VerdictCache.lookup(theirs, text, "k")
+            assert (mine is None) == (expected is None), text
+            if mine is None:
+                continue
+            found += 1
+            assert type(mine) is type(expected) and mine == expected, text
+            assert type(mine.verdict) is type(expected.verdict) and mine.verdict.info is expected.verdict.info
+            splices = getattr(mine.verdict, "splices", None)
+            wanted = getattr(expected.verdict, "splices", None)
+            assert (splices is None) == (wanted is None)
+            if splices is not None and wanted is not None:
+                assert (splices.spans, splices.literals) == (wanted.spans, wanted.literals), text
+    assert (ours.hits, ours.misses) == (theirs.hits, theirs.misses)
+    assert found >= 50

@@ -15,8 +15,9 @@ Verdicts that depend on a literal's value (`mark_literal_dependent`) are keyed o
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from types import MethodType
 from typing import NamedTuple
 
 from pglast import parser
@@ -131,6 +132,20 @@ class _Entry:
         return literals if position == len(sql) else None
 
 
+def _compiled_lookup() -> Callable[..., CacheHit | None] | None:
+    """proxy.hitpath.cache_lookup when its compiled copy runs (see proxy/native.py), else None."""
+    if not _LOOKUP:
+        from proxy import hitpath  # (it imports the layers, which import this module)
+        from proxy.native import IMPLEMENTATIONS, compiled
+
+        module = compiled(hitpath)
+        _LOOKUP.append(module.cache_lookup if IMPLEMENTATIONS.get(hitpath.__name__) == "mypyc" else None)
+    return _LOOKUP[0]
+
+
+_LOOKUP: list[Callable[..., CacheHit | None] | None] = []
+
+
 _BUCKET_SHAPES = 8
 """Shapes kept per bucket (the oldest goes first): every lookup of a bucket may scan them all."""
 
@@ -148,6 +163,9 @@ class VerdictCache:
         self._chars = 0  # characters of the statements behind them
         self.hits = 0
         self.misses = 0
+        compiled_lookup = _compiled_lookup()
+        if compiled_lookup is not None:  # the same lookup, compiled (proxy/hitpath.py): no Python frame
+            self.lookup = MethodType(compiled_lookup, self)  # type: ignore[method-assign]
 
     def __len__(self) -> int:
         return len(self._exact) + sum(len(entries) for entries in self._shapes.values())
