@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -311,6 +312,37 @@ def test_sighup_to_pgveil_serve_masks_the_repeated_statement(world: GuardWorld, 
         served.wait(30)
     verified = pgveil_audit_verify(log)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+# ---- the catalog: a table replaced by a view directly in PostgreSQL -----------------------------
+
+def test_a_table_replaced_by_a_view_directly_in_postgresql_is_judged_anew(
+        world: GuardWorld, tmp_path: Path) -> None:  # noqa: F811
+    """A verdict that reads only tables relies on the catalog check of the last second: past it,
+    the repeated statement must be judged on the new catalog (the view reads a masked column)."""
+    sql = "select placed from gv.review_hp_t where id = 1"
+    cleanup = "DROP VIEW IF EXISTS gv.review_hp_t; DROP TABLE IF EXISTS gv.review_hp_t, gv.review_hp_old"
+    world.upstream.execute(cleanup, dbname=DATABASE)
+    world.upstream.execute("CREATE TABLE gv.review_hp_t (id int, placed date); "
+                           "INSERT INTO gv.review_hp_t VALUES (1, '2024-03-05'); "
+                           "GRANT SELECT ON gv.review_hp_t TO gv_analyst", dbname=DATABASE)
+    try:
+        with serving(world, tmp_path) as (proxy, _, _), connect(proxy) as analyst:
+            assert run_twice(proxy, analyst, sql) == "2024-03-05"
+            world.upstream.execute(
+                "ALTER TABLE gv.review_hp_t RENAME TO review_hp_old; "
+                "CREATE VIEW gv.review_hp_t AS SELECT id, birth_date AS placed FROM gv.people; "
+                "GRANT SELECT ON gv.review_hp_t TO gv_analyst", dbname=DATABASE)
+            time.sleep(1.2)  # past the catalog check's second (_CATALOG_CHECK_SECONDS); no timing assertion
+            for _ in range(3):
+                try:
+                    answer = value(analyst, sql)
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    assert "unlisted-view" in str(exc)  # judged on the new catalog
+                    continue
+                assert answer != "1987-06-23"  # gv.people.birth_date is generalized to the year
+    finally:
+        world.upstream.execute(cleanup, dbname=DATABASE)
 
 
 # ---- session settings the guard follows --------------------------------------------------------
