@@ -420,3 +420,17 @@ def test_the_hourly_budget_holds_for_concurrent_statements_of_one_login(world: W
         for thread in threads:
             thread.join(60)
     assert sum(counts) <= HOUR, counts
+
+
+def test_every_statement_that_reads_an_alert_honeytoken_is_recorded(world: World) -> None:
+    """One record per token and statement: the relay's request objects come and go, and a new one
+    may get the address (id()) of one that is gone; the alert of each statement must still count."""
+    before = len([hit for hit in world.records("honeytoken") if hit.get("login") == READER])
+    with psycopg.connect(world.dsn(READER), autocommit=True) as conn:
+        for _ in range(20):
+            conn.pgconn.exec_(b"SELECT note FROM rt6d.notes WHERE id = 21")
+    def recorded() -> int:
+        return len([hit for hit in world.records("honeytoken") if hit.get("login") == READER]) - before
+
+    time.sleep(1)  # the audit log is written in batches
+    assert recorded() == 20
