@@ -214,8 +214,9 @@ def test_a_revoked_file_grant_masks_the_repeated_statement_at_once(
         assert RAW_EMAIL not in as_hit(proxy, analyst)
 
 
-def test_a_revoked_state_store_grant_masks_the_repeated_statement_at_once(
-        world: GuardWorld, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("ending", ["revoked", "expired"])
+def test_an_ended_state_store_grant_masks_the_repeated_statement(
+        world: GuardWorld, tmp_path: Path, ending: str) -> None:  # noqa: F811
     store = "review_hitpath_state"
     world.upstream.execute(f"DROP DATABASE IF EXISTS {store} WITH (FORCE)")
     world.upstream.execute(f"CREATE DATABASE {store}")
@@ -223,15 +224,17 @@ def test_a_revoked_state_store_grant_masks_the_repeated_statement_at_once(
         with serving(world, tmp_path, state_dsn=world.upstream.dsn(dbname=store)) as (proxy, _, _), \
                 connect(proxy) as analyst:
             assert RAW_EMAIL not in run_twice(proxy, analyst)
-            row = analyst.execute("PGVEIL ELEVATE REQUEST admin FOR 5m REASON 'review'").fetchone()
+            duration = "5m" if ending == "revoked" else "3s"
+            row = analyst.execute(f"PGVEIL ELEVATE REQUEST admin FOR {duration} REASON 'review'").fetchone()
             assert row is not None and row[3] == "approved"  # self-service: no approver required
             wait_until(lambda: RAW_EMAIL in value(analyst), "the grant", timeout=10)
             assert RAW_EMAIL in as_hit(proxy, analyst)
-            analyst.execute(f"PGVEIL ELEVATE REVOKE {row[0]} REASON 'done'")
-            wait_until(lambda: RAW_EMAIL not in value(analyst), "the revocation", timeout=10)
+            if ending == "revoked":
+                analyst.execute(f"PGVEIL ELEVATE REVOKE {row[0]} REASON 'done'")
+            wait_until(lambda: RAW_EMAIL not in value(analyst), f"the grant {ending}", timeout=15)
             assert RAW_EMAIL not in as_hit(proxy, analyst)
         events = [r["event"] for r in audit_records(tmp_path / "audit.jsonl") if r["type"] == "elevation"]
-        assert "used" in events and "revoked" in events, events
+        assert "used" in events and ending in events, events
     finally:
         world.upstream.execute(f"DROP DATABASE IF EXISTS {store} WITH (FORCE)")
 
