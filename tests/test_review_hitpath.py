@@ -11,6 +11,7 @@ says which, and the first test prints it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -376,6 +377,37 @@ def test_a_table_replaced_by_a_view_directly_in_postgresql_is_judged_anew(
                 assert answer != "1987-06-23"  # gv.people.birth_date is generalized to the year
     finally:
         world.upstream.execute(cleanup, dbname=DATABASE)
+
+
+def test_asyncpg_re_executions_after_a_reload_are_never_raw(world: GuardWorld, tmp_path: Path) -> None:  # noqa: F811
+    """asyncpg prepares each statement under a name once and Binds it after: the re-executions are
+    the hit path's fast_bind, which must hand a stale statement back to the layered path."""
+    import asyncpg
+
+    revealing = POLICY.replace("reveal: [public, internal]\n    row_filters",
+                               "reveal: [public, internal, confidential]\n    row_filters", 1)
+    with serving(world, tmp_path, revealing) as (proxy, policy, _):
+        async def session() -> list[str]:
+            connection = await asyncpg.connect(proxy.dsn("gv_analyst", PASSWORD, DATABASE))
+            seen: list[str] = []
+            try:
+                for _ in range(2):
+                    seen.append(str(await connection.fetchval(EMAIL)))
+                policy.write_text(POLICY)
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(proxy.server.reload(), proxy.loop))
+                for _ in range(2):
+                    try:
+                        seen.append(str(await connection.fetchval(EMAIL)))
+                    except asyncpg.InsufficientPrivilegeError as exc:
+                        assert "prepare it again" in str(exc)
+                        seen.append("refused")
+            finally:
+                await connection.close()
+            return seen
+
+        seen = asyncio.run(session())
+    assert RAW_EMAIL in seen[0] and seen[1] == seen[0]
+    assert all(RAW_EMAIL not in answer for answer in seen[2:]), seen
 
 
 # ---- session settings the guard follows --------------------------------------------------------
