@@ -487,8 +487,10 @@ class GuardedConnection:
     def _session_refusal(self, role: Role, sql: str | None = None) -> Refuse | None:
         """The refusal while the session runs with settings under which pgveil cannot judge a masked
         role's SQL (as PostgreSQL reported them); `sql` that only SETs/RESETs settings in plain ASCII
-        may still go to the guard, so the session can be put right."""
-        if not self._masked(role):
+        may still go to the guard, so the session can be put right. Roles limited to some tables
+        are held to the same session settings: a string PostgreSQL reads differently from pgveil
+        hides a table from the allow-list as it hides a column from masking."""
+        if not self._judged_by_definitions(role):
             return None
         checked = self._startup_checked
         if checked is None or checked[0] is not self.enforcement.policy or checked[1] is not role:
@@ -503,7 +505,8 @@ class GuardedConnection:
             return None
         if sql is not None and _only_settings(sql):
             return None
-        return Refuse("session-setting", f"{problem[0]}, and role {role.name} has masked data; "
+        why = "has masked data" if self._masked(role) else "is limited to some tables"
+        return Refuse("session-setting", f"{problem[0]}, and role {role.name} {why}; "
                       f"{problem[1]} first")
 
     def _unreadable_settings(self) -> tuple[str, str] | None:

@@ -193,7 +193,7 @@ class HitPath:
             masked = bool(known[2])
         else:
             masked = guard._masked(role)
-        if masked:
+        if masked or self._judged(role):  # GuardedConnection._session_refusal's roles
             checked: Any = guard._startup_checked
             if ((checked is None or checked[0] is not policy or checked[1] is not role
                  or checked[2] is not None or guard._settings_problem is not None)

@@ -447,12 +447,7 @@ def test_a_session_setting_pgveil_cannot_judge_under_refuses_the_repeated_statem
         assert masked  # (the session is put right by RESET, as the refusal says)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hole (the guard, not the hit path: layered and hit path alike): GuardedConnection._session_refusal "
-    "checks standard_conforming_strings (and client_encoding, SET ROLE, ...) only for MASKED roles, so a "
-    "role limited to some tables but masked nowhere may SET standard_conforming_strings = off, after "
-    "which PostgreSQL reads '\\', ' as one string where the guard reads two, and a table outside the "
-    "role's `tables` is read"))
+# (was a hole: the session settings were checked for masked roles only; now for table-limited ones too)
 def test_standard_conforming_strings_off_does_not_let_a_table_limited_role_read_other_tables(
         world: GuardWorld, tmp_path: Path) -> None:  # noqa: F811
     sneaky = "select '\\', ' from gv.orders union all select full_name from gv_other.people --'"
@@ -463,11 +458,10 @@ def test_standard_conforming_strings_off_does_not_let_a_table_limited_role_read_
             limited.execute("set standard_conforming_strings = off")
         except psycopg.errors.InsufficientPrivilege:
             return  # refused: the hole is closed
-        try:
-            rows = limited.execute(sneaky).fetchall()
-        except psycopg.errors.InsufficientPrivilege:
-            return
-        assert ("other schema",) not in rows
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgveil: session-setting"):
+            limited.execute(sneaky)
+        limited.execute("reset standard_conforming_strings")
+        assert limited.execute("select count(*) from gv.orders").fetchone() is not None
 
 
 def test_plan_dumps_stay_away_from_a_table_limited_role_on_the_repeated_statement(
