@@ -354,6 +354,7 @@ def _serve_copy(tmp: Path, stale: str, upstream: Any) -> tuple[str, list[tuple[A
 
 
 def _expected(module: str, stale: bool) -> str:
+    native.describe()  # resolves the compiled modules this process has not used yet (proxy.hitpath)
     how = native.IMPLEMENTATIONS[module]
     if stale and how == "mypyc":
         return "python (the compiled copy is stale"
