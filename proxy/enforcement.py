@@ -8,6 +8,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -303,6 +304,7 @@ class _Session:
     reported: dict[str, str] = field(default_factory=dict)
     search_path_reported: bool = False  # PostgreSQL 18+ reports search_path; older servers do not
     role_set: bool = False  # a SET ROLE ran (not reported by PostgreSQL; pgveil's own tracking)
+    effects_lost: bool = False  # completions outran the effects queue: SET ROLE/search_path unknown
 
 
 class GuardedConnection:
@@ -311,8 +313,12 @@ class GuardedConnection:
     def __init__(self, enforcement: Enforcement) -> None:
         self.enforcement = enforcement
         self.session = _Session()
+        # the session effects and DDL flag of the verdict being decided ...
         self._pending_effects: tuple[tuple[str, str], ...] = ()
         self._pending_ddl = False
+        # ... queued once it is given: one entry per verdict the relay counts (Outcome.verdicts), in
+        # order, taken by the completions (pipelined requests each keep theirs); NO_EFFECTS shared
+        self._effects: deque[tuple[Effects, bool]] = deque()
         self._ddl_in_transaction = False
         self._context: tuple[tuple[object, ...], GuardContext, tuple[object, ...]] | None = None
         self._login_role: tuple[Policy, Role | None] | None = None
@@ -525,12 +531,44 @@ class GuardedConnection:
                        f"{self.session.user}", "RESET SESSION AUTHORIZATION")
         elif self.session.role_set:
             problem = ("the session changed its role with SET ROLE", "RESET ROLE")
+        elif self.session.effects_lost:
+            problem = ("pgveil lost track of the session's SET ROLE and search_path in a pipeline",
+                       "RESET ALL")
         elif reported.get("is_superuser", "off").lower() == "on":
             problem = (f"the session runs as a PostgreSQL superuser (login {self.session.user})",
                        "connect with a login that is not a superuser")
         return problem
 
     async def on_query(self, sql: str) -> Verdict:
+        return await self._counted(self._on_query(sql))
+
+    async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
+        return await self._counted(self._on_parse(statement_name, sql, param_types))
+
+    async def on_bind(self, statement_name: str) -> Verdict:
+        return await self._counted(self._on_bind(statement_name))
+
+    async def on_function_call(self, function_oid: int) -> Verdict:
+        return await self._counted(self._on_function_call(function_oid))
+
+    async def _counted(self, deciding: Coroutine[Any, Any, Verdict]) -> Verdict:
+        """A verdict the relay counts (Outcome.verdicts), its session effects queued for its request's
+        completion: exactly one entry per verdict, a refusal's (and a raising hook's) empty."""
+        self._pending_effects, self._pending_ddl = (), False
+        try:
+            verdict = await deciding
+        except BaseException:
+            self._effects.append(NO_EFFECTS)
+            raise
+        effects, ddl = self._pending_effects, self._pending_ddl
+        if (effects or ddl) and not isinstance(verdict, Refuse):
+            self._pending_effects, self._pending_ddl = (), False
+            self._effects.append((effects, ddl))
+        else:
+            self._effects.append(NO_EFFECTS)
+        return verdict
+
+    async def _on_query(self, sql: str) -> Verdict:
         self.prepared.call()
         intercept = self.enforcement.intercept
         if intercept is not None:
@@ -550,7 +588,7 @@ class GuardedConnection:
         self._check_upstream_statements()  # the role may have changed while it was judged
         return self._upstream_form(sql, verdict) if text is sql else self._for_client(verdict, sql)
 
-    async def on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
+    async def _on_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict:
         self.prepared.call()
         self._check_upstream_statements()
         text = self._in_session_encoding(sql)
@@ -610,7 +648,7 @@ class GuardedConnection:
             return replace(encoded, info=verdict.info)
         return replace(verdict, sql=encoded)
 
-    async def on_bind(self, statement_name: str) -> Verdict:
+    async def _on_bind(self, statement_name: str) -> Verdict:
         """A Bind of a statement prepared by an earlier request: its stored verdict while nothing it
         depended on changed, else its SQL decided again (refused when the outcome differs)."""
         self.prepared.call()
@@ -647,7 +685,7 @@ class GuardedConnection:
             self.upstream.forget_all()
         self.prepared.forget("statement", statement_name)
 
-    async def on_function_call(self, function_oid: int) -> Verdict:
+    async def _on_function_call(self, function_oid: int) -> Verdict:
         self.prepared.call()
         self._check_upstream_statements()
         role = self.role()
@@ -660,23 +698,46 @@ class GuardedConnection:
         self.prepared.complete(outcome.verdicts + outcome.closes, ok=outcome.sqlstate is None)
         if outcome.verdicts == 0:  # only Close messages
             return
-        effects, self._pending_effects = self._pending_effects, ()
-        ddl, self._pending_ddl = self._pending_ddl, False
+        pending = self._effects
+        if len(pending) < outcome.verdicts:
+            await self._effects_lost(outcome.verdicts - len(pending))
+            return
+        decided = [pending.popleft() for _ in range(outcome.verdicts)]
         if outcome.sqlstate is not None:
             return
-        for name, value in effects:
-            if name == "search_path":
-                if not self.session.search_path_reported:  # PostgreSQL's report wins
-                    self.session.search_path = parse_search_path(value) if value else None
-            elif name == "role":
-                self.session.role_set = value != ""
-                self._settings_problem = _UNCHECKED
-            elif name == "commit" and self._ddl_in_transaction:
-                self._ddl_in_transaction = False
-                await self._follow_ddl()
-        if ddl:
-            self._ddl_in_transaction = True
+        follow = reset_role = set_path = False
+        for effects, ddl in decided:  # in the order the request's statements ran
+            for name, value in effects:
+                if name == "search_path":
+                    set_path = True
+                    if not self.session.search_path_reported:  # PostgreSQL's report wins
+                        self.session.search_path = parse_search_path(value) if value else None
+                elif name == "role":
+                    reset_role = value == ""
+                    self.session.role_set = not reset_role
+                    self._settings_problem = _UNCHECKED
+                elif name == "commit" and self._ddl_in_transaction:
+                    self._ddl_in_transaction = False
+                    follow = True
+            if ddl:
+                self._ddl_in_transaction = follow = True
+        if self.session.effects_lost and reset_role and set_path:  # RESET ALL: both known again
+            self.session.effects_lost = False
+            self._settings_problem = _UNCHECKED
+        if follow:
             await self._follow_ddl()
+
+    async def _effects_lost(self, missing: int) -> None:
+        """A completion covers more verdicts than have effects queued (a pgveil bug: a counted verdict
+        queued nothing): which of the session's SET ROLE, search_path and DDL ran is unknown, so the
+        session fails closed: refused for masked and table-limited roles (`session-setting`) until
+        RESET ALL, and the catalog followed as after DDL."""
+        log.error("%d pipelined verdicts had no session effects queued; the session is refused for "
+                  "masked roles until RESET ALL", missing)
+        self._effects.clear()
+        self.session.effects_lost = True
+        self._settings_problem = _UNCHECKED
+        await self._follow_ddl()
 
     async def _follow_ddl(self) -> None:
         """After this session's DDL (or the commit of a transaction with DDL): the catalog catches
@@ -712,8 +773,9 @@ class GuardedConnection:
         if decided is None:
             return None
         self.prepared.call()
-        self._pending_effects, self._pending_ddl = (), False
-        return self._upstream_form(sql, decided[1])
+        verdict = self._upstream_form(sql, decided[1])
+        self._effects.append(NO_EFFECTS)
+        return verdict
 
     def fast_parse(self, statement_name: str, sql: str, param_types: tuple[int, ...]) -> Verdict | None:
         """on_parse's verdict for a cache hit that needs nothing more (the statement is recorded as
@@ -725,9 +787,9 @@ class GuardedConnection:
             return None
         role, verdict = decided
         self.prepared.call()
-        self._pending_effects, self._pending_ddl = (), False
         self.prepared.define(("statement", statement_name),
                              Prepared(sql, verdict.sql, verdict, self._basis(role), (), False, ()))
+        self._effects.append(NO_EFFECTS)
         return verdict
 
     def _fast_hit(self, sql: str) -> tuple[Role, Allow | Rewrite] | None:
@@ -792,14 +854,30 @@ class GuardedConnection:
                 or (self._judged_by_definitions(role) and _reads_definitions(entry.verdict))):
             return None
         self.prepared.call()
-        self._pending_effects, self._pending_ddl = (), False
+        self._effects.append(NO_EFFECTS)
         return entry.verdict
 
     def fast_complete(self, outcome: Outcome) -> bool:
         """on_complete of a request that leaves no session effect or DDL to follow; else False."""
-        if self._pending_effects or self._pending_ddl:
+        if not self.no_effects_ahead(outcome.verdicts):
             return False
         self.prepared.complete(outcome.verdicts + outcome.closes, ok=outcome.sqlstate is None)
+        return True
+
+    def no_effects_ahead(self, count: int) -> bool:
+        """The next `count` queued entries (a completing request's) are all NO_EFFECTS: taken off the
+        queue (True); else nothing changes and on_complete takes them (False)."""
+        pending = self._effects
+        if count == 1 and pending and pending[0] is NO_EFFECTS:  # the usual request
+            pending.popleft()
+            return True
+        if len(pending) < count:
+            return False
+        for index in range(count):
+            if pending[index] is not NO_EFFECTS:
+                return False
+        for _ in range(count):
+            pending.popleft()
         return True
 
     def _fast_role(self) -> Role | None:
@@ -1070,6 +1148,8 @@ CATALOG_UNKNOWN = "catalog-unavailable"
 _CATALOG_UNKNOWN_MESSAGE = ("pgveil cannot tell whether the database's definitions changed since it read "
                             "them; retry, and see the pgveil log if it persists")
 _UNCHECKED = ("", "")  # GuardedConnection._settings_problem: to be worked out again
+NO_EFFECTS: tuple[Effects, bool] = ((), False)
+"""The queued entry of a verdict without session effects or DDL (GuardedConnection._effects)."""
 
 
 def _reserved_name(name: str) -> Refuse:

@@ -38,7 +38,7 @@ from proxy.audit.connection import _FRAGMENTS, AuditedConnection, now_iso, state
 from proxy.audit.file import JsonLinesFileSink
 from proxy.audit.sink import AuditError, Unsealed, json_string
 from proxy.connection_policy import INTERNAL_ERROR, Outcome
-from proxy.enforcement import _CATALOG_CHECK_SECONDS, LONG_STATEMENT, GuardedConnection
+from proxy.enforcement import _CATALOG_CHECK_SECONDS, LONG_STATEMENT, NO_EFFECTS, GuardedConnection
 from proxy.guard.cache import _NUMBER, CacheHit
 from proxy.guard.positions import Splices
 from proxy.guard.upstream_prepare import NAME_PREFIX
@@ -107,9 +107,9 @@ class HitPath:
             verdict: Any = decided[1]
             self.enforcement.cache.hits += 1
             guard.prepared._calls += 1
-            guard._pending_effects, guard._pending_ddl = (), False
             if type(verdict) is Rewrite and verdict.info.masks:
                 verdict = guard._upstream_form(sql, verdict)
+            guard._effects.append(NO_EFFECTS)  # last: _guard_raised queues the entry of a raise
         except Exception:
             return self._guard_raised("query", None, sql, started)
         return self._finish(verdict, role, "query", None, sql, started)
@@ -130,9 +130,9 @@ class HitPath:
             verdict: Any = decided[1]
             self.enforcement.cache.hits += 1
             guard.prepared._calls += 1
-            guard._pending_effects, guard._pending_ddl = (), False
             guard.prepared.define(("statement", statement_name),
                                   Prepared(sql, verdict.sql, verdict, guard._basis(role), (), False, ()))
+            guard._effects.append(NO_EFFECTS)  # last: _guard_raised queues the entry of a raise
         except Exception:
             return self._guard_raised("parse", statement_name, sql, started)
         return self._finish(verdict, role, "parse", statement_name, sql, started)
@@ -149,7 +149,7 @@ class HitPath:
 
     def fast_complete(self, outcome: Outcome) -> bool:
         guard = self.guard
-        if guard._pending_effects or guard._pending_ddl:
+        if not guard.no_effects_ahead(outcome.verdicts):  # the request's queued session effects
             return False
         prepared: Any = guard.prepared
         calls = outcome.verdicts + outcome.closes
@@ -238,7 +238,7 @@ class HitPath:
                 or (self._judged(role) and verdict.info.reads_definitions)):
             return None
         prepared._calls += 1
-        guard._pending_effects, guard._pending_ddl = (), False
+        guard._effects.append(NO_EFFECTS)
         return role, verdict
 
     def _hit(self, sql: str) -> tuple[object, object] | None:
@@ -285,6 +285,7 @@ class HitPath:
                       started: float) -> Answer:
         """The guard raised: refused as internal-error, audited and counted (as the layers do)."""
         log.exception("the policy raised; refusing")
+        self.guard._effects.append(NO_EFFECTS)  # a counted verdict: its (empty) effects entry
         return self._finish(INTERNAL_ERROR, None, protocol, statement_name, sql, started)
 
     # ---- the audit and the metrics -----------------------------------------------------------

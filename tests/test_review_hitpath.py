@@ -261,16 +261,9 @@ def test_a_statement_prepared_while_elevated_is_not_re_executed_raw_after_the_gr
                 assert RAW_EMAIL not in answer
 
 
-@pytest.mark.parametrize("pipelined", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "hole (the guard: layered and hit path alike, also on a cache miss): GuardedConnection keeps ONE "
-        "slot of pending session effects (_pending_effects) that every later verdict overwrites, so in a "
-        "pipeline SET ROLE's effect is lost when the next statement is decided before SET ROLE's request "
-        "completes: session.role_set stays False, and once the elevation ends the masked role's "
-        "statements run under SET ROLE unrefused (the same loses SET search_path on PostgreSQL < 18, "
-        "which does not report it; there pgveil's schema-qualified rewrites kept the tables right)"))),
-])
+# pipelined: SET ROLE's request completes after the next statement was decided; each verdict's
+# session effects are queued for its own request's completion (once one slot, overwritten: a hole)
+@pytest.mark.parametrize("pipelined", [False, True])
 def test_set_role_while_elevated_refuses_the_masked_role_after_the_grant_ends(
         world: GuardWorld, tmp_path: Path, pipelined: bool) -> None:  # noqa: F811
     with serving(world, tmp_path) as (proxy, policy, grants), connect(proxy) as analyst:
