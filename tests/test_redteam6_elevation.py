@@ -30,6 +30,7 @@ PASSWORD = "rt6-elev-pw-5521"
 SVEN, SAM, KIM = "rt6_sven", "rt6_sam", "rt6_kim"
 SAM_LOOKALIKES = ("RT6_SAM", "rt6_sam ", "rt6_s\u0430m")  # upper case, a trailing space, a Cyrillic a
 SECRET = "kept-secret-rt6"
+IVY = "rt6_ivy"  # sees every table unmasked, may only SELECT
 LONG = "rt6_" + "l" * 59  # 63 bytes: the longest PostgreSQL name (NAMEDATALEN 64)
 POLICY = f"""\
 version: 1
@@ -39,6 +40,10 @@ roles:
     members: [{SVEN}, {KIM}, "RT6_SAM", "rt6_sam ", "rt6_s\\u0430m", "rt6_llll*"]
     statements: [select]
     tables: ["public.rt6_items"]
+  rt6_reader:
+    members: [{IVY}]
+    statements: [select]
+    tables: ["*"]
   rt6_security:
     members: [{SAM}]
     statements: [select]
@@ -50,7 +55,7 @@ roles:
     max_rows_per_statement: 5
 elevations:
   - role: rt6_support
-    users: [{SVEN}, {KIM}]
+    users: [{SVEN}, {KIM}, {IVY}]
     max_duration: 10m
     approver_required: true
     approvers: [{SAM}]
@@ -90,7 +95,7 @@ def _quoted(login: str) -> str:
 def served(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     upstream.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
     upstream.execute(f"CREATE DATABASE {DATABASE}")
-    logins = (SVEN, SAM, KIM, LONG, *SAM_LOOKALIKES)
+    logins = (SVEN, SAM, KIM, LONG, IVY, *SAM_LOOKALIKES)
     for login in logins:
         upstream.execute(f"DROP ROLE IF EXISTS {_quoted(login)}; "
                          f"CREATE ROLE {_quoted(login)} LOGIN PASSWORD '{PASSWORD}'")
@@ -99,7 +104,8 @@ def served(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iter
     upstream.execute("CREATE TABLE rt6_items (id int); INSERT INTO rt6_items VALUES (1);"
                      f"CREATE TABLE rt6_secrets (secret text); INSERT INTO rt6_secrets VALUES ('{SECRET}');"
                      "CREATE TABLE rt6_many AS SELECT generate_series(1, 50) AS n;"
-                     f"GRANT SELECT ON rt6_items, rt6_secrets, rt6_many TO {everyone}", dbname=DATABASE)
+                     f"GRANT SELECT ON rt6_items, rt6_secrets, rt6_many TO {everyone};"
+                     f"GRANT UPDATE ON rt6_items TO {IVY}", dbname=DATABASE)
     directory = tmp_path_factory.mktemp("rt6_elevation")
     policy, config = directory / "policy.yaml", directory / "pgveil.yaml"
     policy.write_text(POLICY)
@@ -264,26 +270,27 @@ def test_a_reason_with_quotes_is_stored_as_text_not_run(served: Served) -> None:
 
 
 def test_the_answer_is_not_sql_in_an_encoding_that_swallows_a_backslash(served: Served) -> None:
-    """In SJIS with backslash_quote on (both allowed for roles without masked data) the UTF-8 bytes
-    E3 81 81 5C read as two characters, the second swallowing the backslash that pgveil doubled in its E'' literal: a
-    reason ending in ぁ\\' then closed the literal in pgveil's answer, and the rest of the reason ran
-    as SQL with no policy check (here: a table the role may not read). The answer's literals are
-    now plain ASCII (non-ASCII characters as \\u escapes), the same bytes in every encoding."""
-    injected = "ぁ\\')) AS v; SELECT secret FROM rt6_secrets; --"
+    """In SJIS with backslash_quote on (both allowed for a role that sees every table unmasked,
+    here one limited to SELECT) the UTF-8 bytes E3 81 81 5C read as two characters, the second
+    swallowing the backslash pgveil doubled in its E'' literal: a reason ending in ぁ\\' closed
+    the literal in pgveil's answer, and the rest of the reason ran as SQL no policy had checked
+    (here an UPDATE by a select-only role). The answer's literals are now plain ASCII (non-ASCII
+    characters as \\u escapes), the same bytes in every encoding."""
+    injected = "ぁ\\')) AS v; UPDATE rt6_items SET id = 99; --"
     sql = f"PGVEIL ELEVATE REQUEST rt6_support FOR 5m REASON '{injected.replace(chr(39), chr(39) * 2)}'"
-    with connect(served, SVEN, client_encoding="SJIS") as sven:
-        assert not sees_secret(sven)
-        # PostgreSQL's own guard against \' in client-only encodings; a role without masked data may
-        # turn it off (pgveil refuses that only for roles with masked data)
-        sven.execute("SET backslash_quote = on")
-        result = sven.pgconn.exec_(sql.encode("utf-8"))
+    with connect(served, IVY, client_encoding="SJIS") as ivy:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            ivy.execute("UPDATE rt6_items SET id = 99")  # statements: [select]
+        # PostgreSQL's own guard against \\' in client-only encodings; pgveil lets this role turn it off
+        ivy.execute("SET backslash_quote = on")
+        result = ivy.pgconn.exec_(sql.encode("utf-8"))
         assert result.status == psycopg.pq.ExecStatus.TUPLES_OK, result.error_message
-        rows = [[result.get_value(r, c) for c in range(result.nfields)] for r in range(result.ntuples)]
-        assert all(SECRET.encode() not in (value or b"") for row in rows for value in row), rows
         assert result.ntuples == 1 and result.nfields == 11
         assert result.get_value(0, 5) == injected.encode("shift_jis")  # the reason, as SJIS text
-    with connect(served, SVEN) as sven:  # and read back in UTF8
-        listed = [row for row in sven.execute("PGVEIL ELEVATE LIST").fetchall() if row[5] == injected]
+    with psycopg.connect(served.upstream.dsn(dbname=DATABASE)) as owner:
+        assert owner.execute("SELECT id FROM rt6_items").fetchall() == [(1,)]
+    with connect(served, IVY) as ivy:  # and read back in UTF8
+        listed = [row for row in ivy.execute("PGVEIL ELEVATE LIST").fetchall() if row[5] == injected]
     assert listed and listed[0][3] == "pending"
 
 
