@@ -452,3 +452,19 @@ def test_a_login_name_longer_than_postgresql_keeps_is_not_another_login(served: 
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="own request"):
                 other.execute(f"PGVEIL ELEVATE APPROVE {request_id}")
     assert state_of(served, request_id) == "pending"
+
+
+def test_a_malformed_pgveil_statement_is_audited(served: Served) -> None:
+    """A statement that starts with PGVEIL but is not one (42601) still leaves an access record of
+    kind elevation and a completion with its SQLSTATE: forged or mistyped steps are on the trail."""
+    with connect(served, SAM) as sam, pytest.raises(psycopg.errors.SyntaxError):
+        sam.execute("PGVEIL ELEVATE APPROVE 12 REASON 'a' 'b'")
+
+    def audited() -> bool:
+        records = [r for r in served.audit() if r.get("login") == SAM]
+        kinds = {(r.get("connection_id"), r.get("request")) for r in records
+                 if r.get("type") == "access" and r.get("statement_kind") == "elevation"}
+        return any((r.get("connection_id"), r.get("request")) in kinds and r.get("sqlstate") == "42601"
+                   for r in records if r.get("type") == "completion")
+
+    wait_until(audited, "the audit records", timeout=5)
