@@ -934,7 +934,7 @@ class Relay:
         self._result_rows = rows
         self._swallowing = swallowing
         if parts is None:  # nothing cut; or swallowing since the chunk began and still: nothing kept
-            return (emit, kept) if pos == 0 else (b"", kept)
+            return (b"", kept) if swallowing else (emit, kept)
         if not swallowing:
             parts.append(emit[pos:])
         return b"".join(parts), kept
