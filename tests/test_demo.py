@@ -407,3 +407,15 @@ def test_ctrl_c_or_sigterm_stops_the_demo_and_everything_it_started(stop_signal:
     assert not accepts_connections("127.0.0.1", port)
     assert not accepts_connections("127.0.0.1", postgres_port)
     assert not audit_log.parent.exists()  # its working directory is gone too
+
+
+def test_demo_runs_discovery_and_names_what_the_policy_leaves_out(
+        running_demo: tuple[DemoProcess, str, int]) -> None:
+    _, output, _ = running_demo
+    summary = re.search(r"(\d+) columns look sensitive; the demo policy classifies (\d+) of them at least as "
+                        r"high, and leaves (\d+) out:", output)
+    assert summary is not None, output
+    found, covered, left_out = (int(group) for group in summary.groups())
+    assert covered >= 9 and left_out == 4 and found == covered + left_out
+    for column in ("mock.users.email", "mock.users.password_hash", "mock.users.phone", "public.reviews.body"):
+        assert f"    {column}: looks like " in output

@@ -101,6 +101,7 @@ def _run_demo(port: int, workdir: Path, stop: threading.Event) -> int:
         asyncio.run(load_dataset(postgres.dsn(), DEMO_DATABASE))
         print(f"Loaded the restaurant-review data set in {time.monotonic() - started:.1f} s.", flush=True)
         policy_path = _plant_honeytokens(postgres.dsn(dbname=DEMO_DATABASE), workdir)
+        _print_discovery(postgres.dsn(dbname=DEMO_DATABASE), policy_path)
         metrics_port = free_port()
         log_path = workdir / "pgveil.log"
         audit_path = workdir / "audit.jsonl"
@@ -165,6 +166,43 @@ def _plant_honeytokens(dsn: str, workdir: Path) -> Path:
     print(f"Planted {len(planted.markers)} honeytoken reviews: a query that reads one is audited and "
           f"logged (the markers are in {path}).", flush=True)
     return path
+
+
+def discovery_summary(dsn: str, policy_path: Path, sample_rows: int = 200) -> list[str]:
+    """`pgveil discover` against the demo database and policy, as lines to print: how many columns
+    look sensitive, how many of them the policy classifies at least that high, and each one it
+    leaves out (names and counts only, never a value)."""
+    import asyncio
+
+    from proxy.demo import POLICY_PATH
+    from proxy.discovery.report import gap
+    from proxy.discovery.sample import discover
+    from proxy.policy.loader import load_policy
+
+    policy = load_policy(str(policy_path), require_hash_key=False)
+    tables = asyncio.run(discover(dsn, None, sample_rows))
+    found = [(table, column) for table in tables for column in table.columns if column.findings]
+    gaps = [(table, column, problem) for table, column in found
+            if (problem := gap(column, table, policy)) is not None]
+    lines = [f"Discovery (pgveil discover: names, types and a sample of {sample_rows} rows per table; "
+             "no value is printed):",
+             f"  {len(found)} columns look sensitive; the demo policy classifies {len(found) - len(gaps)} "
+             f"of them at least as high, and leaves {len(gaps)} out:"]
+    for table, column, problem in gaps:
+        best = column.findings[0]
+        lines.append(f"    {table.qualified_name}.{column.facts.name}: looks like {best.kind} "
+                     f"({best.sensitivity.name.lower()}); {problem.detail}")
+    lines.append(f"  pgveil discover --upstream DSN --policy {POLICY_PATH} lists them (exit 1: a CI gate).")
+    return lines
+
+
+def _print_discovery(dsn: str, policy_path: Path) -> None:
+    try:
+        lines = discovery_summary(dsn, policy_path)
+    except Exception as exc:  # the demo goes on without it
+        print(f"Discovery could not run: {exc}", flush=True)
+        return
+    print("\n".join(lines), flush=True)
 
 
 def _check_port_free(port: int) -> None:
