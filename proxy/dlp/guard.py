@@ -33,6 +33,9 @@ BUDGET_SQLSTATE = "54000"
 HONEYTOKEN_SQLSTATE = "42501"
 LOCKOUT_DIR_ENV = "PGVEIL_HONEYTOKEN_LOCKOUTS"
 _CARRIED_KEPT = 1024  # portal and cursor counts kept per connection (oldest dropped beyond)
+HOUR_STEP = 4096
+"""Rows of a login's hourly budget one result sets aside at a time (more when it has used them):
+concurrent statements of one login share what is left of the hour instead of each having it."""
 
 _CURSOR_WORDS = re.compile(r"\b(?:fetch|declare)\b", re.IGNORECASE)
 _FETCH = re.compile(r'^\s*fetch\b.*?("(?:[^"]|"")+"|[^\s;"]+)\s*;?\s*$', re.IGNORECASE | re.DOTALL)
@@ -137,7 +140,10 @@ class DataGuard:
         self._prior = 0
         self._binding: tuple[str, int, int] = ("", 0, 0)  # (limit name, its value, rows counted before)
         self._reported = 0  # rows of the open result already added to the hour ledger
-        self._alerted: set[tuple[int, str]] = set()  # (request, token) alerts given (one per statement)
+        self._held = 0  # rows of the hour set aside for the open result and not received yet
+        self._allowance = -1  # the open result's allowance (grows as more of the hour is set aside)
+        self._statement_left = -1  # what its statement limit allowed it when it began (-1: none)
+        self._alerted: dict[str, Any] = {}  # token -> the request its last alert was for (one per statement)
 
     # -- statements as the client sends them ---------------------------------------------------
 
@@ -198,19 +204,53 @@ class DataGuard:
         key = opened.key if opened is not None else None
         self._prior = self._carried.get(key, 0) if key is not None else 0
         self._reported = 0
+        self._release()
         role = self._role()
         allowance = -1
+        self._statement_left = -1
         if role is not None:
             if role.max_rows_per_statement is not None:
-                allowance = max(0, role.max_rows_per_statement - self._prior)
+                allowance = self._statement_left = max(0, role.max_rows_per_statement - self._prior)
                 self._binding = ("max_rows_per_statement", role.max_rows_per_statement, self._prior)
             if role.max_rows_per_hour is not None:
-                used = self.runtime.ledger.used(self.login)
-                left = max(0, role.max_rows_per_hour - used)
-                if allowance < 0 or left < allowance:
-                    allowance = left
+                ledger = self.runtime.ledger
+                used = ledger.used(self.login)
+                want = HOUR_STEP if allowance < 0 else min(allowance, HOUR_STEP)
+                granted = self._held = ledger.reserve(self.login, want, role.max_rows_per_hour)
+                if allowance < 0 or granted < allowance:
+                    allowance = granted
                     self._binding = ("max_rows_per_hour", role.max_rows_per_hour, used)
+        self._allowance = allowance
         return allowance
+
+    def extend(self, rows: int) -> int:
+        """The open result has passed `rows`, its whole allowance: its new allowance, larger when
+        more of the login's hour could be set aside for it (and the statement limit allows)."""
+        role = self._role()
+        allowance = self._allowance
+        if role is None or role.max_rows_per_hour is None or self._binding[0] != "max_rows_per_hour":
+            return allowance
+        self.progress(rows)
+        want = HOUR_STEP
+        if self._statement_left >= 0:
+            want = min(want, self._statement_left - allowance)
+        ledger = self.runtime.ledger
+        granted = ledger.reserve(self.login, want, role.max_rows_per_hour) if want > 0 else 0
+        if granted == 0:
+            if want <= 0 and role.max_rows_per_statement is not None:  # the statement's limit binds now
+                self._binding = ("max_rows_per_statement", role.max_rows_per_statement, self._prior)
+            else:
+                self._binding = ("max_rows_per_hour", role.max_rows_per_hour, ledger.used(self.login) - rows)
+            return allowance
+        self._held += granted
+        self._allowance = allowance + granted
+        return self._allowance
+
+    def _release(self) -> None:
+        """Give the login's hour back what the open result had set aside and not received."""
+        if self._held:
+            self.runtime.ledger.release(self.login, self._held)
+            self._held = 0
 
     def min_allowance(self) -> int:
         """Rows that no result may be refused now, whatever it continues (the relay's scanner
@@ -222,8 +262,8 @@ class DataGuard:
         if role.max_rows_per_statement is not None:
             carried = max(self._carried.values(), default=0)
             quota = max(0, role.max_rows_per_statement - carried)
-        if role.max_rows_per_hour is not None:
-            left = max(0, role.max_rows_per_hour - self.runtime.ledger.used(self.login))
+        if role.max_rows_per_hour is not None:  # the free part of the hour, and what the open result holds
+            left = self.runtime.ledger.free(self.login, role.max_rows_per_hour) + self._held
             if quota < 0 or left < quota:
                 quota = left
         return quota
@@ -231,7 +271,13 @@ class DataGuard:
     def progress(self, rows: int) -> None:
         """`rows` rows of the open result have passed so far (the hour ledger hears them)."""
         if rows > self._reported:
-            self.runtime.ledger.add(self.login, rows - self._reported)
+            received = rows - self._reported
+            ledger = self.runtime.ledger
+            ledger.add(self.login, received)
+            taken = min(received, self._held)  # set aside before, received now
+            if taken:
+                ledger.release(self.login, taken)
+                self._held -= taken
             self._reported = rows
 
     def result_end(self, request: Any, rows: int, suspended: bool) -> None:
@@ -242,6 +288,7 @@ class DataGuard:
             opened = self._next(request)
         else:
             self.progress(rows)
+        self._release()
         self._open = None
         key = opened.key if opened is not None else None
         if key is not None:
@@ -257,6 +304,7 @@ class DataGuard:
         """The open result would pass its limit with one more row: the ErrorResponse for the
         client; the audit record, metric and log line through the listeners."""
         self.progress(rows)
+        self._release()
         limit, value, before = self._binding
         role = self._role()
         role_name = role.name if role is not None else "unknown"
@@ -286,13 +334,11 @@ class DataGuard:
         if token is None:
             return False
         terminate = token.action == "terminate"
-        alerted = (id(request), token.name)
-        if not terminate:
-            if alerted in self._alerted:
+        if not terminate and request is not None:
+            # the request itself, not its id(): a later request may get a freed one's address
+            if self._alerted.get(token.name) is request:
                 return False
-            if len(self._alerted) > _CARRIED_KEPT:
-                self._alerted.clear()
-            self._alerted.add(alerted)
+            self._alerted[token.name] = request
         role = self._role()
         role_name = role.name if role is not None else "unknown"
         expected = None if request is None or not request.dlp else request.dlp[0]

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from proxy.dlp.ledger import BUCKET_SECONDS, WINDOW_SECONDS, MemoryLedger
+from proxy.dlp.ledger import BUCKET_SECONDS, WINDOW_SECONDS, MemoryLedger, Reservations
 from proxy.state.store import StateStore, StateUnavailable, register_migration
 
 log = logging.getLogger("pgveil.dlp")
@@ -45,6 +45,7 @@ class StateLedger:
         self._flying: dict[tuple[str, int], int] = {}  # the batch being added (not in the totals yet)
         self._totals: dict[str, int] = {}  # login -> the store's last-hour total as last read
         self._active: dict[str, float] = {}  # login -> when last asked about (read while recent)
+        self._reservations = Reservations()  # per replica: others' rows arrive through the store
         self._task: asyncio.Task[None] | None = None
         self._pruned = 0.0
         self._warned = False
@@ -57,6 +58,15 @@ class StateLedger:
         total = self._totals.get(login)
         local = self._local.used(login)
         return local if total is None else max(local, total + pending)
+
+    def reserve(self, login: str, rows: int, limit: int) -> int:
+        return self._reservations.reserve_from(self.used(login), login, rows, limit)
+
+    def release(self, login: str, rows: int) -> None:
+        self._reservations.release(login, rows)
+
+    def free(self, login: str, limit: int) -> int:
+        return self._reservations.free(self.used(login), login, limit)
 
     def watch(self, login: str) -> None:
         """A connection of `login` with an hourly budget opened: read its total from now on."""

@@ -826,10 +826,10 @@ class Relay:
         ReadyForQuery swallowed (notices and settings reports still pass). Returns the bytes and
         the spans for `_inspect` (rows and result ends taken out).
 
-        The scanner counts rows without reporting them while its quota lasts (rows that cannot
-        pass any limit: no span, no call per row); `marks` say how many it had counted when it
+        The scanner counts rows without reporting them while its quota lasts (rows the open result
+        may still pass: no span, no call per row); `marks` say how many it had counted when it
         reached each span reported. Once the quota is spent it reports each row, and the limit
-        is checked row by row."""
+        is checked (and, for the hourly budget, extended) row by row."""
         guard = self._guard
         scanner: Any = self._upstream_scanner
         marks: list[int] = scanner.marks if spans else []
@@ -872,6 +872,10 @@ class Relay:
                     allowance = guard.result_start(self._current())
                     rows = 0
                 if allowance < 0 or rows < allowance:
+                    rows += 1
+                    continue
+                allowance = guard.extend(rows)  # the hourly budget is set aside in steps
+                if rows < allowance:
                     rows += 1
                     continue
                 # past the budget: this row becomes the error, the rest of the request is swallowed
@@ -918,13 +922,16 @@ class Relay:
             progressed = rows
         self._progressed = progressed
         if spans or scanner.quota == 0:
-            # rows the scanner may count without reporting from now on: none can pass a limit
-            # (while no message is reported the quota it counts down stays right)
-            quota: int = guard.min_allowance()
-            if allowance >= 0 and not swallowing:
-                left = allowance - rows
-                if quota < 0 or left < quota:
-                    quota = left if left > 0 else 0
+            # rows the scanner may count without reporting from now on: what the open result has
+            # left (set aside for it); none before a result has begun (its first row is reported,
+            # so that its allowance is set aside before any of its rows passes); while no message is
+            # reported the quota it counts down stays right
+            quota = -1
+            if not swallowing:
+                if allowance == _NO_RESULT:
+                    quota = 0
+                elif allowance >= 0:
+                    quota = allowance - rows if allowance > rows else 0
             scanner.quota = quota
         if self._breached:
             self._breached = False

@@ -61,7 +61,8 @@ class MessageScanner:
         so the caller can search the bytes `feed` returns knowing no such message is cut.
 
         `counted` (row budgets): types counted and relayed unread while `quota` (rows) lasts (-1:
-        without end); once it is spent each one is held whole and reported as a span. `counted` is the
+        without end); once it is spent each one is held whole and reported as a span. A watched
+        message spends it (a result may end there: the caller gives the next one its own). `counted` is the
         running count of those not reported; `marks` (cleared by each `feed`) holds, for each span
         reported, the running count when it was reached."""
         self._kinds = _kinds(watched, allowed, held, counted)
@@ -153,4 +154,6 @@ class MessageScanner:
                     spans.append((tag, pos, end))
                     if counting:
                         self.marks.append(self.counted)
+                        if kind == _WATCH:  # a result may end here: the next one's rows wait for a new quota
+                            self.quota = 0
             pos = end
