@@ -436,8 +436,7 @@ def test_every_statement_that_reads_an_alert_honeytoken_is_recorded(world: World
     assert recorded() == 20
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the per-connection book of cursor counts keeps 1024 entries; "
-                   "fetching from 1025 other cursors evicts the count of the one being read in chunks")
+# (was a hole: a count dropped from the book of 1024 restarted at zero; it now raises a floor)
 def test_a_cursors_count_is_not_evicted_by_fetches_from_other_cursors(world: World) -> None:
     with psycopg.connect(world.dsn(CAPPED), autocommit=True) as conn:
         conn.execute("DECLARE c CURSOR WITH HOLD FOR SELECT * FROM rt6d.items ORDER BY id")

@@ -135,6 +135,9 @@ class DataGuard:
         self._statements: dict[str, Expected] = {}  # prepared statement -> what its Executes count to
         self._portals: dict[str, str] = {}  # portal -> its statement
         self._carried: dict[str, int] = {}  # portal or cursor -> rows its earlier chunks passed
+        # the most rows a count dropped from _carried had: a portal or cursor whose count is not
+        # kept (dropped beyond _CARRIED_KEPT) starts from it, never from zero (fail closed)
+        self._dropped_floor = 0
         # the result being counted: its expectation, rows carried in, the limit that binds it
         self._open: Expected | None = None
         self._prior = 0
@@ -155,7 +158,7 @@ class DataGuard:
         expected: deque[Expected] = deque()
         for declared, cursor in cursor_uses(sql) or ():  # as PostgreSQL parses it (comments and all)
             if declared is not None:
-                self._carried.pop("c:" + declared, None)
+                self._keep("c:" + declared, 0)
             expected.append(Expected(None if cursor is None else "c:" + cursor, fingerprint))
         request.dlp = expected or deque((Expected(None, fingerprint, sticky=True),))
 
@@ -163,14 +166,24 @@ class DataGuard:
         uses = cursor_uses(sql) if _CURSOR_WORDS.search(sql) is not None else None
         declared, cursor = uses[0] if uses and len(uses) == 1 else (None, None)
         if declared is not None:
-            self._carried.pop("c:" + declared, None)
+            self._keep("c:" + declared, 0)
         self._statements[statement] = Expected(None if cursor is None else "c:" + cursor, fingerprint)
         if len(self._statements) > _CARRIED_KEPT:
             del self._statements[next(iter(self._statements))]
 
+    def _keep(self, key: str, rows: int) -> None:
+        """Remember `rows` for a portal or cursor, as the newest entry; beyond _CARRIED_KEPT the
+        oldest is dropped and its count raises the floor every unknown portal or cursor starts from."""
+        carried = self._carried
+        carried.pop(key, None)
+        carried[key] = rows
+        if len(carried) > _CARRIED_KEPT:
+            oldest = next(iter(carried))
+            self._dropped_floor = max(self._dropped_floor, carried.pop(oldest))
+
     def bind(self, portal: str, statement: str) -> None:
         self._portals[portal] = statement
-        self._carried.pop("p:" + portal, None)  # a new portal of that name starts from zero
+        self._keep("p:" + portal, 0)  # a new portal of that name starts from zero
         if len(self._portals) > _CARRIED_KEPT:
             del self._portals[next(iter(self._portals))]
 
@@ -202,7 +215,7 @@ class DataGuard:
         """The first row of a result: how many rows it may hand the client (-1: no limit)."""
         self._open = opened = self._next(request)
         key = opened.key if opened is not None else None
-        self._prior = self._carried.get(key, 0) if key is not None else 0
+        self._prior = self._carried.get(key, self._dropped_floor) if key is not None else 0
         self._reported = 0
         self._release()
         role = self._role()
@@ -260,7 +273,8 @@ class DataGuard:
             return 0
         quota = -1
         if role.max_rows_per_statement is not None:
-            carried = max(self._carried.values(), default=0)
+            carried = max(self._carried.values(), default=self._dropped_floor)
+            carried = max(carried, self._dropped_floor)
             quota = max(0, role.max_rows_per_statement - carried)
         if role.max_rows_per_hour is not None:  # the free part of the hour, and what the open result holds
             left = self.runtime.ledger.free(self.login, role.max_rows_per_hour) + self._held
@@ -293,11 +307,9 @@ class DataGuard:
         key = opened.key if opened is not None else None
         if key is not None:
             if suspended or key.startswith("c:"):
-                self._carried[key] = self._prior + rows
-                if len(self._carried) > _CARRIED_KEPT:
-                    del self._carried[next(iter(self._carried))]
+                self._keep(key, self._prior + rows)
             else:
-                self._carried.pop(key, None)
+                self._carried.pop(key, None)  # ended (a new Bind of its name starts from zero)
         self._prior = 0
 
     def breach(self, rows: int) -> bytes:
