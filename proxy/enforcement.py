@@ -495,9 +495,19 @@ class GuardedConnection:
         role's SQL (as PostgreSQL reported them); `sql` that only SETs/RESETs settings in plain ASCII
         may still go to the guard, so the session can be put right. Roles limited to some tables
         are held to the same session settings: a string PostgreSQL reads differently from pgveil
-        hides a table from the allow-list as it hides a column from masking."""
-        if not self._judged_by_definitions(role):
-            return None
+        hides a table from the allow-list as it hides a column from masking (for them only the
+        settings that change how SQL is read count: who the session runs as changes no table)."""
+        if not self._masked(role):
+            if not role_is_restricted(role):
+                return None
+            reading = self._reading_problem()
+            if reading is None and self.session.effects_lost:  # search_path unknown: tables too
+                reading = ("pgveil lost track of the session's SET ROLE and search_path in a pipeline",
+                           "RESET ALL")
+            if reading is None or (sql is not None and _only_settings(sql)):
+                return None
+            return Refuse("session-setting", f"{reading[0]}, and role {role.name} is limited to some "
+                          f"tables; {reading[1]} first")
         checked = self._startup_checked
         if checked is None or checked[0] is not self.enforcement.policy or checked[1] is not role:
             checked = self._startup_checked = (self.enforcement.policy, role, self._startup_refusal(role))
@@ -511,21 +521,28 @@ class GuardedConnection:
             return None
         if sql is not None and _only_settings(sql):
             return None
-        why = "has masked data" if self._masked(role) else "is limited to some tables"
-        return Refuse("session-setting", f"{problem[0]}, and role {role.name} {why}; "
+        return Refuse("session-setting", f"{problem[0]}, and role {role.name} has masked data; "
                       f"{problem[1]} first")
+
+    def _reading_problem(self) -> tuple[str, str] | None:
+        """(what is wrong, what to run) when the session's settings make PostgreSQL read SQL text
+        differently from pgveil."""
+        reported = self.session.reported
+        encoding = reported.get("client_encoding")
+        if encoding is not None and setting_refusal("client_encoding", [encoding], "") is not None:
+            return (f"the session's client_encoding is {encoding}, which pgveil cannot read exactly as "
+                    "PostgreSQL does", "RESET client_encoding or SET client_encoding = 'UTF8'")
+        if reported.get("standard_conforming_strings", "on").lower() != "on":
+            return ("the session's standard_conforming_strings is off and pgveil reads strings as "
+                    "PostgreSQL does with it on", "RESET standard_conforming_strings")
+        return None
 
     def _unreadable_settings(self) -> tuple[str, str] | None:
         """(what is wrong, what to run) when the session's settings keep pgveil from judging SQL."""
         reported = self.session.reported
-        problem = None
-        encoding = reported.get("client_encoding")
-        if encoding is not None and setting_refusal("client_encoding", [encoding], "") is not None:
-            problem = (f"the session's client_encoding is {encoding}, which pgveil cannot read exactly as "
-                       "PostgreSQL does", "RESET client_encoding or SET client_encoding = 'UTF8'")
-        elif reported.get("standard_conforming_strings", "on").lower() != "on":
-            problem = ("the session's standard_conforming_strings is off and pgveil reads strings as "
-                       "PostgreSQL does with it on", "RESET standard_conforming_strings")
+        problem = self._reading_problem()
+        if problem is not None:
+            pass
         elif reported.get("session_authorization", self.session.user) != self.session.user:
             problem = (f"the session runs as {reported['session_authorization']}, not as the login "
                        f"{self.session.user}", "RESET SESSION AUTHORIZATION")
