@@ -500,6 +500,13 @@ class GuardedConnection:
         if not self._masked(role):
             if not role_is_restricted(role):
                 return None
+            # memos the hit path reads: no startup refusal for a role that is not masked, and the
+            # settings problem (None: nothing to refuse, without working it out per statement)
+            self._startup_checked = (self.enforcement.policy, role, None)
+            if self._settings_problem is _UNCHECKED:
+                self._settings_problem = self._unreadable_settings()
+            if self._settings_problem is None:
+                return None
             reading = self._reading_problem()
             if reading is None and self.session.effects_lost:  # search_path unknown: tables too
                 reading = ("pgveil lost track of the session's SET ROLE and search_path in a pipeline",
@@ -885,13 +892,13 @@ class GuardedConnection:
         """The next `count` queued entries (a completing request's) are all NO_EFFECTS: taken off the
         queue (True); else nothing changes and on_complete takes them (False)."""
         pending = self._effects
-        if count == 1 and pending and pending[0] is NO_EFFECTS:  # the usual request
+        if count == 1 and pending and pending[0] == NO_EFFECTS:  # usual; ==, not is: mypyc boxes anew
             pending.popleft()
             return True
         if len(pending) < count:
             return False
         for index in range(count):
-            if pending[index] is not NO_EFFECTS:
+            if pending[index] != NO_EFFECTS:
                 return False
         for _ in range(count):
             pending.popleft()
